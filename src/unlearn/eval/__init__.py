@@ -1,0 +1,1 @@
+"""Evaluation: the native cloze evaluator, collapse detection and baseline tables."""
