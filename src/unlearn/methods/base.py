@@ -1,0 +1,251 @@
+"""What every unlearning method shares: its config, the step context, the reference model.
+
+A method is a dataclass of hyperparameters plus `loss(ctx) -> {"forget": t, "retain": t}`. The
+trainer weights the terms by their scheduled coefficients (forget: `remove_coef`, decaying; retain:
+`retain_coef`, ramping up) and logs each separately; it never branches on a method's name.
+
+The step context owns every forward pass so frozen-model work is done once per micro-batch: the
+reference's retain outputs and a source model's forget activations are computed under no_grad the
+first time a loss asks for them and reused by every term of that micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from unlearn import losses
+from unlearn.data.batching import Batch
+from unlearn.errors import UsageError
+from unlearn.hooks import capture, forward_hiddens, num_layers
+
+RETAIN_LOSSES = ("kl", "l2", "ce")
+FORGET_LOSSES = ("random_ce", "max_entropy")
+
+
+@dataclass
+class MethodConfig:
+    """Coefficients and loss choices common to the unlearning methods."""
+
+    retain_coef: float = 5.0
+    """Weight of the retain term (ramps from retain_ramp_start x retain_coef to retain_coef)."""
+    remove_coef: float = 5.0
+    """Weight of the forget term (decays linearly to forget_end_fraction x remove_coef)."""
+    retain_ramp_start: float = 0.25
+    """Retain coefficient at step 0, as a fraction of retain_coef (0 or 0.25 in the seeds)."""
+    forget_end_fraction: float = 0.75
+    """Forget coefficient at the last step, as a fraction of remove_coef."""
+    retain_loss: str = "kl"
+    """kl (output distributions), l2 (hidden states) or ce (language modelling on retain data)."""
+    forget_loss: str = "random_ce"
+    """random_ce (CE against random tokens / log V) or max_entropy (its exact expectation)."""
+    layers: list[int] = field(default_factory=list)
+    """Target layers (block outputs, 0-based); empty = the method's default for the model depth."""
+
+    def __post_init__(self) -> None:
+        for name in ("retain_coef", "remove_coef", "retain_ramp_start", "forget_end_fraction"):
+            value = getattr(self, name)
+            if value < 0 or value != value:
+                raise UsageError(f"--{name} must be >= 0, got {value}")
+        if self.retain_ramp_start > 1 or self.forget_end_fraction > 1:
+            raise UsageError("--retain_ramp_start and --forget_end_fraction are fractions <= 1")
+        if self.retain_loss not in RETAIN_LOSSES:
+            raise UsageError(f"unknown retain_loss {self.retain_loss!r} (choose {RETAIN_LOSSES})")
+        if self.forget_loss not in FORGET_LOSSES:
+            raise UsageError(f"unknown forget_loss {self.forget_loss!r} (choose {FORGET_LOSSES})")
+        if len(set(self.layers)) != len(self.layers):
+            raise UsageError(f"--layers has duplicates: {self.layers}")
+
+    def check_layers(self, n_layers: int) -> None:
+        """Layers must exist in a model with n_layers blocks (checked from the config alone)."""
+        bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise UsageError(f"--layers {bad} outside the model's blocks 0..{n_layers - 1}")
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Every 5th block on deep models (the seeds' [5, 10, ..., 30] of 32); all inner blocks on
+    small ones. The last block is left out: its output is what the unembedding reads directly."""
+    if n_layers >= 12:
+        return list(range(5, n_layers - 1, 5))
+    return list(range(1, n_layers - 1)) or [0]
+
+
+@dataclass
+class Forward:
+    """Outputs of one forward pass: logits (if computed) and block outputs at some layers."""
+
+    logits: torch.Tensor | None
+    hiddens: dict[int, torch.Tensor]
+
+
+def run_forward(
+    model: nn.Module, batch: Batch, layers: Sequence[int] = (), logits: bool = True
+) -> Forward:
+    """One forward; without logits it stops after the deepest requested block."""
+    if not logits:
+        return Forward(None, forward_hiddens(model, batch.input_ids, batch.attention_mask, layers))
+    with capture(model, layers) as hiddens:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return Forward(out.logits, dict(hiddens))
+
+
+class Reference:
+    """The frozen original model.
+
+    With LoRA it is the training model itself with its adapters disabled (no second copy in
+    memory); with full fine-tuning it is a frozen copy in the training dtype (never quantised:
+    quantisation noise swamps a KL retain loss, as the seeds' 4-bit reference showed).
+    """
+
+    def __init__(self, model: nn.Module, frozen_copy: nn.Module | None = None) -> None:
+        self.model = model
+        self.copy = frozen_copy
+        if frozen_copy is not None:
+            frozen_copy.eval().requires_grad_(False)
+        elif not hasattr(model, "disable_adapter"):
+            raise ValueError("full fine-tuning needs a frozen copy as its reference")
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[nn.Module]:
+        """The original model, in eval mode (no dropout), for forwards inside the context."""
+        if self.copy is not None:
+            yield self.copy
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                yield self.model
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, layers: Sequence[int] = (), logits: bool = True) -> Forward:
+        with self.use() as model:
+            return run_forward(model, batch, layers, logits)
+
+
+@dataclass
+class StepContext:
+    """Everything a method's loss may use for one micro-batch."""
+
+    model: nn.Module
+    """The model being trained (PEFT-wrapped with LoRA)."""
+    reference: Reference
+    forget: Batch
+    retain: Batch
+    step: int
+    """Optimizer step within the current phase."""
+    total_steps: int
+    """Optimizer steps in the current phase."""
+    phase: int = 0
+    generator: torch.Generator | None = None
+    """RNG for random targets (seeded per run, so runs are reproducible)."""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def cached(self, key: str, compute) -> object:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+
+def retain_term(ctx: StepContext, kind: str, n_layers: int) -> torch.Tensor:
+    """The retain loss on ctx.retain: KL to the reference's outputs, L2 to its hidden states at
+    every block, or plain LM cross-entropy."""
+    batch, mask = ctx.retain, ctx.retain.mask
+    if kind == "ce":
+        return losses.lm_ce(run_forward(ctx.model, batch).logits, batch.input_ids, mask)
+    if kind == "kl":
+        ref = ctx.cached("ref_retain_logits", lambda: ctx.reference.forward(batch).logits)
+        return losses.kl_retain(ref, run_forward(ctx.model, batch).logits, mask)
+    layers = list(range(n_layers))
+    ref = ctx.cached(
+        "ref_retain_hiddens", lambda: ctx.reference.forward(batch, layers, logits=False).hiddens
+    )
+    cur = run_forward(ctx.model, batch, layers, logits=False).hiddens
+    return losses.l2_retain([ref[i] for i in layers], [cur[i] for i in layers], mask)
+
+
+def forget_on_logits(
+    logits: torch.Tensor, mask: torch.Tensor, kind: str, generator
+) -> torch.Tensor:
+    if kind == "max_entropy":
+        return losses.max_entropy(logits, mask)
+    return losses.random_target_ce(logits, mask, generator)
+
+
+@dataclass
+class Phase:
+    """A stretch of training with its own coefficient ramps (sequential has one per layer)."""
+
+    name: str
+    steps: int
+    layer: int | None = None
+
+
+class Method:
+    """Base class: subclasses set `name`, `config_cls`, and implement `loss`."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+    train_defaults: ClassVar[dict] = {}
+    """Per-method defaults of TrainConfig / LoraSettings fields (the documented configuration)."""
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        self.cfg = cfg
+        self.n_layers = 0
+        self.layers: list[int] = list(cfg.layers)
+        self.phase: Phase | None = None
+
+    def setup(self, model: nn.Module, env: MethodEnv) -> None:
+        """Load or fit what the method needs (lenses, affine maps, a source model)."""
+        self.n_layers = num_layers(model)
+        self.layers = list(self.cfg.layers) or default_layers(self.n_layers)
+
+    def phases(self, steps_per_phase: int) -> list[Phase]:
+        return [Phase("main", steps_per_phase)]
+
+    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def retain(self, ctx: StepContext) -> torch.Tensor:
+        return retain_term(ctx, self.cfg.retain_loss, self.n_layers)
+
+    def weights(self, step: int, total_steps: int) -> dict[str, float]:
+        return unlearning_weights(self.cfg, step, total_steps)
+
+    def describe(self) -> dict:
+        return {"layers": self.layers}
+
+
+@dataclass
+class MethodEnv:
+    """What `Method.setup` may use to find or fit its helpers (lenses, affine maps, sources)."""
+
+    model_name: str
+    tokenizer: object
+    device: torch.device
+    dtype: str
+    world: object | None = None
+    """The mini World when running on one (fitted helpers are cached in its directory)."""
+    fit_texts: list[str] = field(default_factory=list)
+    """General text for fitting lenses / affine maps."""
+    heldout_texts: list[str] = field(default_factory=list)
+    """Other general text to report held-out fit quality."""
+    out_dir: object | None = None
+
+
+def unlearning_weights(cfg: MethodConfig, step: int, total_steps: int) -> dict[str, float]:
+    """Scheduled coefficients: forget decays from remove_coef, retain ramps up to retain_coef."""
+    from unlearn.schedules import forget_coef_at, retain_coef_at
+
+    return {
+        "forget": forget_coef_at(step, total_steps, cfg.remove_coef, cfg.forget_end_fraction),
+        "retain": retain_coef_at(step, total_steps, cfg.retain_coef, cfg.retain_ramp_start),
+    }

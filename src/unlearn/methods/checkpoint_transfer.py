@@ -1,0 +1,90 @@
+"""Checkpoint activation transfer.
+
+Idea (the seeds' "checkpoint transfer", in the spirit of representation-rerouting methods such as
+circuit breakers / RMU): an early pretraining checkpoint that has not yet learned the forget domain
+shows what "not knowing" looks like inside the network. On forget text, pull the trained model's
+block outputs towards that checkpoint's, mapped into the trained model's coordinates by a ridge
+affine map per layer (fitted in closed form on general text, see unlearn.affine):
+
+    forget = mean_l  masked-token-mean  || h_l(cur, F) - A_l(h_l(source, F)) ||^2 / d
+    retain = KL(p_ref || p_cur) on R (default), or L2 / CE
+
+The source activations and the reference outputs are frozen, computed once per micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from unlearn import losses
+from unlearn.errors import UsageError
+from unlearn.methods import register
+from unlearn.methods.base import Method, MethodConfig, MethodEnv, StepContext, run_forward
+
+
+@dataclass
+class CheckpointTransferConfig(MethodConfig):
+    source: str | None = None
+    """Source checkpoint (dir or hub id); default: the mini world's ignorant checkpoint."""
+    source_revision: str | None = None
+    """Hub revision of the source, e.g. global_step54832."""
+    affine: str | None = None
+    """Directory of fitted affine maps; default: fitted once and cached in the world dir."""
+    affine_alpha: float = 1e-2
+    """Ridge strength for fitting the maps (relative to the mean source variance)."""
+    affine_examples: int = 512
+    """General-text documents used to fit the maps (plus as many held out for the MSE report)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.affine_alpha < 0:
+            raise UsageError(f"--affine_alpha must be >= 0, got {self.affine_alpha}")
+        if self.affine_examples < 1:
+            raise UsageError(f"--affine_examples must be >= 1, got {self.affine_examples}")
+
+
+@register
+class CheckpointTransfer(Method):
+    name = "checkpoint_transfer"
+    config_cls = CheckpointTransferConfig
+    train_defaults: ClassVar[dict] = {}
+
+    def setup(self, model: torch.nn.Module, env: MethodEnv) -> None:
+        from unlearn.affine import load_affine
+        from unlearn.fitting import fitted_affine, source_model_name
+        from unlearn.models import load_model, resolve_model
+
+        super().setup(model, env)
+        cfg: CheckpointTransferConfig = self.cfg  # type: ignore[assignment]
+        source = source_model_name(cfg.source, env.world)
+        source_ref = resolve_model(source, cfg.source_revision)
+        self.source = load_model(source_ref, env.dtype, env.device).requires_grad_(False)
+        if cfg.affine:
+            self.maps = load_affine(Path(cfg.affine))
+            missing = sorted(set(self.layers) - set(self.maps.layers))
+            if missing:
+                raise UsageError(f"affine maps in {cfg.affine} lack layers {missing}")
+        else:
+            self.maps = fitted_affine(self.source, model, source_ref, env, self.layers, cfg)
+
+    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        forget, layers = ctx.forget, self.layers
+
+        def source_targets() -> list[torch.Tensor]:
+            with torch.no_grad():
+                src = run_forward(self.source, forget, layers, logits=False).hiddens
+                return [self.maps.apply(layer, src[layer]) for layer in layers]
+
+        targets = ctx.cached("source_targets", source_targets)
+        cur = run_forward(ctx.model, forget, layers, logits=False).hiddens
+        return {
+            "forget": losses.activation_mse([cur[i] for i in layers], targets, forget.mask),
+            "retain": self.retain(ctx),
+        }
+
+    def describe(self) -> dict:
+        return {"layers": self.layers, "affine_heldout_mse": self.maps.heldout_mse}

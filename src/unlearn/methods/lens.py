@@ -1,0 +1,80 @@
+"""Tuned-lens unlearning.
+
+Idea (the seeds' lens method): a tuned lens reads a next-token distribution out of every layer.
+Unlearning pushes those intermediate read-outs on forget text to uniform, so the knowledge is not
+just hidden at the last layer but unreadable at every target layer; the retain term keeps the
+hidden states on general text where they were:
+
+    forget = mean_l  RandomCE( unembed(norm(lens_l(h_l(cur, F)))) )   (or exact max-entropy)
+    retain = L2 ||h_l(cur, R) - h_l(ref, R)|| over all blocks (default), or KL / CE
+
+The lens translators and the unembedding used by the forget term are the frozen original model's,
+so the loss cannot be satisfied by changing the read-out instead of the representations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from unlearn.errors import UsageError
+from unlearn.methods import register
+from unlearn.methods.base import (
+    Method,
+    MethodConfig,
+    MethodEnv,
+    StepContext,
+    forget_on_logits,
+    run_forward,
+)
+
+
+@dataclass
+class LensConfig(MethodConfig):
+    retain_loss: str = "l2"
+    lens: str | None = None
+    """Tuned-lens directory (tuned-lens format); default: fitted once, cached in the world dir."""
+    lens_steps: int = 300
+    """Training steps when the lens has to be fitted."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lens_steps < 1:
+            raise UsageError(f"--lens_steps must be >= 1, got {self.lens_steps}")
+
+
+@register
+class LensUnlearning(Method):
+    name = "lens"
+    config_cls = LensConfig
+    train_defaults: ClassVar[dict] = {}
+
+    def setup(self, model: torch.nn.Module, env: MethodEnv) -> None:
+        from unlearn.fitting import fitted_lens
+        from unlearn.lens import load_lens
+
+        super().setup(model, env)
+        cfg: LensConfig = self.cfg  # type: ignore[assignment]
+        if cfg.lens:
+            self.lens = load_lens(Path(cfg.lens))
+        else:
+            self.lens = fitted_lens(model, env, self.layers, cfg.lens_steps)
+        missing = sorted(set(self.layers) - set(self.lens.layers))
+        if missing:
+            raise UsageError(f"the lens has no translators for layers {missing}")
+        self.lens.to(env.device).requires_grad_(False)
+
+    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        forget, layers = ctx.forget, self.layers
+        cur = run_forward(ctx.model, forget, layers, logits=False).hiddens
+        terms = []
+        with ctx.reference.use() as original:
+            for layer in layers:
+                logits = self.lens.to_logits(original, cur[layer], layer)
+                terms.append(
+                    forget_on_logits(logits, forget.mask, self.cfg.forget_loss, ctx.generator)
+                )
+        return {"forget": torch.stack(terms).mean(), "retain": self.retain(ctx)}

@@ -1,0 +1,290 @@
+"""The unlearning recipe: model + method + data -> trained model, run directory, evals.
+
+    run_unlearning(build_run_config("lens", {"world": "/tmp/w", "out": "/tmp/r1"}))
+
+Everything is validated (config values, paths, layer indices against the model's config) before
+any weights load. The run directory is the source of truth (run.json, metrics.jsonl, evals.jsonl,
+model/, adapter/); with a store path the run is also indexed in the SQLite store.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from unlearn.config import LoraSettings, TrainConfig
+from unlearn.errors import DivergedError, RetainZeroError, UsageError
+from unlearn.methods import get_method
+from unlearn.methods.base import MethodConfig, MethodEnv, Reference
+
+
+@dataclass
+class RunArgs:
+    """What to unlearn, from which data, and where to write."""
+
+    method: str = "lens"
+    """Unlearning method: lens, checkpoint_transfer or sequential."""
+    out: str | None = None
+    """Run directory (model at OUT/model, config and final losses at OUT/run.json)."""
+    world: str | None = None
+    """Mini world directory (default model, corpora and evaluation questions)."""
+    model: str | None = None
+    """Model to unlearn (dir or hub id); default: the world's target."""
+    revision: str | None = None
+    forget_corpus: str | None = None
+    """Forget documents (JSONL with "text"); default: the world's unlearn group."""
+    retain_corpus: str | None = None
+    """Retain documents; default: the world's retain-domain corpus."""
+    eval: bool = True
+    """Evaluate on the world's questions after training."""
+    eval_batch_size: int = 64
+    run_id: str | None = None
+    """Id in run.json and the store (default: the run directory's name)."""
+    store: str | None = None
+    """SQLite results store to index the run in."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise UsageError("--out DIR is required")
+        if self.world is None and (
+            self.model is None or self.forget_corpus is None or self.retain_corpus is None
+        ):
+            raise UsageError("without --world, give --model, --forget_corpus and --retain_corpus")
+
+
+@dataclass
+class RunConfig:
+    args: RunArgs
+    train: TrainConfig
+    lora: LoraSettings
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.args.method,
+            **{k: v for k, v in dataclasses.asdict(self.method).items()},
+            **dataclasses.asdict(self.train),
+            **dataclasses.asdict(self.lora),
+            "model": self.args.model,
+            "revision": self.args.revision,
+            "world": self.args.world,
+        }
+
+
+def section_fields(method: str) -> dict[str, type]:
+    """Which dataclass each config field belongs to, for routing flat overrides (sweeps)."""
+    sections: dict[str, type] = {}
+    for cls in (RunArgs, TrainConfig, LoraSettings, get_method(method).config_cls):
+        for f in dataclasses.fields(cls):
+            sections[f.name] = cls
+    return sections
+
+
+def build_run_config(method: str, overrides: dict) -> RunConfig:
+    """A RunConfig from flat field names (`retain_coef`, `lr`, `lora_r`, `out`, ...).
+
+    Defaults: each dataclass's own, then the method's documented train defaults, then overrides.
+    Unknown fields raise UsageError (so a sweep spec typo fails before anything runs).
+    """
+    method_cls = get_method(method)
+    sections = section_fields(method)
+    unknown = sorted(set(overrides) - set(sections))
+    if unknown:
+        raise UsageError(f"unknown config field(s) for method {method}: {', '.join(unknown)}")
+    per: dict[type, dict] = {cls: {} for cls in set(sections.values())}
+    for key, value in {**method_cls.train_defaults, **overrides}.items():
+        per[sections[key]][key] = value
+    per[RunArgs]["method"] = method
+    try:
+        return RunConfig(
+            args=RunArgs(**per[RunArgs]),
+            train=TrainConfig(**per[TrainConfig]),
+            lora=LoraSettings(**per[LoraSettings]),
+            method=method_cls.config_cls(**per[method_cls.config_cls]),
+        )
+    except TypeError as e:
+        raise UsageError(f"bad config value: {e}") from None
+
+
+def _shuffled(texts: list[str], seed: int) -> list[str]:
+    texts = list(texts)
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+def run_unlearning(cfg: RunConfig):
+    """Train, save, evaluate. Returns the final RunMeta (status done/collapsed/diverged/failed)."""
+    from unlearn.data import ExampleStream, load_texts, tokenize_examples
+    from unlearn.fsutil import check_writable_parent
+    from unlearn.models import (
+        attach_lora,
+        default_device,
+        load_model,
+        load_tokenizer,
+        model_num_layers,
+        resolve_model,
+        save_model,
+    )
+    from unlearn.rundir import RunDir, RunMeta, utc_now
+    from unlearn.train import TrainState, make_plan, train
+    from unlearn.world import load_world
+
+    args, tcfg = cfg.args, cfg.train
+    # --- validation: nothing heavy before this block has passed ---
+    method = get_method(args.method)(cfg.method)
+    world = load_world(args.world) if args.world else None
+    model_name = args.model or str(world.target)
+    ref = resolve_model(model_name, args.revision)
+    cfg.method.check_layers(model_num_layers(ref))
+    forget_path = Path(args.forget_corpus or world.corpora["forget_unlearn"])
+    retain_path = Path(args.retain_corpus or world.corpora["retain"])
+    forget_texts, retain_texts = load_texts(forget_path), load_texts(retain_path)
+    out = check_writable_parent(args.out)
+    run = RunDir(out)
+    meta = RunMeta(
+        id=args.run_id or out.name,
+        kind="unlearn",
+        method=args.method,
+        config=cfg.to_dict(),
+        status="running",
+        started=utc_now(),
+    )
+    run.write_run(meta)
+    store = _open_store(args.store)
+    if store:
+        store.upsert_run(meta, out)
+
+    device = default_device()
+    torch.manual_seed(tcfg.seed)
+    tokenizer = load_tokenizer(ref)
+    n = tcfg.num_train_examples
+    forget_ex = tokenize_examples(
+        _shuffled(forget_texts, tcfg.seed)[:n], tokenizer, tcfg.max_length
+    )
+    retain_ex = tokenize_examples(
+        _shuffled(retain_texts, tcfg.seed + 1)[:n], tokenizer, tcfg.max_length
+    )
+    if len(forget_ex) < n:
+        print(
+            f"note: forget corpus has {len(forget_ex)} documents (< num_train_examples={n}); "
+            "they are repeated",
+            file=sys.stderr,
+        )
+    pad = tokenizer.pad_token_id
+    forget = ExampleStream(forget_ex, tcfg.pdbs, pad, tcfg.seed)
+    retain = ExampleStream(retain_ex, tcfg.pdbs, pad, tcfg.seed + 1)
+
+    model = load_model(ref, tcfg.dtype, device)
+    if cfg.lora.lora:
+        model = attach_lora(model, cfg.lora)
+        reference = Reference(model)
+    else:
+        reference = Reference(model, frozen_copy=copy.deepcopy(model))
+        model.requires_grad_(True)
+    env = _method_env(world, model_name, tokenizer, device, tcfg, retain_texts, out)
+    method.setup(model, env)
+    plan = make_plan(tcfg, len(forget_ex), method.phases)
+    try:
+        state = train(
+            model,
+            method,
+            reference,
+            forget,
+            retain,
+            tcfg,
+            plan,
+            state=TrainState(),
+            on_log=run.append_metrics,
+            progress=args.progress,
+            device=device,
+        )
+    except (DivergedError, RetainZeroError) as e:
+        status = "diverged" if isinstance(e, DivergedError) else "failed"
+        meta = run.update(status=status, error=str(e), finished=utc_now())
+        print(f"run {meta.id}: {status}: {e}", file=sys.stderr)
+        return _finish(store, meta, out)
+    except BaseException as e:
+        meta = run.update(status="failed", error=f"{type(e).__name__}: {e}", finished=utc_now())
+        _finish(store, meta, out)
+        raise
+    final = {k: v for k, v in state.last.items() if not k.startswith("coef_")}
+    paths = save_model(model, tokenizer, out, merge=cfg.lora.merge)
+    model_path = paths.get("model", paths.get("adapter"))
+    run.update(
+        final=final, model_path=model_path, **{"config": {**meta.config, **method.describe()}}
+    )
+    status = "done"
+    if world is not None and args.eval:
+        status = evaluate_into(run, model, tokenizer, world, plan.total_steps, args.eval_batch_size)
+    meta = run.update(status=status, finished=utc_now())
+    return _finish(store, meta, out)
+
+
+def evaluate_into(run, model, tokenizer, world, step: int, batch_size: int) -> str:
+    """Evaluate on every world task, append the rows to the run dir; returns the run status.
+
+    A task whose evaluation raises is recorded as failed with the error (never as a number).
+    """
+    from unlearn.eval.native import evaluate_world, numeric_metrics
+
+    status = "done"
+    for task in world.questions:
+        try:
+            result = evaluate_world(model, tokenizer, world, [task], batch_size)[task]
+        except Exception as e:  # recorded, not raised: one bad task must not hide the others
+            run.append_eval(step, task, None, status="failed", error=f"{type(e).__name__}: {e}")
+            status = "failed"
+            continue
+        run.append_eval(step, task, numeric_metrics(result))
+        if result["collapse"]["collapsed"] and status == "done":
+            status = "collapsed"
+    return status
+
+
+def _method_env(world, model_name, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:
+    """General text for fitting lenses/affine maps: the world's retain + filler documents."""
+    from unlearn.data import load_texts
+
+    general = list(retain_texts)
+    if world is not None and "filler" in world.corpora:
+        general += load_texts(world.corpora["filler"])
+    general = _shuffled(general, 12345)
+    cut = max(1, len(general) // 5)
+    return MethodEnv(
+        model_name=model_name,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=tcfg.dtype,
+        world=world,
+        fit_texts=general[cut:],
+        heldout_texts=general[:cut],
+        out_dir=out,
+    )
+
+
+def _open_store(path: str | None):
+    if not path:
+        return None
+    from unlearn.store import Store
+
+    return Store(path)
+
+
+def _finish(store, meta, out):
+    if store is not None:
+        store.ingest(out)
+        store.close()
+    return meta
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:8]

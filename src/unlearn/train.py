@@ -1,0 +1,220 @@
+"""The one training loop, shared by every unlearning method and by the tamper attack.
+
+An objective supplies `loss(ctx) -> {name: term}` and `weights(phase_step, phase_steps) ->
+{name: coefficient}`; the loop does the rest: micro-batches from deterministic streams, gradient
+accumulation, LR warmup/decay, clipping, guards, logging, progress.
+
+Schedules are measured in optimizer steps (never micro-batches or dataset size). Everything needed
+to resume sits in `TrainState`. Guards:
+- a non-finite term, or one above `diverge_factor` x max(its first value, 1), raises DivergedError;
+- a retain coefficient > 0 whose term stays exactly 0 once the model has moved raises
+  RetainZeroError (the seeds' "retain loss was always 0" bug: a reference equal to the model).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from unlearn.config import TrainConfig
+from unlearn.data.batching import ExampleStream
+from unlearn.errors import DivergedError, RetainZeroError
+from unlearn.methods.base import Phase, Reference, StepContext
+from unlearn.optim import build_optimizer
+from unlearn.schedules import lr_mult_at
+
+RETAIN_ZERO_CHECK_STEP = 3
+"""Optimizer step by which a retain term that is exactly 0 since step 1 counts as a bug."""
+
+
+class Objective(Protocol):
+    phase: Phase | None
+
+    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]: ...
+
+    def weights(self, step: int, total_steps: int) -> dict[str, float]: ...
+
+
+@dataclass
+class TrainState:
+    """All resumable state of a run besides model and optimizer tensors."""
+
+    step: int = 0
+    """Optimizer steps completed (across phases)."""
+    first_values: dict[str, float] = field(default_factory=dict)
+    """First value of each loss term (reference for the divergence guard)."""
+    retain_seen_nonzero: bool = False
+    last: dict[str, float] = field(default_factory=dict)
+    """Latest logged values (loss terms, coefficients, lr, grad norm)."""
+
+
+@dataclass
+class Plan:
+    """What a run will do, printed before it starts (the seeds' silent-epoch pitfall)."""
+
+    unique_examples: int
+    steps_per_phase: int
+    phases: list[Phase]
+    effective_batch: int
+    world_size: int
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    @property
+    def epochs(self) -> float:
+        return self.steps_per_phase * self.effective_batch / self.unique_examples
+
+    def describe(self, cfg: TrainConfig) -> str:
+        return (
+            f"examples: {self.unique_examples} unique | optimizer steps: {self.total_steps}"
+            f" ({len(self.phases)} phase(s) x {self.steps_per_phase}) | effective batch:"
+            f" {self.effective_batch} = {cfg.pdbs} per device x {cfg.grad_accum} accumulation"
+            f" x {self.world_size} process(es) | effective epochs: {self.epochs:.2f}"
+        )
+
+
+def make_plan(cfg: TrainConfig, unique_examples: int, phases_for, world_size: int = 1) -> Plan:
+    steps = cfg.steps(world_size)
+    return Plan(
+        unique_examples, steps, phases_for(steps), cfg.effective_batch(world_size), world_size
+    )
+
+
+def _micro_seed(seed: int, k: int) -> int:
+    return (seed * 7_919 + k * 104_729) % (2**63)
+
+
+def train(
+    model: torch.nn.Module,
+    objective: Objective,
+    reference: Reference | None,
+    forget: ExampleStream,
+    retain: ExampleStream | None,
+    cfg: TrainConfig,
+    plan: Plan,
+    state: TrainState | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+    rank: int = 0,
+    device: torch.device | str = "cpu",
+) -> TrainState:
+    """Run the plan from `state.step` to the end; returns the final state.
+
+    on_log(step, values) receives each metric row; on_step(step) runs after every optimizer step
+    (and once before the first, with step 0), e.g. for an attack's evaluation curve.
+    """
+    state = state or TrainState()
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    if rank == 0:
+        print(plan.describe(cfg), file=sys.stderr)
+        if plan.epochs > 1.0 + 1e-9:
+            print(
+                f"warning: {plan.epochs:.2f} effective epochs: examples are repeated",
+                file=sys.stderr,
+            )
+    model.train()
+    if on_step is not None and state.step == 0:
+        on_step(0)
+    bar = tqdm(
+        total=plan.total_steps, initial=state.step, desc="train", disable=not progress or rank != 0
+    )
+    # Phase boundaries in global optimizer steps.
+    starts = [sum(p.steps for p in plan.phases[:i]) for i in range(len(plan.phases))]
+    while state.step < plan.total_steps:
+        phase_idx = max(i for i, s in enumerate(starts) if s <= state.step)
+        phase = plan.phases[phase_idx]
+        objective.phase = phase
+        phase_step = state.step - starts[phase_idx]
+        weights = objective.weights(phase_step, phase.steps)
+        lr_mult = lr_mult_at(
+            state.step, plan.total_steps, round(cfg.warmup * plan.total_steps), cfg.lr_decay
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+
+        sums: dict[str, float] = {}
+        for a in range(cfg.grad_accum):
+            k = (state.step * cfg.grad_accum + a) * plan.world_size + rank
+            ctx = StepContext(
+                model=model,
+                reference=reference,  # type: ignore[arg-type]
+                forget=forget.batch(k).to(device),
+                retain=retain.batch(k).to(device) if retain is not None else None,  # type: ignore[arg-type]
+                step=phase_step,
+                total_steps=phase.steps,
+                phase=phase_idx,
+                generator=torch.Generator(device=device).manual_seed(_micro_seed(cfg.seed, k)),
+            )
+            terms = objective.loss(ctx)
+            total = sum(weights.get(name, 0.0) * value for name, value in terms.items())
+            (total / cfg.grad_accum).backward()  # type: ignore[union-attr]
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item() / cfg.grad_accum
+        _check_terms(sums, state, weights, cfg)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if cfg.grad_clip > 0
+            else torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])
+            )
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        values = {
+            **sums,
+            **{f"coef_{n}": w for n, w in weights.items()},
+            "loss": sum(weights.get(n, 0.0) * v for n, v in sums.items()),
+            "lr": cfg.lr * lr_mult,
+            "grad_norm": float(grad_norm),
+        }
+        state.last = values
+        if on_log is not None and (
+            state.step % cfg.log_every == 0 or state.step == plan.total_steps
+        ):
+            on_log(state.step, values)
+        bar.update(1)
+        bar.set_postfix({n: f"{v:.4g}" for n, v in sums.items()}, refresh=False)
+        if on_step is not None:
+            on_step(state.step)
+    bar.close()
+    return state
+
+
+def _check_terms(
+    values: dict[str, float], state: TrainState, weights: dict[str, float], cfg: TrainConfig
+) -> None:
+    for name, value in values.items():
+        first = state.first_values.setdefault(name, value)
+        if not math.isfinite(value):
+            raise DivergedError(f"loss term {name!r} is {value} at step {state.step}")
+        limit = cfg.diverge_factor * max(abs(first), 1.0)
+        if abs(value) > limit:
+            raise DivergedError(
+                f"loss term {name!r} exploded to {value:.4g} at step {state.step}"
+                f" (first value {first:.4g}, limit {limit:.4g})"
+            )
+    retain = values.get("retain")
+    if retain is None or weights.get("retain", 0.0) <= 0:
+        return
+    # Step 0 is computed before any update (a fresh LoRA adapter is the identity), so only
+    # later steps can show that the reference really differs from the trained model.
+    if state.step >= 1 and retain != 0.0:
+        state.retain_seen_nonzero = True
+    if state.step == RETAIN_ZERO_CHECK_STEP and not state.retain_seen_nonzero:
+        raise RetainZeroError(
+            f"retain_coef > 0 but the retain term was exactly 0 for steps 1..{state.step}: "
+            "the reference model is the model being trained"
+        )
