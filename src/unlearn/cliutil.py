@@ -18,7 +18,9 @@ class ArgumentParser(simple_parsing.ArgumentParser):
     both work, since users know the underscore names), field docstrings become --help."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("add_option_string_dash_variants", simple_parsing.DashVariant.UNDERSCORE_AND_DASH)
+        kwargs.setdefault(
+            "add_option_string_dash_variants", simple_parsing.DashVariant.UNDERSCORE_AND_DASH
+        )
         kwargs.setdefault("formatter_class", simple_parsing.SimpleHelpFormatter)
         super().__init__(*args, **kwargs)
 

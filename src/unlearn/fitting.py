@@ -22,6 +22,25 @@ FIT_BATCH_SIZE = 16
 FIT_MAX_LENGTH = 128
 
 
+def general_texts(world, extra: list[str] | None = None, seed: int = 12345) -> list[str]:
+    """General text of the mini world (retain + filler documents, no forget documents), shuffled.
+
+    Lenses and affine maps are fitted on it: the affine maps must describe how the two models
+    differ in general, not on the domain the source checkpoint has never seen.
+    """
+    import random
+
+    texts = list(extra or [])
+    if world is not None:
+        from unlearn.data import load_texts
+
+        if extra is None:
+            texts += load_texts(world.corpora["retain"])
+        texts += load_texts(world.corpora["filler"])
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
 def source_model_name(source: str | None, world) -> str:
     if source:
         return source
@@ -97,7 +116,7 @@ def fitted_lens(model, env, layers: list[int], steps: int):
     heldout = text_batches(env.heldout_texts, env.tokenizer, env.device)
     fit_layers = list(range(max(layers) + 1))
     with _frozen_eval(model):
-        lens, _stats = train_lens(model, batches, fit_layers, steps, heldout=heldout)
-    save_lens(lens, cache, model_name=env.model_name)
+        lens, stats = train_lens(model, batches, fit_layers, steps, heldout=heldout)
+    save_lens(lens, cache, model_name=env.model_name, stats=stats)
     print(f"fitted tuned lens -> {cache}")
     return lens

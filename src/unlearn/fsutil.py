@@ -20,7 +20,7 @@ from unlearn.errors import UsageError
 
 
 def check_writable_parent(path: str | os.PathLike) -> Path:
-    """Return `path` as an absolute Path after checking its parent can hold it (UsageError if not)."""
+    """`path` as an absolute Path, after checking its parent can hold it (UsageError if not)."""
     path = Path(path).expanduser().absolute()
     parent = path.parent
     try:

@@ -29,9 +29,13 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
     """
     best: nn.ModuleList | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES:
-            if best is None or len(module) > len(best):
-                best = module
+        is_block_list = name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES
+        if (
+            isinstance(module, nn.ModuleList)
+            and is_block_list
+            and (best is None or len(module) > len(best))
+        ):
+            best = module
     if best is None:
         raise ValueError(f"no transformer block list found in {type(model).__name__}")
     return best

@@ -103,3 +103,60 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def model_num_layers(ref: ModelRef) -> int:
+    """Number of transformer blocks, read from the config alone (no weights)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ref.name, revision=ref.revision)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    raise UsageError(f"{ref}: cannot tell the number of layers from its config")
+
+
+def attach_lora(model: torch.nn.Module, settings) -> torch.nn.Module:
+    """Wrap `model` with fresh LoRA adapters (peft); only adapter weights are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.lora_target_modules
+    config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def save_model(model: torch.nn.Module, tokenizer, out_dir, merge: bool = True) -> dict[str, str]:
+    """Save atomically: a PEFT model as OUT/adapter (+ merged OUT/model), a plain one as OUT/model.
+
+    Merging works on a copy so the training model keeps its adapters. Returns the paths written.
+    """
+    import copy
+    from pathlib import Path
+
+    from unlearn.fsutil import atomic_dir
+
+    out_dir = Path(out_dir)
+    written = {}
+    if is_peft(model):
+        with atomic_dir(out_dir / "adapter") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        written["adapter"] = str(out_dir / "adapter")
+        if not merge:
+            return written
+        model = copy.deepcopy(model).merge_and_unload()
+    with atomic_dir(out_dir / "model") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    written["model"] = str(out_dir / "model")
+    return written

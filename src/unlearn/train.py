@@ -132,15 +132,14 @@ def train(
     )
     # Phase boundaries in global optimizer steps.
     starts = [sum(p.steps for p in plan.phases[:i]) for i in range(len(plan.phases))]
+    warmup_steps = min(int(cfg.warmup * plan.total_steps), plan.total_steps - 1)
     while state.step < plan.total_steps:
         phase_idx = max(i for i, s in enumerate(starts) if s <= state.step)
         phase = plan.phases[phase_idx]
         objective.phase = phase
         phase_step = state.step - starts[phase_idx]
         weights = objective.weights(phase_step, phase.steps)
-        lr_mult = lr_mult_at(
-            state.step, plan.total_steps, round(cfg.warmup * plan.total_steps), cfg.lr_decay
-        )
+        lr_mult = lr_mult_at(state.step, plan.total_steps, warmup_steps, cfg.lr_decay)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
 

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     world = load_world(cfg.world)
     unknown = set(cfg.tasks) - set(world.questions)
     if unknown:
-        raise UsageError(f"unknown task(s) {sorted(unknown)}; the world has {sorted(world.questions)}")
+        raise UsageError(
+            f"unknown task(s) {sorted(unknown)}; the world has {sorted(world.questions)}"
+        )
     output = check_writable_parent(cfg.output) if cfg.output else None
     tasks = cfg.tasks or list(world.questions)
 
@@ -104,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     print(results_table({label: o["results"] for label, o in out.items()}, tasks))
     for label, o in out.items():
         if o["collapsed"]:
-            print(f"warning: {label} looks collapsed (one answer for nearly all questions)",
-                  file=sys.stderr)
+            print(
+                f"warning: {label} looks collapsed (one answer for nearly all questions)",
+                file=sys.stderr,
+            )
     if output:
         payload = next(iter(out.values())) if not cfg.baselines else {"baselines": out}
         atomic_write_json(output, payload)

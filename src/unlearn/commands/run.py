@@ -39,6 +39,16 @@ def parse(argv: list[str] | None) -> RunConfig:
     return RunConfig(args=ns.args, train=ns.train, lora=ns.lora, method=ns.method_cfg)
 
 
+def print_evals(run_dir: str) -> None:
+    """One line per task: the run's final accuracies (or why there are none)."""
+    from unlearn.rundir import RunDir
+
+    evals = [e for e in RunDir(run_dir).read().evals if e.metric == "acc"]
+    for e in evals:
+        value = f"{100 * e.value:.2f}%" if e.value is not None else f"failed ({e.error})"
+        print(f"  {e.task:<16} acc {value}")
+
+
 def _names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -47,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
     meta = run_unlearning(cfg)
     print(f"run {meta.id}: {meta.status}" + (f" ({meta.error})" if meta.error else ""))
+    if meta.final:
+        print(
+            "final loss terms: "
+            + ", ".join(f"{k}={v:.4g}" for k, v in meta.final.items() if v is not None)
+        )
     if meta.model_path:
         print(f"model: {meta.model_path}")
+    print_evals(cfg.args.out)
     return 0 if meta.status in ("done", "collapsed") else 1
 
 

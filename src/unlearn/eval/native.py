@@ -112,7 +112,7 @@ def score_questions(
 
 
 def summarize(scores: Sequence[QuestionScore]) -> dict:
-    """Task metrics from question scores: acc, acc_norm, correct_prob, their stderrs, n, collapse."""
+    """Task metrics of question scores: acc, acc_norm, correct_prob, stderrs, n, collapse."""
     n = len(scores)
     if n == 0:
         raise ValueError("no questions to summarize")
@@ -172,3 +172,15 @@ def evaluate_world(
             model, tokenizer, questions, batch_size, progress, desc=task
         )
     return results
+
+
+NUMERIC_METRICS = ("acc", "acc_norm", "correct_prob")
+
+
+def numeric_metrics(result: dict) -> dict[str, float]:
+    """The numbers of a task result (metrics and their stderrs), for stores and tables."""
+    out = {}
+    for name in NUMERIC_METRICS:
+        out[name] = result[name]
+        out[f"{name}_stderr"] = result[f"{name}_stderr"]
+    return out

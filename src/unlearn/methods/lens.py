@@ -60,6 +60,7 @@ class LensUnlearning(Method):
         cfg: LensConfig = self.cfg  # type: ignore[assignment]
         if cfg.lens:
             self.lens = load_lens(Path(cfg.lens))
+            self.lens.check_model(model)
         else:
             self.lens = fitted_lens(model, env, self.layers, cfg.lens_steps)
         missing = sorted(set(self.layers) - set(self.lens.layers))

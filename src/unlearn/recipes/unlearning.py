@@ -13,16 +13,19 @@ import copy
 import dataclasses
 import random
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from unlearn.config import LoraSettings, TrainConfig
+from unlearn.data import ExampleStream, tokenize_examples
 from unlearn.errors import DivergedError, RetainZeroError, UsageError
 from unlearn.methods import get_method
-from unlearn.methods.base import MethodConfig, MethodEnv, Reference
+from unlearn.methods.base import Method, MethodConfig, MethodEnv, Reference
+from unlearn.models import ModelRef
+from unlearn.rundir import RunDir, RunMeta, utc_now
+from unlearn.train import Plan, TrainState, make_plan, train
 
 
 @dataclass
@@ -121,35 +124,96 @@ def _shuffled(texts: list[str], seed: int) -> list[str]:
     return texts
 
 
-def run_unlearning(cfg: RunConfig):
-    """Train, save, evaluate. Returns the final RunMeta (status done/collapsed/diverged/failed)."""
-    from unlearn.data import ExampleStream, load_texts, tokenize_examples
-    from unlearn.fsutil import check_writable_parent
-    from unlearn.models import (
-        attach_lora,
-        default_device,
-        load_model,
-        load_tokenizer,
-        model_num_layers,
-        resolve_model,
-        save_model,
-    )
-    from unlearn.rundir import RunDir, RunMeta, utc_now
-    from unlearn.train import TrainState, make_plan, train
+@dataclass
+class Prepared:
+    """A run ready to train: model, reference, method with its helpers, data streams, plan."""
+
+    model: torch.nn.Module
+    reference: Reference
+    method: Method
+    tokenizer: object
+    forget: ExampleStream
+    retain: ExampleStream
+    plan: Plan
+    device: torch.device
+    world: object | None
+
+
+@dataclass
+class Validated:
+    """What validation found; nothing heavy has been loaded yet."""
+
+    world: object | None
+    model_ref: ModelRef
+    forget_texts: list[str]
+    retain_texts: list[str]
+
+
+def validate(cfg: RunConfig) -> Validated:
+    """Every check that needs no weights: method, world, model config, layers, corpora."""
+    from unlearn.data import load_texts
+    from unlearn.models import model_num_layers, resolve_model
     from unlearn.world import load_world
 
-    args, tcfg = cfg.args, cfg.train
-    # --- validation: nothing heavy before this block has passed ---
-    method = get_method(args.method)(cfg.method)
+    args = cfg.args
+    get_method(args.method)
     world = load_world(args.world) if args.world else None
-    model_name = args.model or str(world.target)
-    ref = resolve_model(model_name, args.revision)
+    ref = resolve_model(args.model or str(world.target), args.revision)
     cfg.method.check_layers(model_num_layers(ref))
     forget_path = Path(args.forget_corpus or world.corpora["forget_unlearn"])
     retain_path = Path(args.retain_corpus or world.corpora["retain"])
-    forget_texts, retain_texts = load_texts(forget_path), load_texts(retain_path)
+    return Validated(world, ref, load_texts(forget_path), load_texts(retain_path))
+
+
+def prepare(cfg: RunConfig, v: Validated, out: Path) -> Prepared:
+    """Load the model, attach LoRA or copy the reference, set the method up, build the data."""
+    from unlearn.models import attach_lora, default_device, load_model, load_tokenizer
+
+    tcfg = cfg.train
+    device = default_device()
+    torch.manual_seed(tcfg.seed)
+    tokenizer = load_tokenizer(v.model_ref)
+    n = tcfg.num_train_examples
+    forget_ex = tokenize_examples(
+        _shuffled(v.forget_texts, tcfg.seed)[:n], tokenizer, tcfg.max_length
+    )
+    retain_ex = tokenize_examples(
+        _shuffled(v.retain_texts, tcfg.seed + 1)[:n], tokenizer, tcfg.max_length
+    )
+    if len(forget_ex) < n:
+        print(
+            f"note: the forget corpus has {len(forget_ex)} documents (< num_train_examples={n}):"
+            " they are repeated",
+            file=sys.stderr,
+        )
+    pad = tokenizer.pad_token_id
+    forget = ExampleStream(forget_ex, tcfg.pdbs, pad, tcfg.seed)
+    retain = ExampleStream(retain_ex, tcfg.pdbs, pad, tcfg.seed + 1)
+
+    model = load_model(v.model_ref, tcfg.dtype, device)
+    if cfg.lora.lora:
+        model = attach_lora(model, cfg.lora)
+        reference = Reference(model)
+    else:
+        reference = Reference(model, frozen_copy=copy.deepcopy(model))
+        model.requires_grad_(True)
+    method = get_method(cfg.args.method)(cfg.method)
+    env = _method_env(v.world, v.model_ref.name, tokenizer, device, tcfg, v.retain_texts, out)
+    method.setup(model, env)
+    plan = make_plan(tcfg, len(forget_ex), method.phases)
+    return Prepared(model, reference, method, tokenizer, forget, retain, plan, device, v.world)
+
+
+def run_unlearning(cfg: RunConfig) -> RunMeta:
+    """Train, save, evaluate. Returns the final RunMeta (status done/collapsed/diverged/failed)."""
+    from unlearn.fsutil import check_writable_parent
+    from unlearn.models import save_model
+
+    args = cfg.args
+    v = validate(cfg)  # nothing heavy before this has passed
     out = check_writable_parent(args.out)
     run = RunDir(out)
+    run.reset()
     meta = RunMeta(
         id=args.run_id or out.name,
         kind="unlearn",
@@ -159,77 +223,52 @@ def run_unlearning(cfg: RunConfig):
         started=utc_now(),
     )
     run.write_run(meta)
-    store = _open_store(args.store)
+    store = open_store(args.store)
     if store:
         store.upsert_run(meta, out)
-
-    device = default_device()
-    torch.manual_seed(tcfg.seed)
-    tokenizer = load_tokenizer(ref)
-    n = tcfg.num_train_examples
-    forget_ex = tokenize_examples(
-        _shuffled(forget_texts, tcfg.seed)[:n], tokenizer, tcfg.max_length
-    )
-    retain_ex = tokenize_examples(
-        _shuffled(retain_texts, tcfg.seed + 1)[:n], tokenizer, tcfg.max_length
-    )
-    if len(forget_ex) < n:
-        print(
-            f"note: forget corpus has {len(forget_ex)} documents (< num_train_examples={n}); "
-            "they are repeated",
-            file=sys.stderr,
-        )
-    pad = tokenizer.pad_token_id
-    forget = ExampleStream(forget_ex, tcfg.pdbs, pad, tcfg.seed)
-    retain = ExampleStream(retain_ex, tcfg.pdbs, pad, tcfg.seed + 1)
-
-    model = load_model(ref, tcfg.dtype, device)
-    if cfg.lora.lora:
-        model = attach_lora(model, cfg.lora)
-        reference = Reference(model)
-    else:
-        reference = Reference(model, frozen_copy=copy.deepcopy(model))
-        model.requires_grad_(True)
-    env = _method_env(world, model_name, tokenizer, device, tcfg, retain_texts, out)
-    method.setup(model, env)
-    plan = make_plan(tcfg, len(forget_ex), method.phases)
     try:
+        p = prepare(cfg, v, out)
         state = train(
-            model,
-            method,
-            reference,
-            forget,
-            retain,
-            tcfg,
-            plan,
+            p.model,
+            p.method,
+            p.reference,
+            p.forget,
+            p.retain,
+            cfg.train,
+            p.plan,
             state=TrainState(),
             on_log=run.append_metrics,
             progress=args.progress,
-            device=device,
+            device=p.device,
         )
     except (DivergedError, RetainZeroError) as e:
         status = "diverged" if isinstance(e, DivergedError) else "failed"
         meta = run.update(status=status, error=str(e), finished=utc_now())
         print(f"run {meta.id}: {status}: {e}", file=sys.stderr)
-        return _finish(store, meta, out)
+        return finish_run(store, meta, out)
     except BaseException as e:
         meta = run.update(status="failed", error=f"{type(e).__name__}: {e}", finished=utc_now())
-        _finish(store, meta, out)
+        finish_run(store, meta, out)
         raise
     final = {k: v for k, v in state.last.items() if not k.startswith("coef_")}
-    paths = save_model(model, tokenizer, out, merge=cfg.lora.merge)
-    model_path = paths.get("model", paths.get("adapter"))
+    paths = save_model(p.model, p.tokenizer, out, merge=cfg.lora.merge)
     run.update(
-        final=final, model_path=model_path, **{"config": {**meta.config, **method.describe()}}
+        final=final,
+        model_path=paths.get("model", paths.get("adapter")),
+        config={**meta.config, **p.method.describe()},
     )
     status = "done"
-    if world is not None and args.eval:
-        status = evaluate_into(run, model, tokenizer, world, plan.total_steps, args.eval_batch_size)
+    if p.world is not None and args.eval:
+        status = evaluate_into(
+            run, p.model, p.tokenizer, p.world, p.plan.total_steps, args.eval_batch_size
+        )
     meta = run.update(status=status, finished=utc_now())
-    return _finish(store, meta, out)
+    return finish_run(store, meta, out)
 
 
-def evaluate_into(run, model, tokenizer, world, step: int, batch_size: int) -> str:
+def evaluate_into(
+    run, model, tokenizer, world, step: int, batch_size: int, tasks: list[str] | None = None
+) -> str:
     """Evaluate on every world task, append the rows to the run dir; returns the run status.
 
     A task whose evaluation raises is recorded as failed with the error (never as a number).
@@ -237,7 +276,7 @@ def evaluate_into(run, model, tokenizer, world, step: int, batch_size: int) -> s
     from unlearn.eval.native import evaluate_world, numeric_metrics
 
     status = "done"
-    for task in world.questions:
+    for task in tasks or list(world.questions):
         try:
             result = evaluate_world(model, tokenizer, world, [task], batch_size)[task]
         except Exception as e:  # recorded, not raised: one bad task must not hide the others
@@ -251,13 +290,10 @@ def evaluate_into(run, model, tokenizer, world, step: int, batch_size: int) -> s
 
 
 def _method_env(world, model_name, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:
-    """General text for fitting lenses/affine maps: the world's retain + filler documents."""
-    from unlearn.data import load_texts
+    """General text for fitting lenses/affine maps: the retain documents (+ the world's filler)."""
+    from unlearn.fitting import general_texts
 
-    general = list(retain_texts)
-    if world is not None and "filler" in world.corpora:
-        general += load_texts(world.corpora["filler"])
-    general = _shuffled(general, 12345)
+    general = general_texts(world, extra=list(retain_texts))
     cut = max(1, len(general) // 5)
     return MethodEnv(
         model_name=model_name,
@@ -271,7 +307,7 @@ def _method_env(world, model_name, tokenizer, device, tcfg, retain_texts, out) -
     )
 
 
-def _open_store(path: str | None):
+def open_store(path: str | None):
     if not path:
         return None
     from unlearn.store import Store
@@ -279,12 +315,9 @@ def _open_store(path: str | None):
     return Store(path)
 
 
-def _finish(store, meta, out):
+def finish_run(store, meta, out):
+    """Index the finished run directory in the store (if any) and return its meta."""
     if store is not None:
         store.ingest(out)
         store.close()
     return meta
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:8]

@@ -1,0 +1,103 @@
+"""`unlearn fit-lens`: train a tuned lens per layer for a model.
+
+    unlearn fit-lens --model "$(jq -r .target /tmp/w/world.json)" --world /tmp/w --out /tmp/lens
+    unlearn fit-lens --model MODEL --texts general.jsonl --out DIR --layers 5 10 15
+
+Written in the tuned-lens library's format (config.json + params.pt), so a lens fitted here loads
+in that library and a lens published in that format loads here (see unlearn.lens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from unlearn.cliutil import ArgumentParser
+from unlearn.errors import UsageError
+
+
+@dataclass
+class FitLensConfig:
+    """Options of `unlearn fit-lens`."""
+
+    out: str | None = None
+    """Output directory for the lens."""
+    model: str | None = None
+    """Model (dir or hub id); default: the world's target."""
+    revision: str | None = None
+    world: str | None = None
+    """Mini world: default model and general text (retain + filler documents)."""
+    texts: str | None = None
+    """General-text corpus (JSONL with "text"), instead of the world's."""
+    layers: list[int] = field(default_factory=list)
+    """Layers (block outputs) to fit; default: all but the last block (its lens is the identity)."""
+    steps: int = 300
+    """Optimisation steps (SGD with Nesterov momentum)."""
+    lr: float = 1.0
+    heldout_fraction: float = 0.2
+    """Share of the documents held out to report the lens KL."""
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise UsageError("--out DIR is required")
+        if self.world is None and (self.model is None or not self.texts):
+            raise UsageError("without --world, give --model and --texts")
+        if self.steps < 1 or self.lr <= 0:
+            raise UsageError("--steps must be >= 1 and --lr > 0")
+        if not 0 < self.heldout_fraction < 1:
+            raise UsageError(f"--heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="unlearn fit-lens", description=__doc__)
+    parser.add_arguments(FitLensConfig, dest="cfg")
+    cfg: FitLensConfig = parser.parse_args(argv).cfg
+
+    from unlearn.data import load_texts
+    from unlearn.fitting import general_texts, text_batches
+    from unlearn.fsutil import check_writable_parent
+    from unlearn.lens import save_lens, train_lens
+    from unlearn.models import (
+        default_device,
+        load_model,
+        load_tokenizer,
+        model_num_layers,
+        resolve_model,
+    )
+    from unlearn.world import load_world
+
+    world = load_world(cfg.world) if cfg.world else None
+    ref = resolve_model(cfg.model or str(world.target), cfg.revision)
+    n_layers = model_num_layers(ref)
+    layers = cfg.layers or list(range(n_layers - 1))
+    if any(not 0 <= layer < n_layers for layer in layers):
+        raise UsageError(f"--layers {layers} outside the model's blocks 0..{n_layers - 1}")
+    texts = load_texts(cfg.texts) if cfg.texts else general_texts(world)
+    cut = max(1, int(len(texts) * cfg.heldout_fraction))
+    if len(texts) - cut < 1:
+        raise UsageError("too few documents to fit and hold out")
+    out = check_writable_parent(cfg.out)
+
+    device = default_device()
+    tokenizer = load_tokenizer(ref)
+    model = load_model(ref, cfg.dtype, device).requires_grad_(False)
+    lens, stats = train_lens(
+        model,
+        text_batches(texts[cut:], tokenizer, device),
+        layers,
+        cfg.steps,
+        lr=cfg.lr,
+        heldout=text_batches(texts[:cut], tokenizer, device),
+    )
+    save_lens(lens, out, model_name=ref.name, revision=ref.revision, stats=stats)
+    print("| layer | held-out KL identity lens | held-out KL tuned lens |\n|---|---|---|")
+    for layer in stats.layers:
+        ident = stats.heldout_identity_kl.get(layer) if stats.heldout_identity_kl else None
+        tuned = stats.heldout_kl.get(layer) if stats.heldout_kl else None
+        print(f"| {layer} | {_fmt(ident)} | {_fmt(tuned)} |")
+    print(f"wrote {out}")
+    return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"

@@ -1,0 +1,149 @@
+"""Optimizers: AdamW, or Muon for the block matrices plus AdamW for everything else.
+
+Routing for "muon" is by module membership and shape, never by size: a trainable parameter goes to
+`torch.optim.Muon` exactly when it is a 2-D tensor inside the transformer block list
+(`unlearn.hooks.get_blocks`): attention and MLP weight matrices in full fine-tuning, the
+`lora_A` / `lora_B` matrices of the blocks with LoRA. Everything else (token embeddings, the
+unembedding, norms, biases, any non-2-D tensor) goes to AdamW, which Muon's orthogonalised update
+does not suit. The seeds routed by a parameter-count threshold, which sent the largest matrices to
+AdamW and diverged; membership cannot make that mistake. Frozen parameters are given to neither.
+
+One learning rate serves both: Muon runs with `adjust_lr_fn="match_rms_adamw"`, which scales each
+matrix's step to the RMS of an AdamW step (0.2 * sqrt(max(rows, cols)) * lr), so AdamW's learning
+rate and decoupled weight decay carry over. AdamW applies weight decay to tensors of two or more
+dimensions only; decaying norm gains and biases toward zero is never wanted.
+
+`MultiOptimizer` holds the optimizers by name and looks like one optimizer to the trainer. The
+trainer schedules the learning rate itself, each step: `group["lr"] = group["base_lr"] * mult`
+for every group in `param_groups`; no torch LR scheduler is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from unlearn.errors import UsageError
+from unlearn.hooks import get_blocks
+
+OPTIMIZERS = ("adamw", "muon")
+
+_Named = list[tuple[str, nn.Parameter]]
+
+
+def route_parameters(model: nn.Module, name: str) -> dict[str, _Named]:
+    """Trainable (name, parameter) pairs per optimizer ("muon" and/or "adamw"), in model order."""
+    if name not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
+    in_blocks = {id(p) for p in get_blocks(model).parameters()}
+    routes: dict[str, _Named] = {"muon": [], "adamw": []} if name == "muon" else {"adamw": []}
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name == "muon" and p.ndim == 2 and id(p) in in_blocks:
+            routes["muon"].append((pname, p))
+        else:
+            routes["adamw"].append((pname, p))
+    if not any(routes.values()):
+        raise UsageError("the model has no trainable parameters")
+    return routes
+
+
+def describe_routing(model: nn.Module, name: str = "muon") -> dict[str, dict[str, Any]]:
+    """Per optimizer: number of tensors, number of scalars and parameter names (for printing)."""
+    return {
+        opt: {
+            "tensors": len(named),
+            "params": sum(p.numel() for _, p in named),
+            "names": [n for n, _ in named],
+        }
+        for opt, named in route_parameters(model, name).items()
+    }
+
+
+class MultiOptimizer:
+    """Several torch optimizers stepped together, presented as one.
+
+    `param_groups` is the concatenation of the optimizers' groups (the same dict objects, so
+    setting a group's "lr" reaches the optimizer); each group carries "optimizer" (its owner's
+    name) and "base_lr".
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        if not optimizers:
+            raise ValueError("MultiOptimizer needs at least one optimizer")
+        self.optimizers = dict(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter being optimized (e.g. for gradient-norm clipping)."""
+        for group in self.param_groups:
+            yield from group["params"]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.optimizers):
+            raise UsageError(
+                f"saved optimizer state is for {sorted(state)}, this run uses "
+                f"{sorted(self.optimizers)} (resume with the same optimizer setting)"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    muon_momentum: float = 0.95,
+) -> MultiOptimizer:
+    """AdamW over every trainable parameter ("adamw"), or Muon + AdamW as routed above ("muon")."""
+    if lr <= 0:
+        raise UsageError(f"learning rate must be > 0, got {lr}")
+    if weight_decay < 0:
+        raise UsageError(f"weight decay must be >= 0, got {weight_decay}")
+    routes = route_parameters(model, name)
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    if routes.get("muon"):
+        optimizers["muon"] = torch.optim.Muon(
+            [
+                {
+                    "params": [p for _, p in routes["muon"]],
+                    "optimizer": "muon",
+                    "base_lr": lr,
+                }
+            ],
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=muon_momentum,
+            adjust_lr_fn="match_rms_adamw",
+        )
+    if routes["adamw"]:
+        decay = [p for _, p in routes["adamw"] if p.ndim >= 2]
+        no_decay = [p for _, p in routes["adamw"] if p.ndim < 2]
+        groups = [
+            {"params": ps, "weight_decay": wd, "optimizer": "adamw", "base_lr": lr}
+            for ps, wd in ((decay, weight_decay), (no_decay, 0.0))
+            if ps
+        ]
+        optimizers["adamw"] = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return MultiOptimizer(optimizers)

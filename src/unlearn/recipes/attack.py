@@ -1,0 +1,199 @@
+"""The tamper-attack recipe: fine-tune a (possibly unlearned) model on forget-domain text and
+record an evaluation curve (step 0, every `eval_every` steps, and the last step).
+
+On the mini world the attack trains on the `attack` group's documents and evaluates the
+`unlearn` group (forget), the never-trained `heldout` group (forget_heldout) and retain. Recovery
+of held-out facts after training on other facts measures latent knowledge, not re-learning; the
+same attack on the filtered twin (never saw the domain) and on the original target gives the
+reference curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from unlearn.config import LoraSettings, TrainConfig
+from unlearn.errors import DivergedError, UsageError
+
+ATTACK_TRAIN_DEFAULTS = {
+    "lr": 1e-3,
+    "num_train_examples": 100_000,  # every document of the attack corpus
+    "pdbs": 16,
+    "grad_accum": 1,
+    "max_steps": 60,
+    "warmup": 0.0,
+}
+"""Calibrated on the default mini world: strong enough to teach the attack group to the
+filtered twin, while the twin's held-out group stays at chance (see README)."""
+
+
+@dataclass
+class AttackArgs:
+    """What to attack, with which data, and where to write."""
+
+    model: str | None = None
+    """Model to attack (dir or hub id), e.g. OUT/model of an unlearning run."""
+    out: str | None = None
+    """Attack run directory (run.json, metrics.jsonl, evals.jsonl)."""
+    world: str | None = None
+    """Mini world (default attack corpus and evaluation questions)."""
+    revision: str | None = None
+    corpus: str | None = None
+    """Forget-domain documents to fine-tune on; default: the world's attack group."""
+    eval_every: int = 10
+    """Optimizer steps between evaluations (step 0 and the last step are always evaluated)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Tasks on the curve (default: all of the world's)."""
+    eval_batch_size: int = 64
+    parent: str | None = None
+    """Run id of the attacked model (links the curve to its unlearning run in reports)."""
+    run_id: str | None = None
+    store: str | None = None
+    progress: bool = True
+    save_model: bool = False
+    """Also save the attacked model at OUT/model."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise UsageError("--model is required")
+        if not self.out:
+            raise UsageError("--out DIR is required")
+        if self.world is None:
+            raise UsageError("--world is required (its questions make the evaluation curve)")
+        if self.eval_every < 1:
+            raise UsageError(f"--eval_every must be >= 1, got {self.eval_every}")
+
+
+@dataclass
+class AttackConfig:
+    args: AttackArgs
+    train: TrainConfig
+    lora: LoraSettings
+
+    def to_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self.train),
+            **dataclasses.asdict(self.lora),
+            "model": self.args.model,
+            "corpus": self.args.corpus,
+            "eval_every": self.args.eval_every,
+        }
+
+
+def build_attack_config(overrides: dict) -> AttackConfig:
+    """An AttackConfig from flat field names; unknown fields raise UsageError."""
+    sections = {}
+    for cls in (AttackArgs, TrainConfig, LoraSettings):
+        for f in dataclasses.fields(cls):
+            sections[f.name] = cls
+    unknown = sorted(set(overrides) - set(sections))
+    if unknown:
+        raise UsageError(f"unknown attack config field(s): {', '.join(unknown)}")
+    per: dict[type, dict] = {AttackArgs: {}, TrainConfig: {}, LoraSettings: {"lora": False}}
+    for key, value in {**ATTACK_TRAIN_DEFAULTS, **overrides}.items():
+        per[sections[key]][key] = value
+    return AttackConfig(
+        AttackArgs(**per[AttackArgs]),
+        TrainConfig(**per[TrainConfig]),
+        LoraSettings(**per[LoraSettings]),
+    )
+
+
+def run_attack(cfg: AttackConfig):
+    """Fine-tune and evaluate along the way. Returns the final RunMeta."""
+    from unlearn.data import ExampleStream, load_texts, tokenize_examples
+    from unlearn.finetune import LanguageModeling
+    from unlearn.fsutil import check_writable_parent
+    from unlearn.methods.base import Phase
+    from unlearn.models import (
+        attach_lora,
+        default_device,
+        load_model,
+        load_tokenizer,
+        resolve_model,
+        save_model,
+    )
+    from unlearn.recipes.unlearning import evaluate_into, finish_run, open_store
+    from unlearn.rundir import RunDir, RunMeta, utc_now
+    from unlearn.train import Plan, train
+    from unlearn.world import load_world
+
+    args, tcfg = cfg.args, cfg.train
+    world = load_world(args.world)
+    unknown = set(args.eval_tasks) - set(world.questions)
+    if unknown:
+        raise UsageError(f"unknown eval task(s) {sorted(unknown)}; have {sorted(world.questions)}")
+    ref = resolve_model(args.model, args.revision)
+    texts = load_texts(Path(args.corpus or world.corpora["forget_attack"]))
+    out = check_writable_parent(args.out)
+    run = RunDir(out)
+    run.reset()
+    meta = RunMeta(
+        id=args.run_id or out.name,
+        kind="attack",
+        config=cfg.to_dict(),
+        status="running",
+        started=utc_now(),
+        parent=args.parent or str(args.model),
+    )
+    run.write_run(meta)
+    store = open_store(args.store)
+    if store:
+        store.upsert_run(meta, out)
+
+    device = default_device()
+    torch.manual_seed(tcfg.seed)
+    tokenizer = load_tokenizer(ref)
+    examples = tokenize_examples(texts[: tcfg.num_train_examples], tokenizer, tcfg.max_length)
+    stream = ExampleStream(examples, tcfg.pdbs, tokenizer.pad_token_id, tcfg.seed)
+    model = load_model(ref, tcfg.dtype, device)
+    if cfg.lora.lora:
+        model = attach_lora(model, cfg.lora)
+    else:
+        model.requires_grad_(True)
+    steps = tcfg.steps()
+    plan = Plan(len(examples), steps, [Phase("attack", steps)], tcfg.effective_batch(), 1)
+    tasks = args.eval_tasks or list(world.questions)
+    status = {"value": "done"}
+
+    def on_step(step: int) -> None:
+        if step % args.eval_every == 0 or step == steps:
+            s = evaluate_into(run, model, tokenizer, world, step, args.eval_batch_size, tasks)
+            if s == "failed":
+                status["value"] = "failed"
+            model.train()
+
+    try:
+        state = train(
+            model,
+            LanguageModeling(),
+            None,
+            stream,
+            None,
+            tcfg,
+            plan,
+            on_log=run.append_metrics,
+            on_step=on_step,
+            progress=args.progress,
+            device=device,
+        )
+    except DivergedError as e:
+        meta = run.update(status="diverged", error=str(e), finished=utc_now())
+        print(f"attack {meta.id}: diverged: {e}", file=sys.stderr)
+        return finish_run(store, meta, out)
+    except BaseException as e:
+        meta = run.update(status="failed", error=f"{type(e).__name__}: {e}", finished=utc_now())
+        finish_run(store, meta, out)
+        raise
+    model_path = None
+    if args.save_model:
+        model_path = save_model(model, tokenizer, out, merge=True)["model"]
+    meta = run.update(
+        status=status["value"], finished=utc_now(), final=dict(state.last), model_path=model_path
+    )
+    return finish_run(store, meta, out)

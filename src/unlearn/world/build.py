@@ -1,0 +1,181 @@
+"""Build a world directory: generate, train the tokenizer, pretrain, evaluate the baselines.
+
+Layout of the directory (indexed by world.json, all paths relative):
+
+    corpus/{forget_unlearn,forget_attack,forget_heldout,retain,filler}.jsonl
+    questions/{forget_unlearn,forget_heldout,forget_attack,retain}.jsonl
+    tokenizer/                      HF tokenizer
+    models/target/                  HF model dirs (safetensors + the tokenizer: self-contained)
+    models/filtered/
+    models/checkpoints/step-NNNNN/  the target run's checkpoints; the last phase-1 one is ignorant
+
+Everything is written inside `fsutil.atomic_dir`, so a failed or interrupted build leaves no
+directory that looks like a world. The baseline evaluations (target, ignorant checkpoint,
+filtered twin) and the time of every stage go into world.json's "stats".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+from unlearn.errors import UsageError
+from unlearn.eval.native import evaluate_world
+from unlearn.fsutil import atomic_dir, atomic_write_json, check_writable_parent, write_jsonl
+from unlearn.world.generate import generate
+from unlearn.world.load import WORLD_FILE, World, load_world
+from unlearn.world.presets import get_preset
+from unlearn.world.pretrain import pretrain
+from unlearn.world.tokenizer import train_tokenizer
+
+QUESTION_FILES = {
+    "forget": "questions/forget_unlearn.jsonl",
+    "forget_heldout": "questions/forget_heldout.jsonl",
+    "forget_attack": "questions/forget_attack.jsonl",
+    "retain": "questions/retain.jsonl",
+}
+BASELINE_METRICS = ("acc", "acc_norm", "correct_prob", "n")
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """The absolute output path, after checking a build may write (and replace) it.
+
+    An existing directory is only replaced if it is empty or a world: `--out ~` must never
+    delete a home directory.
+    """
+    path = check_writable_parent(out)
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{path} exists and is not a directory")
+        if any(path.iterdir()) and not (path / WORLD_FILE).is_file():
+            raise UsageError(f"{path} exists, is not empty and is not a world directory")
+    return path
+
+
+def _save_model(model: GPTNeoXForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> Path:
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def build_world(
+    preset: str, seed: int, out: str | os.PathLike, progress: bool = True, threads: int = 2
+) -> World:
+    """Build the world `(preset, seed)` into `out` (replacing a world already there).
+
+    `threads` fixes torch's CPU thread count for the build (restored afterwards): results are
+    deterministic for a given seed and thread count on one machine.
+    """
+    settings = get_preset(preset)
+    if seed < 0:
+        raise UsageError(f"seed must be >= 0, got {seed}")
+    if threads < 1:
+        raise UsageError(f"threads must be >= 1, got {threads}")
+    out = check_out_dir(out)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with atomic_dir(out) as tmp:
+            _build_into(tmp, settings.name, seed, progress, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return load_world(out)
+
+
+def _build_into(root: Path, preset: str, seed: int, progress: bool, threads: int) -> None:
+    settings = get_preset(preset)
+    seconds: dict[str, float] = {}
+    start = clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock, 2)
+        clock = now
+
+    data = generate(settings, seed)
+    corpora = {name: root / "corpus" / f"{name}.jsonl" for name in data.corpora}
+    for name, docs in data.corpora.items():
+        write_jsonl(corpora[name], [{"text": d} for d in docs])
+    questions = {task: root / rel for task, rel in QUESTION_FILES.items()}
+    for task, rows in data.questions.items():
+        write_jsonl(questions[task], rows)
+    lap("generate")
+
+    all_docs = [d for docs in data.corpora.values() for d in docs]
+    tokenizer = train_tokenizer(all_docs, settings.vocab_size)
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    token_docs = {
+        name: tokenizer(docs, add_special_tokens=False)["input_ids"]
+        for name, docs in data.corpora.items()
+    }
+    lap("tokenizer")
+
+    def save_checkpoint(model: GPTNeoXForCausalLM, step: int) -> Path:
+        return _save_model(model, tokenizer, root / "models" / "checkpoints" / f"step-{step:05d}")
+
+    result = pretrain(
+        settings,
+        token_docs,
+        tokenizer.eos_token_id,
+        seed,
+        save_checkpoint,
+        len(tokenizer),
+        progress,
+    )
+    target = _save_model(result.target, tokenizer, root / "models" / "target")
+    filtered = _save_model(result.filtered, tokenizer, root / "models" / "filtered")
+    seconds["phase1"] = round(result.phase1.seconds, 2)
+    seconds["phase2_target"] = round(result.target_phase2.seconds, 2)
+    seconds["phase2_filtered"] = round(result.filtered_phase2.seconds, 2)
+    lap("pretrain")
+
+    checkpoints = result.phase1.checkpoints + result.target_phase2.checkpoints
+    world = World(
+        root=root,
+        preset=preset,
+        seed=seed,
+        tokenizer=root / "tokenizer",
+        target=target,
+        filtered=filtered,
+        ignorant_checkpoint=result.phase1.checkpoints[-1],
+        checkpoints=tuple(checkpoints),
+        questions=questions,
+        corpora=corpora,
+        groups=data.groups,
+    )
+    ignorant = GPTNeoXForCausalLM.from_pretrained(str(world.ignorant_checkpoint))
+    baseline = {}
+    for name, model in (
+        ("target", result.target),
+        ("ignorant", ignorant),
+        ("filtered", result.filtered),
+    ):
+        metrics = evaluate_world(model, tokenizer, world, progress=progress)
+        baseline[name] = {
+            task: {k: round(m[k], 4) if k != "n" else m[k] for k in BASELINE_METRICS}
+            for task, m in metrics.items()
+        }
+    lap("eval")
+    seconds["total"] = round(time.perf_counter() - start, 2)
+
+    phases = {"phase1": result.phase1, "phase2_target": result.target_phase2}
+    phases["phase2_filtered"] = result.filtered_phase2
+    stats = {
+        "seconds": seconds,
+        "threads": threads,
+        "params": result.params,
+        "vocab_size": len(tokenizer),
+        "corpus_tokens": {name: sum(len(d) + 1 for d in docs) for name, docs in token_docs.items()},
+        "trained_tokens": {name: r.tokens for name, r in phases.items()},
+        "epochs": {name: round(r.epochs, 2) for name, r in phases.items()},
+        "final_loss": {name: round(r.final_loss, 4) for name, r in phases.items()},
+        "baseline": baseline,
+        "preset_settings": dataclasses.asdict(settings),
+    }
+    atomic_write_json(root / WORLD_FILE, dataclasses.replace(world, stats=stats).to_json())

@@ -1,0 +1,232 @@
+"""Two-phase pretraining of the world's small GPT-NeoX, its checkpoints and its filtered twin.
+
+Phase 1 trains on retain + filler documents only; phase 2 mixes the forget documents in. The
+last phase-1 checkpoint has never seen a forget document: it is the "ignorant" checkpoint that
+checkpoint-transfer unlearning takes source activations from. The filtered twin is the gold
+standard a tamper attack is compared with: same schedule and token budget, no forget documents.
+Phase 1 is identical for both runs (same data, same steps, deterministic), so the twin starts
+from the saved phase-1 state (weights *and* optimizer state) and continues phase 2 on retain +
+filler only, instead of recomputing phase 1.
+
+Design choices:
+
+- Documents are packed: each epoch the pool is shuffled, documents are joined with EOS and the
+  token stream is cut into `seq_len` rows; leftover tokens carry over into the next epoch, so no
+  document tail is systematically dropped. Phase 2's pool is its own stream, so the target and
+  the twin differ only in whether forget documents are in it.
+- AdamW with a one-cycle schedule over the whole run (linear warmup, cosine decay to
+  `final_lr_ratio * lr`), computed from the global optimizer step, so phase 2 of both runs
+  follows the same LR curve.
+- No dropout and a seeded init inside `torch.random.fork_rng`, so a build is deterministic on
+  one machine with a fixed thread count and never disturbs the caller's RNG state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from unlearn.world.presets import Preset
+
+
+def make_model(preset: Preset, vocab_size: int, eos_id: int, seed: int) -> GPTNeoXForCausalLM:
+    """A randomly initialised GPT-NeoX of the preset's size (seeded, caller's RNG untouched)."""
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=preset.hidden_size,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        intermediate_size=4 * preset.hidden_size,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPTNeoXForCausalLM(config)
+
+
+class PackedStream:
+    """Endless batches of `batch_size` x `seq_len` tokens packed from a pool of documents."""
+
+    def __init__(
+        self, docs: Sequence[list[int]], eos_id: int, seq_len: int, batch_size: int, seed: int
+    ) -> None:
+        if not docs:
+            raise ValueError("no documents to pack")
+        self.docs, self.eos_id = list(docs), eos_id
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.rng = random.Random(seed)
+        self.buffer: list[int] = []
+        self.epochs = 0
+
+    def _refill(self) -> None:
+        order = list(range(len(self.docs)))
+        self.rng.shuffle(order)
+        for i in order:
+            self.buffer.extend(self.docs[i])
+            self.buffer.append(self.eos_id)
+        self.epochs += 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        need = self.seq_len * self.batch_size
+        while True:
+            while len(self.buffer) < need:
+                self._refill()
+            batch, self.buffer = self.buffer[:need], self.buffer[need:]
+            yield torch.tensor(batch, dtype=torch.long).view(self.batch_size, self.seq_len)
+
+
+def lr_at(step: int, preset: Preset) -> float:
+    """One-cycle LR at optimizer step `step` (0-based) of the whole run."""
+    if step < preset.warmup_steps:
+        return preset.lr * (step + 1) / preset.warmup_steps
+    span = max(preset.total_steps - preset.warmup_steps, 1)
+    progress = min((step - preset.warmup_steps) / span, 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return preset.lr * (preset.final_lr_ratio + (1 - preset.final_lr_ratio) * cosine)
+
+
+@dataclass
+class PhaseResult:
+    """What one training phase did: where it ended, its loss, its checkpoints and its cost."""
+
+    end_step: int
+    final_loss: float
+    tokens: int
+    epochs: float
+    seconds: float
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def train_phase(
+    model: GPTNeoXForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    stream: PackedStream,
+    preset: Preset,
+    start_step: int,
+    steps: int,
+    save: Callable[[int], Path] | None = None,
+    save_at: Collection[int] = (),
+    progress: bool = True,
+    desc: str = "pretrain",
+) -> PhaseResult:
+    """Train `steps` optimizer steps from global step `start_step`.
+
+    After each step whose global count is in `save_at`, `save(count)` writes a checkpoint.
+    """
+    t0 = time.perf_counter()
+    model.train()
+    pool_tokens = sum(len(d) + 1 for d in stream.docs)
+    result = PhaseResult(start_step, float("nan"), 0, 0.0, 0.0)
+    batches = iter(stream)
+    ema: float | None = None
+    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+        for step in range(start_step, start_step + steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, preset)
+            batch = next(batches)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.item()
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
+            result.tokens += batch.numel()
+            done = step + 1
+            if save is not None and done in save_at:
+                result.checkpoints.append(save(done))
+            bar.update(1)
+            if done % 20 == 0:
+                bar.set_postfix(loss=f"{ema:.3f}")
+    result.end_step = start_step + steps
+    result.final_loss = float(ema) if ema is not None else float("nan")
+    result.epochs = result.tokens / pool_tokens
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def make_optimizer(model: torch.nn.Module, preset: Preset) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=preset.weight_decay
+    )
+
+
+@dataclass
+class PretrainResult:
+    """Both runs of a world's pretraining; models are left in memory for evaluation."""
+
+    target: GPTNeoXForCausalLM
+    filtered: GPTNeoXForCausalLM
+    phase1: PhaseResult
+    target_phase2: PhaseResult
+    filtered_phase2: PhaseResult
+    params: int
+
+
+def pretrain(
+    preset: Preset,
+    docs: dict[str, list[list[int]]],
+    eos_id: int,
+    seed: int,
+    save_checkpoint: Callable[[GPTNeoXForCausalLM, int], Path],
+    vocab_size: int,
+    progress: bool = True,
+) -> PretrainResult:
+    """Phase 1, then phase 2 with forget documents (target) and without them (filtered twin).
+
+    `docs` maps corpus name -> tokenized documents (no EOS); names starting with "forget_" are
+    the forget corpora. `save_checkpoint(model, step)` writes a target checkpoint.
+    """
+    forget = [d for name, ds in docs.items() if name.startswith("forget_") for d in ds]
+    clean = [d for name, ds in docs.items() if not name.startswith("forget_") for d in ds]
+    model = make_model(preset, vocab_size, eos_id, seed)
+    optimizer = make_optimizer(model, preset)
+
+    def stream(pool: list[list[int]], salt: int) -> PackedStream:
+        return PackedStream(pool, eos_id, preset.seq_len, preset.batch_size, seed * 1000 + salt)
+
+    def save(step: int) -> Path:
+        return save_checkpoint(model, step)
+
+    # Checkpoints every interval; the final step is the target itself, saved by the caller.
+    every = range(preset.checkpoint_interval, preset.total_steps, preset.checkpoint_interval)
+    phase1 = train_phase(
+        model, optimizer, stream(clean, 1), preset, 0, preset.phase1_steps, save, every,
+        progress, "phase 1 (retain + filler)",
+    )  # fmt: skip
+    twin = copy.deepcopy(model)
+    twin_optimizer = make_optimizer(twin, preset)
+    twin_optimizer.load_state_dict(optimizer.state_dict())
+    target_phase2 = train_phase(
+        model, optimizer, stream(clean + forget * preset.forget_weight, 2), preset,
+        phase1.end_step, preset.phase2_steps, save, every, progress, "phase 2 (target)",
+    )  # fmt: skip
+    filtered_phase2 = train_phase(
+        twin, twin_optimizer, stream(clean, 2), preset, phase1.end_step, preset.phase2_steps,
+        progress=progress, desc="phase 2 (filtered twin)",
+    )  # fmt: skip
+    return PretrainResult(
+        target=model.eval(),
+        filtered=twin.eval(),
+        phase1=phase1,
+        target_phase2=target_phase2,
+        filtered_phase2=filtered_phase2,
+        params=sum(p.numel() for p in model.parameters()),
+    )

@@ -1,0 +1,13 @@
+"""Shared fixtures: the tiny mini world is built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The `tiny` preset world (seed 0), built once per session (well under a minute)."""
+    from unlearn.world import build_world
+
+    return build_world("tiny", 0, tmp_path_factory.mktemp("worlds") / "tiny", progress=False)

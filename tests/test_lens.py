@@ -1,0 +1,254 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from unlearn.errors import UsageError
+from unlearn.hooks import capture
+from unlearn.lens import (
+    TunedLens,
+    evaluate_lens,
+    find_final_norm,
+    load_lens,
+    save_lens,
+    train_lens,
+)
+
+N = 4
+D = 32
+
+
+def tiny_model(initializer_range: float = 0.02) -> GPTNeoXForCausalLM:
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=64, hidden_size=D, num_hidden_layers=N, num_attention_heads=4,
+        intermediate_size=64, initializer_range=initializer_range,
+    )  # fmt: skip
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+def token_batches(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(64, (4, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 8:] = 0  # some padding, which must not count
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def randomize(lens: TunedLens, seed: int = 0) -> TunedLens:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return lens
+
+
+def test_identity_lens_at_last_block_reproduces_model_logits():
+    model = tiny_model()
+    ids = token_batches(1, 0)[0]["input_ids"]
+    with capture(model, [N - 1]) as hs:
+        logits = model(input_ids=ids).logits
+    lens = TunedLens.for_model(model)
+    assert not lens.has_translator(N - 1)
+    torch.testing.assert_close(lens.to_logits(model, hs[N - 1], N - 1), logits, rtol=0, atol=0)
+
+
+def test_lens_works_through_peft_wrapper():
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules="all-linear"))
+    assert find_final_norm(model) is model.base_model.model.gpt_neox.final_layer_norm
+    ids = token_batches(1, 0)[0]["input_ids"]
+    with capture(model, [N - 1]) as hs:
+        logits = model(input_ids=ids).logits
+    lens = TunedLens.for_model(model, [N - 1])
+    torch.testing.assert_close(lens.to_logits(model, hs[N - 1], N - 1), logits, rtol=0, atol=0)
+
+
+def test_hooked_layer_is_hidden_states_plus_one():
+    model = tiny_model()
+    ids = token_batches(1, 0)[0]["input_ids"]
+    with capture(model, range(N)) as hs:
+        out = model(input_ids=ids, output_hidden_states=True)
+    for layer in range(N - 1):
+        torch.testing.assert_close(hs[layer], out.hidden_states[layer + 1], rtol=0, atol=0)
+    # The last entry of hidden_states is after the final norm, not the last block's output.
+    norm = model.gpt_neox.final_layer_norm
+    torch.testing.assert_close(out.hidden_states[N], norm(hs[N - 1]))
+    assert not torch.allclose(out.hidden_states[N], hs[N - 1])
+
+
+def test_lens_at_layer_l_consumes_block_l_output():
+    """evaluate_lens at layer 1 equals a hand KL computed from hidden_states[2]."""
+    model = tiny_model(initializer_range=0.2)
+    batch = token_batches(1, 0)[0]
+    lens = randomize(TunedLens.for_model(model, [1]))
+    out = model(**batch, output_hidden_states=True)
+    h = out.hidden_states[2]
+    w, b = lens.translators["1"].weight, lens.translators["1"].bias
+    logits = model.get_output_embeddings()(model.gpt_neox.final_layer_norm(h + h @ w.T + b))
+    logp, logq = out.logits.log_softmax(-1), logits.log_softmax(-1)
+    per_token = (logp.exp() * (logp - logq)).sum(-1)
+    mask = batch["attention_mask"].bool()
+    expected = per_token[mask].mean().item()
+    assert evaluate_lens(model, lens, [batch])[1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_to_logits_trains_nothing_in_the_model():
+    model = tiny_model()
+    lens = randomize(TunedLens.for_model(model, [1]))
+    h = torch.randn(2, 5, D, requires_grad=True)
+    lens.to_logits(model, h, 1).sum().backward()
+    assert h.grad is not None and lens.translators["1"].weight.grad is not None
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_reduces_kl_and_leaves_model_untouched():
+    model = tiny_model(initializer_range=0.2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lens, stats = train_lens(
+        model, token_batches(4, 1), [1, N - 1], steps=20, lr=1.0, progress=False,
+        heldout=token_batches(2, 2),
+    )  # fmt: skip
+    assert stats.steps == 20 and stats.passes == 5
+    assert stats.heldout_kl[1] < 0.7 * stats.heldout_identity_kl[1]
+    assert stats.last_kl[1] < stats.first_kl[1]
+    # The last block's lens is the identity: no parameters, KL 0.
+    assert stats.heldout_kl[N - 1] == pytest.approx(0.0, abs=1e-6)
+    assert not any(p.requires_grad for p in lens.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None, n
+
+
+def test_one_shot_iterator_stops_training_early():
+    model = tiny_model()
+    _, stats = train_lens(model, iter(token_batches(3, 1)), [1], steps=10, progress=False)
+    assert (stats.steps, stats.passes) == (3, 1)
+
+
+def test_save_load_round_trip_in_tuned_lens_format(tmp_path):
+    model = tiny_model()
+    lens = randomize(TunedLens.for_model(model, [0, 2, N - 1]))
+    save_lens(lens, tmp_path / "lens", model_name="tiny", revision="step-100")
+
+    config = json.loads((tmp_path / "lens" / "config.json").read_text())
+    assert config == {
+        "base_model_name_or_path": "tiny",
+        "d_model": D,
+        "num_hidden_layers": N,
+        "bias": True,
+        "base_model_revision": "step-100",
+        "unembed_hash": None,
+        "lens_type": "linear_tuned_lens",
+    }
+    params = torch.load(tmp_path / "lens" / "params.pt", weights_only=True)
+    assert set(params) == {f"{i}.{k}" for i in range(N) for k in ("weight", "bias")}
+    # Our layer l is the library's translator l + 1; translator 0 (embeddings) and uncovered
+    # layers are identity (zeros).
+    assert torch.equal(params["1.weight"], lens.translators["0"].weight)
+    assert torch.equal(params["3.bias"], lens.translators["2"].bias)
+    assert not params["0.weight"].any() and not params["2.weight"].any()
+
+    loaded = load_lens(tmp_path / "lens")
+    assert loaded.layers == lens.layers == (0, 2, N - 1)
+    for key, p in lens.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], p), key
+    h = torch.randn(2, 3, D)
+    torch.testing.assert_close(loaded.to_logits(model, h, 2), lens.to_logits(model, h, 2))
+    # Layer 1 is stored as an all-zero placeholder; the sidecar keeps it from passing for a lens.
+    sidecar = json.loads((tmp_path / "lens" / "unlearn_lens.json").read_text())
+    assert sidecar == {"layers": [0, 2, N - 1], "stats": None}
+    assert load_lens(tmp_path / "lens", layers=[2]).layers == (2,)
+    with pytest.raises(UsageError, match=r"covers layers \[0, 2, 3\], not \[1\]"):
+        load_lens(tmp_path / "lens", layers=[1, 2])
+
+
+def test_saved_lens_keeps_training_stats(tmp_path):
+    model = tiny_model()
+    lens, stats = train_lens(model, token_batches(2, 1), [1], steps=2, progress=False)
+    save_lens(lens, tmp_path / "lens", model_name="tiny", stats=stats)
+    sidecar = json.loads((tmp_path / "lens" / "unlearn_lens.json").read_text())
+    assert sidecar["layers"] == [1]
+    assert sidecar["stats"]["steps"] == 2
+    assert set(sidecar["stats"]["first_kl"]) == {"1"}
+
+
+def test_loads_a_lens_written_by_the_library_layout(tmp_path):
+    """The library saves its `layer_translators` ModuleList state dict; also accept the prefix."""
+    translators = nn.ModuleList([nn.Linear(D, D) for _ in range(N)])
+    config = {"base_model_name_or_path": "x", "d_model": D, "num_hidden_layers": N}
+    for prefix in ("", "layer_translators."):
+        lens_dir = tmp_path / f"lib{len(prefix)}"
+        lens_dir.mkdir()
+        (lens_dir / "config.json").write_text(json.dumps(config))
+        state = {prefix + k: v for k, v in translators.state_dict().items()}
+        torch.save(state, lens_dir / "params.pt")
+        lens = load_lens(lens_dir)
+        assert lens.layers == tuple(range(N))
+        for layer in range(N - 1):
+            assert torch.equal(lens.translators[str(layer)].weight, translators[layer + 1].weight)
+            assert torch.equal(lens.translators[str(layer)].bias, translators[layer + 1].bias)
+        lens.check_model(tiny_model())
+
+
+def test_not_a_lens_dir_is_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not a tuned-lens directory"):
+        load_lens(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "params.pt").write_bytes(b"junk")
+    with pytest.raises(UsageError, match="not a tuned-lens config"):
+        load_lens(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": D, "num_hidden_layers": N}))
+    with pytest.raises(UsageError, match="cannot read"):
+        load_lens(tmp_path)
+    torch.save({"0.weight": torch.zeros(D, D)}, tmp_path / "params.pt")
+    with pytest.raises(UsageError, match="no translator 1"):
+        load_lens(tmp_path)
+
+
+def test_layer_and_model_mismatch_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="outside"):
+        TunedLens(N, D, [N])
+    wide = TunedLens(N, 2 * D)
+    with pytest.raises(UsageError, match="width"):
+        wide.check_model(tiny_model())
+    with pytest.raises(UsageError, match="identity"):
+        train_lens(tiny_model(), token_batches(1, 0), [N - 1], steps=1, progress=False)
+
+
+def test_lens_stays_float32_with_a_bf16_model():
+    model = tiny_model().to(torch.bfloat16)
+    lens = randomize(TunedLens.for_model(model, [1]))
+    assert lens.translators["1"].weight.dtype == torch.float32
+    h = torch.randn(2, 3, D, dtype=torch.bfloat16)
+    logits = lens.to_logits(model, h, 1)
+    assert logits.dtype == torch.bfloat16
+    expected = F.linear(h.float(), lens.translators["1"].weight, lens.translators["1"].bias)
+    torch.testing.assert_close(lens(h, 1), h + expected.bfloat16())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_identity_lens_is_exact_for_other_families(family):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = LlamaConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=64,
+        )  # fmt: skip
+        model, norm_name = LlamaForCausalLM(cfg).eval(), "model.norm"
+    else:
+        cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4)
+        model, norm_name = GPT2LMHeadModel(cfg).eval(), "transformer.ln_f"
+    assert find_final_norm(model) is model.get_submodule(norm_name)
+    ids = token_batches(1, 0)[0]["input_ids"]
+    with capture(model, [2]) as hs:
+        logits = model(input_ids=ids).logits
+    lens = TunedLens.for_model(model)
+    torch.testing.assert_close(lens.to_logits(model, hs[2], 2), logits, rtol=0, atol=0)

@@ -1,0 +1,136 @@
+"""Each method end to end on the tiny world, and the cost rules: frozen work once per batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unlearn.cli import main as cli
+from unlearn.fsutil import read_jsonl
+
+FAST = ["--max_steps", "2", "--pdbs", "2", "--grad_accum", "1", "--num_train_examples", "8",
+        "--progress", "false"]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["lens", "checkpoint_transfer", "sequential"])
+def test_cli_run_each_method(tiny_world, tmp_path, method):
+    out = tmp_path / method
+    rc = cli(["run", "--method", method, "--world", str(tiny_world.root), "--out", str(out), *FAST])
+    assert rc == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] in ("done", "collapsed") and meta["method"] == method
+    assert set(meta["final"]) >= {"forget", "retain", "loss"}
+    assert all(isinstance(v, float) for v in meta["final"].values())
+    tasks = {r["task"] for r in read_jsonl(out / "evals.jsonl") if r["metric"] == "acc"}
+    assert tasks == set(tiny_world.questions)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")  # merged, loadable
+    assert model.config.num_hidden_layers == 4 or model.config.num_hidden_layers > 0
+    assert (out / "adapter" / "adapter_config.json").exists()
+    steps = {r["step"] for r in read_jsonl(out / "metrics.jsonl")}
+    assert steps == {1, 2}
+
+
+def test_full_finetuning_run_saves_a_plain_model(tiny_world, tmp_path):
+    out = tmp_path / "full"
+    rc = cli(["run", "--method", "sequential", "--world", str(tiny_world.root), "--out", str(out),
+              "--lora", "false", "--lr", "1e-4", *FAST])  # fmt: skip
+    assert rc == 0
+    assert (out / "model" / "config.json").exists() and not (out / "adapter").exists()
+
+
+def test_frozen_work_is_done_once_per_micro_batch(tiny_world, tmp_path):
+    """Source activations and reference outputs: one forward each per micro-batch, no more."""
+    from unlearn.methods.base import Reference
+    from unlearn.recipes.unlearning import build_run_config, prepare, validate
+    from unlearn.train import train
+
+    cfg = build_run_config(
+        "checkpoint_transfer",
+        {"world": str(tiny_world.root), "out": str(tmp_path / "r"), "max_steps": 2,
+         "grad_accum": 2, "pdbs": 2, "num_train_examples": 8, "progress": False},
+    )  # fmt: skip
+    p = prepare(cfg, validate(cfg), tmp_path / "r")
+    calls = {"source": 0, "reference": 0}
+    p.method.source.register_forward_pre_hook(
+        lambda *a: calls.__setitem__("source", calls["source"] + 1)
+    )
+    original = Reference.forward
+
+    def counting(self, *args, **kwargs):
+        calls["reference"] += 1
+        return original(self, *args, **kwargs)
+
+    Reference.forward = counting
+    try:
+        train(p.model, p.method, p.reference, p.forget, p.retain, cfg.train, p.plan,
+              progress=False)  # fmt: skip
+    finally:
+        Reference.forward = original
+    micro_batches = 2 * 2
+    assert calls == {"source": micro_batches, "reference": micro_batches}
+
+
+def test_lora_reference_is_the_adapter_disabled_model_not_a_copy(tiny_world, tmp_path):
+    from unlearn.recipes.unlearning import build_run_config, prepare, validate
+
+    cfg = build_run_config(
+        "sequential",
+        {"world": str(tiny_world.root), "out": str(tmp_path / "r"), "max_steps": 1,
+         "progress": False},
+    )  # fmt: skip
+    p = prepare(cfg, validate(cfg), tmp_path / "r")
+    assert p.reference.copy is None and p.reference.model is p.model
+    batch = p.retain.batch(0)
+    with torch.no_grad():
+        for module in p.model.modules():  # make the adapter do something
+            if hasattr(module, "lora_B"):
+                for lin in module.lora_B.values():
+                    lin.weight.fill_(0.5)
+        ref = p.reference.forward(batch).logits
+        with p.model.disable_adapter():
+            base = p.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        cur = p.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(ref, base)
+    assert not torch.allclose(ref, cur)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "invalid choice"),
+        (["--layers", "99"], "outside the model's blocks"),
+        (["--retain_coef", "-1"], "retain_coef must be >= 0"),
+        (["--lr", "0"], "lr must be > 0"),
+        (["--retain_loss", "mse"], "unknown retain_loss"),
+    ],
+)
+def test_bad_run_config_exits_2_before_loading(tiny_world, tmp_path, capsys, monkeypatch, args,
+                                               message):  # fmt: skip
+    import unlearn.models
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before validation finished")
+
+    monkeypatch.setattr(unlearn.models, "load_model", no_weights)
+    out = tmp_path / "bad"
+    rc = cli(["run", "--world", str(tiny_world.root), "--out", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_world_and_model_dir_that_is_not_a_model(tmp_path, capsys):
+    rc = cli(["run", "--world", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    (tmp_path / "notamodel").mkdir()
+    rc = cli(["run", "--model", str(tmp_path / "notamodel"), "--forget_corpus", "f.jsonl",
+              "--retain_corpus", "r.jsonl", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not a model directory" in err[1]
+    assert not (tmp_path / "o").exists()

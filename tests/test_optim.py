@@ -1,0 +1,144 @@
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from unlearn.errors import UsageError
+from unlearn.optim import build_optimizer, describe_routing
+
+BLOCK_MATRICES = (
+    "attention.query_key_value.weight",
+    "attention.dense.weight",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_4h_to_h.weight",
+)
+
+
+def tiny_model() -> GPTNeoXForCausalLM:
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=64,
+    )  # fmt: skip
+    return GPTNeoXForCausalLM(cfg)
+
+
+def tiny_lora():
+    return get_peft_model(tiny_model(), LoraConfig(r=4, target_modules="all-linear"))
+
+
+def loss_of(model) -> torch.Tensor:
+    ids = torch.arange(24).reshape(2, 12) % 64
+    return model(input_ids=ids, labels=ids).loss
+
+
+def train_step(model, opt) -> None:
+    opt.zero_grad()
+    loss_of(model).backward()
+    opt.step()
+
+
+def test_muon_routing_full_model():
+    routing = describe_routing(tiny_model(), "muon")
+    expected_muon = {f"gpt_neox.layers.{i}.{m}" for i in range(4) for m in BLOCK_MATRICES}
+    assert set(routing["muon"]["names"]) == expected_muon
+    adamw = set(routing["adamw"]["names"])
+    assert {"gpt_neox.embed_in.weight", "lm_head.weight"} <= adamw
+    assert "gpt_neox.final_layer_norm.weight" in adamw
+    assert "gpt_neox.layers.0.attention.query_key_value.bias" in adamw
+    assert "gpt_neox.layers.3.input_layernorm.weight" in adamw
+    # Every parameter is routed exactly once.
+    n_params = len(list(tiny_model().parameters()))
+    assert routing["muon"]["tensors"] + routing["adamw"]["tensors"] == n_params
+    assert not expected_muon & adamw
+
+
+def test_muon_routing_lora_model():
+    routing = describe_routing(tiny_lora(), "muon")
+    muon = routing["muon"]["names"]
+    assert len(muon) == 4 * 4 * 2  # 4 blocks x 4 linear layers x (lora_A, lora_B)
+    assert all(".lora_A." in n or ".lora_B." in n for n in muon)
+    assert all(".layers." in n for n in muon)
+    # Frozen base weights, embeddings, norms and biases go nowhere.
+    assert routing["adamw"]["tensors"] == 0
+
+
+def test_adamw_routing_takes_every_trainable_parameter():
+    model = tiny_lora()
+    routing = describe_routing(model, "adamw")
+    assert set(routing) == {"adamw"}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert routing["adamw"]["names"] == trainable
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_step_changes_every_trainable_tensor(name):
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, name, lr=1e-2)
+    train_step(model, opt)
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_lora_step_changes_adapters_only(name):
+    model = tiny_lora()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, name, lr=1e-2)
+    # lora_B starts at zero, so lora_A gets no gradient until the second step.
+    train_step(model, opt)
+    train_step(model, opt)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != p.requires_grad, n
+
+
+def test_groups_are_tagged_and_lr_is_settable():
+    model = tiny_model()
+    opt = build_optimizer(model, "muon", lr=3e-3, weight_decay=0.1)
+    groups = opt.param_groups
+    assert sorted({g["optimizer"] for g in groups}) == ["adamw", "muon"]
+    assert all(g["base_lr"] == 3e-3 for g in groups)
+    # Weight decay only on matrices: the AdamW group of 1-D tensors has none.
+    for g in groups:
+        assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    # The trainer's LR schedule writes group["lr"]; lr 0 must freeze everything.
+    for g in groups:
+        g["lr"] = g["base_lr"] * 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(model, opt)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_state_dict_round_trip_resumes_exactly(name):
+    model = tiny_model()
+    opt = build_optimizer(model, name, lr=1e-2, weight_decay=0.01)
+    train_step(model, opt)
+    train_step(model, opt)
+    resumed_model = copy.deepcopy(model)
+    resumed = build_optimizer(resumed_model, name, lr=1e-2, weight_decay=0.01)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train_step(model, opt)
+    train_step(resumed_model, resumed)
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_resume_with_other_optimizer_is_usage_error():
+    state = build_optimizer(tiny_model(), "adamw", lr=1e-3).state_dict()
+    with pytest.raises(UsageError, match="resume"):
+        build_optimizer(tiny_model(), "muon", lr=1e-3).load_state_dict(state)
+
+
+def test_unknown_optimizer_is_usage_error():
+    with pytest.raises(UsageError, match="unknown optimizer 'sgd'"):
+        build_optimizer(tiny_model(), "sgd", lr=1e-3)
+
+
+def test_no_trainable_parameters_is_usage_error():
+    model = tiny_model().requires_grad_(False)
+    with pytest.raises(UsageError, match="no trainable"):
+        build_optimizer(model, "muon", lr=1e-3)

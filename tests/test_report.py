@@ -1,0 +1,352 @@
+"""The markdown/PNG report: status words instead of numbers, column choice, tamper summaries."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from matplotlib.image import imread
+
+from unlearn.commands.report import main as report_main
+from unlearn.errors import UsageError
+from unlearn.report import (
+    SCATTER_PNG,
+    TAMPER_PNG,
+    middle_step,
+    pareto_front,
+    render_report,
+    split_config_keys,
+    tamper_summary,
+)
+from unlearn.rundir import RunDir, RunMeta
+from unlearn.store import Store
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NUMBER = re.compile(r"\d+\.\d+%?")
+ATTACK_STEPS = [0, 10, 20, 50, 100]
+
+
+def add(store, run_id, kind, evals=None, status="done", **fields):
+    """Add a run with {task: acc | None (failed eval)} results at step 0, then set its status."""
+    store.upsert_run(RunMeta(id=run_id, kind=kind, status="running", **fields))
+    for task, acc in (evals or {}).items():
+        if acc is None:
+            store.record_eval(run_id, 0, task, None, status="failed", error="lm-eval hung")
+        else:
+            store.record_eval(run_id, 0, task, {"acc": acc})
+    store.set_status(run_id, status, error=fields.get("error"))
+
+
+def add_attack(store, run_id, parent, accs, status="done", failed_step=None):
+    store.upsert_run(RunMeta(id=run_id, kind="attack", parent=parent, status="running"))
+    for step, acc in zip(ATTACK_STEPS, accs, strict=True):
+        if step == failed_step:
+            store.record_eval(run_id, step, "forget_heldout", None, "failed", "timeout")
+        else:
+            store.record_eval(run_id, step, "forget_heldout", {"acc": acc})
+        store.record_eval(run_id, step, "forget", {"acc": acc + 0.01})
+    store.record_eval(run_id, ATTACK_STEPS[-1], "retain", {"acc": 0.9})
+    store.set_status(run_id, status)
+
+
+def lens(retain_coef, **extra):
+    return {
+        "retain_coef": retain_coef,
+        "remove_coef": 5.0,
+        "lr": 0.001,
+        "steps": 32,
+        "output": f"runs/lens-{retain_coef}",
+        **extra,
+    }
+
+
+def build_store(path):
+    store = Store(path)
+    tasks = ("forget", "forget_heldout", "retain")
+    for run_id, name, role, accs in [
+        ("target", "Target (to unlearn)", "target", (0.81, 0.80, 0.95)),
+        ("ignorant", "Ignorant checkpoint", "ignorant", (0.27, 0.26, 0.70)),
+        ("filtered", "Filtered twin", "filtered", (0.24, 0.25, 0.93)),
+    ]:
+        add(
+            store,
+            run_id,
+            "baseline",
+            dict(zip(tasks, accs, strict=True)),
+            config={"name": name, "role": role},
+        )
+    loss = {"retain": 1.19, "forget": 1.04}
+    add(
+        store,
+        "l-good",
+        "unlearn",
+        {"forget": 0.3012, "forget_heldout": 0.31, "retain": 0.90},
+        method="lens",
+        config=lens(5.0),
+        final=loss,
+        job_id="2088655",
+    )
+    add(
+        store,
+        "l-low",
+        "unlearn",
+        {"forget": 0.24, "retain": 0.60},
+        method="lens",
+        config=lens(1.0),
+        final=loss,
+    )
+    add(
+        store,
+        "l-high",
+        "unlearn",
+        {"forget": 0.50, "retain": 0.94},
+        method="lens",
+        config=lens(10.0),
+        final=loss,
+    )
+    add(
+        store,
+        "l-oom",
+        "unlearn",
+        status="failed",
+        method="lens",
+        config=lens(2.0),
+        final=loss,
+        error="CUDA out of memory",
+    )
+    add(
+        store,
+        "l-div",
+        "unlearn",
+        status="diverged",
+        method="lens",
+        config=lens(50.0),
+        final={"retain": float("nan"), "forget": 3.2},
+    )
+    add(store, "l-pend", "unlearn", status="pending", method="lens", config=lens(3.0))
+    add(store, "l-run", "unlearn", status="running", method="lens", config=lens(4.0))
+    add(
+        store,
+        "l-coll",
+        "unlearn",
+        {"forget": 0.25, "retain": 0.25},
+        status="collapsed",
+        method="lens",
+        config=lens(400.0),
+        final=loss,
+    )
+    add(
+        store,
+        "l-evfail",
+        "unlearn",
+        {"forget": 0.35, "retain": None},
+        method="lens",
+        config=lens(7.0),
+        final=loss,
+    )
+    for i, r in enumerate((8, 16)):
+        add(
+            store,
+            f"ct-{r}",
+            "unlearn",
+            {"forget": 0.4 - 0.05 * i, "retain": 0.8 + 0.02 * i},
+            method="checkpoint_transfer",
+            config={"lora": {"r": r}, "retain_coef": 2.0},
+            final={"retain_kl": 0.02, "cb": 0.89},
+        )
+    add_attack(store, "atk-good", "l-good", [0.30, 0.50, 0.60, 0.70, 0.75])
+    add_attack(store, "atk-filtered", "filtered", [0.25, 0.26, 0.25, 0.27, 0.26])
+    add_attack(store, "atk-failed", "l-high", [0.5, 0.6, 0.7, 0.7, 0.7], status="failed")
+    add_attack(store, "atk-hole", "l-low", [0.24, 0.3, 0.0, 0.5, 0.6], failed_step=20)
+    return store
+
+
+def parse_tables(md):
+    """{section heading: (headers, rows)} for each section holding a table."""
+    out = {}
+    for section in md.split("\n## ")[1:]:
+        lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+        if lines:
+            split = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
+            out[section.splitlines()[0]] = (split[0], split[2:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    with build_store(out / "results.db") as store:
+        path = render_report(store, out)
+    return path, path.read_text(), parse_tables(path.read_text())
+
+
+def rows_by_run(table):
+    headers, rows = table
+    return {row[0]: dict(zip(headers, row, strict=True)) for row in rows}
+
+
+def test_status_words_replace_numbers(report):
+    _, _, tables = report
+    rows = rows_by_run(tables["Method `lens`"])
+    result_columns = ["retain loss", "forget loss", "forget acc (↓)", "retain acc (↑)"]
+    for run_id, word in [
+        ("l-oom", "failed"),
+        ("l-div", "diverged"),
+        ("l-pend", "pending"),
+        ("l-run", "running"),
+        ("l-coll", "collapsed"),
+    ]:
+        row = rows[run_id]
+        assert [row[c] for c in result_columns] == [word] * 4, run_id
+        assert row["status"] == word
+        assert not any(NUMBER.search(row[c]) for c in result_columns)
+    assert rows["l-oom"]["notes"] == "CUDA out of memory"
+    assert rows["l-evfail"]["retain acc (↑)"] == "eval failed"
+    assert rows["l-evfail"]["forget acc (↓)"] == "35.00%"
+    assert rows["l-evfail"]["notes"] == "retain: lm-eval hung"
+    good = rows["l-good"]
+    assert (good["forget acc (↓)"], good["forget heldout acc (↓)"], good["retain acc (↑)"]) == (
+        "30.12%",
+        "31.00%",
+        "90.00%",
+    )
+    assert (good["retain loss"], good["forget loss"], good["job"]) == ("1.19", "1.04", "2088655")
+    assert rows["l-low"]["forget heldout acc (↓)"] == "-"  # never measured: not a number either
+
+
+def test_baselines_first_and_only_varying_columns(report):
+    _, md, tables = report
+    headers, rows = tables["Method `lens`"]
+    assert [r[0] for r in rows[:3]] == [
+        "Target (to unlearn)",
+        "Ignorant checkpoint",
+        "Filtered twin",
+    ]
+    assert rows[0][headers.index("forget acc (↓)")] == "81.00%"
+    assert headers[:3] == ["run", "job", "retain_coef"]
+    for fixed in ("lr", "steps", "remove_coef", "output"):
+        assert fixed not in headers
+    assert "`remove_coef=5`" in md and "`lr=0.001`" in md and "runs/lens" not in md
+    ct_headers, ct_rows = tables["Method `checkpoint_transfer`"]
+    assert ct_headers[1:4] == ["r", "retain_kl loss", "cb loss"]  # lora.r varies, retain_coef not
+    assert [r[1] for r in ct_rows[3:]] == ["8", "16"]
+
+
+def test_split_config_keys_orders_preferred_first():
+    varying, fixed = split_config_keys(
+        [
+            {"zeta": 1, "steps": 32, "lr": 1e-3, "retain_coef": 1, "name": "a", "opt": {"b": 1}},
+            {"zeta": 2, "steps": 64, "lr": 1e-4, "retain_coef": 1, "name": "b", "opt": {"b": 1}},
+            {"zeta": 2, "steps": 64, "lr": 1e-4, "retain_coef": 1, "lora": {"r": 8}},
+        ]
+    )
+    assert varying == ["lr", "steps", "lora.r", "opt.b", "zeta"]
+    assert fixed == {"retain_coef": 1}
+
+
+def test_tamper_table(report):
+    _, md, tables = report
+    headers, _ = tables["Tamper attacks"]
+    rows = rows_by_run(tables["Tamper attacks"])
+    assert headers[:8] == [
+        "attacked model",
+        "attack run",
+        "step 0",
+        "step 20",
+        "final",
+        "recovery",
+        "steps to half recovery",
+        "AUC",
+    ]
+    good = rows["l-good (lens)"]
+    assert [good[h] for h in headers[2:8]] == [
+        "30.00%",
+        "60.00%",
+        "75.00%",
+        "+45.00 pts",
+        "20",
+        "65.25%",
+    ]
+    assert good["forget final"] == "76.00%" and good["retain final"] == "90.00%"
+    filtered = rows["Filtered twin"]
+    assert filtered["steps to half recovery"] == "never"
+    failed = rows["l-high (lens)"]
+    assert [failed[h] for h in headers[2:]] == ["failed"] * (len(headers) - 4) + ["failed", ""]
+    hole = rows["l-low (lens)"]
+    assert hole["step 20"] == "eval failed" and hole["step 0"] == "24.00%"
+    assert [hole[h] for h in ("recovery", "steps to half recovery", "AUC")] == ["eval failed"] * 3
+    assert "original target (80.00%)" in md
+
+
+def test_pngs_are_valid(report):
+    path, md, _ = report
+    for name in (SCATTER_PNG, TAMPER_PNG):
+        png = path.parent / name
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert imread(png).shape[0] > 300
+        assert f"]({name})" in md
+    assert "Not plotted (no finished forget and retain result): 6 run(s)." in md
+
+
+def test_tamper_summary_hand_values():
+    s = tamper_summary(list(zip(ATTACK_STEPS, [0.30, 0.50, 0.60, 0.70, 0.75], strict=True)), 0.8)
+    # gap 0.5 -> threshold 0.55, first reached at step 20; area 4 + 5.5 + 19.5 + 36.25 = 65.25.
+    assert (s.step0, s.final, s.gap, s.half_gap_steps) == (0.30, 0.75, 0.5, 20)
+    assert s.recovery == pytest.approx(0.45) and s.auc == pytest.approx(0.6525)
+    never = tamper_summary([(0, 0.25), (5, 0.30)], 0.8)
+    assert never.half_gap_steps is None and never.auc == pytest.approx(0.275)
+    no_gap = tamper_summary([(0, 0.25), (5, 0.30)], 0.2)
+    assert no_gap.gap == pytest.approx(-0.05) and no_gap.half_gap_steps is None
+    late = tamper_summary([(10, 0.2), (30, 0.6)], 0.6)  # counted from the first step
+    assert late.half_gap_steps == 20 and late.auc == pytest.approx(0.4)
+    single = tamper_summary([(0, 0.3)], None)
+    assert (single.auc, single.gap, single.recovery) == (0.3, None, 0.0)
+    with pytest.raises(ValueError):
+        tamper_summary([(0, 0.3), (0, 0.4)], 0.8)
+
+
+def test_pareto_front_and_middle_step():
+    points = [(0.3, 0.9), (0.24, 0.6), (0.5, 0.94), (0.4, 0.85), (0.24, 0.5)]
+    assert pareto_front(points) == [1, 0, 2]
+    assert middle_step([ATTACK_STEPS, ATTACK_STEPS]) == 20
+    assert middle_step([[0, 10, 20], [0, 20]]) is None
+    assert middle_step([]) is None
+
+
+def test_empty_and_all_failed_stores_render(tmp_path):
+    with Store(tmp_path / "empty.db") as store:
+        md = render_report(store, tmp_path / "empty").read_text()
+    assert "No unlearning runs yet" in md and "No tamper attacks" in md
+    assert "No baseline models evaluated" in md
+    assert not (tmp_path / "empty" / SCATTER_PNG).exists()
+    with Store(tmp_path / "failed.db") as store:
+        add(store, "x", "unlearn", status="failed", method="lens", config=lens(1.0), error="boom")
+        add(store, "y", "unlearn", status="failed", method="lens", config=lens(2.0))
+        md = render_report(store, tmp_path / "failed").read_text()
+    rows = rows_by_run(parse_tables(md)["Method `lens`"])
+    assert rows["x"]["status"] == "failed" and rows["x"]["notes"] == "boom"
+    assert (tmp_path / "failed" / SCATTER_PNG).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_command(tmp_path, capsys):
+    with pytest.raises(UsageError, match="does not exist"):
+        report_main(["--store", str(tmp_path / "missing.db"), "--out", str(tmp_path / "r")])
+    build_store(tmp_path / "results.db").close()
+    assert report_main(["--store", str(tmp_path / "results.db"), "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(tmp_path / "r" / "report.md")
+
+
+def test_report_command_ingests_run_dirs(tmp_path, capsys):
+    rd = RunDir(tmp_path / "runs" / "u1")
+    rd.write_run(RunMeta(id="u1", kind="unlearn", method="lens", status="running"))
+    rd.append_eval(32, "forget", {"acc": 0.2984})
+    rd.append_eval(32, "retain", {"acc": 0.3361})
+    rd.update(status="done")
+    store, out = tmp_path / "new.db", tmp_path / "r"
+    assert (
+        report_main(["--store", str(store), "--ingest", str(tmp_path / "runs"), "--out", str(out)])
+        == 0
+    )
+    rows = rows_by_run(parse_tables((out / "report.md").read_text())["Method `lens`"])
+    assert (rows["u1"]["forget acc (↓)"], rows["u1"]["retain acc (↑)"]) == ("29.84%", "33.61%")
