@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+# Tiny models gain nothing from intra-op threads, and several torch processes on a 2-core machine
+# (a sweep test beside a world build) spin-wait on each other's threads: one thread each is faster.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -93,7 +93,7 @@ def test_gradient_accumulation_2x2_equals_4x1():
                           max_steps=2, grad_clip=0.0)
         logged = []
         method = sequential(model, forget_loss="max_entropy")
-        run(model, method, ref, cfg, on_log=lambda s, v: logged.append(v))
+        run(model, method, ref, cfg, on_log=lambda s, v, logged=logged: logged.append(v))
         results.append((logged, [p.detach().clone() for p in model.parameters()]))
     (log_a, params_a), (log_b, params_b) = results
     for a, b in zip(log_a, log_b, strict=True):

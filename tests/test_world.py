@@ -233,11 +233,13 @@ def test_packed_stream_keeps_every_token_in_order_per_epoch():
 
 
 def test_lr_schedule_is_one_cycle():
-    p = TINY  # lr 5e-3, warmup 30, 700 steps, final ratio 0.1
-    assert lr_at(0, p) == pytest.approx(5e-3 / 30)
-    assert lr_at(29, p) == pytest.approx(5e-3)
-    assert lr_at(30 + 335, p) == pytest.approx(5e-3 * 0.55)  # halfway down the cosine
-    assert lr_at(700, p) == pytest.approx(5e-4)
+    p = dataclasses.replace(
+        TINY, lr=1e-2, warmup_steps=10, phase1_steps=100, phase2_steps=100, final_lr_ratio=0.1
+    )
+    assert lr_at(0, p) == pytest.approx(1e-3)
+    assert lr_at(9, p) == pytest.approx(1e-2)
+    assert lr_at(10 + 95, p) == pytest.approx(1e-2 * 0.55)  # halfway down the cosine
+    assert lr_at(200, p) == pytest.approx(1e-3)
 
 
 def test_presets_validate():

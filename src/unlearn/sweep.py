@@ -207,7 +207,7 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read sweep spec {path}: {e}") from None
     try:
-        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+        raw = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)
@@ -276,7 +276,7 @@ def _blocks(raw: dict) -> list[_Block]:
         return [_block(raw, "spec", {}, None)]
     clash = sorted(k for k in ("method", "grid", "points") if k in raw)
     if clash:
-        raise UsageError(f"spec: {', '.join(clash)} belong inside the sweeps blocks when sweeps")
+        raise UsageError(f"spec: with sweeps, {', '.join(clash)} go inside its blocks")
     entries = raw["sweeps"]
     if not isinstance(entries, list) or not entries:
         raise UsageError("spec: sweeps must be a non-empty list of blocks (method:, grid:, ...)")
@@ -650,24 +650,26 @@ def _record_failure(run_dir: Path, meta: RunMeta, error: str) -> None:
 # -- executors ----------------------------------------------------------------------------------
 
 
+OnStart = Callable[[Point], None]
 OnDone = Callable[[Point, PointState], None]
 
 
 class Executor(ABC):
     """Where and when points run. `submit` runs every point with `run_point`, calls
-    `on_done(point, state)` as each one ends (the sweep ingests and reports there) and returns
-    when all have ended. A cluster executor submits one job per point (Point is picklable) and
-    calls on_done as jobs finish."""
+    `on_start(point)` when one starts and `on_done(point, state)` when it ends (the sweep reports
+    and ingests there), and returns when all have ended. A cluster executor submits one job per
+    point (Point is picklable) and calls the hooks as jobs start and finish."""
 
     @abstractmethod
-    def submit(self, points: Sequence[Point], on_done: OnDone) -> None: ...
+    def submit(self, points: Sequence[Point], on_start: OnStart, on_done: OnDone) -> None: ...
 
 
 class LocalExecutor(Executor):
     """One point after another in this process."""
 
-    def submit(self, points: Sequence[Point], on_done: OnDone) -> None:
+    def submit(self, points: Sequence[Point], on_start: OnStart, on_done: OnDone) -> None:
         for point in points:
+            on_start(point)
             on_done(point, run_point(point))
 
 
@@ -726,12 +728,16 @@ def run_sweep(
         if todo:
             log(f"{len(todo)} point(s) to run, results in {sweep.out}")
 
+        def on_start(point: Point) -> None:
+            values = " ".join(f"{k}={_show(v)}" for k, v in point.varied.items())
+            log(f"{_counter(index[point.id], sweep)} {point.id}: starting {values}".rstrip())
+
         def on_done(point: Point, state: PointState) -> None:
             _ingest(sweep.store, point.run_dir, point.attack_dir)
             states[point.id] = state
             log(f"{_counter(index[point.id], sweep)} {_line(state)}")
 
-        executor.submit(todo, on_done)
+        executor.submit(todo, on_start, on_done)
     return [states[p.id] for p in sweep.points]
 
 

@@ -51,6 +51,10 @@ class SequentialConfig(MethodConfig):
         if self.num_phases is not None and self.num_phases < 1:
             raise UsageError(f"--num_phases must be >= 1, got {self.num_phases}")
 
+    def check_layers(self, n_layers: int) -> None:
+        super().check_layers(n_layers)
+        phase_layers(self, n_layers)  # start_layer is checked there, before any weights load
+
 
 def phase_layers(cfg: SequentialConfig, n_layers: int) -> list[int]:
     """Layers from last to first: explicit --layers (sorted descending) or start/stride/count."""

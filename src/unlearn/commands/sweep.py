@@ -1,0 +1,52 @@
+"""`unlearn sweep SPEC.yaml`: a grid of unlearning runs, each evaluated, optionally attacked.
+
+    unlearn sweep sweeps/ct.yaml             # run every point not finished yet (resumes)
+    unlearn sweep sweeps/ct.yaml --dry-run   # validate the spec and list the points
+    unlearn sweep sweeps/ct.yaml --status    # each point's status, read from its run directory
+
+The spec format is in docs/sweeps.md. The whole spec is validated before anything runs. Exit
+code 0 when every point has a result (done, collapsed and diverged are results), 1 when some
+point failed (re-run the same command to retry it), 2 on a bad spec.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from unlearn.cliutil import ArgumentParser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="unlearn sweep", description=__doc__)
+    parser.add_argument("spec", help="the sweep spec (YAML)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run", "--dry_run", action="store_true", help="list the points and exit"
+    )
+    mode.add_argument(
+        "--status", action="store_true", help="print each point's status from its run directory"
+    )
+    ns = parser.parse_args(argv)
+
+    from unlearn.sweep import describe_points, format_table, inspect_point, load_sweep, run_sweep
+
+    sweep = load_sweep(ns.spec)
+    if ns.dry_run:
+        print(describe_points(sweep))
+        return 0
+    if ns.status:
+        states = [inspect_point(p) for p in sweep.points]
+        print(format_table(states))
+        counts: dict[str, int] = {}
+        for s in states:
+            counts[s.status] = counts.get(s.status, 0) + 1
+        print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+        return 0
+    states = run_sweep(sweep)
+    print()
+    print(format_table(states))
+    return 0 if all(s.finished for s in states) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

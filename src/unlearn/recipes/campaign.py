@@ -1,0 +1,104 @@
+"""The campaign the seeds run by hand, as one function: baselines -> unlearning sweeps -> attack the
+best run of each method (and the filtered twin and the original target, as reference curves) ->
+report. `unlearn demo` runs it on the mini world; every stage resumes from its run directories.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from unlearn.rundir import RunDir, RunMeta, utc_now
+
+BASELINES = (("target", "Target (to unlearn)"), ("ignorant", "Ignorant checkpoint (source)"),
+             ("filtered", "Filtered twin (gold standard)"))  # fmt: skip
+
+
+def baseline_runs(world, runs_dir: Path, store_path: Path, log: Callable[[str], None]) -> dict:
+    """Evaluate the world's target, ignorant checkpoint and filtered twin as baseline runs."""
+    from unlearn.models import load_model, load_tokenizer, resolve_model
+    from unlearn.recipes.unlearning import evaluate_into
+    from unlearn.store import Store
+
+    paths = {"target": world.target, "ignorant": world.ignorant_checkpoint,
+             "filtered": world.filtered}  # fmt: skip
+    metas = {}
+    for role, name in BASELINES:
+        run = RunDir(runs_dir / f"baseline-{role}")
+        if run.exists() and run.read_meta().status == "done":
+            metas[role] = run.read_meta()
+            continue
+        run.reset()
+        run.write_run(RunMeta(id=f"baseline-{role}", kind="baseline", status="running",
+                              started=utc_now(), model_path=str(paths[role]),
+                              config={"name": name, "role": role}))  # fmt: skip
+        ref = resolve_model(paths[role])
+        model, tok = load_model(ref), load_tokenizer(ref)
+        status = evaluate_into(run, model, tok, world, 0, 64)
+        metas[role] = run.update(status=status, finished=utc_now())
+        log(f"baseline {name}: {status}")
+    with Store(store_path) as store:
+        for role, _ in BASELINES:
+            store.ingest(runs_dir / f"baseline-{role}")
+    return metas
+
+
+def final_acc(run_dir: Path, task: str) -> float | None:
+    """Latest accuracy of `task` in a run directory (None if missing or failed)."""
+    rows = [e for e in RunDir(run_dir).read().evals if e.task == task and e.metric == "acc"]
+    if not rows:
+        return None
+    last = max(rows, key=lambda e: e.step)
+    return last.value if last.status == "done" else None
+
+
+def best_point(states, retain_floor: float):
+    """The finished point with the lowest forget accuracy whose retain accuracy is >= the floor."""
+    candidates = []
+    for s in states:
+        if s.status != "done":
+            continue
+        forget, retain = final_acc(s.point.run_dir, "forget"), final_acc(s.point.run_dir, "retain")
+        if forget is not None and retain is not None and retain >= retain_floor:
+            candidates.append((forget, -retain, s.point.id, s))
+    return min(candidates)[3] if candidates else None
+
+
+def write_spec(path: Path, world: Path, sweeps: list[dict], name: str) -> Path:
+    spec = {"name": name, "world": str(world), "out": str(path.parent / "runs"),
+            "store": str(path.parent / "store.sqlite"), "sweeps": sweeps}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def attack_runs(
+    targets: dict[str, tuple[str, str | None]],
+    world,
+    runs_dir: Path,
+    store_path: Path,
+    attack_overrides: dict,
+    log: Callable[[str], None],
+) -> None:
+    """Attack each model {label: (model path, parent run id)} unless its attack is already done."""
+    from unlearn.recipes.attack import build_attack_config, run_attack
+
+    for label, (model, parent) in targets.items():
+        out = runs_dir / f"attack-{label}"
+        if RunDir(out).exists() and RunDir(out).read_meta().status == "done":
+            log(f"attack {label}: done earlier")
+            continue
+        cfg = build_attack_config({
+            **attack_overrides, "model": model, "world": str(world.root), "out": str(out),
+            "parent": parent, "run_id": f"attack-{label}", "store": str(store_path),
+            "progress": False,
+        })  # fmt: skip
+        meta = run_attack(cfg)
+        log(f"attack {label}: {meta.status}")
+
+
+def print_err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

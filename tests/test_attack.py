@@ -1,0 +1,39 @@
+"""Tamper attack: a curve with step 0, on the tiny world."""
+
+from __future__ import annotations
+
+import json
+
+from unlearn.cli import main as cli
+from unlearn.fsutil import read_jsonl
+
+
+def test_attack_curve_starts_at_step_0(tiny_world, tmp_path):
+    out = tmp_path / "attack"
+    rc = cli(["attack", "--model", str(tiny_world.filtered), "--world", str(tiny_world.root),
+              "--out", str(out), "--max_steps", "4", "--eval_every", "2", "--pdbs", "4",
+              "--progress", "false", "--parent", "baseline-filtered"])  # fmt: skip
+    assert rc == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["kind"] == "attack" and meta["status"] == "done"
+    assert meta["parent"] == "baseline-filtered"
+    acc = [r for r in read_jsonl(out / "evals.jsonl") if r["metric"] == "acc"]
+    assert {(r["step"], r["task"]) for r in acc} == {
+        (s, t) for s in (0, 2, 4) for t in tiny_world.questions
+    }
+    assert all(r["status"] == "done" and 0 <= r["value"] <= 1 for r in acc)
+    # The filtered twin never saw the forget domain: step 0 is near chance on held-out facts.
+    step0 = {r["task"]: r["value"] for r in acc if r["step"] == 0}
+    assert step0["forget_heldout"] < 0.5 < step0["retain"]
+    losses = [r for r in read_jsonl(out / "metrics.jsonl") if r["name"] == "lm"]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]
+
+
+def test_attack_bad_input(tiny_world, tmp_path, capsys):
+    assert cli(["attack", "--world", str(tiny_world.root), "--out", str(tmp_path / "a")]) == 2
+    rc = cli(["attack", "--model", str(tiny_world.target), "--world", str(tiny_world.root),
+              "--out", str(tmp_path / "a"), "--eval_tasks", "nope"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--model is required" in err[0] and "unknown eval task" in err[1]
+    assert not (tmp_path / "a").exists()
