@@ -23,8 +23,12 @@ VOCAB = 64
 def tiny_model(seed: int = 0) -> GPTNeoXForCausalLM:
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     return GPTNeoXForCausalLM(cfg)
 
@@ -75,8 +79,10 @@ def test_full_finetuning_changes_only_trainable_params():
         if p.requires_grad:
             continue
         assert torch.equal(p, before[name]), name
-    assert not torch.equal(model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight,
-                           before["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"])
+    assert not torch.equal(
+        model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight,
+        before["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"],
+    )
     for name, p in ref.copy.named_parameters():
         assert torch.equal(p, ref_before[name]), f"reference moved: {name}"
 
@@ -89,8 +95,9 @@ def test_gradient_accumulation_2x2_equals_4x1():
     for pdbs, accum in ((2, 2), (4, 1)):
         model = tiny_model()
         ref = Reference(model, frozen_copy=copy.deepcopy(model))
-        cfg = TrainConfig(lr=1e-3, num_train_examples=16, pdbs=pdbs, grad_accum=accum,
-                          max_steps=2, grad_clip=0.0)
+        cfg = TrainConfig(
+            lr=1e-3, num_train_examples=16, pdbs=pdbs, grad_accum=accum, max_steps=2, grad_clip=0.0
+        )
         logged = []
         method = sequential(model, forget_loss="max_entropy")
         run(model, method, ref, cfg, on_log=lambda s, v, logged=logged: logged.append(v))
@@ -156,8 +163,13 @@ def test_schedules_reach_the_trainer():
     model = tiny_model()
     cfg = TrainConfig(lr=1e-3, num_train_examples=16, pdbs=2, grad_accum=1, max_steps=3)
     logged = []
-    run(model, sequential(model), Reference(model, copy.deepcopy(model)), cfg,
-        on_log=lambda s, v: logged.append(v))
+    run(
+        model,
+        sequential(model),
+        Reference(model, copy.deepcopy(model)),
+        cfg,
+        on_log=lambda s, v: logged.append(v),
+    )
     # Defaults: retain ramps 0.25 -> 1 x 5, forget decays 1 -> 0.75 x 5, over optimizer steps.
     assert [round(v["coef_retain"], 4) for v in logged] == [1.25, 3.125, 5.0]
     assert [round(v["coef_forget"], 4) for v in logged] == [5.0, 4.375, 3.75]

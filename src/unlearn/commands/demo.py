@@ -92,30 +92,31 @@ def main(argv: list[str] | None = None) -> int:
     runs, store_path = out / "runs", out / "store.sqlite"
 
     print_err("[demo] baselines")
-    baselines = baseline_runs(world, runs, store_path, print_err)
+    baseline_runs(world, runs, store_path, print_err)
     target_retain = final_acc(runs / "baseline-target", "retain") or 0.0
 
     print_err("[demo] unlearning sweeps")
     spec = write_spec(out / "sweep.yaml", world.root, DEMO_SWEEPS[preset], "demo")
-    states = run_sweep(load_sweep(spec), log=print_err)
+    sweep = load_sweep(spec)
+    states = run_sweep(sweep, log=print_err)
+    points = {p.id: p for p in sweep.points}
 
     print_err("[demo] tamper attacks on the best run of each method and on the references")
     targets: dict[str, tuple[str, str | None]] = {
         "target": (str(world.target), "baseline-target"),
         "filtered": (str(world.filtered), "baseline-filtered"),
     }
-    for method in dict.fromkeys(s.point.method for s in states):
-        best = best_point([s for s in states if s.point.method == method],
+    for method in dict.fromkeys(p.method for p in sweep.points):
+        best = best_point([s for s in states if points[s.id].method == method],
                           target_retain - RETAIN_MARGIN)  # fmt: skip
         if best is None:
             print_err(f"[demo] {method}: no run kept retain within {RETAIN_MARGIN}; not attacked")
             continue
-        targets[best.point.id] = (str(best.point.run_dir / "model"), best.point.id)
+        targets[best.id] = (str(points[best.id].run_dir / "model"), best.id)
     attack_runs(targets, world, runs, store_path, DEMO_ATTACK[preset], print_err)
 
     with Store(store_path) as store:
         report = render_report(store, out)
-    del baselines
     print(report.read_text())
     print(f"report: {report}  ({time.time() - t0:.0f} s)")
     return 0

@@ -25,8 +25,9 @@ class WorldBuildConfig:
     """World size and pretraining recipe: tiny (tests, under a minute) or default."""
     seed: int = 0
     """Seed of the generator, the model init and the data order."""
-    threads: int = 2
-    """torch CPU threads; results are reproducible for a fixed seed and thread count."""
+    threads: int | None = None
+    """torch CPU threads (default: the preset's, tiny 1, default 2); results are reproducible
+    for a fixed seed and thread count. Use 1 on a busy machine."""
     quiet: bool = False
     """No progress bars."""
 
@@ -36,7 +37,7 @@ class WorldBuildConfig:
         get_preset(self.preset)
         if self.seed < 0:
             raise UsageError(f"--seed must be >= 0, got {self.seed}")
-        if self.threads < 1:
+        if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
 
 

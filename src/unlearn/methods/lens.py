@@ -34,6 +34,8 @@ from unlearn.methods.base import (
 
 @dataclass
 class LensConfig(MethodConfig):
+    remove_coef: float = 10.0
+    """Weight of the forget term (decays linearly to forget_end_fraction x remove_coef)."""
     retain_loss: str = "l2"
     lens: str | None = None
     """Tuned-lens directory (tuned-lens format); default: fitted once, cached in the world dir."""
@@ -50,7 +52,8 @@ class LensConfig(MethodConfig):
 class LensUnlearning(Method):
     name = "lens"
     config_cls = LensConfig
-    train_defaults: ClassVar[dict] = {}
+    # The documented default configuration (README): calibrated on the default mini world.
+    train_defaults: ClassVar[dict] = {"lr": 3e-3}
 
     def setup(self, model: torch.nn.Module, env: MethodEnv) -> None:
         from unlearn.fitting import fitted_lens

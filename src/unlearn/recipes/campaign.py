@@ -56,14 +56,15 @@ def final_acc(run_dir: Path, task: str) -> float | None:
 
 
 def best_point(states, retain_floor: float):
-    """The finished point with the lowest forget accuracy whose retain accuracy is >= the floor."""
-    candidates = []
-    for s in states:
-        if s.status != "done":
-            continue
-        forget, retain = final_acc(s.point.run_dir, "forget"), final_acc(s.point.run_dir, "retain")
-        if forget is not None and retain is not None and retain >= retain_floor:
-            candidates.append((forget, -retain, s.point.id, s))
+    """The done point with the lowest forget accuracy whose retain accuracy is >= the floor."""
+    candidates = [
+        (s.forget, -s.retain, s.id, s)
+        for s in states
+        if s.status == "done"
+        and isinstance(s.forget, float)
+        and isinstance(s.retain, float)
+        and s.retain >= retain_floor
+    ]
     return min(candidates)[3] if candidates else None
 
 

@@ -64,14 +64,19 @@ def _save_model(model: GPTNeoXForCausalLM, tokenizer: PreTrainedTokenizerFast, o
 
 
 def build_world(
-    preset: str, seed: int, out: str | os.PathLike, progress: bool = True, threads: int = 2
+    preset: str,
+    seed: int,
+    out: str | os.PathLike,
+    progress: bool = True,
+    threads: int | None = None,
 ) -> World:
     """Build the world `(preset, seed)` into `out` (replacing a world already there).
 
-    `threads` fixes torch's CPU thread count for the build (restored afterwards): results are
-    deterministic for a given seed and thread count on one machine.
+    `threads` (default: the preset's) fixes torch's CPU thread count for the build, restored
+    afterwards: results are deterministic for a given seed and thread count on one machine.
     """
     settings = get_preset(preset)
+    threads = settings.threads if threads is None else threads
     if seed < 0:
         raise UsageError(f"seed must be >= 0, got {seed}")
     if threads < 1:

@@ -59,6 +59,10 @@ class Preset:
     weight_decay: float = 0.0
     final_lr_ratio: float = 0.1
     """LR at the last step, as a fraction of `lr` (cosine decay after the warmup)."""
+    threads: int = 2
+    """torch CPU threads for the build (results are reproducible per seed and thread count).
+    Small models gain nothing from a second thread, and on a busy machine two threads competing
+    with other processes for two cores can run many times slower than one."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,6 +115,7 @@ PRESETS: dict[str, Preset] = {
         phase2_steps=300,
         checkpoint_interval=100,
         forget_weight=2,
+        threads=1,
     ),
     "default": Preset(
         name="default",
