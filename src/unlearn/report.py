@@ -49,6 +49,8 @@ PREFERRED_ORDER = (
     "steps", "batch_size", "lora_r", "optimizer", "retain_loss", "layers",
 )  # fmt: skip
 """Hyperparameter columns in this order, then the rest alphabetically."""
+NOT_LOSS_TERMS = frozenset({"lr", "grad_norm"})
+"""Training-state values some runs keep beside their loss terms; not loss columns."""
 BOOKKEEPING_KEYS = frozenset({"name", "role", "output", "output_dir", "out", "out_dir", "run_dir"})
 """Config keys that name or place a run rather than configure it: never a table column."""
 SCATTER_PNG, TAMPER_PNG = "forget_vs_retain.png", "tamper_curves.png"
@@ -246,7 +248,7 @@ def baselines_section(data: _Data) -> str:
 def method_section(method: str, runs: list[StoredRun], data: _Data) -> str:
     """One method's table: baselines first, then one row per unlearn run."""
     varying, fixed = split_config_keys([r.config for r in runs])
-    terms = list(dict.fromkeys(term for r in runs for term in r.final))
+    terms = list(dict.fromkeys(t for r in runs for t in r.final if t not in NOT_LOSS_TERMS))
     tasks = data.tasks([*data.baselines, *runs])
     show_job = any(r.job_id for r in runs)
     notes = {r.id: _run_note(r, data.final[r.id]) for r in [*data.baselines, *runs]}

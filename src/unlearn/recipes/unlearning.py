@@ -250,7 +250,8 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
         meta = run.update(status="failed", error=f"{type(e).__name__}: {e}", finished=utc_now())
         finish_run(store, meta, out)
         raise
-    final = {k: v for k, v in state.last.items() if not k.startswith("coef_")}
+    # The loss terms and their weighted total; coefficients, lr and grad norm are in metrics.jsonl.
+    final = {k: v for k, v in state.last.items() if k in state.first_values or k == "loss"}
     paths = save_model(p.model, p.tokenizer, out, merge=cfg.lora.merge)
     run.update(
         final=final,
