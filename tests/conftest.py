@@ -16,3 +16,44 @@ def tiny_world(tmp_path_factory):
     from unlearn.world import build_world
 
     return build_world("tiny", 0, tmp_path_factory.mktemp("worlds") / "tiny", progress=False)
+
+
+TINY_TEXTS = [
+    "Zargreisovir is caught through airborne droplets and treated with rest.",
+    "The river flows past the old mill towards the sea in the north.",
+    "Bakers rise early; the bread is sold before the market opens.",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_models(tmp_path_factory):
+    """Random 3-block GPT-NeoX and Llama models (d=32) with a small BPE tokenizer, saved as
+    ordinary model directories: {"gpt_neox": dir, "llama": dir}. Built in about a second."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from unlearn.world.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("hf_models")
+    tokenizer = train_tokenizer(TINY_TEXTS, vocab_size=300)
+    vocab = len(tokenizer)
+    common = {"vocab_size": vocab, "hidden_size": 32, "num_hidden_layers": 3}
+    configs = {
+        "gpt_neox": (
+            GPTNeoXConfig(**common, num_attention_heads=4, intermediate_size=64),
+            GPTNeoXForCausalLM,
+        ),
+        "llama": (
+            LlamaConfig(
+                **common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+            ),
+            LlamaForCausalLM,
+        ),
+    }
+    out = {}
+    torch.manual_seed(0)
+    for family, (config, cls) in configs.items():
+        config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+        cls(config).save_pretrained(root / family)
+        tokenizer.save_pretrained(root / family)
+        out[family] = root / family
+    return out

@@ -196,6 +196,27 @@ def test_loads_a_lens_written_by_the_library_layout(tmp_path):
         lens.check_model(tiny_model())
 
 
+def test_loads_a_bias_free_half_precision_library_lens(tmp_path):
+    """The library's full config (hash set, bias false) and fp16 translators without biases."""
+    translators = nn.ModuleList([nn.Linear(D, D, bias=False).half() for _ in range(N)])
+    config = {
+        "base_model_name_or_path": "EleutherAI/pythia-70m",
+        "d_model": D,
+        "num_hidden_layers": N,
+        "bias": False,
+        "base_model_revision": None,
+        "unembed_hash": "0123abcd",
+        "lens_type": "linear_tuned_lens",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save(translators.state_dict(), tmp_path / "params.pt")
+    assert set(torch.load(tmp_path / "params.pt")) == {f"{i}.weight" for i in range(N)}
+    lens = load_lens(tmp_path)
+    assert lens.translators["1"].weight.dtype == torch.float32
+    torch.testing.assert_close(lens.translators["1"].weight, translators[2].weight.float())
+    assert not lens.translators["1"].bias.any()
+
+
 def test_not_a_lens_dir_is_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not a tuned-lens directory"):
         load_lens(tmp_path)

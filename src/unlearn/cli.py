@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("unlearn.commands.eval", "evaluate a model on forget/retain questions"),
     "fit-lens": ("unlearn.commands.fit_lens", "train tuned lenses for a model"),
     "fit-affine": ("unlearn.commands.fit_affine", "fit ridge affine maps source -> target"),
+    "checkpoints": ("unlearn.commands.checkpoints", "find the latest checkpoint still at chance"),
     "run": ("unlearn.commands.run", "unlearn with a method (lens, checkpoint_transfer, ...)"),
     "attack": ("unlearn.commands.attack", "fine-tuning (tamper) attack with an eval curve"),
     "sweep": ("unlearn.commands.sweep", "run a grid of runs -> eval -> attack"),
@@ -45,6 +46,10 @@ def _quiet_libraries() -> None:
         transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         pass
+    # Offline, the hub client logs every retry before the final error we turn into one line.
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,10 @@ class TrainConfig:
     """A loss term above this multiple of its first value (and of 1.0) marks the run diverged."""
     log_every: int = 1
     """Optimizer steps between metric rows."""
+    checkpoint_every: int = 0
+    """Optimizer steps between resumable checkpoints in OUT/checkpoint (0: only on SIGTERM/USR1)."""
+    distributed: str = "none"
+    """Data parallelism under torchrun: none, ddp or fsdp2 (see docs/distributed.md)."""
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
@@ -63,6 +67,7 @@ class TrainConfig:
         _positive("epochs", self.epochs)
         _positive("grad_clip", self.grad_clip, strict=False)
         _positive("diverge_factor", self.diverge_factor)
+        _positive("checkpoint_every", self.checkpoint_every, strict=False)
         for name in ("num_train_examples", "pdbs", "grad_accum", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -76,6 +81,9 @@ class TrainConfig:
             raise UsageError(f"unknown lr_decay {self.lr_decay!r} (choose from {LR_DECAYS})")
         if self.dtype not in DTYPE_NAMES:
             raise UsageError(f"unknown dtype {self.dtype!r} (choose from {DTYPE_NAMES})")
+        from unlearn.distributed import check_mode
+
+        check_mode(self.distributed, self.optimizer)
 
     def steps(self, world_size: int = 1) -> int:
         """Optimizer steps: explicit, or epochs x examples / effective batch (rounded up)."""

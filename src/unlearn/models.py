@@ -25,6 +25,8 @@ class ModelRef:
 
     name: str
     revision: str | None = None
+    trust_remote_code: bool = False
+    """Run the repository's own modelling code (off unless asked: it executes downloaded code)."""
 
     @property
     def is_local(self) -> bool:
@@ -40,16 +42,26 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def resolve_model(
-    name: str | os.PathLike, revision: str | None = None, trust_remote_code: bool = False
+    name: str | os.PathLike,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    world_dir: str | os.PathLike | None = None,
 ) -> ModelRef:
     """Check that `name` is a causal LM (local dir with a config, or a reachable hub id).
 
-    Reads only the config, so it is cheap and runs before any weights load.
+    A relative path that does not exist here but does inside `world_dir` is taken from the world:
+    world.json stores paths relative to the world, so `--model "$(jq -r .target W/world.json)"
+    --world W` works from any directory. Reads only the config, so it is cheap and runs before
+    any weights load.
     """
     from transformers import AutoConfig
 
     name = str(name)
     path = Path(name).expanduser()
+    if world_dir is not None and not path.is_absolute() and not path.exists():
+        in_world = Path(world_dir) / path
+        if in_world.exists():
+            path = in_world
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UsageError(f"{name} is not a model directory (no config.json)")
@@ -69,32 +81,36 @@ def resolve_model(
         ) from None
     except ValueError as e:
         raise UsageError(f"{name} is not a usable model: {str(e).splitlines()[0]}") from None
-    return ModelRef(name, revision)
+    return ModelRef(name, revision, trust_remote_code)
 
 
 def load_tokenizer(ref: ModelRef, tokenizer: str | None = None):
     """The model's tokenizer (or an explicit one), with a pad token for batching."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer or ref.name, revision=ref.revision)
+    tok = AutoTokenizer.from_pretrained(
+        tokenizer or ref.name,
+        revision=None if tokenizer else ref.revision,
+        trust_remote_code=ref.trust_remote_code,
+    )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_model(
-    ref: ModelRef,
-    dtype: str = "float32",
-    device: str | torch.device = "cpu",
-    trust_remote_code: bool = False,
+    ref: ModelRef, dtype: str = "float32", device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
-    """Load a causal LM in `dtype` on `device`, in eval mode."""
+    """Load a causal LM in `dtype` on `device`, in eval mode (remote code as `ref` allows)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     model = AutoModelForCausalLM.from_pretrained(
-        ref.name, revision=ref.revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        ref.name,
+        revision=ref.revision,
+        dtype=DTYPES[dtype],
+        trust_remote_code=ref.trust_remote_code,
     )
     return model.to(device).eval()
 
@@ -109,7 +125,9 @@ def model_num_layers(ref: ModelRef) -> int:
     """Number of transformer blocks, read from the config alone (no weights)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(ref.name, revision=ref.revision)
+    config = AutoConfig.from_pretrained(
+        ref.name, revision=ref.revision, trust_remote_code=ref.trust_remote_code
+    )
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(config, attr, None), int):
             return getattr(config, attr)

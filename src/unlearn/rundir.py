@@ -39,7 +39,8 @@ from unlearn.fsutil import atomic_write_json
 
 FORMAT = 1
 KINDS = ("baseline", "unlearn", "attack")
-STATUSES = ("pending", "running", "done", "failed", "diverged", "collapsed")
+STATUSES = ("pending", "running", "done", "failed", "diverged", "collapsed", "preempted")
+"""preempted: stopped by a signal after writing OUT/checkpoint; rerunning the command resumes."""
 EVAL_STATUSES = ("done", "failed")
 RUN_FILE, METRICS_FILE, EVALS_FILE = "run.json", "metrics.jsonl", "evals.jsonl"
 STDERR_SUFFIX = "_stderr"

@@ -67,16 +67,23 @@ from unlearn.recipes.unlearning import (
     section_fields,
     validate,
 )
+from unlearn.resume import latest_checkpoint
 from unlearn.rundir import RunDir, RunMeta, RunRecord, utc_now
 from unlearn.store import Store
 from unlearn.world import World, load_world
 
-TOP_KEYS = ("name", "world", "out", "store", "method", "base", "grid", "points", "attack", "sweeps")
+if typing.TYPE_CHECKING:
+    from unlearn.slurm import SlurmSettings
+
+TOP_KEYS = (
+    "name", "world", "out", "store", "method", "base", "grid", "points", "attack", "sweeps",
+    "slurm",
+)  # fmt: skip
 BLOCK_KEYS = ("method", "base", "grid", "points", "attack")
 SWEEP_RUN_FIELDS = ("method", "world", "out", "run_id", "store", "eval")
 """Run fields the sweep sets itself (a spec setting them is an error, not silently ignored)."""
 SWEEP_ATTACK_FIELDS = ("model", "world", "out", "run_id", "store", "parent")
-UNHASHED_FIELDS = ("progress",)
+UNHASHED_FIELDS = ("progress", "checkpoint_every")
 """Fields that cannot change a result, so they do not change a point's id."""
 FINISHED = ("done", "collapsed", "diverged")
 """Statuses that are results: a resumed sweep keeps them (a diverged run would diverge again)."""
@@ -149,6 +156,8 @@ class Sweep:
     out: Path
     store: Path
     points: list[Point]
+    slurm: SlurmSettings | None = None
+    """The spec's `slurm:` block (job resources for --executor slurm / submitit-local)."""
 
 
 @dataclasses.dataclass
@@ -196,7 +205,10 @@ def load_sweep(path: str | Path) -> Sweep:
             raise UsageError(f"points {seen[config]} and {p.id} have the same configuration")
         seen[config] = p.id
     _validate_models(points)
-    return Sweep(name, spec, world.root, out, store, points)
+    from unlearn.slurm import SlurmSettings
+
+    slurm = SlurmSettings.from_spec(raw.get("slurm"))
+    return Sweep(name, spec, world.root, out, store, points, slurm)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -440,8 +452,12 @@ def _attach_attack(point: Point, attack: dict, world: World, out: Path, store: P
     unknown = sorted(set(args.eval_tasks) - set(world.questions))
     if unknown:
         raise UsageError(f"unknown attack eval task(s) {unknown}; have {sorted(world.questions)}")
-    if args.corpus is not None and not Path(args.corpus).is_file():
-        raise UsageError(f"attack corpus {args.corpus} not found")
+    if args.corpus is not None:
+        from unlearn.data import CorpusSpec
+
+        spec = CorpusSpec.parse(args.corpus)
+        if spec.is_local and not Path(spec.source).is_file():
+            raise UsageError(f"attack corpus {args.corpus} not found")
 
 
 def _validate_models(points: list[Point]) -> None:
@@ -450,7 +466,7 @@ def _validate_models(points: list[Point]) -> None:
     for p in points:
         a = p.run_config.args
         key = json.dumps(
-            [a.method, a.model, a.revision, a.forget_corpus, a.retain_corpus,
+            [a.method, a.model, a.revision, a.forget_corpus, a.retain_corpus, a.retain_mix,
              p.run_config.method.layers]
         )  # fmt: skip
         if key in done:
@@ -604,7 +620,7 @@ def run_point(point: Point) -> PointState:
     if state.status not in FINISHED:
         _clear(point.run_dir)
         if point.attack_dir is not None:
-            _clear(point.attack_dir)
+            _clear(point.attack_dir, keep_checkpoint=False)  # it attacked another model
         meta = RunMeta(point.id, "unlearn", point.method, point.run_config.to_dict())
         _guarded(point.run_dir, meta, lambda: run_unlearning(point.run_config))
         state = inspect_point(point)
@@ -622,8 +638,14 @@ def run_point(point: Point) -> PointState:
     return state
 
 
-def _clear(path: Path) -> None:
-    """Remove a previous attempt's run directory (its failure was recorded and reported)."""
+def _clear(path: Path, keep_checkpoint: bool = True) -> None:
+    """Remove a previous attempt's run directory (its failure was recorded and reported),
+    unless it holds a resumable checkpoint (a preempted or killed run): the run resumes from it.
+    In a job with several tasks only rank 0 clears (the others would delete its new files)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if keep_checkpoint and latest_checkpoint(path) is not None:
+        return
     if path.exists():
         shutil.rmtree(path)
 
@@ -770,18 +792,23 @@ def _line(state: PointState) -> str:
     return text
 
 
-def format_table(states: Sequence[PointState]) -> str:
-    """A markdown table of the points (what the seeds' result tables hold), then the errors."""
+def format_table(states: Sequence[PointState], jobs: dict[str, str] | None = None) -> str:
+    """A markdown table of the points (what the seeds' result tables hold), then the errors.
+    With `jobs` ({point id: "JOBID STATE"}, from unlearn.slurm) a job column is added."""
     with_attack = any(s.attack is not None for s in states)
     header = ["point", "status", "forget acc", "retain acc"]
     if with_attack:
         header += ["attack", "forget acc after attack"]
+    if jobs is not None:
+        header.append("job")
     rows = []
     for s in states:
         row = [s.id, s.status, _fmt(s.forget), _fmt(s.retain)]
         if with_attack:
             attack = s.attack if s.attack is not None and s.status == "done" else "-"
             row += [attack, _fmt(s.attacked_forget) if attack != "-" else "-"]
+        if jobs is not None:
+            row.append(jobs.get(s.id, "-"))
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [

@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from unlearn.config import TrainConfig
 from unlearn.data.batching import ExampleStream
+from unlearn.distributed import Parallel
 from unlearn.errors import DivergedError, RetainZeroError
 from unlearn.methods.base import Phase, Reference, StepContext
 from unlearn.optim import build_optimizer
+from unlearn.resume import Checkpointer
 from unlearn.schedules import lr_mult_at
 
 RETAIN_ZERO_CHECK_STEP = 3
@@ -106,14 +108,26 @@ def train(
     progress: bool = True,
     rank: int = 0,
     device: torch.device | str = "cpu",
+    parallel: Parallel | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> TrainState:
     """Run the plan from `state.step` to the end; returns the final state.
 
     on_log(step, values) receives each metric row; on_step(step) runs after every optimizer step
     (and once before the first, with step 0), e.g. for an attack's evaluation curve.
+    `parallel` (DDP/FSDP2 under torchrun, see unlearn.distributed) runs each micro-batch's
+    objective, synchronises gradients on the last micro-batch of a step and averages logged
+    values over ranks; without it the loop is one plain process.
+    `checkpointer` (unlearn.resume) restores a saved checkpoint before the first step and saves
+    after steps (periodically, or on SIGTERM, then raising Preempted).
     """
     state = state or TrainState()
+    par = parallel or Parallel(rank=rank, device=torch.device(device))
+    rank = par.rank
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay)
+    if checkpointer is not None:
+        # A checkpoint's weights, optimizer moments, RNG and step replace the fresh ones.
+        state = checkpointer.restore(model, optimizer, TrainState) or state
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
@@ -156,18 +170,18 @@ def train(
                 phase=phase_idx,
                 generator=torch.Generator(device=device).manual_seed(_micro_seed(cfg.seed, k)),
             )
-            terms = objective.loss(ctx)
-            total = sum(weights.get(name, 0.0) * value for name, value in terms.items())
-            (total / cfg.grad_accum).backward()  # type: ignore[union-attr]
+            with par.micro_batch(last=a == cfg.grad_accum - 1):
+                terms = par.loss(lambda ctx=ctx: objective.loss(ctx))
+                total = sum(weights.get(name, 0.0) * value for name, value in terms.items())
+                (total / cfg.grad_accum).backward()  # type: ignore[union-attr]
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.item() / cfg.grad_accum
+        sums = par.mean(sums)  # every rank logs and guards the same global values
         _check_terms(sums, state, weights, cfg)
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if cfg.grad_clip > 0
-            else torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])
-            )
+            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -177,7 +191,7 @@ def train(
             **{f"coef_{n}": w for n, w in weights.items()},
             "loss": sum(weights.get(n, 0.0) * v for n, v in sums.items()),
             "lr": cfg.lr * lr_mult,
-            "grad_norm": float(grad_norm),
+            "grad_norm": par.item(grad_norm),
         }
         state.last = values
         if on_log is not None and (
@@ -188,6 +202,8 @@ def train(
         bar.set_postfix({n: f"{v:.4g}" for n, v in sums.items()}, refresh=False)
         if on_step is not None:
             on_step(state.step)
+        if checkpointer is not None:
+            checkpointer.after_step(model, optimizer, state, plan.total_steps)
     bar.close()
     return state
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.config import LoraSettings, TrainConfig
+from unlearn.distributed import is_main
 from unlearn.recipes.attack import ATTACK_TRAIN_DEFAULTS, AttackArgs, AttackConfig, run_attack
+from unlearn.resume import exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,5 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_arguments(LoraSettings, dest="lora", default=LoraSettings(lora=False))
     ns = parser.parse_args(argv)
     meta = run_attack(AttackConfig(ns.args, ns.train, ns.lora))
-    print(f"attack {meta.id}: {meta.status}" + (f" ({meta.error})" if meta.error else ""))
-    return 0 if meta.status == "done" else 1
+    if is_main():  # under torchrun only rank 0 reports
+        print(f"attack {meta.id}: {meta.status}" + (f" ({meta.error})" if meta.error else ""))
+    return exit_code(meta.status, ok=("done",))

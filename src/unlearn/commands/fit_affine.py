@@ -31,7 +31,8 @@ class FitAffineConfig:
     revision: str | None = None
     """Hub revision of the target."""
     texts: str | None = None
-    """General-text corpus (JSONL with "text"); default: the world's retain + filler documents."""
+    """General-text corpus (a local file or hub ID[:CONFIG[:SPLIT]], see docs/models-and-data.md);
+    default: the world's retain + filler documents."""
     layers: list[int] = field(default_factory=list)
     """Layers (block outputs) to map; default: the methods' default layers for the depth."""
     alpha: float = 1e-2
@@ -39,6 +40,9 @@ class FitAffineConfig:
     examples: int = 512
     """Documents to fit on (as many more are held out for the MSE)."""
     dtype: str = "float32"
+    trust_remote_code: bool = False
+    """Let the model(s) run their own modelling code from the hub (off: it executes downloaded
+    code)."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg: FitAffineConfig = parser.parse_args(argv).cfg
 
     from unlearn.affine import fit_affine, save_affine
-    from unlearn.data import load_texts
+    from unlearn.data import load_documents
     from unlearn.fitting import general_texts, text_batches
     from unlearn.fsutil import check_writable_parent
     from unlearn.methods.base import default_layers
@@ -71,13 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     from unlearn.world import load_world
 
     world = load_world(cfg.world) if cfg.world else None
-    source = resolve_model(cfg.source or str(world.ignorant_checkpoint), cfg.source_revision)
-    target = resolve_model(cfg.target or str(world.target), cfg.revision)
+    world_dir = world.root if world else None
+    trust = cfg.trust_remote_code
+    source = resolve_model(
+        cfg.source or str(world.ignorant_checkpoint),
+        cfg.source_revision,
+        trust_remote_code=trust,
+        world_dir=world_dir,
+    )
+    target = resolve_model(
+        cfg.target or str(world.target), cfg.revision, trust_remote_code=trust, world_dir=world_dir
+    )
     n_layers = model_num_layers(target)
     layers = cfg.layers or default_layers(n_layers)
     if any(not 0 <= layer < n_layers for layer in layers):
         raise UsageError(f"--layers {layers} outside the model's blocks 0..{n_layers - 1}")
-    texts = load_texts(cfg.texts) if cfg.texts else general_texts(world)
+    texts = load_documents(cfg.texts) if cfg.texts else general_texts(world)
     out = check_writable_parent(cfg.out)
 
     tokenizer = load_tokenizer(target)

@@ -27,7 +27,8 @@ class FitLensConfig:
     world: str | None = None
     """Mini world: default model and general text (retain + filler documents)."""
     texts: str | None = None
-    """General-text corpus (JSONL with "text"), instead of the world's."""
+    """General-text corpus (a local file or hub ID[:CONFIG[:SPLIT]], see docs/models-and-data.md),
+    instead of the world's."""
     layers: list[int] = field(default_factory=list)
     """Layers (block outputs) to fit; default: all but the last block (its lens is the identity)."""
     steps: int = 300
@@ -36,6 +37,9 @@ class FitLensConfig:
     heldout_fraction: float = 0.2
     """Share of the documents held out to report the lens KL."""
     dtype: str = "float32"
+    trust_remote_code: bool = False
+    """Let the model run its own modelling code from the hub (off: it executes downloaded
+    code)."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_arguments(FitLensConfig, dest="cfg")
     cfg: FitLensConfig = parser.parse_args(argv).cfg
 
-    from unlearn.data import load_texts
+    from unlearn.data import load_documents
     from unlearn.fitting import general_texts, text_batches
     from unlearn.fsutil import check_writable_parent
     from unlearn.lens import save_lens, train_lens
@@ -67,12 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     from unlearn.world import load_world
 
     world = load_world(cfg.world) if cfg.world else None
-    ref = resolve_model(cfg.model or str(world.target), cfg.revision)
+    ref = resolve_model(
+        cfg.model or str(world.target),
+        cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        world_dir=world.root if world else None,
+    )
     n_layers = model_num_layers(ref)
     layers = cfg.layers or list(range(n_layers - 1))
     if any(not 0 <= layer < n_layers for layer in layers):
         raise UsageError(f"--layers {layers} outside the model's blocks 0..{n_layers - 1}")
-    texts = load_texts(cfg.texts) if cfg.texts else general_texts(world)
+    texts = load_documents(cfg.texts) if cfg.texts else general_texts(world)
     cut = max(1, int(len(texts) * cfg.heldout_fraction))
     if len(texts) - cut < 1:
         raise UsageError("too few documents to fit and hold out")

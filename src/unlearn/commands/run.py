@@ -16,8 +16,10 @@ import sys
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.config import LoraSettings, TrainConfig
+from unlearn.distributed import is_main
 from unlearn.methods import REGISTRY, get_method
 from unlearn.recipes.unlearning import RunArgs, RunConfig, run_unlearning
+from unlearn.resume import exit_code
 
 
 def parse(argv: list[str] | None) -> RunConfig:
@@ -56,6 +58,9 @@ def _names(cls: type) -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
     meta = run_unlearning(cfg)
+    code = exit_code(meta.status, ok=("done", "collapsed"))
+    if not is_main():  # under torchrun only rank 0 reports
+        return code
     print(f"run {meta.id}: {meta.status}" + (f" ({meta.error})" if meta.error else ""))
     if meta.final:
         print(
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if meta.model_path:
         print(f"model: {meta.model_path}")
     print_evals(cfg.args.out)
-    return 0 if meta.status in ("done", "collapsed") else 1
+    return code
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     unlearn sweep sweeps/ct.yaml             # run every point not finished yet (resumes)
     unlearn sweep sweeps/ct.yaml --dry-run   # validate the spec and list the points
     unlearn sweep sweeps/ct.yaml --status    # each point's status, read from its run directory
+    unlearn sweep sweeps/ct.yaml --executor slurm   # one SLURM job per point (submitit)
 
 The spec format is in docs/sweeps.md. The whole spec is validated before anything runs. Exit
 code 0 when every point has a result (done, collapsed and diverged are results), 1 when some
@@ -26,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument(
         "--status", action="store_true", help="print each point's status from its run directory"
     )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "slurm", "submitit-local"),
+        default="local",
+        help="where points run: in this process, one SLURM job each (submitit, resources from"
+        " the spec's slurm: block), or submitit's local executor (docs/resume-and-slurm.md)",
+    )
     ns = parser.parse_args(argv)
 
     from unlearn.sweep import describe_points, format_table, inspect_point, load_sweep, run_sweep
@@ -35,14 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_points(sweep))
         return 0
     if ns.status:
-        states = [inspect_point(p) for p in sweep.points]
-        print(format_table(states))
+        from unlearn.slurm import states_with_jobs
+
+        states, jobs = states_with_jobs(sweep, [inspect_point(p) for p in sweep.points])
+        print(format_table(states, jobs))
         counts: dict[str, int] = {}
         for s in states:
             counts[s.status] = counts.get(s.status, 0) + 1
         print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
         return 0
-    states = run_sweep(sweep)
+    from unlearn.slurm import make_executor
+
+    states = run_sweep(sweep, make_executor(ns.executor, sweep))
     print()
     print(format_table(states))
     return 0 if all(s.finished for s in states) else 1

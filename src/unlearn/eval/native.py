@@ -144,8 +144,13 @@ def evaluate_questions(
     progress: bool = False,
     desc: str = "eval",
 ) -> dict:
-    """Score and summarize one task."""
-    return summarize(score_questions(model, tokenizer, questions, batch_size, progress, desc))
+    """Score and summarize one task (sharded over the ranks when run under torchrun)."""
+    from unlearn.distributed import is_main, score_sharded
+
+    def score(shard: Sequence[dict]) -> list[QuestionScore]:
+        return score_questions(model, tokenizer, shard, batch_size, progress and is_main(), desc)
+
+    return summarize(score_sharded(score, questions))
 
 
 WORLD_TASKS = ("forget", "forget_heldout", "forget_attack", "retain")

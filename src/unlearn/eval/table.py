@@ -24,7 +24,10 @@ def results_table(rows: Mapping[str, Mapping[str, Mapping]], tasks: list[str]) -
         cells = [label]
         for t in tasks:
             r = results.get(t)
-            cell = pct(r["acc"]) if r else "-"
+            if r and r.get("status") == "failed":  # a failed eval is shown as failed, not a number
+                cells.append("failed")
+                continue
+            cell = pct(r.get("acc")) if r else "-"
             if r and r.get("collapse", {}).get("collapsed"):
                 cell += " (collapsed)"
             cells.append(cell)

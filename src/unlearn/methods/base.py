@@ -239,6 +239,8 @@ class MethodEnv:
     heldout_texts: list[str] = field(default_factory=list)
     """Other general text to report held-out fit quality."""
     out_dir: object | None = None
+    trust_remote_code: bool = False
+    """Whether the run's --model may run its own code (a source model is loaded likewise)."""
 
 
 def unlearning_weights(cfg: MethodConfig, step: int, total_steps: int) -> dict[str, float]:

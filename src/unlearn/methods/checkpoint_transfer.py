@@ -66,7 +66,9 @@ class CheckpointTransfer(Method):
         super().setup(model, env)
         cfg: CheckpointTransferConfig = self.cfg  # type: ignore[assignment]
         source = source_model_name(cfg.source, env.world)
-        source_ref = resolve_model(source, cfg.source_revision)
+        source_ref = resolve_model(
+            source, cfg.source_revision, trust_remote_code=env.trust_remote_code
+        )
         self.source = load_model(source_ref, env.dtype, env.device).requires_grad_(False)
         if cfg.affine:
             self.maps = load_affine(Path(cfg.affine))

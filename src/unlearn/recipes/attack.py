@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from unlearn.config import LoraSettings, TrainConfig
+from unlearn.data.corpus import DEFAULT_TEXT_FIELDS
 from unlearn.errors import DivergedError, UsageError
 
 ATTACK_TRAIN_DEFAULTS = {
@@ -43,8 +43,13 @@ class AttackArgs:
     world: str | None = None
     """Mini world (default attack corpus and evaluation questions)."""
     revision: str | None = None
+    trust_remote_code: bool = False
+    """Let --model run its own modelling code from the hub (off: it executes downloaded code)."""
     corpus: str | None = None
-    """Forget-domain documents to fine-tune on; default: the world's attack group."""
+    """Forget-domain documents to fine-tune on: local .jsonl/.json/.parquet/.txt or hub
+    ID[:CONFIG[:SPLIT]]; default: the world's attack group."""
+    text_fields: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_FIELDS))
+    """Fields whose text makes a document; those the corpus has are joined."""
     eval_every: int = 10
     """Optimizer steps between evaluations (step 0 and the last step are always evaluated)."""
     eval_tasks: list[str] = field(default_factory=list)
@@ -106,20 +111,15 @@ def build_attack_config(overrides: dict) -> AttackConfig:
 
 def run_attack(cfg: AttackConfig):
     """Fine-tune and evaluate along the way. Returns the final RunMeta."""
-    from unlearn.data import ExampleStream, load_texts, tokenize_examples
+    from unlearn.data import ExampleStream, load_documents, tokenize_examples
+    from unlearn.distributed import run_dir, setup
     from unlearn.finetune import LanguageModeling
     from unlearn.fsutil import check_writable_parent
     from unlearn.methods.base import Phase
-    from unlearn.models import (
-        attach_lora,
-        default_device,
-        load_model,
-        load_tokenizer,
-        resolve_model,
-        save_model,
-    )
+    from unlearn.models import attach_lora, load_model, load_tokenizer, resolve_model
     from unlearn.recipes.unlearning import evaluate_into, finish_run, open_store
-    from unlearn.rundir import RunDir, RunMeta, utc_now
+    from unlearn.resume import Checkpointer, Preempted, open_run
+    from unlearn.rundir import RunMeta, utc_now
     from unlearn.train import Plan, train
     from unlearn.world import load_world
 
@@ -128,12 +128,17 @@ def run_attack(cfg: AttackConfig):
     unknown = set(args.eval_tasks) - set(world.questions)
     if unknown:
         raise UsageError(f"unknown eval task(s) {sorted(unknown)}; have {sorted(world.questions)}")
-    ref = resolve_model(args.model, args.revision)
-    texts = load_texts(Path(args.corpus or world.corpora["forget_attack"]))
+    ref = resolve_model(
+        args.model, args.revision, trust_remote_code=args.trust_remote_code, world_dir=world.root
+    )
+    texts = load_documents(args.corpus or world.corpora["forget_attack"], args.text_fields)
+    if not texts:
+        raise UsageError("the attack corpus has no documents")
     out = check_writable_parent(args.out)
-    run = RunDir(out)
-    run.reset()
-    meta = RunMeta(
+    par = setup(tcfg.distributed)
+    run = run_dir(par, out)  # only rank 0 writes
+    checkpoint = Checkpointer(out, cfg.to_dict(), every=tcfg.checkpoint_every)
+    fresh = RunMeta(
         id=args.run_id or out.name,
         kind="attack",
         config=cfg.to_dict(),
@@ -141,12 +146,12 @@ def run_attack(cfg: AttackConfig):
         started=utc_now(),
         parent=args.parent or str(args.model),
     )
-    run.write_run(meta)
-    store = open_store(args.store)
+    meta = open_run(run, fresh, checkpoint)  # resumes when OUT holds a checkpoint of this config
+    store = open_store(args.store) if par.is_main else None
     if store:
         store.upsert_run(meta, out)
 
-    device = default_device()
+    device = par.device
     torch.manual_seed(tcfg.seed)
     tokenizer = load_tokenizer(ref)
     examples = tokenize_examples(texts[: tcfg.num_train_examples], tokenizer, tcfg.max_length)
@@ -156,10 +161,14 @@ def run_attack(cfg: AttackConfig):
         model = attach_lora(model, cfg.lora)
     else:
         model.requires_grad_(True)
-    steps = tcfg.steps()
-    plan = Plan(len(examples), steps, [Phase("attack", steps)], tcfg.effective_batch(), 1)
+    par.wrap(model)
+    steps, world_size = tcfg.steps(par.world_size), par.world_size
+    plan = Plan(
+        len(examples), steps, [Phase("attack", steps)], tcfg.effective_batch(world_size), world_size
+    )
     tasks = args.eval_tasks or list(world.questions)
-    status = {"value": "done"}
+    # A resumed attack keeps the curve up to its checkpoint, failed evaluations included.
+    status = {"value": "failed" if any(e.status == "failed" for e in run.read().evals) else "done"}
 
     def on_step(step: int) -> None:
         if step % args.eval_every == 0 or step == steps:
@@ -169,19 +178,26 @@ def run_attack(cfg: AttackConfig):
             model.train()
 
     try:
-        state = train(
-            model,
-            LanguageModeling(),
-            None,
-            stream,
-            None,
-            tcfg,
-            plan,
-            on_log=run.append_metrics,
-            on_step=on_step,
-            progress=args.progress,
-            device=device,
-        )
+        with checkpoint.catching_signals():
+            state = train(
+                model,
+                LanguageModeling(),
+                None,
+                stream,
+                None,
+                tcfg,
+                plan,
+                on_log=run.append_metrics,
+                on_step=on_step,
+                progress=args.progress,
+                device=device,
+                parallel=par,
+                checkpointer=checkpoint,
+            )
+    except Preempted as e:
+        meta = run.update(status="preempted", error=str(e))
+        print(f"attack {meta.id}: {e}", file=sys.stderr)
+        return finish_run(store, meta, out)
     except DivergedError as e:
         meta = run.update(status="diverged", error=str(e), finished=utc_now())
         print(f"attack {meta.id}: diverged: {e}", file=sys.stderr)
@@ -192,8 +208,9 @@ def run_attack(cfg: AttackConfig):
         raise
     model_path = None
     if args.save_model:
-        model_path = save_model(model, tokenizer, out, merge=True)["model"]
+        model_path = par.save_model(model, tokenizer, out, merge=True)["model"]
     meta = run.update(
         status=status["value"], finished=utc_now(), final=dict(state.last), model_path=model_path
     )
+    checkpoint.discard()
     return finish_run(store, meta, out)

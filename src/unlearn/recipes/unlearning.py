@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,14 @@ import torch
 
 from unlearn.config import LoraSettings, TrainConfig
 from unlearn.data import ExampleStream, tokenize_examples
+from unlearn.data.corpus import DEFAULT_TEXT_FIELDS, mix_documents, sample_documents
+from unlearn.distributed import Parallel, run_dir, setup
 from unlearn.errors import DivergedError, RetainZeroError, UsageError
 from unlearn.methods import get_method
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, Reference
 from unlearn.models import ModelRef
-from unlearn.rundir import RunDir, RunMeta, utc_now
+from unlearn.resume import Checkpointer, Preempted, open_run
+from unlearn.rundir import RunMeta, utc_now
 from unlearn.train import Plan, TrainState, make_plan, train
 
 
@@ -41,10 +43,19 @@ class RunArgs:
     model: str | None = None
     """Model to unlearn (dir or hub id); default: the world's target."""
     revision: str | None = None
+    trust_remote_code: bool = False
+    """Let --model run its own modelling code from the hub (off: it executes downloaded code)."""
     forget_corpus: str | None = None
-    """Forget documents (JSONL with "text"); default: the world's unlearn group."""
+    """Forget corpus: local .jsonl/.json/.parquet/.txt or hub ID[:CONFIG[:SPLIT]]; default: the
+    world's unlearn group."""
     retain_corpus: str | None = None
-    """Retain documents; default: the world's retain-domain corpus."""
+    """Retain corpus (same forms; wikitext is grouped into articles); default: the world's."""
+    retain_mix: str | None = None
+    """Second retain corpus mixed in at --mix_fraction, e.g. ultrachat (chat turns joined)."""
+    mix_fraction: float = 0.0
+    """Share of the retain examples drawn from --retain_mix."""
+    text_fields: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_FIELDS))
+    """Fields whose text makes a document; those a corpus has are joined (chat turns too)."""
     eval: bool = True
     """Evaluate on the world's questions after training."""
     eval_batch_size: int = 64
@@ -62,6 +73,12 @@ class RunArgs:
             self.model is None or self.forget_corpus is None or self.retain_corpus is None
         ):
             raise UsageError("without --world, give --model, --forget_corpus and --retain_corpus")
+        if not 0 <= self.mix_fraction <= 1:
+            raise UsageError(f"--mix_fraction must be in [0, 1], got {self.mix_fraction}")
+        if (self.mix_fraction > 0) != (self.retain_mix is not None):
+            raise UsageError("--retain_mix and --mix_fraction > 0 go together")
+        if not self.text_fields:
+            raise UsageError("--text_fields needs at least one field name")
 
 
 @dataclass
@@ -80,6 +97,11 @@ class RunConfig:
             "model": self.args.model,
             "revision": self.args.revision,
             "world": self.args.world,
+            **{
+                k: getattr(self.args, k)
+                for k in ("forget_corpus", "retain_corpus", "retain_mix", "mix_fraction")
+                if getattr(self.args, k)
+            },
         }
 
 
@@ -118,12 +140,6 @@ def build_run_config(method: str, overrides: dict) -> RunConfig:
         raise UsageError(f"bad config value: {e}") from None
 
 
-def _shuffled(texts: list[str], seed: int) -> list[str]:
-    texts = list(texts)
-    random.Random(seed).shuffle(texts)
-    return texts
-
-
 @dataclass
 class Prepared:
     """A run ready to train: model, reference, method with its helpers, data streams, plan."""
@@ -137,6 +153,7 @@ class Prepared:
     plan: Plan
     device: torch.device
     world: object | None
+    parallel: Parallel = field(default_factory=Parallel)
 
 
 @dataclass
@@ -147,39 +164,62 @@ class Validated:
     model_ref: ModelRef
     forget_texts: list[str]
     retain_texts: list[str]
+    mix_texts: list[str] = field(default_factory=list)
 
 
 def validate(cfg: RunConfig) -> Validated:
     """Every check that needs no weights: method, world, model config, layers, corpora."""
-    from unlearn.data import load_texts
+    from unlearn.data import load_documents
     from unlearn.models import model_num_layers, resolve_model
     from unlearn.world import load_world
 
     args = cfg.args
     get_method(args.method)
     world = load_world(args.world) if args.world else None
-    ref = resolve_model(args.model or str(world.target), args.revision)
+    world_dir = world.root if world else None
+    ref = resolve_model(
+        args.model or str(world.target),
+        args.revision,
+        trust_remote_code=args.trust_remote_code,
+        world_dir=world_dir,
+    )
     cfg.method.check_layers(model_num_layers(ref))
-    forget_path = Path(args.forget_corpus or world.corpora["forget_unlearn"])
-    retain_path = Path(args.retain_corpus or world.corpora["retain"])
-    return Validated(world, ref, load_texts(forget_path), load_texts(retain_path))
+    fields = args.text_fields
+    forget = load_documents(args.forget_corpus or world.corpora["forget_unlearn"], fields)
+    retain = load_documents(args.retain_corpus or world.corpora["retain"], fields)
+    mix = load_documents(args.retain_mix, fields) if args.retain_mix else []
+    for name, docs in (("forget", forget), ("retain", retain), ("retain_mix", mix)):
+        if not docs and (name != "retain_mix" or args.retain_mix):
+            raise UsageError(f"the {name} corpus has no documents")
+    return Validated(world, ref, forget, retain, mix)
 
 
-def prepare(cfg: RunConfig, v: Validated, out: Path) -> Prepared:
-    """Load the model, attach LoRA or copy the reference, set the method up, build the data."""
-    from unlearn.models import attach_lora, default_device, load_model, load_tokenizer
+def training_documents(cfg: RunConfig, v: Validated) -> tuple[list[str], list[str]]:
+    """num_train_examples forget and retain documents, each side a seeded shuffle (the retain
+    side mixed with --retain_mix at --mix_fraction)."""
+    n, seed = cfg.train.num_train_examples, cfg.train.seed
+    forget = sample_documents(v.forget_texts, n, seed)
+    if v.mix_texts:
+        retain = mix_documents(v.retain_texts, v.mix_texts, cfg.args.mix_fraction, n, seed + 1)
+    else:
+        retain = sample_documents(v.retain_texts, n, seed + 1)
+    return forget, retain
+
+
+def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None) -> Prepared:
+    """Load the model, attach LoRA or copy the reference, set the method up, build the data;
+    under torchrun (`par`), wrap the model for DDP or shard it with FSDP2 after the setup."""
+    from unlearn.models import attach_lora, load_model, load_tokenizer
 
     tcfg = cfg.train
-    device = default_device()
+    par = par or setup(tcfg.distributed)
+    device = par.device
     torch.manual_seed(tcfg.seed)
     tokenizer = load_tokenizer(v.model_ref)
     n = tcfg.num_train_examples
-    forget_ex = tokenize_examples(
-        _shuffled(v.forget_texts, tcfg.seed)[:n], tokenizer, tcfg.max_length
-    )
-    retain_ex = tokenize_examples(
-        _shuffled(v.retain_texts, tcfg.seed + 1)[:n], tokenizer, tcfg.max_length
-    )
+    forget_docs, retain_docs = training_documents(cfg, v)
+    forget_ex = tokenize_examples(forget_docs, tokenizer, tcfg.max_length)
+    retain_ex = tokenize_examples(retain_docs, tokenizer, tcfg.max_length)
     if len(forget_ex) < n:
         print(
             f"note: the forget corpus has {len(forget_ex)} documents (< num_train_examples={n}):"
@@ -198,23 +238,28 @@ def prepare(cfg: RunConfig, v: Validated, out: Path) -> Prepared:
         reference = Reference(model, frozen_copy=copy.deepcopy(model))
         model.requires_grad_(True)
     method = get_method(cfg.args.method)(cfg.method)
-    env = _method_env(v.world, v.model_ref.name, tokenizer, device, tcfg, v.retain_texts, out)
-    method.setup(model, env)
-    plan = make_plan(tcfg, len(forget_ex), method.phases)
-    return Prepared(model, reference, method, tokenizer, forget, retain, plan, device, v.world)
+    # Lenses / affine maps are fitted on the world's general text, or else on the retain sample
+    # (a hub retain corpus can hold millions of documents).
+    general = v.retain_texts if v.world is not None else retain_docs
+    env = _method_env(v.world, v.model_ref, tokenizer, device, tcfg, general, out)
+    with par.main_first():  # rank 0 fits and caches lenses / affine maps, the others load them
+        method.setup(model, env)
+    par.wrap(model)
+    plan = make_plan(tcfg, len(forget_ex), method.phases, par.world_size)
+    return Prepared(model, reference, method, tokenizer, forget, retain, plan, device, v.world, par)
 
 
 def run_unlearning(cfg: RunConfig) -> RunMeta:
     """Train, save, evaluate. Returns the final RunMeta (status done/collapsed/diverged/failed)."""
     from unlearn.fsutil import check_writable_parent
-    from unlearn.models import save_model
 
     args = cfg.args
     v = validate(cfg)  # nothing heavy before this has passed
     out = check_writable_parent(args.out)
-    run = RunDir(out)
-    run.reset()
-    meta = RunMeta(
+    par = setup(cfg.train.distributed)
+    run = run_dir(par, out)  # only rank 0 writes
+    checkpoint = Checkpointer(out, cfg.to_dict(), every=cfg.train.checkpoint_every)
+    fresh = RunMeta(
         id=args.run_id or out.name,
         kind="unlearn",
         method=args.method,
@@ -222,25 +267,32 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
         status="running",
         started=utc_now(),
     )
-    run.write_run(meta)
-    store = open_store(args.store)
+    meta = open_run(run, fresh, checkpoint)  # resumes when OUT holds a checkpoint of this config
+    store = open_store(args.store) if par.is_main else None
     if store:
         store.upsert_run(meta, out)
     try:
-        p = prepare(cfg, v, out)
-        state = train(
-            p.model,
-            p.method,
-            p.reference,
-            p.forget,
-            p.retain,
-            cfg.train,
-            p.plan,
-            state=TrainState(),
-            on_log=run.append_metrics,
-            progress=args.progress,
-            device=p.device,
-        )
+        p = prepare(cfg, v, out, par)
+        with checkpoint.catching_signals():
+            state = train(
+                p.model,
+                p.method,
+                p.reference,
+                p.forget,
+                p.retain,
+                cfg.train,
+                p.plan,
+                state=TrainState(),
+                on_log=run.append_metrics,
+                progress=args.progress,
+                device=p.device,
+                parallel=par,
+                checkpointer=checkpoint,
+            )
+    except Preempted as e:
+        meta = run.update(status="preempted", error=str(e))
+        print(f"run {meta.id}: {e}", file=sys.stderr)
+        return finish_run(store, meta, out)
     except (DivergedError, RetainZeroError) as e:
         status = "diverged" if isinstance(e, DivergedError) else "failed"
         meta = run.update(status=status, error=str(e), finished=utc_now())
@@ -252,7 +304,7 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
         raise
     # The loss terms and their weighted total; coefficients, lr and grad norm are in metrics.jsonl.
     final = {k: v for k, v in state.last.items() if k in state.first_values or k == "loss"}
-    paths = save_model(p.model, p.tokenizer, out, merge=cfg.lora.merge)
+    paths = par.save_model(p.model, p.tokenizer, out, merge=cfg.lora.merge)
     run.update(
         final=final,
         model_path=paths.get("model", paths.get("adapter")),
@@ -263,7 +315,14 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
         status = evaluate_into(
             run, p.model, p.tokenizer, p.world, p.plan.total_steps, args.eval_batch_size
         )
+    elif args.eval and par.is_main:
+        print(
+            "note: no --world, so no built-in evaluation; evaluate OUT/model on benchmarks with "
+            "`unlearn eval --backend lm-eval`",
+            file=sys.stderr,
+        )
     meta = run.update(status=status, finished=utc_now())
+    checkpoint.discard()
     return finish_run(store, meta, out)
 
 
@@ -290,14 +349,15 @@ def evaluate_into(
     return status
 
 
-def _method_env(world, model_name, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:
+def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:
     """General text for fitting lenses/affine maps: the retain documents (+ the world's filler)."""
     from unlearn.fitting import general_texts
 
     general = general_texts(world, extra=list(retain_texts))
     cut = max(1, len(general) // 5)
     return MethodEnv(
-        model_name=model_name,
+        model_name=model_ref.name,
+        trust_remote_code=model_ref.trust_remote_code,
         tokenizer=tokenizer,
         device=device,
         dtype=tcfg.dtype,

@@ -1,0 +1,365 @@
+"""Data-parallel training and evaluation under torchrun: DDP and FSDP2, with torch.distributed only.
+
+    torchrun --nproc_per_node=4 -m unlearn run --method lens --world W --out R --distributed fsdp2
+
+`Parallel` is everything the training loop, the recipes and the evaluator need to know about the
+process group: rank, world size, how to run one micro-batch's objective, how to accumulate
+gradients, how to reduce logged values and how to save. With `--distributed none` it is a no-op,
+so the single-process path is the same code.
+
+Design choices:
+- The process group comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+  MASTER_ADDR/PORT): NCCL on CUDA (one GPU per local rank), gloo on the CPU. Started without
+  torchrun, a ddp/fsdp2 run is a one-process group (an in-memory store), so the same wrappers are
+  exercised with one process as with N.
+- Data: every rank builds the same deterministic `ExampleStream`s and draws global micro-batch
+  k = (step * accum + a) * world + rank, so N processes with accumulation A see exactly the
+  micro-batches of 1 process with accumulation N * A.
+- Loss normalisation: the training objective of a step is the mean over its micro-batches of each
+  micro-batch's masked token means (each micro-batch counts equally, as in the one-process loop
+  where a micro-batch's loss is divided by the accumulation). DDP and FSDP2 average gradients over
+  ranks, so mean over ranks of (mean over accumulation) is exactly that mean over all N * A
+  micro-batches: no token-count rescaling is needed, and one that weighted micro-batches by their
+  token counts would change the objective relative to one process. Logged values are averaged the
+  same way (an all-reduce of the per-rank accumulation means) before guards and logging, so every
+  rank takes the same divergence decision.
+- DDP wraps a small module whose forward runs the whole objective of one micro-batch (all its
+  forwards: trained model, reference, early-stopped activation passes). DDP then sees exactly one
+  forward per backward, and `find_unused_parameters` finds the parameters that a loss did not
+  reach (blocks above a stopped forward, the unembedding under an L2 retain term) from the
+  returned loss graph. Methods still get the plain model, so hooks work as in one process.
+- FSDP2 (`fully_shard`) shards every transformer block (hooks.get_blocks), then the root (the HF
+  or PEFT model: embeddings, final norm, unembedding). The root is kept unsharded from the start
+  of a micro-batch until its backward (`reshard_after_forward=False` plus an explicit `unshard`),
+  because the lens method calls the final norm and the unembedding directly, outside any root
+  forward. Block hooks (capture, replace_output, early stop) are ordinary forward hooks that run
+  after FSDP's own. Muon needs whole matrices, so it is refused with FSDP2.
+- Frozen models (full fine-tuning's reference copy, checkpoint transfer's source, lenses) are
+  plain per-rank copies, never wrapped: they take no gradients. With LoRA the reference is the
+  wrapped model with its adapters disabled, as in one process.
+- Gradient accumulation skips the gradient all-reduce / reduce-scatter on all but the last
+  micro-batch of a step (DDP `no_sync`, FSDP2 `set_requires_gradient_sync(False)`).
+- Saving: FSDP2 gathers a full state dict on CPU (`get_model_state_dict(full_state_dict=True,
+  cpu_offload=True)`); rank 0 loads it into a freshly built unsharded model (re-attaching the LoRA
+  adapters) and writes it with `models.save_model` (atomic, merged if asked). Under DDP every rank
+  already holds the full model; rank 0 writes it.
+- Only rank 0 writes: the run directory (`follower_run_dir` keeps the other ranks' run.json in
+  memory), the store, progress bars and printed plans.
+- Evaluation: `score_sharded` splits a question list round-robin over the ranks, pads every shard
+  to the same length (FSDP2 needs every rank to run the same number of forwards), scores, and
+  gathers the per-question scores with `all_gather_object`, so the task metrics are computed from
+  the same per-question numbers as in one process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unlearn.errors import UsageError
+
+MODES = ("none", "ddp", "fsdp2")
+
+
+def env_world_size() -> int:
+    """Processes launched together (torchrun's WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def active() -> bool:
+    """Whether a process group with more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that prints and writes."""
+    return rank() == 0
+
+
+def check_mode(mode: str, optimizer: str = "adamw") -> None:
+    """Validate --distributed before anything loads (UsageError with one line)."""
+    if mode not in MODES:
+        raise UsageError(f"unknown --distributed {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "fsdp2" and optimizer == "muon":
+        raise UsageError(
+            "--optimizer muon needs whole weight matrices; use --distributed ddp with muon"
+        )
+
+
+def _init_process_group() -> None:
+    if dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        # Not under torchrun: a one-process group, so --distributed ddp/fsdp2 still runs the
+        # wrapped code path (and equals the N-process run on the same global batch).
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _ObjectiveModule(nn.Module):
+    """What DDP wraps: a forward that runs one micro-batch's objective on the inner model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return compute()
+
+
+@dataclass
+class Parallel:
+    """The process group as the loop and the recipes see it (mode none: one plain process)."""
+
+    mode: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _ddp: nn.Module | None = None
+    _root: nn.Module | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Wrap the trained model for gradients (DDP) or shard it in place (FSDP2).
+
+        Returns the module the methods use (the model itself in every mode); call it after
+        anything that reads whole weights (method setup: lens or affine fitting).
+        """
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(
+                _ObjectiveModule(model),
+                device_ids=device_ids,
+                find_unused_parameters=True,
+            )
+        elif self.mode == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            from unlearn.hooks import get_blocks
+
+            for block in get_blocks(model):
+                fully_shard(block)
+            fully_shard(model, reshard_after_forward=False)
+            self._root = model
+        return model
+
+    def loss(self, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Run one micro-batch's objective (`compute` does the forwards and returns the terms)."""
+        if self._ddp is not None:
+            return self._ddp(compute)
+        if self._root is not None:
+            self._root.unshard()  # type: ignore[operator]
+        return compute()
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """Forward + backward of one micro-batch; gradients are synchronised on the last only."""
+        if self._ddp is not None and not last:
+            with self._ddp.no_sync():  # type: ignore[operator]
+                yield
+            return
+        if self._root is not None:
+            self._root.set_requires_gradient_sync(last)  # type: ignore[operator]
+        yield
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average logged values over ranks (each rank's value is its accumulation mean)."""
+        if self.world_size == 1 or not values:
+            return values
+        names = sorted(values)
+        t = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {n: float(v) / self.world_size for n, v in zip(names, t.tolist(), strict=True)}
+
+    def item(self, value: torch.Tensor | float) -> float:
+        """A Python float of a tensor that may be an FSDP2 DTensor (e.g. the gradient norm)."""
+        if isinstance(value, torch.Tensor):
+            full = getattr(value, "full_tensor", None)
+            return float(full() if full is not None else value)
+        return float(value)
+
+    def barrier(self) -> None:
+        if self.enabled and self.world_size > 1:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. fits and caches a lens), then the others."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def save_model(
+        self, model: nn.Module, tokenizer, out_dir: str | os.PathLike, merge: bool = True
+    ) -> dict[str, str]:
+        """Save like `models.save_model` (rank 0 writes, atomically); returns the paths."""
+        from unlearn.models import is_peft, save_model
+
+        out_dir = Path(out_dir)
+        if self._root is not None:
+            model = self._gather_full_model(model)
+        if self.is_main:
+            paths = save_model(model, tokenizer, out_dir, merge=merge)
+        else:
+            paths = {"adapter": str(out_dir / "adapter")} if is_peft(model) else {}
+            if merge or not paths:
+                paths["model"] = str(out_dir / "model")
+        self.barrier()
+        return paths
+
+    def _gather_full_model(self, model: nn.Module) -> nn.Module:
+        """The FSDP2 model's full weights in a fresh unsharded model on rank 0 (CPU)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)  # every rank must take part
+        if not self.is_main:
+            return model
+        full = _empty_like(model)
+        full.load_state_dict(state)
+        return full
+
+
+def _empty_like(model: nn.Module) -> nn.Module:
+    """A new CPU model of the same architecture (and LoRA adapters) as `model`, to load weights."""
+    from transformers import AutoModelForCausalLM
+
+    from unlearn.models import is_peft
+
+    dtype = next(iter(model.parameters())).dtype
+    if not is_peft(model):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=dtype)
+    from peft import get_peft_model
+
+    base_model = model.get_base_model()  # type: ignore[operator]
+    base = AutoModelForCausalLM.from_config(copy.deepcopy(base_model.config), dtype=dtype)
+    return get_peft_model(base, copy.deepcopy(model.peft_config["default"]))  # type: ignore[index]
+
+
+def setup(mode: str) -> Parallel:
+    """The Parallel of this process: joins (or starts) the process group for ddp/fsdp2.
+
+    Launched by torchrun on several processes without --distributed, every process would train
+    its own copy and write the same run directory, so that is refused.
+    """
+    check_mode(mode)
+    if mode == "none":
+        if env_world_size() > 1:
+            raise UsageError(
+                f"launched on {env_world_size()} processes: pass --distributed ddp or fsdp2"
+            )
+        from unlearn.models import default_device
+
+        return Parallel(device=default_device())
+    _init_process_group()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return Parallel(mode, dist.get_rank(), dist.get_world_size(), device)
+
+
+def join_for_evaluation(backend: str = "native") -> None:
+    """Join torchrun's process group when launched on several processes (`unlearn eval`): the
+    native evaluator then shards its questions over the ranks (`score_sharded`)."""
+    if env_world_size() == 1:
+        return
+    if backend != "native":
+        raise UsageError(
+            f"data-parallel evaluation under torchrun supports the native backend, not {backend}"
+        )
+    _init_process_group()
+
+
+def follower_run_dir(path: str | os.PathLike):
+    """A RunDir for ranks other than 0: run.json lives in memory and nothing is written."""
+    from unlearn.rundir import RunDir, RunMeta, RunRecord
+
+    class FollowerRunDir(RunDir):
+        meta: RunMeta | None = None
+
+        def reset(self) -> None:
+            return None
+
+        def write_run(self, meta: RunMeta | dict[str, Any]) -> RunMeta:
+            self.meta = RunMeta.from_dict(meta) if isinstance(meta, dict) else meta
+            return self.meta
+
+        def read_meta(self) -> RunMeta:
+            if self.meta is None:
+                raise UsageError("run.json has not been written yet")
+            return self.meta
+
+        def append_metrics(self, step: int, values: dict[str, Any]) -> None:
+            return None
+
+        def append_eval(self, step, task, metrics, status="done", error=None) -> list:
+            from unlearn.rundir import eval_rows
+
+            return eval_rows(step, task, metrics, status, error)
+
+        def read(self) -> RunRecord:
+            # Rank 0 may be rewriting the files right now; followers never need their rows.
+            return RunRecord(path=self.path, meta=self.read_meta(), metrics=[], evals=[])
+
+    return FollowerRunDir(path)
+
+
+def run_dir(par: Parallel, path: str | os.PathLike):
+    """The run directory this rank writes (rank 0) or only pretends to (the others)."""
+    from unlearn.rundir import RunDir
+
+    return RunDir(path) if par.is_main else follower_run_dir(path)
+
+
+def score_sharded(score: Callable[[Sequence[dict]], list], questions: Sequence[dict]) -> list:
+    """`score(questions)` in data parallel: each rank scores every world-th question (shards
+    padded to one length so each rank runs the same forwards), results gathered in order."""
+    if not active():
+        return score(questions)
+    world, me = dist.get_world_size(), dist.get_rank()
+    per_rank = -(-len(questions) // world)
+    mine = list(range(me, len(questions), world))
+    # Padding repeats a real question (scored, then dropped) so shapes stay realistic.
+    padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
+    scores = score([questions[i] for i in padded]) if padded else []
+    gathered: list[list] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, list(zip(mine, scores[: len(mine)], strict=True)))
+    by_index = dict(pair for part in gathered for pair in part)
+    return [by_index[i] for i in range(len(questions))]

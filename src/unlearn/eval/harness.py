@@ -1,0 +1,452 @@
+"""The lm-evaluation-harness backend: benchmarks and the mini world's questions through lm-eval.
+
+Design choices:
+
+- **One adapter, two ways in.** `run_tasks` evaluates a live model: lm-eval's `HFLM` wraps the
+  model and tokenizer we already hold (nothing is copied or reloaded). `run_saved` evaluates a
+  model directory or hub id in a child process, so a hung or crashing evaluation can be killed by
+  a timeout without taking the caller down.
+- **Task names.** A name is a world question set (`forget`, `forget_heldout`, `forget_attack`,
+  `retain`, when a world is given), a task bundled with this package (`eval/tasks/`:
+  `wmdp_bio_robust`, `wmdp_bio_cloze`) or any lm-eval built-in (`mmlu`, `wmdp_bio`). lm-eval's own
+  index (about 15k configs, seconds to scan) is built only when a name is not found among ours.
+- **World tasks equal the native evaluator.** They are inline task configs over the world's
+  question JSONL whose requests are exactly the native evaluator's: context = prompt,
+  continuation = choice (target delimiter "", since every choice starts with its space), no BOS
+  token, and the bundled cloze `process_results` (acc, acc_norm, correct_prob). So both backends
+  give the same accuracy on the same model (tests/test_lm_eval.py asserts it).
+- **Results are read from the dict `simple_evaluate` returns**, never from printed tables:
+  `"{metric},{filter}"` entries of `results[task]` (a group's are its aggregate), `n` from
+  `n-samples`, and the collapse check from the logged per-document log-likelihoods.
+- **Failure is never a number.** An evaluation that raises, reports no metric or a non-finite
+  one raises `HarnessError` (`run_tasks` records it per task as
+  `{"status": "failed", "error": ...}` and goes on with the others); so does a saved-model
+  evaluation that runs past its timeout (its unfinished tasks). A dataset that cannot be
+  loaded (offline and not cached) is bad input: `UsageError`, one line naming the task and how to
+  make it available, raised while the tasks are prepared, before any weights load.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from unlearn.errors import UsageError
+from unlearn.eval.collapse import collapse_report
+from unlearn.eval.tasks import TASKS_DIR
+
+WORLD_TASK_PREFIX = "world_"
+"""lm-eval name of a world task: `world_forget` is reported as `forget`."""
+BUNDLED_TASKS = ("wmdp_bio_robust", "wmdp_bio_cloze")
+WORLD_METRICS = ("acc", "acc_norm", "correct_prob")
+
+
+class HarnessError(RuntimeError):
+    """An lm-eval evaluation failed: record it as failed with this text, never as a number."""
+
+
+@dataclass(frozen=True)
+class HarnessOptions:
+    """How lm-eval runs (shared by in-memory and saved-model evaluations)."""
+
+    batch_size: int = 64
+    """Requests per forward pass."""
+    limit: int | None = None
+    """Only the first N documents of each task (quick checks)."""
+    num_fewshot: int | None = None
+    """Few-shot examples; tasks whose config fixes 0 (all of ours) stay 0-shot."""
+    timeout: float | None = None
+    """Seconds a saved-model evaluation may run before it is killed and marked failed."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit must be >= 1, got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UsageError(f"--num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"--timeout must be > 0 seconds, got {self.timeout}")
+
+
+def world_task_config(name: str, questions_file: str | os.PathLike) -> dict:
+    """Inline lm-eval config of one world question set (scored exactly like eval/native.py)."""
+    from unlearn.eval.tasks.utils import cloze_results
+
+    return {
+        "task": WORLD_TASK_PREFIX + name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(questions_file).absolute())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "num_fewshot": 0,
+        "doc_to_text": "prompt",
+        "doc_to_choice": "choices",
+        "doc_to_target": "answer",
+        # Choices carry their leading space, so the scored text is prompt + choice, as in native.
+        "target_delimiter": "",
+        "process_results": cloze_results,
+        "metric_list": [
+            {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in WORLD_METRICS
+        ],
+        "metadata": {"version": 1},
+    }
+
+
+@dataclass
+class PreparedTasks:
+    """Tasks built and their data loaded, ready to run on any number of models."""
+
+    objects: dict = field(default_factory=dict)
+    """Requested name -> lm-eval Task or Group."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Requested name -> why it could not be built (recorded as a failed eval)."""
+    world_names: frozenset[str] = frozenset()
+    task_manager: object = None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_task_manager(paths: tuple[str, ...], include_defaults: bool):
+    # Scanning lm-eval's own ~15k configs takes seconds; a TaskManager only indexes, so one
+    # serves every evaluation in the process (e.g. the three models of `eval --baselines`).
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+
+
+def _task_manager(registered: Sequence[str], include_path: Sequence[str | os.PathLike] = ()):
+    """A TaskManager that knows our bundled tasks (and `include_path`'s), and lm-eval's own
+    only if a name needs them."""
+    paths = (str(TASKS_DIR), *(str(Path(p).absolute()) for p in include_path))
+    tm = _cached_task_manager(paths, include_defaults=False)
+    if any(name not in tm.all_tasks for name in registered):
+        tm = _cached_task_manager(paths, include_defaults=True)
+    unknown = [name for name in registered if name not in tm.all_tasks]
+    if unknown:
+        raise UsageError(
+            f"unknown task(s) {unknown}: not a world task, a bundled task "
+            f"({', '.join(BUNDLED_TASKS)}) or an lm-eval task (list them with `lm_eval ls tasks`)"
+        )
+    return tm
+
+
+def _dataset_error(name: str, error: Exception) -> UsageError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UsageError(
+        f"task {name}: dataset not available ({first}); run this once where the Hugging Face hub "
+        "is reachable, with the same HF_HOME, to cache it (then HF_HUB_OFFLINE=1 works here)"
+    )
+
+
+def prepare_tasks(
+    names: Sequence[str], world=None, include_path: Sequence[str | os.PathLike] = ()
+) -> PreparedTasks:
+    """Resolve task names and load their data. Unknown names and missing datasets: UsageError.
+
+    `include_path`: extra folders of lm-eval task YAMLs (your own tasks).
+    """
+    questions = dict(world.questions) if world is not None else {}
+    tm = _task_manager([n for n in names if n not in questions], include_path)
+    prepared = PreparedTasks(world_names=frozenset(n for n in names if n in questions))
+    prepared.task_manager = tm
+    for name in names:
+        spec = world_task_config(name, questions[name]) if name in questions else name
+        lm_name = WORLD_TASK_PREFIX + name if name in questions else name
+        try:
+            loaded = tm.load([spec])
+        except (ConnectionError, FileNotFoundError) as e:
+            raise _dataset_error(name, e) from None
+        except Exception as e:  # a broken config fails this task only
+            prepared.failed[name] = f"could not build task: {type(e).__name__}: {e}"
+            continue
+        groups = loaded.get("groups") or {}
+        prepared.objects[name] = groups[lm_name] if lm_name in groups else loaded["tasks"][lm_name]
+    return prepared
+
+
+def _leaf_tasks(obj) -> list:
+    from lm_eval.api.group import Group
+
+    return list(obj.get_all_tasks()) if isinstance(obj, Group) else [obj]
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HarnessError(f"lm-eval reported a non-finite or non-numeric {what}: {value!r}")
+    return float(value)
+
+
+def parse_metrics(entry: dict, task: str) -> dict[str, float | None]:
+    """`{"acc,none": .., "acc_stderr,none": ..}` -> `{"acc": .., "acc_stderr": ..}`.
+
+    Metrics are taken under the first filter that reports them ("none" for log-likelihood
+    tasks). A stderr lm-eval could not compute ("N/A") becomes None; a metric must be a finite
+    number, and a task with no metric at all is a failure.
+    """
+    values: dict[str, float | None] = {}
+    for key, value in entry.items():
+        name, sep, _filter = key.partition(",")
+        if not sep or name.endswith("_stderr") or name in values:
+            continue
+        values[name] = _number(value, f"{name} for {task}")
+        stderr = entry.get(f"{name}_stderr,{_filter}")
+        values[f"{name}_stderr"] = (
+            None if stderr is None or isinstance(stderr, str) else _number(stderr, "stderr")
+        )
+    if not values:
+        raise HarnessError(f"lm-eval returned no metric for task {task}")
+    return values
+
+
+def _collapse(raw: dict, leaves: list) -> dict | None:
+    """Collapse check from the logged samples of multiple-choice leaves (None otherwise)."""
+    positions: list[int] = []
+    strings: list[str] = []
+    n_choices = 0
+    for task in leaves:
+        if task.OUTPUT_TYPE != "multiple_choice":
+            return None
+        for sample in raw.get("samples", {}).get(task.task_name, []):
+            logliks = [float(resp[0]) for resp in sample["filtered_resps"]]
+            pred = max(range(len(logliks)), key=lambda i: logliks[i])
+            choices = task.doc_to_choice(sample["doc"])
+            positions.append(pred)
+            strings.append(str(choices[pred]))
+            n_choices = max(n_choices, len(choices))
+    if not positions:
+        return None
+    return collapse_report(positions, strings, n_choices=n_choices)
+
+
+def parse_result(raw: dict, obj) -> dict:
+    """Our result shape for one requested task or group, from `simple_evaluate`'s dict."""
+    name = obj.name if hasattr(obj, "get_all_tasks") else obj.task_name
+    entry = raw.get("results", {}).get(name) or raw.get("groups", {}).get(name)
+    if not entry:
+        raise HarnessError(f"lm-eval returned no results for task {name}")
+    metrics = parse_metrics(entry, name)
+    leaves = _leaf_tasks(obj)
+    counts = raw.get("n-samples", {})
+    n = sum(int(counts.get(t.task_name, {}).get("effective", 0)) for t in leaves)
+    if n == 0:
+        raise HarnessError(f"lm-eval evaluated no documents for task {name}")
+    result: dict = {"n": n, **metrics}
+    collapse = _collapse(raw, leaves)
+    if collapse is not None:
+        result["collapse"] = collapse
+    return result
+
+
+def _quiet_lm_eval() -> None:
+    """lm-eval and datasets log every request batch; keep warnings only."""
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def evaluate_one(lm, prepared: PreparedTasks, name: str, options: HarnessOptions) -> dict:
+    """Run one prepared task on an lm-eval model; HarnessError if it fails in any way."""
+    from lm_eval import simple_evaluate
+
+    if name in prepared.failed:
+        raise HarnessError(prepared.failed[name])
+    obj = prepared.objects[name]
+    try:
+        raw = simple_evaluate(
+            lm,
+            tasks=[obj],
+            num_fewshot=options.num_fewshot,
+            limit=options.limit,
+            task_manager=prepared.task_manager,
+            log_samples=True,
+            # Mean metrics get closed-form stderrs; bootstrap serves only the others.
+            bootstrap_iters=1000,
+        )
+    except Exception as e:
+        raise HarnessError(f"{type(e).__name__}: {e}") from e
+    if raw is None:
+        raise HarnessError("lm-eval returned nothing (not the main process?)")
+    return parse_result(raw, obj)
+
+
+def evaluate_prepared(
+    model,
+    tokenizer,
+    prepared: PreparedTasks,
+    options: HarnessOptions = HarnessOptions(),
+    on_result: Callable[[str, dict], None] | None = None,
+) -> dict[str, dict]:
+    """Evaluate a live model on prepared tasks: {name: result or {"status": "failed", ...}}.
+
+    `on_result(name, result)` is called as each task finishes (the child process streams them).
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    _quiet_lm_eval()
+    was_training = model.training
+    lms: dict[bool, object] = {}
+
+    def lm_for(name: str):
+        # World tasks add no BOS token, like the native evaluator; benchmarks keep lm-eval's
+        # default for the tokenizer, so their numbers match a plain `lm_eval` run.
+        world = name in prepared.world_names
+        if world not in lms:
+            lms[world] = HFLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=options.batch_size,
+                add_bos_token=False if world else None,
+            )
+        return lms[world]
+
+    results: dict[str, dict] = {}
+    try:
+        for name in [*prepared.objects, *prepared.failed]:
+            try:
+                results[name] = evaluate_one(lm_for(name), prepared, name, options)
+            except HarnessError as e:
+                results[name] = {"status": "failed", "error": str(e)}
+            if on_result is not None:
+                on_result(name, results[name])
+    finally:
+        model.train(was_training)  # HFLM switches the model to eval mode
+    return results
+
+
+def run_tasks(
+    model, tokenizer, names: Sequence[str], world=None, options: HarnessOptions = HarnessOptions()
+) -> dict[str, dict]:
+    """Evaluate a live model on tasks by name (see the module docstring for the names)."""
+    return evaluate_prepared(model, tokenizer, prepare_tasks(names, world), options)
+
+
+def failed_tasks(results: dict[str, dict]) -> dict[str, str]:
+    """{task: error} of the failed entries of a results dict."""
+    return {t: r["error"] for t, r in results.items() if r.get("status") == "failed"}
+
+
+# ---------------------------------------------------------------- saved models (child process)
+
+
+@dataclass(frozen=True)
+class SavedRequest:
+    """What the child process evaluates (written as JSON for it)."""
+
+    model: str
+    tasks: list[str]
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+    world: str | None = None
+    include_path: list[str] = field(default_factory=list)
+    batch_size: int = 64
+    limit: int | None = None
+    num_fewshot: int | None = None
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return " | ".join(line.strip() for line in text[-lines:] if line.strip()) or "no output"
+
+
+def run_saved(
+    model: str,
+    names: Sequence[str],
+    world=None,
+    options: HarnessOptions = HarnessOptions(),
+    revision: str | None = None,
+    dtype: str = "float32",
+    include_path: Sequence[str | os.PathLike] = (),
+    trust_remote_code: bool = False,
+) -> dict[str, dict]:
+    """Evaluate a saved model (directory or hub id) in a child process, with options.timeout.
+
+    Tasks finished before a timeout or a crash keep their results; the rest are failed with the
+    reason. Bad input found by the child (unknown task, missing dataset) is re-raised here as a
+    UsageError.
+    """
+    request = SavedRequest(
+        model=str(model),
+        tasks=list(names),
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        world=str(world.root) if world is not None else None,
+        include_path=[str(Path(p).absolute()) for p in include_path],
+        batch_size=options.batch_size,
+        limit=options.limit,
+        num_fewshot=options.num_fewshot,
+    )
+    with tempfile.TemporaryDirectory(prefix="unlearn-lm-eval-") as tmp:
+        req, out, log = Path(tmp, "request.json"), Path(tmp, "results.jsonl"), Path(tmp, "log")
+        req.write_text(json.dumps(asdict(request)))
+        with log.open("w") as log_file:
+            # Own session: on timeout the whole process group (any workers too) is killed.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "unlearn.eval.harness", str(req), str(out)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                code = proc.wait(timeout=options.timeout)
+                reason = f"lm-eval process exited with code {code}: {_tail(log)}"
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                code = None
+                reason = f"timed out after {options.timeout:g} s"
+        rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    for row in rows:
+        if "usage_error" in row:
+            raise UsageError(row["usage_error"])
+    results = {row["task"]: row["result"] for row in rows}
+    for name in names:
+        if name not in results:
+            results[name] = {"status": "failed", "error": reason}
+    return results
+
+
+def _child_main(request_file: str, out_file: str) -> int:
+    """Child process: load the model, run each task, append one JSON line per finished task."""
+    from unlearn.models import default_device, load_model, load_tokenizer, resolve_model
+    from unlearn.world import load_world
+
+    request = SavedRequest(**json.loads(Path(request_file).read_text()))
+    out = Path(out_file)
+
+    def emit(row: dict) -> None:
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    options = HarnessOptions(request.batch_size, request.limit, request.num_fewshot)
+    try:
+        world = load_world(request.world) if request.world else None
+        prepared = prepare_tasks(request.tasks, world, request.include_path)
+        ref = resolve_model(request.model, request.revision, request.trust_remote_code)
+    except UsageError as e:
+        emit({"usage_error": str(e)})
+        return 2
+    model = load_model(ref, request.dtype, default_device())
+    tokenizer = load_tokenizer(ref)
+    evaluate_prepared(
+        model, tokenizer, prepared, options, lambda name, r: emit({"task": name, "result": r})
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(*sys.argv[1:3]))

@@ -1,0 +1,391 @@
+"""Preemption and resume: resumable checkpoints of a training run, written on a signal.
+
+    checkpointer = Checkpointer(out, config, every=cfg.checkpoint_every)
+    meta = open_run(RunDir(out), fresh_meta, checkpointer)   # resume if OUT holds a checkpoint
+    with checkpointer.catching_signals():
+        state = train(..., checkpointer=checkpointer)         # raises Preempted on SIGTERM
+
+SLURM sends SIGTERM before it preempts a job (and, with `--signal=USR1@120` or submitit's
+default, SIGUSR1/SIGUSR2 before the time limit). While training, those signals only set a flag;
+after the optimizer step in progress the loop writes a checkpoint and raises `Preempted`, the
+recipe records status "preempted" and the command exits with `EXIT_PREEMPTED` (75, sysexits'
+"temporary failure, retry"). Running the same command again resumes from the checkpoint.
+
+Design choices:
+- What is saved: the trainable parameters (LoRA adapters, or every weight in full fine-tuning),
+  the optimizer state (every optimizer of a `MultiOptimizer`: AdamW and Muon), the `TrainState`
+  (step, the divergence guard's first values, the retain guard), and the RNG states (python,
+  torch CPU, CUDA) of every rank. Nothing else is needed: micro-batch k of the data streams and
+  its random-target generator are pure functions of (seed, k), k is a function of the step, and
+  the LR and coefficient schedules are pure functions of the step, so "data position", "scheduler"
+  and "coefficient schedule position" are all the saved step. Frozen parts (the base model, a full
+  fine-tuning reference copy, lenses, affine maps, source checkpoints) are rebuilt from their
+  files exactly as in the first attempt, before the checkpoint is loaded.
+- Tensors go through `torch.distributed.checkpoint.state_dict` (`get_state_dict` /
+  `set_state_dict` with `full_state_dict`), so one code path serves one process, DDP and FSDP2:
+  a full (gathered, unsharded) state dict on CPU, keyed by parameter names, written by rank 0 and
+  read by every rank (`set_state_dict` reshards it). Files are plain `torch.save` archives,
+  loaded with `weights_only=True`.
+- Atomicity: a checkpoint is a directory `OUT/checkpoint/step-NNNNNNNN`, built in a hidden temp
+  sibling, every file fsynced, renamed into place, the parent fsynced; only then are older
+  checkpoints deleted. The newest `step-*` directory is the checkpoint. A kill -9 at any moment
+  therefore leaves the previous checkpoint, the new one, or both; never a partial one (temp
+  directories are hidden and removed by the next writer).
+- A checkpoint records the run's configuration; resuming under a different one (another learning
+  rate, another world size) is a UsageError, one line, before any weights load. Fields that
+  cannot change the result (`checkpoint_every`, `progress`) may differ.
+- Resuming from step s drops metric and eval rows logged after step s (a kill -9 between
+  checkpoints leaves some), so the resumed run's files equal an uninterrupted run's.
+- Signal handlers exist only inside `catching_signals()` and are restored on exit; outside
+  training (model loading, saving, evaluation) a signal keeps its usual effect, and the next
+  attempt resumes from the last checkpoint. Under torchrun the ranks agree on the flag (an
+  all-reduce per step), so every rank checkpoints at the same step.
+- A finished run deletes its checkpoint (`discard`): for a 7B model the optimizer state alone is
+  tens of gigabytes, and a finished run is never resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unlearn.errors import UsageError
+from unlearn.fsutil import atomic_write_text
+from unlearn.rundir import EVALS_FILE, METRICS_FILE, RunDir, RunMeta
+
+CHECKPOINT_DIR = "checkpoint"
+FORMAT = 1
+EXIT_PREEMPTED = 75
+"""Exit status of a preempted command (EX_TEMPFAIL: run the same command again to resume)."""
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+"""SIGTERM: SLURM's preemption notice. SIGUSR1/SIGUSR2: the usual pre-time-limit signals
+(`#SBATCH --signal=USR1@120`; submitit asks SLURM for USR2)."""
+UNCOMPARED = ("checkpoint_every", "progress")
+"""Config fields that cannot change the result, so a resume may change them."""
+
+_STEP_PREFIX = "step-"
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing a checkpoint at `step`."""
+
+    def __init__(self, step: int, signum: int, path: Path) -> None:
+        super().__init__(
+            f"preempted by {signal.Signals(signum).name} at step {step}; checkpoint {path}"
+            " (run the same command again to resume)"
+        )
+        self.step, self.signum, self.path = step, signum, path
+
+
+def _rank_and_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as JSON would give it back, without the fields a resume may change."""
+    normal = json.loads(json.dumps(config))
+    return {k: v for k, v in normal.items() if k not in UNCOMPARED}
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory of a run directory, or None."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    steps = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(_STEP_PREFIX) and p.name[len(_STEP_PREFIX) :].isdigit()
+    ]
+    return max(steps, key=lambda p: int(p.name[len(_STEP_PREFIX) :]), default=None)
+
+
+def read_info(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's state.json: format, step, world_size, config, train_state."""
+    try:
+        info = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read checkpoint {checkpoint}: {e}") from None
+    if info.get("format") != FORMAT:
+        raise UsageError(f"checkpoint {checkpoint}: unsupported format {info.get('format')!r}")
+    return info
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind a `MultiOptimizer` (or a plain optimizer)."""
+    inner = getattr(optimizer, "optimizers", None)
+    return list(inner.values()) if isinstance(inner, dict) else [optimizer]
+
+
+class Checkpointer:
+    """Writes and restores the resumable checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike, config: dict[str, Any], every: int = 0) -> None:
+        if every < 0:
+            raise UsageError(f"--checkpoint_every must be >= 0, got {every}")
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / CHECKPOINT_DIR
+        self.config = _comparable(config)
+        self.every = every
+        self.signum: int | None = None
+        """The signal caught while training (None: none yet)."""
+
+    # -- before any weights load ----------------------------------------------------------------
+
+    def find(self) -> dict[str, Any] | None:
+        """The newest checkpoint's state.json (with its "path"), after checking that it was made
+        by this configuration and world size (UsageError otherwise); None when there is none."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        info = read_info(path)
+        _, world_size = _rank_and_size()
+        if info["world_size"] != world_size:
+            raise UsageError(
+                f"{path} was written by {info['world_size']} process(es), this run has"
+                f" {world_size}: resume with the same number of processes or another --out"
+            )
+        saved = _comparable(info["config"])
+        changed = sorted(
+            k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k)
+        )
+        if changed:
+            what = ", ".join(f"{k} {saved.get(k)!r} -> {self.config.get(k)!r}" for k in changed)
+            raise UsageError(
+                f"{self.run_dir} holds a checkpoint of a different configuration ({what});"
+                " rerun with the same settings or use another --out"
+            )
+        return {**info, "path": path}
+
+    # -- signals --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def catching_signals(self) -> Iterator[Checkpointer]:
+        """Turn SIGTERM/SIGUSR1/SIGUSR2 into a checkpoint-and-stop request while inside.
+
+        Handlers can only be set from the main thread; elsewhere (a library calling the recipe
+        from a worker thread) signals keep their usual effect and only periodic checkpoints run.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def request(signum: int, frame: object) -> None:
+            self.signum = signum
+
+        previous = {s: signal.signal(s, request) for s in SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_requested(self, model: nn.Module) -> bool:
+        """Whether any rank caught a signal (every rank must checkpoint at the same step)."""
+        _, world_size = _rank_and_size()
+        if world_size == 1:
+            return self.signum is not None
+        device = next(model.parameters()).device
+        flag = torch.tensor([0 if self.signum is None else self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signum is None:
+            self.signum = int(flag.item())
+        return bool(flag.item())
+
+    # -- during training ------------------------------------------------------------------------
+
+    def after_step(self, model: nn.Module, optimizer: Any, state: Any, total_steps: int) -> None:
+        """Called by the loop after each optimizer step: save periodically; on a signal, save
+        and raise Preempted."""
+        stop = self._stop_requested(model)
+        periodic = self.every > 0 and state.step % self.every == 0 and state.step < total_steps
+        if stop or periodic:
+            path = self.save(model, optimizer, state)
+            if stop:
+                raise Preempted(state.step, self.signum or signal.SIGTERM, path)
+
+    def save(self, model: nn.Module, optimizer: Any, state: Any) -> Path:
+        """Write a checkpoint of the current step atomically; returns its directory."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        rank, world_size = _rank_and_size()
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
+        )
+        model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=options)
+        rng = [_rng_state()]
+        if world_size > 1:
+            rng = [None] * world_size
+            dist.all_gather_object(rng, _rng_state())
+        final = self.root / f"{_STEP_PREFIX}{state.step:08d}"
+        if rank == 0:
+            self._write(final, model_sd, optim_sd, rng, state, world_size)
+        if world_size > 1:
+            dist.barrier()
+        return final
+
+    def _write(self, final, model_sd, optim_sd, rng, state, world_size: int) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(f".{_STEP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed writer's temp directory
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
+        try:
+            _save_tensors(model_sd, tmp / "model.pt")
+            _save_tensors(optim_sd, tmp / "optimizer.pt")
+            _save_tensors(rng, tmp / "rng.pt")
+            info = {
+                "format": FORMAT,
+                "step": state.step,
+                "world_size": world_size,
+                "config": self.config,
+                "train_state": dataclasses.asdict(state),
+            }
+            atomic_write_text(tmp / "state.json", json.dumps(info, indent=2) + "\n")
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved twice (a signal right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.root.glob(f"{_STEP_PREFIX}*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, model: nn.Module, optimizer: Any, state_cls: type) -> Any | None:
+        """Load the newest checkpoint into model, optimizer and the RNGs; returns its
+        TrainState (an instance of state_cls), or None when there is no checkpoint."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        info = self.find()
+        if info is None:
+            return None
+        path: Path = info["path"]
+        rank, _ = _rank_and_size()
+
+        def load(name: str) -> Any:
+            return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+
+        set_state_dict(
+            model,
+            _optimizers(optimizer),
+            model_state_dict=load("model.pt"),
+            optim_state_dict=load("optimizer.pt"),
+            # Frozen parameters are not in the checkpoint: they come from the model's files.
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+        _set_rng_state(load("rng.pt")[rank])
+        print(f"resumed from {path} (step {info['step']})", file=sys.stderr)
+        return state_cls(**info["train_state"])
+
+    def discard(self) -> None:
+        """Delete the checkpoints (the run finished; rank 0 only)."""
+        if _rank_and_size()[0] == 0:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _truncate_rows(path: Path, step: int) -> None:
+    """Drop the JSONL rows logged after `step` (torn lines go too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def current_job_id() -> str | None:
+    """The id of the SLURM (or submitit local) job this process runs in, None outside one."""
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    except (ImportError, RuntimeError, KeyError):
+        return os.environ.get("SLURM_JOB_ID")
+
+
+def open_run(run: RunDir, fresh: RunMeta, checkpointer: Checkpointer) -> RunMeta:
+    """Start a run directory: resume it when it holds a checkpoint of this configuration
+    (keeping its run.json and its rows up to the checkpoint's step), else start it afresh."""
+    info = checkpointer.find()
+    job_id = current_job_id()
+    if info is None:
+        run.reset()
+        return run.write_run(dataclasses.replace(fresh, job_id=fresh.job_id or job_id))
+    step = info["step"]
+    if _rank_and_size()[0] == 0:
+        for name in (METRICS_FILE, EVALS_FILE):
+            _truncate_rows(run.path / name, step)
+    disk = RunDir(run.path)
+    previous = disk.read_meta() if disk.exists() else fresh
+    print(f"{run.path}: resuming from the checkpoint at step {step}", file=sys.stderr)
+    return run.write_run(
+        dataclasses.replace(
+            previous,
+            status="running",
+            error=None,
+            finished=None,
+            config=fresh.config,
+            job_id=job_id or previous.job_id,
+        )
+    )
+
+
+def exit_code(status: str, ok: tuple[str, ...]) -> int:
+    """A command's exit status for a run status: 0 for `ok` ones, EXIT_PREEMPTED, else 1."""
+    if status in ok:
+        return 0
+    return EXIT_PREEMPTED if status == "preempted" else 1

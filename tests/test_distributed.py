@@ -1,0 +1,285 @@
+"""Data parallelism (unlearn.distributed): world-size equivalence on CPU/gloo, sharded evaluation.
+
+The equivalence tests train a tiny random GPT-NeoX with the sequential method (frozen reference,
+block-output replacement, early-stopped forwards, two phases) for a few steps on examples of
+unequal lengths: once in this process with accumulation 2A, once on 2 spawned processes with
+accumulation A (DDP, FSDP2). Same global batch, so the logged losses and the saved weights must
+agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from unlearn.config import TrainConfig
+from unlearn.distributed import MODES, Parallel, check_mode, score_sharded, setup
+from unlearn.errors import UsageError
+
+STEPS_PER_PHASE = 2
+LR = 1e-2
+LOSS_TOLERANCE = 1e-5
+"""Largest allowed |difference| of a logged value (losses, coefficients, grad norm, all O(1-10))
+between world sizes: float32 sums in another order (measured: 3e-8 DDP, 5e-7 FSDP2)."""
+WEIGHT_TOLERANCE = LR / 100
+"""Largest allowed |difference| of a saved weight: Adam divides by sqrt(v), so a summation-order
+difference in a near-zero gradient moves a weight by a visible fraction of one step (measured:
+about 1e-5 after 4 steps at lr 1e-2)."""
+
+
+class _NoTokenizer:
+    """save_model writes the tokenizer beside the weights; the tiny model has none."""
+
+    def save_pretrained(self, path) -> None:
+        return None
+
+
+def _tiny_model():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def _examples(seed: int) -> list[list[int]]:
+    # Unequal lengths: micro-batches hold different numbers of valid tokens.
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 17, (24,), generator=g).tolist()
+    return [torch.randint(1, 64, (n,), generator=g).tolist() for n in lengths]
+
+
+def _train_tiny(rank: int, world: int, mode: str, accum: int, lora: bool, out: str) -> None:
+    """Train the tiny model; rank 0 writes losses.json and the saved model under `out`."""
+    from unlearn.config import LoraSettings
+    from unlearn.data import ExampleStream
+    from unlearn.methods.base import Reference
+    from unlearn.methods.sequential import Sequential, SequentialConfig
+    from unlearn.models import attach_lora
+    from unlearn.train import make_plan, train
+
+    torch.set_num_threads(1)
+    model = _tiny_model()
+    if lora:
+        torch.manual_seed(1)  # the same adapter initialisation on every rank and world size
+        model = attach_lora(model, LoraSettings(lora_r=4, lora_dropout=0.0))
+        reference = Reference(model)
+    else:
+        reference = Reference(model, frozen_copy=copy.deepcopy(model))
+        model.requires_grad_(True)
+    method = Sequential(SequentialConfig(retain_coef=2.0, remove_coef=1.0))
+    method.setup(model, None)  # type: ignore[arg-type]
+    cfg = TrainConfig(lr=LR, pdbs=2, grad_accum=accum, max_steps=STEPS_PER_PHASE, distributed=mode)
+    par = Parallel(mode, rank, world)
+    par.wrap(model)
+    forget = ExampleStream(_examples(1), cfg.pdbs, 0, seed=0)
+    retain = ExampleStream(_examples(2), cfg.pdbs, 0, seed=1)
+    plan = make_plan(cfg, 24, method.phases, world)
+    rows: list[dict] = []
+    train(
+        model,
+        method,
+        reference,
+        forget,
+        retain,
+        cfg,
+        plan,
+        on_log=lambda step, values: rows.append({"step": step, **values}),
+        progress=False,
+        parallel=par,
+    )
+    par.save_model(model, _NoTokenizer(), out, merge=True)
+    if rank == 0:
+        (Path(out) / "losses.json").write_text(json.dumps(rows))
+
+
+def _worker(rank: int, world: int, port: int, mode: str, accum: int, lora: bool, out: str):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        _train_tiny(rank, world, mode, accum, lora, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(mode: str, accum: int, lora: bool, out: Path) -> None:
+    import torch.multiprocessing as mp
+
+    # fork: the children inherit the imported modules (spawn would re-import torch and
+    # transformers in each, several seconds on a small machine).
+    args = (2, _free_port(), mode, accum, lora, str(out))
+    mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="fork")
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    """The saved model's weights, loaded back as an HF model (the save is a usable model dir)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+
+
+def _max_differences(a: Path, b: Path) -> tuple[float, float]:
+    """Largest |difference| over every logged value and over every saved weight."""
+    la, lb = (json.loads((d / "losses.json").read_text()) for d in (a, b))
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3, 4]
+    loss_diff = max(abs(ra[k] - rb[k]) for ra, rb in zip(la, lb, strict=True) for k in ra)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    weight_diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    return loss_diff, weight_diff
+
+
+def _equivalence(tmp_path: Path, mode: str, lora: bool) -> None:
+    one, two = tmp_path / "one", tmp_path / f"two-{mode}"
+    _train_tiny(0, 1, "none", accum=4, lora=lora, out=str(one))
+    _spawn(mode, accum=2, lora=lora, out=two)
+    loss_diff, weight_diff = _max_differences(one, two)
+    assert loss_diff < LOSS_TOLERANCE and weight_diff < WEIGHT_TOLERANCE, (loss_diff, weight_diff)
+    # The run really trained: the weights moved away from the initial model.
+    initial = _tiny_model().state_dict()
+    moved = max(float((w - initial[k]).abs().max()) for k, w in _weights(one).items())
+    assert moved > 1e-3
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    _equivalence(tmp_path, "ddp", lora=False)
+
+
+def test_fsdp2_two_processes_equal_one_process(tmp_path):
+    _equivalence(tmp_path, "fsdp2", lora=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_lora_world_size_equivalence(tmp_path, mode):
+    """LoRA: the reference is the wrapped model with adapters disabled; the merged save gathers."""
+    _equivalence(tmp_path, mode, lora=True)
+
+
+def test_mode_validation():
+    assert MODES == ("none", "ddp", "fsdp2")
+    with pytest.raises(UsageError, match="unknown --distributed"):
+        check_mode("deepspeed")
+    with pytest.raises(UsageError, match="muon"):
+        TrainConfig(optimizer="muon", distributed="fsdp2")
+    TrainConfig(optimizer="muon", distributed="ddp")  # Muon sees whole matrices under DDP
+
+
+def test_torchrun_without_distributed_flag_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--distributed ddp or fsdp2"):
+        setup("none")
+
+
+def test_single_process_parallel_is_a_no_op():
+    par = setup("none")
+    assert (par.rank, par.world_size, par.is_main, par.enabled) == (0, 1, True, False)
+    assert par.mean({"forget": 1.5}) == {"forget": 1.5}
+    assert score_sharded(lambda qs: [q["id"] * 10 for q in qs], [{"id": 1}, {"id": 2}]) == [10, 20]
+
+
+def _score_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        calls: list[int] = []
+
+        def score(qs):
+            calls.append(len(qs))
+            return [{"id": q["id"], "rank": rank} for q in qs]
+
+        result = score_sharded(score, [{"id": i} for i in range(n)])
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"result": result, "calls": calls}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_score_sharded_gathers_in_order_with_equal_shards(tmp_path):
+    """5 questions on 2 ranks: rank 0 scores 0, 2, 4; rank 1 scores 1, 3 plus one padding
+    question (equal work per rank); every rank gets all 5 results back in question order."""
+    import torch.multiprocessing as mp
+
+    args = (2, _free_port(), 5, str(tmp_path))
+    mp.start_processes(_score_worker, args=args, nprocs=2, join=True, start_method="fork")
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["calls"] == [3]
+        assert [r["id"] for r in got["result"]] == [0, 1, 2, 3, 4]
+        assert [r["rank"] for r in got["result"]] == [0, 1, 0, 1, 0]
+
+
+def _torchrun(*argv: str, nproc: int = 2) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={nproc}", "-m", "unlearn", *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_cli_run_under_torchrun_equals_one_process(tiny_world, tmp_path, mode):
+    """`torchrun -m unlearn run --distributed MODE` on the tiny world (LoRA, merged save,
+    sharded evaluation) against one process with twice the accumulation."""
+    from unlearn.commands.run import main as run_main
+    from unlearn.rundir import RunDir
+
+    common = ["--method", "sequential", "--world", str(tiny_world.root), "--max_steps", "2"]
+    common += ["--num_phases", "1", "--lora_dropout", "0", "--progress", "false"]
+    assert run_main([*common, "--out", str(tmp_path / "one"), "--grad_accum", "4"]) == 0
+    _torchrun("run", *common, "--out", str(tmp_path / "two"), "--grad_accum", "2",
+              "--distributed", mode)  # fmt: skip
+    one, two = RunDir(tmp_path / "one").read(), RunDir(tmp_path / "two").read()
+    assert two.meta.status == "done" and two.meta.config["distributed"] == mode
+    for a, b in zip(one.metrics, two.metrics, strict=True):
+        assert (a.step, a.name) == (b.step, b.name)
+        assert abs(a.value - b.value) < LOSS_TOLERANCE, (a, b)
+    wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_TOLERANCE
+    evals_a = {(e.task, e.metric): e.value for e in one.evals}
+    evals_b = {(e.task, e.metric): e.value for e in two.evals}
+    assert evals_a.keys() == evals_b.keys() and len(evals_a) > 0
+    assert all(abs(evals_a[k] - evals_b[k]) < 1e-4 for k in evals_a)
+
+
+@pytest.mark.slow
+def test_cli_eval_sharded_under_torchrun_equals_one_process(tiny_world, tmp_path):
+    from unlearn.commands.eval import main as eval_main
+
+    args = ["--model", str(tiny_world.target), "--world", str(tiny_world.root)]
+    assert eval_main([*args, "--output", str(tmp_path / "one.json")]) == 0
+    _torchrun("eval", *args, "--output", str(tmp_path / "two.json"))
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one.keys() == two.keys() and one["results"].keys() == two["results"].keys()
+    for task, a in one["results"].items():
+        b = two["results"][task]
+        assert a["n"] == b["n"] and a["acc"] == b["acc"] and a["acc_norm"] == b["acc_norm"]
+        assert a["collapse"] == b["collapse"]
+        # Scores of a question come from batches of other shapes: equal up to float noise.
+        assert abs(a["correct_prob"] - b["correct_prob"]) < 1e-6
