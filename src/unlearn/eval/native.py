@@ -7,8 +7,9 @@ log-probabilities. `acc` takes the argmax score, `acc_norm` the argmax of score 
 the choice (lm-eval's length normalisation), and `correct_prob` is the softmax over the four
 scores at the right answer (the seeds' "cloze correct prob").
 
-It is batched over (question, choice) pairs: pairs are sorted by length so a batch wastes little
-padding, right-padded, and run in one forward each.
+It is batched: a question whose choices are each one token after the prompt is one row (all
+choices read at the prompt's last position), any other question one row per choice; rows are
+sorted by length so a batch wastes little padding, right-padded, and run in one forward each.
 """
 
 from __future__ import annotations
@@ -48,14 +49,44 @@ class QuestionScore:
         return exps[self.answer] / sum(exps)
 
 
-def _encode_pair(tokenizer, prompt: str, choice: str) -> tuple[list[int], int]:
-    """Token ids of prompt+choice and how many trailing ones are the choice (lm-eval's split)."""
-    whole = tokenizer(prompt + choice, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    n_cont = len(whole) - len(ctx)
-    if n_cont <= 0:
-        raise ValueError(f"choice {choice!r} adds no tokens to prompt {prompt!r}")
-    return whole, n_cont
+@dataclass(frozen=True)
+class _Row:
+    """One sequence to run and the (question, choice) scores read from it.
+
+    `reads` holds (question idx, choice idx, first predicting position, target ids): the choice's
+    score is the sum of log p(target_k) at positions first + k.
+    """
+
+    ids: list[int]
+    reads: list[tuple[int, int, int, list[int]]]
+
+
+def _rows(tokenizer, questions: Sequence[dict]) -> list[_Row]:
+    """The fewest sequences that score every choice.
+
+    A choice's tokens are `encode(prompt + choice)` minus the tokens of `encode(prompt)`, no
+    special tokens (lm-eval's split). When each choice of a question adds exactly one token to
+    the prompt's own tokens (the usual case for short answers), all of them are read from ONE
+    forward of the prompt, at its last position: the same numbers as one row per choice, at a
+    quarter of the work. Otherwise each (question, choice) pair is its own row.
+    """
+    texts = [q["prompt"] for q in questions]
+    texts += [q["prompt"] + c for q in questions for c in q["choices"]]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])  # one batched call
+    contexts = [next(encoded) for _ in questions]
+    rows = []
+    for qi, (q, ctx) in enumerate(zip(questions, contexts, strict=True)):
+        pairs = [(whole, len(whole) - len(ctx)) for whole in (next(encoded) for _ in q["choices"])]
+        for ci, (_, n_cont) in enumerate(pairs):
+            if n_cont <= 0:
+                raise ValueError(f"choice {q['choices'][ci]!r} adds no tokens to {q['prompt']!r}")
+        if ctx and all(n == 1 and ids[:-1] == ctx for ids, n in pairs):
+            reads = [(qi, ci, len(ctx) - 1, ids[-1:]) for ci, (ids, _) in enumerate(pairs)]
+            rows.append(_Row(ctx, reads))
+            continue
+        for ci, (ids, n_cont) in enumerate(pairs):
+            rows.append(_Row(ids, [(qi, ci, len(ids) - n_cont - 1, ids[len(ids) - n_cont :])]))
+    return rows
 
 
 @torch.no_grad()
@@ -68,36 +99,38 @@ def score_questions(
     desc: str = "eval",
 ) -> list[QuestionScore]:
     """Score every choice of every question; returns one QuestionScore per question, in order."""
-    pairs: list[tuple[int, int, list[int], int]] = []  # (question idx, choice idx, ids, n_cont)
-    for qi, q in enumerate(questions):
-        for ci, choice in enumerate(q["choices"]):
-            ids, n_cont = _encode_pair(tokenizer, q["prompt"], choice)
-            pairs.append((qi, ci, ids, n_cont))
+    rows = _rows(tokenizer, questions)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     loglik: dict[tuple[int, int], float] = {}
     # Longest first: the first batch is the biggest, so an out-of-memory shows up at once.
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][2]))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        width = max(len(pairs[i][2]) for i in batch)
+        width = max(len(rows[i].ids) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = pairs[i][2]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        for b, i in enumerate(batch):
+            seq = rows[i].ids
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for row, i in enumerate(batch):
-            qi, ci, seq, n_cont = pairs[i]
-            n = len(seq)
-            # Token t is predicted at position t-1.
-            positions = torch.arange(n - n_cont - 1, n - 1)
-            targets = torch.tensor(seq[n - n_cont :])
-            loglik[(qi, ci)] = logprobs[row, positions, targets].sum().item()
+        # Normalise only the positions that are read (token t is predicted at position t-1).
+        keys, rows_at, positions, targets = [], [], [], []
+        for b, i in enumerate(batch):
+            for qi, ci, first, tokens in rows[i].reads:
+                for k, token in enumerate(tokens):
+                    keys.append((qi, ci))
+                    rows_at.append(b)
+                    positions.append(first + k)
+                    targets.append(token)
+        picked = logits[torch.tensor(rows_at), torch.tensor(positions)].float()
+        logprobs = torch.log_softmax(picked, dim=-1)
+        token_lp = logprobs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].cpu()
+        for key, value in zip(keys, token_lp.tolist(), strict=True):
+            loglik[key] = loglik.get(key, 0.0) + value
     if was_training:
         model.train()
     return [
