@@ -271,6 +271,8 @@ def method_section(method: str, runs: list[StoredRun], data: _Data) -> str:
         rows.append(row + [r.status] + ([notes[r.id]] if show_notes else []))
 
     parts = [f"## Method `{method}`", ""]
+    # An unset option (null: "use the default / the world's") says nothing a reader needs.
+    fixed = {k: v for k, v in fixed.items() if v is not None}
     if fixed:
         settings = ", ".join(f"`{k}={format_value(v)}`" for k, v in fixed.items())
         parts += [f"Fixed settings: {settings}", ""]
@@ -433,35 +435,22 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=150, bbox_inches="tight")
 
 
-def plot_forget_vs_retain(data: _Data, path: Path) -> int:
-    """Scatter of every finished unlearn run; returns the number of runs plotted."""
-    fig = Figure(figsize=(7.5, 5.5))
-    ax = fig.add_subplot()
-    methods = sorted({r.method or "?" for r in data.unlearn})
-    points: list[tuple[float, float]] = []
-    for i, method in enumerate(methods):
-        xy = [
-            (data.done_acc(r, "forget"), data.done_acc(r, "retain"))
-            for r in data.unlearn
-            if (r.method or "?") == method
-        ]
-        xy = [(x, y) for x, y in xy if x is not None and y is not None]
-        if xy:
-            ax.scatter(
-                *zip(*xy, strict=True),
-                marker=MARKERS[i % len(MARKERS)],
-                s=42,
-                color=f"C{i % 10}",
-                alpha=0.85,
-                label=method,
-                zorder=3,
-            )
-            points += xy
-    if not points:
-        message = "no finished run has both a forget and a retain result"
-        ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color="0.4")
-    else:
-        front = sorted(points[i] for i in pareto_front(points))
+BASELINE_MARKERS = ("*", "P", "X", "h", "d")
+
+
+def _scatter_layers(ax, series, front, stars, lines, legend: bool) -> None:
+    """Draw the runs, the Pareto front, the baselines and the reference lines on `ax`."""
+    for i, (method, xy) in enumerate(series):
+        ax.scatter(
+            *zip(*xy, strict=True),
+            marker=MARKERS[i % len(MARKERS)],
+            s=42,
+            color=f"C{i % 10}",
+            alpha=0.85,
+            label=method if legend else None,
+            zorder=3,
+        )
+    if front:
         ax.plot(
             *zip(*front, strict=True),
             color="black",
@@ -471,40 +460,97 @@ def plot_forget_vs_retain(data: _Data, path: Path) -> int:
             ms=11,
             mfc="none",
             zorder=4,
-            label="Pareto front",
+            label="Pareto front" if legend else None,
         )
+    for i, (name, x, y) in enumerate(stars):
+        ax.scatter(
+            [x],
+            [y],
+            marker=BASELINE_MARKERS[i % len(BASELINE_MARKERS)],
+            s=160 if i == 0 else 90,
+            color="0.2",
+            ec="white",
+            zorder=5,
+            label=f"{name} ({100 * x:.1f}, {100 * y:.1f})" if legend else None,
+        )
+    for vertical, value, style, label in lines:
+        draw = ax.axvline if vertical else ax.axhline
+        draw(value, lw=1, **style, label=label if legend else None)
+
+
+def plot_forget_vs_retain(data: _Data, path: Path) -> int:
+    """Scatter of every finished unlearn run; returns the number of runs plotted.
+
+    Baselines are legend entries (their own markers, values in the legend) rather than text
+    labels, which collide when runs sit next to them. Reference lines: chance on both axes, the
+    target's retain accuracy and the filtered twin's forget accuracy. When the runs crowd into
+    a small corner of the full range (the usual picture: every run near the filtered twin), an
+    inset shows that corner magnified.
+    """
+    fig = Figure(figsize=(8.5, 5.5))
+    ax = fig.add_subplot()
+    methods = sorted({r.method or "?" for r in data.unlearn})
+    series: list[tuple[str, list[tuple[float, float]]]] = []
+    for method in methods:
+        xy = [
+            (data.done_acc(r, "forget"), data.done_acc(r, "retain"))
+            for r in data.unlearn
+            if (r.method or "?") == method
+        ]
+        xy = [(x, y) for x, y in xy if x is not None and y is not None]
+        if xy:
+            series.append((method, xy))
+    points = [pt for _, xy in series for pt in xy]
+    front = sorted(points[i] for i in pareto_front(points)) if points else []
     stars = [
-        (baseline_name(b), data.done_acc(b, "forget"), data.done_acc(b, "retain"))
+        (baseline_name(b), data.done_acc(b, "forget"), data.done_acc(b, "retain"), b)
         for b in data.baselines
     ]
-    stars = [(name, x, y) for name, x, y in stars if x is not None and y is not None]
-    for i, (_, x, y) in enumerate(stars):
-        label = "baseline model" if i == 0 else None
-        ax.scatter([x], [y], marker="*", s=220, color="0.25", ec="white", zorder=5, label=label)
-    ax.axvline(CHANCE, color="tab:red", lw=1, ls=":", label=f"chance ({CHANCE:.2f})")
-    ax.axhline(CHANCE, color="tab:red", lw=1, ls=":")
-    # Label each baseline on the side facing the middle, so that no label leaves the axes.
-    low, high = ax.get_xlim()
-    for name, x, y in stars:
-        left = x > (low + high) / 2
-        ax.annotate(
-            name,
-            (x, y),
-            xytext=(-9 if left else 9, -4),
-            textcoords="offset points",
-            ha="right" if left else "left",
-            fontsize=9,
-            color="0.15",
-            zorder=2.5,  # below the runs' markers: a label must not hide a result
-            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
-        )
+    stars = [(name, x, y, b) for name, x, y, b in stars if x is not None and y is not None]
+    chance = {"color": "tab:red", "ls": ":"}
+    lines = [(True, CHANCE, chance, f"chance ({CHANCE:.2f})"), (False, CHANCE, chance, None)]
+    for name, x, y, b in stars:
+        role = b.config.get("role")
+        if role == "target":
+            lines.append((False, y, {"color": "0.45", "ls": "-."}, f"{name}: retain"))
+        elif role == "filtered":
+            lines.append((True, x, {"color": "0.45", "ls": (0, (5, 3))}, f"{name}: forget"))
+    stars3 = [(name, x, y) for name, x, y, _ in stars]
+    _scatter_layers(ax, series, front, stars3, lines, legend=True)
+    if not points:
+        message = "no finished run has both a forget and a retain result"
+        ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color="0.4")
     ax.set_xlabel("forget accuracy (lower is better)")
     ax.set_ylabel("retain accuracy (higher is better)")
     ax.set_title("Unlearning runs: forget vs retain accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="best")
+    _zoom_inset(ax, points, series, front, stars3, lines)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     _save(fig, path)
     return len(points)
+
+
+def _zoom_inset(ax, points, series, front, stars, lines) -> None:
+    """Magnify the runs' corner when it spans under a quarter of both axes' ranges."""
+    if len(points) < 2:
+        return
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    if max(xs) - min(xs) > (x1 - x0) / 4 or max(ys) - min(ys) > (y1 - y0) / 4:
+        return
+    pad_x = max(0.02, (max(xs) - min(xs)) * 0.25)
+    pad_y = max(0.01, (max(ys) - min(ys)) * 0.25)
+    box = (min(xs) - pad_x, max(xs) + pad_x, min(ys) - pad_y, max(ys) + pad_y)
+    # Where the data are not: the runs sit near the filtered twin (high retain, low forget), so
+    # the empty middle-right of the axes holds the inset.
+    inset = ax.inset_axes((0.38, 0.12, 0.45, 0.45))
+    _scatter_layers(inset, series, front, stars, lines, legend=False)
+    inset.set_xlim(box[0], box[1])
+    inset.set_ylim(box[2], box[3])
+    inset.tick_params(labelsize=7)
+    inset.grid(alpha=0.3)
+    inset.set_title("runs, magnified", fontsize=8)
+    ax.indicate_inset_zoom(inset, edgecolor="0.5")
 
 
 def plot_tamper_curves(data: _Data, store: Store, task: str, path: Path) -> None:
@@ -593,7 +639,8 @@ def render_report(store: Store, out_dir: str | Path) -> Path:
         )
         parts.append(
             f"## Forget vs retain\n\n![forget vs retain accuracy]({SCATTER_PNG})\n\n"
-            f"Stars are the baseline models; the dashed line is the Pareto front.{note}"
+            "Black markers are the baseline models (forget, retain in the legend); the dashed "
+            f"line joins the Pareto front.{note}"
         )
 
     parts.append(tamper_section(data, store))
