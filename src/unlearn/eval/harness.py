@@ -247,12 +247,30 @@ def parse_result(raw: dict, obj) -> dict:
     return result
 
 
+def _quiet_git_hash() -> str | None:
+    """lm-eval's commit-hash lookup, without git's stderr."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def _quiet_lm_eval() -> None:
     """lm-eval and datasets log every request batch; keep warnings only."""
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     import datasets
+    import lm_eval.evaluator
 
     datasets.disable_progress_bars()
+    # simple_evaluate always records the git hash of the working directory by running
+    # `git describe` with its stderr inherited: outside a repository every task printed
+    # "fatal: not a git repository". The hash only goes into the results dict's metadata.
+    lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
 
 
 def evaluate_one(lm, prepared: PreparedTasks, name: str, options: HarnessOptions) -> dict:
