@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
+from tiny_models import tiny_gpt_neox
 from unlearn.affine import AffineMaps, RidgeAccumulator, fit_affine, load_affine, save_affine
 from unlearn.errors import UsageError
 from unlearn.hooks import forward_hiddens
@@ -170,15 +171,7 @@ def test_load_rejects_directories_that_are_not_affine_maps(tmp_path):
 
 
 def tiny_model(seed: int) -> GPTNeoXForCausalLM:
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-    )
-    return GPTNeoXForCausalLM(config)
+    return tiny_gpt_neox(3, seed=seed, max_position_embeddings=2048).train()
 
 
 def batches(seed: int, n: int, rows: int = 4, seq: int = 16) -> list[dict[str, torch.Tensor]]:

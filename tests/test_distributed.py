@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_models import tiny_gpt_neox
 from unlearn.config import TrainConfig
 from unlearn.distributed import MODES, Parallel, check_mode, score_sharded, setup
 from unlearn.errors import UsageError
@@ -40,18 +41,7 @@ class _NoTokenizer:
 
 
 def _tiny_model():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return GPTNeoXForCausalLM(config).eval()
+    return tiny_gpt_neox(4)
 
 
 def _examples(seed: int) -> list[list[int]]:

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
+from tiny_models import tiny_gpt_neox
 from unlearn.errors import UsageError
 from unlearn.hooks import capture
 from unlearn.lens import (
@@ -23,12 +24,7 @@ D = 32
 
 
 def tiny_model(initializer_range: float = 0.02) -> GPTNeoXForCausalLM:
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(
-        vocab_size=64, hidden_size=D, num_hidden_layers=N, num_attention_heads=4,
-        intermediate_size=64, initializer_range=initializer_range,
-    )  # fmt: skip
-    return GPTNeoXForCausalLM(cfg).eval()
+    return tiny_gpt_neox(N, initializer_range=initializer_range)
 
 
 def token_batches(n: int, seed: int) -> list[dict]:

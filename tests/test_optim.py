@@ -3,8 +3,9 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
+from tiny_models import tiny_gpt_neox
 from unlearn.errors import UsageError
 from unlearn.optim import build_optimizer, describe_routing
 
@@ -17,12 +18,7 @@ BLOCK_MATRICES = (
 
 
 def tiny_model() -> GPTNeoXForCausalLM:
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=64,
-    )  # fmt: skip
-    return GPTNeoXForCausalLM(cfg)
+    return tiny_gpt_neox(4).train()
 
 
 def tiny_lora():

@@ -7,8 +7,9 @@ import copy
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
+from tiny_models import tiny_gpt_neox
 from unlearn.config import LoraSettings, TrainConfig
 from unlearn.data.batching import ExampleStream
 from unlearn.errors import DivergedError, RetainZeroError
@@ -21,16 +22,7 @@ VOCAB = 64
 
 
 def tiny_model(seed: int = 0) -> GPTNeoXForCausalLM:
-    torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return GPTNeoXForCausalLM(cfg)
+    return tiny_gpt_neox(4, VOCAB, seed).train()
 
 
 def streams(n: int = 16, length: int = 12, pdbs: int = 2, seed: int = 0):

@@ -1,0 +1,22 @@
+"""Tiny random GPT-NeoX models for unit tests (built from a config: nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+
+def tiny_gpt_neox(
+    layers: int = 4, vocab: int = 64, seed: int = 0, **config: float | int
+) -> GPTNeoXForCausalLM:
+    """A d=32, 4-head GPT-NeoX with `layers` blocks, seeded, in eval mode; `config` overrides."""
+    torch.manual_seed(seed)
+    settings = {
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**(settings | config))).eval()
