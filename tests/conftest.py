@@ -12,10 +12,15 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    """The `tiny` preset world (seed 0), built once per session (well under a minute)."""
-    from unlearn.world import build_world
+    """The `tiny` preset world (seed 0), built once per session (well under a minute) through
+    the command line, so every session is also a smoke run of `unlearn world build`."""
+    from unlearn.cli import main
+    from unlearn.world import load_world
 
-    return build_world("tiny", 0, tmp_path_factory.mktemp("worlds") / "tiny", progress=False)
+    out = tmp_path_factory.mktemp("worlds") / "tiny"
+    argv = ["world", "build", "--preset", "tiny", "--seed", "0", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    return load_world(out)
 
 
 TINY_TEXTS = [

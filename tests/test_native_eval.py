@@ -97,3 +97,39 @@ def test_a_model_that_always_picks_one_position_is_flagged():
     out = summarize([always_first(i) for i in range(20)])
     assert out["acc"] == 0.25  # chance on balanced answers: the number alone hides the collapse
     assert out["collapse"]["collapsed"] and out["collapse"]["top_position_share"] == 1.0
+
+
+def test_cli_eval_on_the_tiny_world(tiny_world, tmp_path, capsys):
+    """`unlearn eval` writes the documented JSON and prints the seeds' table row."""
+    import json
+
+    from unlearn.cli import main
+
+    out = tmp_path / "t.json"
+    argv = ["eval", "--model", str(tiny_world.target), "--world", str(tiny_world.root)]
+    assert main([*argv, "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"forget", "forget_heldout", "forget_attack", "retain"}
+    for r in results.values():
+        assert {"acc", "acc_norm", "correct_prob", "n"} <= set(r) and 0 <= r["acc"] <= 1
+    assert results["forget"]["n"] == 48 and results["forget"]["acc"] > 0.5
+    assert "| Model | forget acc" in capsys.readouterr().out
+
+
+def test_cli_eval_bad_input_is_one_line_exit_2(tiny_world, tmp_path, capsys):
+    from unlearn.cli import main
+
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    no_world = tmp_path / "no_world"
+    no_world.mkdir()
+    cases = [
+        ["--model", str(not_a_model), "--world", str(tiny_world.root)],
+        ["--model", str(tiny_world.target), "--world", str(no_world)],
+    ]
+    for args in cases:
+        capsys.readouterr()
+        assert main(["eval", *args, "--output", str(tmp_path / "x.json")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("unlearn eval: error:"), err
+    assert not (tmp_path / "x.json").exists()
