@@ -77,7 +77,8 @@ def resolve_model(
         raise UsageError(
             f"cannot load model config for {name}"
             f"{'@' + revision if revision else ''}: {first} "
-            "(offline? download it on a connected machine or pass a local directory)"
+            "(offline? download it on a connected machine or pass a local directory; "
+            "HF_HUB_OFFLINE=1 skips the connection attempts)"
         ) from None
     except ValueError as e:
         raise UsageError(f"{name} is not a usable model: {str(e).splitlines()[0]}") from None
