@@ -63,9 +63,9 @@ def test_scores_equal_hand_computed_log_likelihoods(model_and_tokenizer, batch_s
 def test_summary_metrics_by_hand():
     scores = [
         # argmax 1; equal lengths: acc_norm picks 1 too.
-        QuestionScore((-3.0, -1.0, -1.5, -4.0), (1, 1, 1, 1), answer=1, choices=tuple("abcd")),
+        QuestionScore((-3.0, -1.0, -1.5, -4.0), answer=1, choices=tuple("abcd")),
         # argmax 2 (wrong); per character choice 0 wins (-2/8 > -1.5/1): acc_norm right.
-        QuestionScore((-2.0, -5.0, -1.5, -6.0), (8, 1, 1, 1), answer=0, choices=tuple("abcd")),
+        QuestionScore((-2.0, -5.0, -1.5, -6.0), answer=0, choices=("a" * 8, "b", "c", "d")),
     ]
     out = summarize(scores)
     assert out["n"] == 2
@@ -92,7 +92,7 @@ def test_collapse_flag():
 
 def test_a_model_that_always_picks_one_position_is_flagged():
     def always_first(i: int) -> QuestionScore:
-        return QuestionScore((0.0, -1.0, -2.0, -3.0), (1,) * 4, i % 4, (f"x{i}", "b", "c", "d"))
+        return QuestionScore((0.0, -1.0, -2.0, -3.0), i % 4, (f"x{i}", "b", "c", "d"))
 
     out = summarize([always_first(i) for i in range(20)])
     assert out["acc"] == 0.25  # chance on balanced answers: the number alone hides the collapse

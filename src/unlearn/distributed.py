@@ -85,6 +85,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def world_size() -> int:
+    """Processes in the running process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def is_main() -> bool:
     """Rank 0 (or a single process): the one that prints and writes."""
     return rank() == 0

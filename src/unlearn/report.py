@@ -32,7 +32,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from unlearn.eval.table import TASK_HEADERS
+from unlearn.eval.table import TASK_HEADERS, pct
 from unlearn.fsutil import atomic_write_text
 from unlearn.rundir import STATUSES, EvalRow
 from unlearn.store import Store, StoredRun
@@ -58,11 +58,6 @@ NOTE_CHARS = 80
 
 
 # -- cell formatting ---------------------------------------------------------------------------
-
-
-def pct(value: float) -> str:
-    """An accuracy as the seeds write it: 0.2984 -> "29.84%"."""
-    return f"{100 * value:.2f}%"
 
 
 def _cell(text: str) -> str:

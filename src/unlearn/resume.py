@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unlearn import distributed
 from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_write_text
 from unlearn.rundir import EVALS_FILE, METRICS_FILE, RunDir, RunMeta
@@ -90,12 +91,6 @@ class Preempted(Exception):
             " (run the same command again to resume)"
         )
         self.step, self.signum, self.path = step, signum, path
-
-
-def _rank_and_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +181,7 @@ class Checkpointer:
         if path is None:
             return None
         info = read_info(path)
-        _, world_size = _rank_and_size()
+        world_size = distributed.world_size()
         if info["world_size"] != world_size:
             raise UsageError(
                 f"{path} was written by {info['world_size']} process(es), this run has"
@@ -229,7 +224,7 @@ class Checkpointer:
 
     def _stop_requested(self, model: nn.Module) -> bool:
         """Whether any rank caught a signal (every rank must checkpoint at the same step)."""
-        _, world_size = _rank_and_size()
+        world_size = distributed.world_size()
         if world_size == 1:
             return self.signum is not None
         device = next(model.parameters()).device
@@ -255,7 +250,7 @@ class Checkpointer:
         """Write a checkpoint of the current step atomically; returns its directory."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        rank, world_size = _rank_and_size()
+        rank, world_size = distributed.rank(), distributed.world_size()
         options = StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
         )
@@ -309,7 +304,7 @@ class Checkpointer:
         if info is None:
             return None
         path: Path = info["path"]
-        rank, _ = _rank_and_size()
+        rank = distributed.rank()
 
         def load(name: str) -> Any:
             return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
@@ -328,7 +323,7 @@ class Checkpointer:
 
     def discard(self) -> None:
         """Delete the checkpoints (the run finished; rank 0 only)."""
-        if _rank_and_size()[0] == 0:
+        if distributed.is_main():
             shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -366,7 +361,7 @@ def open_run(run: RunDir, fresh: RunMeta, checkpointer: Checkpointer) -> RunMeta
         run.reset()
         return run.write_run(dataclasses.replace(fresh, job_id=fresh.job_id or job_id))
     step = info["step"]
-    if _rank_and_size()[0] == 0:
+    if distributed.is_main():
         for name in (METRICS_FILE, EVALS_FILE):
             _truncate_rows(run.path / name, step)
     disk = RunDir(run.path)

@@ -42,6 +42,7 @@ from pathlib import Path
 from unlearn.cliutil import ArgumentParser
 from unlearn.config import DTYPE_NAMES
 from unlearn.errors import UsageError
+from unlearn.eval.table import pct
 from unlearn.fsutil import atomic_write_json, atomic_write_text, check_writable_parent
 
 BACKENDS = ("native", "lm-eval")
@@ -158,7 +159,7 @@ def mark_viable(checkpoints: list[Checkpoint], chance: float, margin: float) -> 
 def _cell(result: dict) -> str:
     if result.get("status") == "failed":
         return "failed"
-    return f"{100 * result['acc']:.2f}%" if "acc" in result else "-"
+    return pct(result.get("acc"))
 
 
 def table(checkpoints: list[Checkpoint], forget_task: str, retain_task: str) -> str:

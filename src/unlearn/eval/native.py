@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn.eval.collapse import collapse_report
+from unlearn.eval.tasks.utils import argmax, correct_prob, per_character
 
 
 @dataclass(frozen=True)
@@ -30,23 +31,21 @@ class QuestionScore:
 
     loglik: tuple[float, ...]
     """Sum of continuation-token log-probs per choice."""
-    n_chars: tuple[int, ...]
     answer: int
     choices: tuple[str, ...]
 
+    # The rules are the bundled lm-eval tasks' own, so the two backends cannot drift apart.
     @property
     def pred(self) -> int:
-        return max(range(len(self.loglik)), key=lambda i: self.loglik[i])
+        return argmax(self.loglik)
 
     @property
     def pred_norm(self) -> int:
-        return max(range(len(self.loglik)), key=lambda i: self.loglik[i] / max(self.n_chars[i], 1))
+        return argmax(per_character(self.loglik, self.choices))
 
     @property
     def correct_prob(self) -> float:
-        m = max(self.loglik)
-        exps = [math.exp(x - m) for x in self.loglik]
-        return exps[self.answer] / sum(exps)
+        return correct_prob(self.loglik, self.answer)
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,6 @@ def score_questions(
     return [
         QuestionScore(
             loglik=tuple(loglik[(qi, ci)] for ci in range(len(q["choices"]))),
-            n_chars=tuple(len(c) for c in q["choices"]),
             answer=int(q["answer"]),
             choices=tuple(q["choices"]),
         )

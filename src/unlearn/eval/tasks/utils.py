@@ -28,8 +28,14 @@ def correct_prob(logliks: Sequence[float], answer: int) -> float:
     return weights[answer] / sum(weights)
 
 
-def _argmax(values: Sequence[float]) -> int:
+def argmax(values: Sequence[float]) -> int:
+    """Index of the largest value; the first one wins a tie."""
     return max(range(len(values)), key=lambda i: values[i])
+
+
+def per_character(logliks: Sequence[float], choices: Sequence[str]) -> list[float]:
+    """Log-likelihood per character of each choice string (lm-eval's `acc_norm`)."""
+    return [ll / max(len(c), 1) for ll, c in zip(logliks, choices, strict=True)]
 
 
 def _logliks(results) -> list[float]:
@@ -40,7 +46,7 @@ def mcq_results(doc: dict, results) -> dict[str, float]:
     """Letter multiple choice: `acc` and `correct_prob` (the choices are the letters)."""
     logliks, answer = _logliks(results), int(doc["answer"])
     return {
-        "acc": float(_argmax(logliks) == answer),
+        "acc": float(argmax(logliks) == answer),
         "correct_prob": correct_prob(logliks, answer),
     }
 
@@ -48,9 +54,8 @@ def mcq_results(doc: dict, results) -> dict[str, float]:
 def cloze_results(doc: dict, results) -> dict[str, float]:
     """Cloze over the answer strings in `doc["choices"]`: `acc`, `acc_norm`, `correct_prob`."""
     logliks, answer = _logliks(results), int(doc["answer"])
-    per_char = [ll / max(len(c), 1) for ll, c in zip(logliks, doc["choices"], strict=True)]
     return {
-        "acc": float(_argmax(logliks) == answer),
-        "acc_norm": float(_argmax(per_char) == answer),
+        "acc": float(argmax(logliks) == answer),
+        "acc_norm": float(argmax(per_character(logliks, doc["choices"])) == answer),
         "correct_prob": correct_prob(logliks, answer),
     }
