@@ -1,4 +1,5 @@
-"""The markdown/PNG report: status words instead of numbers, column choice, tamper summaries."""
+"""The markdown/PNG report from a store: status words instead of numbers, column choice, tamper
+table, plots, and the `unlearn report` command (the pure parts: test_tables, test_analysis)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,7 @@ from matplotlib.image import imread
 
 from unlearn.commands.report import main as report_main
 from unlearn.errors import UsageError
-from unlearn.report import (
-    SCATTER_PNG,
-    TAMPER_PNG,
-    middle_step,
-    pareto_front,
-    render_report,
-    split_config_keys,
-    tamper_summary,
-)
+from unlearn.report.render import SCATTER_PNG, TAMPER_PNG, render_report
 from unlearn.rundir import RunDir, RunMeta
 from unlearn.store import Store
 
@@ -232,18 +225,6 @@ def test_baselines_first_and_only_varying_columns(report):
     assert [r[1] for r in ct_rows[3:]] == ["8", "16"]
 
 
-def test_split_config_keys_orders_preferred_first():
-    varying, fixed = split_config_keys(
-        [
-            {"zeta": 1, "steps": 32, "lr": 1e-3, "retain_coef": 1, "name": "a", "opt": {"b": 1}},
-            {"zeta": 2, "steps": 64, "lr": 1e-4, "retain_coef": 1, "name": "b", "opt": {"b": 1}},
-            {"zeta": 2, "steps": 64, "lr": 1e-4, "retain_coef": 1, "lora": {"r": 8}},
-        ]
-    )
-    assert varying == ["lr", "steps", "lora.r", "opt.b", "zeta"]
-    assert fixed == {"retain_coef": 1}
-
-
 def test_tamper_table(report):
     _, md, tables = report
     headers, _ = tables["Tamper attacks"]
@@ -286,31 +267,6 @@ def test_pngs_are_valid(report):
         assert imread(png).shape[0] > 300
         assert f"]({name})" in md
     assert "Not plotted (no finished forget and retain result): 6 run(s)." in md
-
-
-def test_tamper_summary_hand_values():
-    s = tamper_summary(list(zip(ATTACK_STEPS, [0.30, 0.50, 0.60, 0.70, 0.75], strict=True)), 0.8)
-    # gap 0.5 -> threshold 0.55, first reached at step 20; area 4 + 5.5 + 19.5 + 36.25 = 65.25.
-    assert (s.step0, s.final, s.gap, s.half_gap_steps) == (0.30, 0.75, 0.5, 20)
-    assert s.recovery == pytest.approx(0.45) and s.auc == pytest.approx(0.6525)
-    never = tamper_summary([(0, 0.25), (5, 0.30)], 0.8)
-    assert never.half_gap_steps is None and never.auc == pytest.approx(0.275)
-    no_gap = tamper_summary([(0, 0.25), (5, 0.30)], 0.2)
-    assert no_gap.gap == pytest.approx(-0.05) and no_gap.half_gap_steps is None
-    late = tamper_summary([(10, 0.2), (30, 0.6)], 0.6)  # counted from the first step
-    assert late.half_gap_steps == 20 and late.auc == pytest.approx(0.4)
-    single = tamper_summary([(0, 0.3)], None)
-    assert (single.auc, single.gap, single.recovery) == (0.3, None, 0.0)
-    with pytest.raises(ValueError):
-        tamper_summary([(0, 0.3), (0, 0.4)], 0.8)
-
-
-def test_pareto_front_and_middle_step():
-    points = [(0.3, 0.9), (0.24, 0.6), (0.5, 0.94), (0.4, 0.85), (0.24, 0.5)]
-    assert pareto_front(points) == [1, 0, 2]
-    assert middle_step([ATTACK_STEPS, ATTACK_STEPS]) == 20
-    assert middle_step([[0, 10, 20], [0, 20]]) is None
-    assert middle_step([]) is None
 
 
 def test_empty_and_all_failed_stores_render(tmp_path):

@@ -1,0 +1,209 @@
+"""The report's PNG plots, drawn from plain numbers (render.py picks them out of the store).
+
+Design choices:
+- matplotlib's object API on an Agg canvas: no pyplot global state, no display needed.
+- matplotlib is imported inside the functions that draw: it is heavy, and importing the report
+  package (for its tables) should not pay for it.
+- A plot gets every row it could show, in the report's order, so a line's colour and marker
+  depend only on its place in that order (an attack without a curve keeps its slot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from unlearn.report.analysis import pareto_front
+from unlearn.report.tables import pct
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+CHANCE = 0.25
+"""Accuracy of guessing on 4-choice questions."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+LINE_STYLES = ("-", "--", "-.", ":")
+BASELINE_MARKERS = ("*", "P", "X", "h", "d")
+
+Points = Sequence[tuple[float, float]]
+Line = tuple[bool, float, dict[str, Any], str | None]
+"""A reference line: (vertical, value, style keywords, legend label)."""
+
+
+@dataclass(frozen=True)
+class BaselinePoint:
+    """A baseline model on the forget-vs-retain scatter."""
+
+    name: str
+    forget: float
+    retain: float
+    role: str | None
+    """The baseline's config role: "target" adds a retain line, "filtered" a forget line."""
+
+
+def _figure() -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(8.5, 5.5))
+
+
+def _save(fig: Figure, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+
+
+def _scatter_layers(
+    ax: Axes,
+    series: Sequence[tuple[str, Points]],
+    front: Points,
+    stars: Sequence[tuple[str, float, float]],
+    lines: Sequence[Line],
+    legend: bool,
+) -> None:
+    """Draw the runs, the Pareto front, the baselines and the reference lines on `ax`."""
+    for i, (method, xy) in enumerate(series):
+        ax.scatter(
+            *zip(*xy, strict=True),
+            marker=MARKERS[i % len(MARKERS)],
+            s=42,
+            color=f"C{i % 10}",
+            alpha=0.85,
+            label=method if legend else None,
+            zorder=3,
+        )
+    if front:
+        ax.plot(
+            *zip(*front, strict=True),
+            color="black",
+            lw=1,
+            ls="--",
+            marker="o",
+            ms=11,
+            mfc="none",
+            zorder=4,
+            label="Pareto front" if legend else None,
+        )
+    for i, (name, x, y) in enumerate(stars):
+        ax.scatter(
+            [x],
+            [y],
+            marker=BASELINE_MARKERS[i % len(BASELINE_MARKERS)],
+            s=160 if i == 0 else 90,
+            color="0.2",
+            ec="white",
+            zorder=5,
+            label=f"{name} ({100 * x:.1f}, {100 * y:.1f})" if legend else None,
+        )
+    for vertical, value, style, label in lines:
+        draw = ax.axvline if vertical else ax.axhline
+        draw(value, lw=1, **style, label=label if legend else None)
+
+
+def plot_forget_vs_retain(
+    series: Sequence[tuple[str, Points]], baselines: Sequence[BaselinePoint], path: Path
+) -> None:
+    """Scatter of the runs, one series (colour, marker) per method: [(method, [(forget, retain),
+    ...]), ...], with the Pareto front over all of them.
+
+    Baselines are legend entries (their own markers, values in the legend) rather than text
+    labels, which collide when runs sit next to them. Reference lines: chance on both axes, the
+    target's retain accuracy and the filtered twin's forget accuracy. When the runs crowd into
+    a small corner of the full range (the usual picture: every run near the filtered twin), an
+    inset shows that corner magnified.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    points = [pt for _, xy in series for pt in xy]
+    front = sorted(points[i] for i in pareto_front(points)) if points else []
+    chance = {"color": "tab:red", "ls": ":"}
+    lines: list[Line] = [
+        (True, CHANCE, chance, f"chance ({CHANCE:.2f})"),
+        (False, CHANCE, chance, None),
+    ]
+    for b in baselines:
+        if b.role == "target":
+            lines.append((False, b.retain, {"color": "0.45", "ls": "-."}, f"{b.name}: retain"))
+        elif b.role == "filtered":
+            dashed = {"color": "0.45", "ls": (0, (5, 3))}
+            lines.append((True, b.forget, dashed, f"{b.name}: forget"))
+    stars = [(b.name, b.forget, b.retain) for b in baselines]
+    _scatter_layers(ax, series, front, stars, lines, legend=True)
+    if not points:
+        message = "no finished run has both a forget and a retain result"
+        ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.set_xlabel("forget accuracy (lower is better)")
+    ax.set_ylabel("retain accuracy (higher is better)")
+    ax.set_title("Unlearning runs: forget vs retain accuracy")
+    ax.grid(alpha=0.3)
+    _zoom_inset(ax, points, series, front, stars, lines)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    _save(fig, path)
+
+
+def _zoom_inset(
+    ax: Axes,
+    points: Points,
+    series: Sequence[tuple[str, Points]],
+    front: Points,
+    stars: Sequence[tuple[str, float, float]],
+    lines: Sequence[Line],
+) -> None:
+    """Magnify the runs' corner when it spans under a quarter of both axes' ranges."""
+    if len(points) < 2:
+        return
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    if max(xs) - min(xs) > (x1 - x0) / 4 or max(ys) - min(ys) > (y1 - y0) / 4:
+        return
+    pad_x = max(0.02, (max(xs) - min(xs)) * 0.25)
+    pad_y = max(0.01, (max(ys) - min(ys)) * 0.25)
+    box = (min(xs) - pad_x, max(xs) + pad_x, min(ys) - pad_y, max(ys) + pad_y)
+    # Where the data are not: the runs sit near the filtered twin (high retain, low forget), so
+    # the empty middle-right of the axes holds the inset.
+    inset = ax.inset_axes((0.38, 0.12, 0.45, 0.45))
+    _scatter_layers(inset, series, front, stars, lines, legend=False)
+    inset.set_xlim(box[0], box[1])
+    inset.set_ylim(box[2], box[3])
+    inset.tick_params(labelsize=7)
+    inset.grid(alpha=0.3)
+    inset.set_title("runs, magnified", fontsize=8)
+    ax.indicate_inset_zoom(inset, edgecolor="0.5")
+
+
+def plot_tamper_curves(
+    curves: Sequence[tuple[str, Sequence[tuple[int, float]]]],
+    original: tuple[str, float] | None,
+    task: str,
+    path: Path,
+) -> None:
+    """One line per attack: [(legend label, [(step, acc), ...]), ...] in the report's order (an
+    empty curve draws nothing); `original` is (name, accuracy) of the model before unlearning."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (name, curve) in enumerate(curves):
+        if curve:
+            # Past ten lines the colours repeat, so the line style changes.
+            ax.plot(
+                *zip(*curve, strict=True),
+                marker=MARKERS[i % len(MARKERS)],
+                ms=4,
+                lw=1.5,
+                ls=LINE_STYLES[(i // 10) % len(LINE_STYLES)],
+                color=f"C{i % 10}",
+                label=name,
+            )
+    if original is not None:
+        name, acc = original
+        ax.axhline(acc, color="black", lw=1, ls="--", label=f"original: {name} ({pct(acc)})")
+    ax.axhline(CHANCE, color="tab:red", lw=1, ls=":", label=f"chance ({CHANCE:.2f})")
+    ax.set_xlabel("attack step")
+    ax.set_ylabel(f"{task} accuracy")
+    ax.set_title(f"Tamper attack: recovery of {task} accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    _save(fig, path)

@@ -1,0 +1,192 @@
+"""Markdown tables and the one result-cell rule every table in the project follows.
+
+The rule: **a missing or failed result is a word, never a number.** A failed evaluation read as
+chance accuracy looks like perfect unlearning, so `result_cell` is the only place that turns a
+result into a table cell:
+
+- a run that did not finish shows its status word (pending, running, failed, diverged, ...);
+- a failed evaluation shows "eval failed" (or the caller's shorter word, e.g. "failed");
+- a result never measured shows "-";
+- a non-finite value shows the failed word too (the harness treats NaN as a failed eval);
+- anything else is a number, as a percentage by default (`pct`).
+
+This module imports nothing heavy (no store, no evaluator, no matplotlib), so `unlearn.eval.table`
+re-exports its names without a cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
+from typing import Any
+
+from unlearn.rundir import EvalRow
+
+MISSING = "-"
+"""A result never measured."""
+EVAL_FAILED = "eval failed"
+"""A result whose evaluation failed (the report's word; compact tables pass "failed")."""
+TASK_HEADERS = {
+    "forget": "forget acc (↓)",
+    "forget_heldout": "forget heldout acc (↓)",
+    "forget_attack": "forget attack acc",
+    "retain": "retain acc (↑)",
+}
+PREFERRED_ORDER = (
+    "retain_coef", "remove_coef", "lr", "muon_lr", "adam_lr", "num_train_examples", "epochs",
+    "steps", "batch_size", "lora_r", "optimizer", "retain_loss", "layers",
+)  # fmt: skip
+"""Hyperparameter columns in this order, then the rest alphabetically."""
+BOOKKEEPING_KEYS = frozenset({"name", "role", "output", "output_dir", "out", "out_dir", "run_dir"})
+"""Config keys that name or place a run rather than configure it: never a table column."""
+
+Result = EvalRow | Mapping[str, Any] | float | str | None
+"""What a result cell can be made from: a stored eval row, an evaluator's result dict
+({"acc": ..., "status": "failed", ...}), a bare value, a word already decided, or nothing."""
+
+
+# -- the result-cell rule ----------------------------------------------------------------------
+
+
+def pct(value: float | None) -> str:
+    """0.30125 -> "30.12%" (the seeds' tables: percentages, 2 decimals); None -> "-"."""
+    return MISSING if value is None else f"{100 * value:.2f}%"
+
+
+def result_cell(
+    result: Result,
+    *,
+    run_status: str = "done",
+    metric: str = "acc",
+    failed: str = EVAL_FAILED,
+    fmt: Callable[[float], str] = pct,
+) -> str:
+    """The table cell of one result: `fmt(value)` for a finished measurement, else a word.
+
+    `run_status` is the status of the run the result belongs to: any status but "done" is shown
+    instead of the result (an unfinished run has no trustworthy number even when it has an eval
+    row). `metric` picks the value out of a result dict; `failed` is the word for a failed eval.
+    """
+    if run_status != "done":
+        return run_status
+    if isinstance(result, str):
+        return result
+    if isinstance(result, EvalRow):
+        if result.status == "failed":
+            return failed
+        value = result.value
+    elif isinstance(result, Mapping):
+        if result.get("status") == "failed":
+            return failed
+        value = result.get(metric)
+    elif result is None or (isinstance(result, Real) and not isinstance(result, bool)):
+        value = result
+    else:
+        raise TypeError(f"not a result: {result!r}")
+    if value is None:
+        return MISSING
+    # A stored row's value is finite (rundir checks it); a raw value or dict might not be.
+    return fmt(value) if math.isfinite(value) else failed
+
+
+# -- markdown ----------------------------------------------------------------------------------
+
+
+def _escape(text: str) -> str:
+    """Make text safe inside a markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def task_header(task: str) -> str:
+    return TASK_HEADERS.get(task, f"{task} acc")
+
+
+def results_table(rows: Mapping[str, Mapping[str, Mapping]], tasks: list[str]) -> str:
+    """Rows: {model label: {task: result dict}} -> `| Model | forget acc (↓) | ... |` markdown.
+    A collapsed model's number carries "(collapsed)"."""
+    headers = ["Model", *(task_header(t) for t in tasks)]
+    body = []
+    for label, results in rows.items():
+        cells = [label]
+        for t in tasks:
+            r = results.get(t) or {}
+            cell = result_cell(r, failed="failed")
+            if r.get("status") != "failed" and r.get("collapse", {}).get("collapsed"):
+                cell += " (collapsed)"
+            cells.append(cell)
+        body.append(cells)
+    return markdown_table(headers, body)
+
+
+# -- other cells -------------------------------------------------------------------------------
+
+
+def format_value(value: Any) -> str:
+    """A config value for a table cell: 0.001 -> "0.001", 5.0 -> "5", [5, 10] -> "[5, 10]"."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def format_loss(value: float | None) -> str:
+    """A final loss term; None is how a run directory keeps a non-finite one."""
+    return "nan/inf" if value is None else f"{value:.4g}"
+
+
+# -- hyperparameter columns --------------------------------------------------------------------
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"lora": {"r": 16}} -> {"lora.r": 16}."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _key_order(key: str) -> tuple[int, str]:
+    # A nested key matches by its last part ("train.lr" is "lr") or joined ("lora.r" is "lora_r").
+    names = [n for n in (_leaf(key), key.replace(".", "_")) if n in PREFERRED_ORDER]
+    return (PREFERRED_ORDER.index(names[0]) if names else len(PREFERRED_ORDER)), key
+
+
+def split_config_keys(configs: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """(keys whose value differs among the configs, in column order; {key: value} of the rest).
+
+    A key missing from some configs counts as varying. Bookkeeping keys are dropped.
+    """
+    flat = [flatten(c) for c in configs]
+    keys = {k for f in flat for k in f if _leaf(k) not in BOOKKEEPING_KEYS}
+    varying, fixed = [], {}
+    for key in keys:
+        seen = {json.dumps(f.get(key, "<missing>"), sort_keys=True) for f in flat}
+        if len(seen) > 1:
+            varying.append(key)
+        else:
+            fixed[key] = flat[0][key]
+    return sorted(varying, key=_key_order), {k: fixed[k] for k in sorted(fixed, key=_key_order)}
+
+
+def column_headers(keys: list[str]) -> list[str]:
+    """Column titles: the last part of a nested key, unless two columns would share it."""
+    leaves = [_leaf(k) for k in keys]
+    return [
+        leaf if leaves.count(leaf) == 1 else key for key, leaf in zip(keys, leaves, strict=True)
+    ]
