@@ -10,8 +10,10 @@ import sys
 
 import pytest
 
+import unlearn.report as report
 from unlearn.eval.table import pct as eval_pct
 from unlearn.eval.table import results_table as eval_results_table
+from unlearn.report import analysis, render, tables
 from unlearn.report.tables import (
     EVAL_FAILED,
     MISSING,
@@ -130,9 +132,6 @@ def test_tables_import_nothing_heavy():
 
 
 def test_report_package_reexports_its_public_names():
-    import unlearn.report as report
-    from unlearn.report import analysis, render, tables
-
     assert report.render_report is render.render_report
     assert report.tamper_summary is analysis.tamper_summary
     assert report.pareto_front is analysis.pareto_front
