@@ -259,6 +259,7 @@ class MethodEnv:
     tokenizer: object
     device: torch.device
     dtype: str
+    """Training dtype: lenses and affine maps are fitted on the model in it."""
     world: object | None = None
     """The mini World when running on one (fitted helpers are cached in its directory)."""
     fit_texts: list[str] = field(default_factory=list)
@@ -268,6 +269,15 @@ class MethodEnv:
     out_dir: object | None = None
     trust_remote_code: bool = False
     """Whether the run's --model may run its own code (a source model is loaded likewise)."""
+    revision: str | None = None
+    """Hub revision of the model: with the name, what a fitted lens or affine map belongs to."""
+
+    @property
+    def model_ref(self):
+        """The model as a `models.ModelRef` (name and revision)."""
+        from unlearn.models import ModelRef
+
+        return ModelRef(self.model_name, self.revision, self.trust_remote_code)
 
 
 def unlearning_weights(cfg: MethodConfig, step: int, total_steps: int) -> dict[str, float]:
