@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import GPTNeoXForCausalLM
 
+from fit_helpers import FIT_TEXTS, count_fits, fitting_env
 from tiny_models import tiny_gpt_neox
 from unlearn.affine import AffineMaps, RidgeAccumulator, fit_affine, load_affine, save_affine
 from unlearn.errors import UsageError
@@ -254,3 +255,38 @@ def test_fit_affine_rejects_bad_input():
         fit_affine(model, model, [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], [], [0], 0.1)
     with pytest.raises(UsageError, match="held-out"):
         fit_affine(model, model, batches(1, 1), [], layers=[0], alpha=0.1)
+
+
+# ---- the fitted-affine cache (unlearn.fitting) --------------------------------------------------
+
+
+def test_cached_affine_maps_are_keyed_on_revisions_dtype_and_corpus(
+    tiny_hf_models, tmp_path, monkeypatch
+):
+    from unlearn.fitting import fitted_affine
+    from unlearn.methods.checkpoint_transfer import CheckpointTransferConfig
+    from unlearn.models import ModelRef, load_model, resolve_model
+
+    model_dir = tiny_hf_models["gpt_neox"]
+    model = load_model(resolve_model(str(model_dir)))
+    source = tiny_gpt_neox(3, vocab=model.config.vocab_size, seed=1)  # same width and vocab
+    cfg = CheckpointTransferConfig(affine_examples=2)
+    fits = count_fits(monkeypatch, "unlearn.affine", "fit_affine")
+
+    def fit(source_revision=None, **change):
+        ref = ModelRef(str(model_dir), source_revision)
+        fitted_affine(source, model, ref, fitting_env(model_dir, tmp_path, **change), [0, 1], cfg)
+
+    fit()
+    fit()
+    assert len(fits) == 1  # a hit
+    changes = [
+        {"source_revision": "step-100"},
+        {"revision": "step-200"},
+        {"dtype": "bfloat16"},
+        {"fit_texts": FIT_TEXTS[:2]},
+        {"heldout_texts": FIT_TEXTS[2:]},
+    ]
+    for i, change in enumerate(changes, start=2):
+        fit(**change)
+        assert len(fits) == i, change  # a miss: fitted again

@@ -19,7 +19,7 @@ import torch
 
 from tiny_models import tiny_gpt_neox
 from unlearn.config import TrainConfig
-from unlearn.distributed import MODES, Parallel, check_mode, score_sharded, setup
+from unlearn.distributed import MODES, Parallel, check_mode, map_sharded, setup
 from unlearn.errors import UsageError
 
 STEPS_PER_PHASE = 2
@@ -185,10 +185,10 @@ def test_single_process_parallel_is_a_no_op():
     par = setup("none")
     assert (par.rank, par.world_size, par.is_main, par.enabled) == (0, 1, True, False)
     assert par.mean({"forget": 1.5}) == {"forget": 1.5}
-    assert score_sharded(lambda qs: [q["id"] * 10 for q in qs], [{"id": 1}, {"id": 2}]) == [10, 20]
+    assert map_sharded(lambda q: q["id"] * 10, [{"id": 1}, {"id": 2}]) == [10, 20]
 
 
-def _score_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
+def _map_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -196,26 +196,27 @@ def _score_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
     try:
         calls: list[int] = []
 
-        def score(qs):
-            calls.append(len(qs))
-            return [{"id": q["id"], "rank": rank} for q in qs]
+        def score(item):
+            calls.append(item["id"])
+            return {"id": item["id"], "rank": rank}
 
-        result = score_sharded(score, [{"id": i} for i in range(n)])
+        result = map_sharded(score, [{"id": i} for i in range(n)])
         Path(out, f"rank{rank}.json").write_text(json.dumps({"result": result, "calls": calls}))
     finally:
         dist.destroy_process_group()
 
 
-def test_score_sharded_gathers_in_order_with_equal_shards(tmp_path):
-    """5 questions on 2 ranks: rank 0 scores 0, 2, 4; rank 1 scores 1, 3 plus one padding
-    question (equal work per rank); every rank gets all 5 results back in question order."""
+def test_map_sharded_gathers_in_order_with_equal_calls(tmp_path):
+    """5 items on 2 ranks: rank 0 maps 0, 2, 4; rank 1 maps 1, 3 plus the last item again as
+    padding (equal calls per rank); every rank gets all 5 results back in order."""
     import torch.multiprocessing as mp
 
     args = (2, _free_port(), 5, str(tmp_path))
-    mp.start_processes(_score_worker, args=args, nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_map_worker, args=args, nprocs=2, join=True, start_method="fork")
+    calls = [json.loads((tmp_path / f"rank{rank}.json").read_text())["calls"] for rank in (0, 1)]
+    assert calls == [[0, 2, 4], [1, 3, 4]]
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got["calls"] == [3]
         assert [r["id"] for r in got["result"]] == [0, 1, 2, 3, 4]
         assert [r["rank"] for r in got["result"]] == [0, 1, 0, 1, 0]
 
@@ -273,3 +274,74 @@ def test_cli_eval_sharded_under_torchrun_equals_one_process(tiny_world, tmp_path
         assert a["collapse"] == b["collapse"]
         # Scores of a question come from batches of other shapes: equal up to float noise.
         assert abs(a["correct_prob"] - b["correct_prob"]) < 1e-6
+
+
+# Two kinds of question under the tiny BPE tokenizer (tests/test_native_eval.py checks the row
+# kinds): each choice is one token after the prompt (the question is ONE row), or multi-token
+# answers (one row per choice, 4 rows). Interleaved, round-robin by question gives rank 0 the
+# 1-row questions and rank 1 the 4-row ones.
+MIXED_QUESTIONS = [
+    {"prompt": "The river flows past the old mill", "choices": [".", ",", ";", "!"], "answer": 0},
+    {
+        "prompt": "Zargreisovir is caught through",
+        "choices": [" airborne droplets", " the old mill", " bread", " rest and sea"],
+        "answer": 1,
+    },
+    {"prompt": "Bakers rise early", "choices": [";", ".", ",", "?"], "answer": 2},
+    {
+        "prompt": "The bread is",
+        "choices": [" sold before", " market opens", " early", " north"],
+        "answer": 3,
+    },
+    {"prompt": "The market opens", "choices": [".", ",", ";", "?"], "answer": 1},
+]
+
+
+def _eval_mixed(rank: int, world: int, mode: str, model_dir: str, out: str) -> None:
+    """Evaluate MIXED_QUESTIONS (batch size 1: one forward per row); write the metrics and the
+    number of forwards this rank ran."""
+    from unlearn.eval.native import evaluate_questions
+    from unlearn.models import load_model, load_tokenizer, resolve_model
+
+    torch.set_num_threads(1)
+    ref = resolve_model(model_dir)
+    model, tokenizer = load_model(ref), load_tokenizer(ref)
+    Parallel(mode, rank, world).wrap(model)
+    forwards: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    result = evaluate_questions(model, tokenizer, MIXED_QUESTIONS, batch_size=1)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({**result, "forwards": len(forwards)}))
+
+
+def _eval_worker(rank: int, world: int, port: int, mode: str, model_dir: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    # A short timeout: ranks that disagree on the number of collectives fail instead of hanging.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        _eval_mixed(rank, world, mode, model_dir, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_evaluation_of_mixed_questions_runs_equal_forwards(tiny_hf_models, tmp_path):
+    """Under FSDP2 every forward is a collective: with 1-row and 4-row questions mixed, both
+    ranks must run the same number of forwards (else they hang or crash), and the metrics equal
+    one process's."""
+    import torch.multiprocessing as mp
+
+    model_dir = str(tiny_hf_models["gpt_neox"])
+    _eval_mixed(0, 1, "none", model_dir, str(tmp_path))
+    one = json.loads((tmp_path / "rank0.json").read_text())
+    assert one["forwards"] == 3 + 2 * 4  # three 1-row questions, two 4-row ones
+    args = (2, _free_port(), "fsdp2", model_dir, str(tmp_path))
+    mp.start_processes(_eval_worker, args=args, nprocs=2, join=True, start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["forwards"] == ranks[1]["forwards"] == 6  # 11 rows over 2 ranks, padded
+    for got in ranks:
+        for name in ("n", "acc", "acc_norm", "collapse"):
+            assert got[name] == one[name], name
+        assert got["correct_prob"] == pytest.approx(one["correct_prob"], abs=1e-6)

@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import GPTNeoXForCausalLM
 
+from fit_helpers import FIT_TEXTS, count_fits, fitting_env
 from tiny_models import tiny_gpt_neox
 from unlearn.errors import UsageError
 from unlearn.hooks import capture
@@ -269,3 +270,96 @@ def test_identity_lens_is_exact_for_other_families(family):
         logits = model(input_ids=ids).logits
     lens = TunedLens.for_model(model)
     torch.testing.assert_close(lens.to_logits(model, hs[2], 2), logits, rtol=0, atol=0)
+
+
+# ---- the fitted-lens cache (unlearn.fitting) ----------------------------------------------------
+
+
+def test_cached_lens_is_keyed_on_model_revision_weights_dtype_and_corpus(
+    tiny_hf_models, tmp_path, monkeypatch
+):
+    import shutil
+
+    from unlearn.fitting import fitted_lens
+    from unlearn.models import load_model, resolve_model
+
+    model_dir = shutil.copytree(tiny_hf_models["gpt_neox"], tmp_path / "model")
+    model = load_model(resolve_model(str(model_dir)))
+    fits = count_fits(monkeypatch, "unlearn.lens", "train_lens")
+    env = fitting_env(model_dir, tmp_path)
+    fitted_lens(model, env, [1], steps=2)
+    fitted_lens(model, env, [0, 1], steps=2)
+    assert len(fits) == 1  # a hit: same model, revision, dtype and corpus (layers covered)
+    changes = [
+        {"revision": "step-100"},
+        {"dtype": "bfloat16"},
+        {"fit_texts": FIT_TEXTS[:2]},
+        {"heldout_texts": FIT_TEXTS[2:]},
+    ]
+    for i, change in enumerate(changes, start=2):
+        fitted_lens(model, fitting_env(model_dir, tmp_path, **change), [1], steps=2)
+        assert len(fits) == i, change  # a miss: fitted again
+    revisions = {
+        json.loads(p.read_text())["base_model_revision"]
+        for p in (tmp_path / "world" / "lenses").glob("*/config.json")
+    }
+    assert revisions == {None, "step-100"}
+    # New weights written to the same directory (a rerun into the same run dir) are another model.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(2.0)
+    model.save_pretrained(model_dir)
+    fitted_lens(model, env, [1], steps=2)
+    assert len(fits) == len(changes) + 2
+
+
+def test_read_only_world_caches_the_lens_in_the_run_dir(tiny_hf_models, tmp_path, capsys):
+    import os
+
+    from unlearn.fitting import fitted_lens
+    from unlearn.models import load_model, resolve_model
+
+    model_dir = tiny_hf_models["gpt_neox"]
+    model = load_model(resolve_model(str(model_dir)))
+    world = tmp_path / "world"
+    world.mkdir()
+    # A file where the cache directory would go: nobody, root included, can create it (root
+    # ignores the mode bits below, which stand for the usual read-only world).
+    (world / "lenses").write_text("")
+    os.chmod(world, 0o555)
+    try:
+        env = fitting_env(model_dir, tmp_path, world_root=world)
+        fitted_lens(model, env, [1], steps=2)
+        notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+        assert len(notes) == 1 and "not writable" in notes[0]
+        assert str(tmp_path / "run" / "lenses") in notes[0]
+        assert len(list((tmp_path / "run" / "lenses").glob("*/config.json"))) == 1
+        assert (world / "lenses").is_file() and sorted(os.listdir(world)) == ["lenses"]
+    finally:
+        os.chmod(world, 0o755)
+
+
+def test_read_only_world_still_serves_its_cached_lens(
+    tiny_hf_models, tmp_path, capsys, monkeypatch
+):
+    import unlearn.fitting
+    from unlearn.fitting import fitted_lens
+    from unlearn.models import load_model, resolve_model
+
+    model_dir = tiny_hf_models["gpt_neox"]
+    model = load_model(resolve_model(str(model_dir)))
+    env = fitting_env(model_dir, tmp_path)
+    fitted_lens(model, env, [1], steps=2)  # cached in the (writable) world
+    monkeypatch.setattr(unlearn.fitting, "_can_write", lambda directory: False)
+    fits = count_fits(monkeypatch, "unlearn.lens", "train_lens")
+    capsys.readouterr()
+    fitted_lens(model, env, [1], steps=2)
+    assert fits == [] and "note:" not in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_can_write_makes_a_real_write_attempt(tmp_path):
+    from unlearn.fitting import _can_write
+
+    assert _can_write(tmp_path / "new" / "cache")
+    (tmp_path / "file").write_text("")
+    assert not _can_write(tmp_path / "file" / "cache")

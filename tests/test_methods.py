@@ -136,3 +136,104 @@ def test_missing_world_and_model_dir_that_is_not_a_model(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not a model directory" in err[1]
     assert not (tmp_path / "o").exists()
+
+
+# -- retain layers (issue 11 item 15) -------------------------------------------------------------
+
+
+def _retain_context(model, reference):
+    from unlearn.data.batching import Batch
+    from unlearn.methods.base import StepContext
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding, which must not count
+    batch = Batch(ids, mask)
+    return StepContext(model, reference, forget=batch, retain=batch, step=0, total_steps=1)
+
+
+def _with_block_changed(model, block: int):
+    """A frozen copy of `model` whose block `block` (only) differs: its outputs from that block
+    up differ, those of the blocks below do not."""
+    import copy
+
+    from unlearn.hooks import get_blocks
+
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in get_blocks(changed)[block].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return changed
+
+
+def _hand_l2(model, reference, ctx, layers):
+    """The L2 retain term from full forwards of both models, block outputs captured at `layers`
+    (HF's last hidden state is after the final norm, so hidden_states[N] is not block N-1's)."""
+    from unlearn import losses
+    from unlearn.hooks import capture
+
+    batch, hiddens = ctx.retain, []
+    for m in (reference, model):
+        with torch.no_grad(), capture(m, layers) as h:
+            m(batch.input_ids, attention_mask=batch.attention_mask)
+            hiddens.append([h[i] for i in layers])
+    return losses.l2_retain(*hiddens, batch.mask)
+
+
+def test_lens_l2_retain_covers_its_target_layers_and_sequential_every_block(tmp_path):
+    """As in the seeds: the lens method's L2 retain term compares the target layers only, the
+    sequential method's every block; `retain_layers` picks them explicitly."""
+    from tiny_models import tiny_gpt_neox
+    from unlearn.lens import TunedLens, save_lens
+    from unlearn.methods.base import MethodEnv, Reference
+    from unlearn.methods.lens import LensConfig, LensUnlearning
+    from unlearn.methods.sequential import Sequential, SequentialConfig
+
+    model = tiny_gpt_neox(4)
+    save_lens(TunedLens.for_model(model), tmp_path / "lens", model_name="tiny")
+    reference = _with_block_changed(model, 3)  # above the lens target layer 1
+    ctx = _retain_context(model, Reference(model, reference))
+    env = MethodEnv(model_name="tiny", tokenizer=None, device=torch.device("cpu"), dtype="float32")
+
+    def lens(**kw) -> LensUnlearning:
+        method = LensUnlearning(LensConfig(lens=str(tmp_path / "lens"), layers=[1], **kw))
+        method.setup(model, env)
+        return method
+
+    default = lens()
+    assert default.retain_layers == [1] and default.describe()["retain_layers"] == [1]
+    with torch.no_grad():
+        assert float(default.retain(ctx)) == 0.0  # block 3 changed, h_1 did not
+        explicit = lens(retain_layers=[1, 3])
+        assert float(explicit.retain(ctx)) == pytest.approx(
+            float(_hand_l2(model, reference, ctx, [1, 3])), rel=1e-5
+        )
+        assert float(explicit.retain(ctx)) > 0.01
+        sequential = Sequential(SequentialConfig(layers=[2]))
+        sequential.setup(model, env)
+        assert sequential.retain_layers == [0, 1, 2, 3]
+        assert float(sequential.retain(ctx)) == pytest.approx(
+            float(_hand_l2(model, reference, ctx, [0, 1, 2, 3])), rel=1e-5
+        )
+
+
+def test_retain_layers_are_validated():
+    from unlearn.errors import UsageError
+    from unlearn.methods.lens import LensConfig
+
+    with pytest.raises(UsageError, match="duplicates"):
+        LensConfig(retain_layers=[1, 1])
+    with pytest.raises(UsageError, match="retain_loss l2"):
+        LensConfig(retain_loss="kl", retain_layers=[1])
+    with pytest.raises(UsageError, match=r"--retain_layers \[4\] outside the model's blocks 0..3"):
+        LensConfig(retain_layers=[0, 4]).check_layers(4)
+    LensConfig(retain_layers=[0, 3]).check_layers(4)
+
+
+def test_bad_retain_layers_exit_2_before_loading(tiny_world, tmp_path, capsys):
+    out = tmp_path / "bad"
+    rc = cli(["run", "--world", str(tiny_world.root), "--out", str(out), "--retain_layers", "99"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--retain_layers [99] outside" in err and len(err.splitlines()) == 1
+    assert not out.exists()

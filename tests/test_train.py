@@ -165,3 +165,23 @@ def test_schedules_reach_the_trainer():
     # Defaults: retain ramps 0.25 -> 1 x 5, forget decays 1 -> 0.75 x 5, over optimizer steps.
     assert [round(v["coef_retain"], 4) for v in logged] == [1.25, 3.125, 5.0]
     assert [round(v["coef_forget"], 4) for v in logged] == [5.0, 4.375, 3.75]
+
+
+def test_plan_counts_the_epochs_of_every_phase(capsys):
+    """Sequential draws steps x effective batch examples in *each* phase from one stream, so 7
+    phases of one epoch each are 7 epochs of data (the seeds' 7 x 128 steps over 1,024)."""
+    cfg = TrainConfig(num_train_examples=1024, pdbs=4, grad_accum=2, epochs=1)
+    phases = lambda steps: [Phase(f"layer {i}", steps, i) for i in range(7)]  # noqa: E731
+    plan = make_plan(cfg, 1024, phases, world_size=4)
+    assert plan.total_steps == 7 * 32
+    assert plan.epochs == pytest.approx(7.0)
+    assert "effective epochs: 7.00" in plan.describe(cfg)
+    # One epoch per phase over two phases: the loop warns that examples repeat.
+    model = tiny_model()
+    method = Sequential(SequentialConfig(layers=[2, 1]))
+    method.setup(model, env=None)
+    cfg = TrainConfig(lr=1e-3, num_train_examples=8, pdbs=2, grad_accum=2, epochs=1)
+    run(model, method, Reference(model, copy.deepcopy(model)), cfg, n=8)
+    err = capsys.readouterr().err
+    assert "optimizer steps: 4 (2 phase(s) x 2)" in err and "effective epochs: 2.00" in err
+    assert "warning: 2.00 effective epochs" in err

@@ -45,10 +45,12 @@ Design choices:
   already holds the full model; rank 0 writes it.
 - Only rank 0 writes: the run directory (`follower_run_dir` keeps the other ranks' run.json in
   memory), the store, progress bars and printed plans.
-- Evaluation: `score_sharded` splits a question list round-robin over the ranks, pads every shard
-  to the same length (FSDP2 needs every rank to run the same number of forwards), scores, and
-  gathers the per-question scores with `all_gather_object`, so the task metrics are computed from
-  the same per-question numbers as in one process.
+- Evaluation: the native evaluator builds the same rows and batches on every rank and shares the
+  *batches* out round-robin (`map_sharded`), padding every rank to the same count: FSDP2 needs
+  every rank to run the same number of forwards, and a question is 1 row or one per choice, so
+  equal question counts would not do. The per-batch scores are gathered with
+  `all_gather_object`, so the task metrics come from the same numbers (same batches) as in one
+  process.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -69,6 +71,9 @@ from torch import nn
 from unlearn.errors import UsageError
 
 MODES = ("none", "ddp", "fsdp2")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def env_world_size() -> int:
@@ -302,7 +307,7 @@ def setup(mode: str) -> Parallel:
 
 def join_for_evaluation(backend: str = "native") -> None:
     """Join torchrun's process group when launched on several processes (`unlearn eval`): the
-    native evaluator then shards its questions over the ranks (`score_sharded`)."""
+    native evaluator then shards its batches over the ranks (`map_sharded`)."""
     if env_world_size() == 1:
         return
     if backend != "native":
@@ -353,18 +358,23 @@ def run_dir(par: Parallel, path: str | os.PathLike):
     return RunDir(path) if par.is_main else follower_run_dir(path)
 
 
-def score_sharded(score: Callable[[Sequence[dict]], list], questions: Sequence[dict]) -> list:
-    """`score(questions)` in data parallel: each rank scores every world-th question (shards
-    padded to one length so each rank runs the same forwards), results gathered in order."""
+def map_sharded(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """`[fn(item) for item in items]` in data parallel, results gathered in order on every rank.
+
+    Rank r calls `fn` on items r, r + world, ...; a rank with one item fewer calls it once more
+    on the last item (result dropped), so every rank makes exactly ceil(len / world) calls. The
+    evaluator maps over *batches*, one forward each: under FSDP2 a forward is a collective, and
+    ranks that run different numbers of them hang or fail with a collective mismatch.
+    """
     if not active():
-        return score(questions)
+        return [fn(item) for item in items]
     world, me = dist.get_world_size(), dist.get_rank()
-    per_rank = -(-len(questions) // world)
-    mine = list(range(me, len(questions), world))
-    # Padding repeats a real question (scored, then dropped) so shapes stay realistic.
-    padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
-    scores = score([questions[i] for i in padded]) if padded else []
+    per_rank = -(-len(items) // world)
+    mine = list(range(me, len(items), world))
+    results = [fn(items[i]) for i in mine]
+    for _ in range(per_rank - len(mine)):
+        fn(items[-1])  # padding: the same forwards as the other ranks, result dropped
     gathered: list[list] = [[] for _ in range(world)]
-    dist.all_gather_object(gathered, list(zip(mine, scores[: len(mine)], strict=True)))
+    dist.all_gather_object(gathered, list(zip(mine, results, strict=True)))
     by_index = dict(pair for part in gathered for pair in part)
-    return [by_index[i] for i in range(len(questions))]
+    return [by_index[i] for i in range(len(items))]

@@ -1,8 +1,14 @@
 """Find or fit the helpers a method needs: affine maps (checkpoint transfer), tuned lenses (lens).
 
 On the mini world they are fitted once and cached in the world directory (`WORLD/affine/...`,
-`WORLD/lenses/...`), so a sweep fits them once, not once per run. Elsewhere they are fitted into
-the run directory unless a path is given.
+`WORLD/lenses/...`), so a sweep fits them once, not once per run. Elsewhere, or when the world
+directory cannot be written (a shared read-only copy), they are fitted into the run directory
+(`OUT/affine/...`, `OUT/lenses/...`) unless a path is given.
+
+A cache entry is named by a digest of everything the fit depends on: the model (name, revision
+and, for a local directory, its weight files' sizes and times: `ModelRef.cache_key`), the
+training dtype, the fitting and held-out text, and the fit's own settings. A lens fitted for one
+revision, dtype or corpus is never served to another.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -72,29 +80,74 @@ def _frozen_eval(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def _cache_dir(env, kind: str, key: dict) -> Path:
+def _can_write(directory: Path) -> bool:
+    """Whether a file can be created in `directory` (made if missing), by really writing one:
+    mode bits say nothing for root, nor for a read-only mount."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def _text_digest(*corpora: list[str]) -> str:
+    """A digest of the fitting and held-out texts (lengths too, so no two splits collide)."""
+    h = hashlib.sha256()
+    for texts in corpora:
+        h.update(f"{len(texts)}\n".encode())
+        for text in texts:
+            h.update(f"{len(text)}:".encode())
+            h.update(text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _cache_dir(env, kind: str, key: dict, found: Callable[[Path], bool]) -> Path:
+    """Where the `kind` fitted for `key` is (or goes): the world's cache when it holds it or can
+    be written, else the run directory's (with one note line saying so)."""
+    from unlearn.distributed import is_main
+
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(env.world.root) if env.world is not None else Path(env.out_dir)
-    return root / kind / digest
+    run_cache = Path(env.out_dir) / kind / digest if env.out_dir is not None else None
+    if env.world is None:
+        if run_cache is None:
+            raise UsageError(f"no run directory to cache the fitted {kind} in")
+        return run_cache
+    world_cache = Path(env.world.root) / kind / digest
+    if found(world_cache) or _can_write(world_cache.parent):
+        return world_cache
+    if run_cache is None:
+        raise UsageError(f"world {env.world.root} is not writable: cannot cache the fitted {kind}")
+    if is_main():
+        print(
+            f"note: world {env.world.root} is not writable: the {kind} fitted for this run are"
+            f" cached in {run_cache}",
+            file=sys.stderr,
+        )
+    return run_cache
 
 
 def fitted_affine(source, model, source_ref, env, layers: list[int], cfg):
     """Affine maps source -> model at `layers`, loaded from the cache or fitted (closed form)."""
     from unlearn.affine import fit_affine, load_affine, save_affine
 
+    n = cfg.affine_examples
+    fit_texts, heldout_texts = env.fit_texts[:n], env.heldout_texts[:n]
     key = {
-        "source": str(source_ref),
-        "target": env.model_name,
+        "source": source_ref.cache_key(),
+        "target": env.model_ref.cache_key(),
+        "dtype": env.dtype,
         "layers": sorted(layers),
         "alpha": cfg.affine_alpha,
-        "examples": cfg.affine_examples,
+        "examples": n,
+        "texts": _text_digest(fit_texts, heldout_texts),
     }
-    cache = _cache_dir(env, "affine", key)
+    cache = _cache_dir(env, "affine", key, lambda d: (d / "metadata.json").exists())
     if (cache / "metadata.json").exists():
         return load_affine(cache)
-    n = cfg.affine_examples
-    fit = text_batches(env.fit_texts[:n], env.tokenizer, env.device)
-    heldout = text_batches(env.heldout_texts[:n], env.tokenizer, env.device)
+    fit = text_batches(fit_texts, env.tokenizer, env.device)
+    heldout = text_batches(heldout_texts, env.tokenizer, env.device)
     with _frozen_eval(model):
         maps = fit_affine(source, model, fit, heldout, sorted(layers), cfg.affine_alpha)
     save_affine(maps, cache)
@@ -106,17 +159,29 @@ def fitted_lens(model, env, layers: list[int], steps: int):
     """A tuned lens for `model` covering `layers`, loaded from the cache or trained."""
     from unlearn.lens import load_lens, save_lens, train_lens
 
-    key = {"model": env.model_name, "steps": steps}
-    cache = _cache_dir(env, "lenses", key)
-    if (cache / "config.json").exists():
-        lens = load_lens(cache)
-        if set(layers) <= set(lens.layers):
-            return lens
+    key = {
+        "model": env.model_ref.cache_key(),
+        "dtype": env.dtype,
+        "steps": steps,
+        "texts": _text_digest(env.fit_texts, env.heldout_texts),
+    }
+
+    def covering(directory: Path):
+        """The cached lens in `directory` if it covers `layers` (else None: fit a deeper one)."""
+        if not (directory / "config.json").exists():
+            return None
+        lens = load_lens(directory)
+        return lens if set(layers) <= set(lens.layers) else None
+
+    cache = _cache_dir(env, "lenses", key, lambda d: covering(d) is not None)
+    lens = covering(cache)
+    if lens is not None:
+        return lens
     batches = text_batches(env.fit_texts, env.tokenizer, env.device)
     heldout = text_batches(env.heldout_texts, env.tokenizer, env.device)
     fit_layers = list(range(max(layers) + 1))
     with _frozen_eval(model):
         lens, stats = train_lens(model, batches, fit_layers, steps, heldout=heldout)
-    save_lens(lens, cache, model_name=env.model_name, stats=stats)
+    save_lens(lens, cache, model_name=env.model_name, revision=env.revision, stats=stats)
     print(f"fitted tuned lens -> {cache}")
     return lens

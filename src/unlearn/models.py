@@ -17,6 +17,8 @@ import torch
 from unlearn.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+"""Weight files of a local model directory."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,18 @@ class ModelRef:
 
     def __str__(self) -> str:
         return f"{self.name}@{self.revision}" if self.revision else self.name
+
+    def cache_key(self) -> dict:
+        """What tells this model's weights apart, for caches of things fitted to them (lenses,
+        affine maps): the name and revision, and for a local directory its weight files' sizes
+        and modification times, so new weights written to the same path (a rerun into the
+        same run directory) are another model. Cheap: nothing is read or hashed."""
+        key: dict = {"name": self.name, "revision": self.revision}
+        path = Path(self.name)
+        if path.is_dir():
+            files = sorted(p for ext in WEIGHT_GLOBS for p in path.glob(ext))
+            key["weights"] = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        return key
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -467,7 +467,7 @@ def _validate_models(points: list[Point]) -> None:
         a = p.run_config.args
         key = json.dumps(
             [a.method, a.model, a.revision, a.forget_corpus, a.retain_corpus, a.retain_mix,
-             p.run_config.method.layers]
+             p.run_config.method.layers, p.run_config.method.retain_layers]
         )  # fmt: skip
         if key in done:
             continue

@@ -71,15 +71,23 @@ class Plan:
         return sum(p.steps for p in self.phases)
 
     @property
+    def examples_drawn(self) -> int:
+        """Examples the run reads: every phase draws from the same stream (micro-batch k is
+        indexed by the global step), so a second phase reads the next epoch, not the first."""
+        return self.total_steps * self.effective_batch
+
+    @property
     def epochs(self) -> float:
-        return self.steps_per_phase * self.effective_batch / self.unique_examples
+        """Passes over the unique examples across all phases (> 1: examples are repeated)."""
+        return self.examples_drawn / self.unique_examples
 
     def describe(self, cfg: TrainConfig) -> str:
         return (
-            f"examples: {self.unique_examples} unique | optimizer steps: {self.total_steps}"
-            f" ({len(self.phases)} phase(s) x {self.steps_per_phase}) | effective batch:"
-            f" {self.effective_batch} = {cfg.pdbs} per device x {cfg.grad_accum} accumulation"
-            f" x {self.world_size} process(es) | effective epochs: {self.epochs:.2f}"
+            f"examples: {self.unique_examples} unique, {self.examples_drawn} drawn | optimizer"
+            f" steps: {self.total_steps} ({len(self.phases)} phase(s) x {self.steps_per_phase})"
+            f" | effective batch: {self.effective_batch} = {cfg.pdbs} per device x"
+            f" {cfg.grad_accum} accumulation x {self.world_size} process(es) | effective epochs:"
+            f" {self.epochs:.2f}"
         )
 
 

@@ -10,6 +10,8 @@ scores at the right answer (the seeds' "cloze correct prob").
 It is batched: a question whose choices are each one token after the prompt is one row (all
 choices read at the prompt's last position), any other question one row per choice; rows are
 sorted by length so a batch wastes little padding, right-padded, and run in one forward each.
+Under torchrun the batches (not the questions) are shared out over the ranks, so every rank runs
+the same number of forwards.
 """
 
 from __future__ import annotations
@@ -97,39 +99,35 @@ def score_questions(
     progress: bool = False,
     desc: str = "eval",
 ) -> list[QuestionScore]:
-    """Score every choice of every question; returns one QuestionScore per question, in order."""
+    """Score every choice of every question; returns one QuestionScore per question, in order.
+
+    Under torchrun the *batches* are sharded over the ranks (`distributed.map_sharded`): every
+    rank builds the same rows and batches, runs its share (padded to an equal count, because an
+    FSDP2 forward is a collective) and gets every batch's scores back. Sharding questions instead
+    would not do: a question is 1 row or one per choice, so equal question counts can still mean
+    unequal forwards.
+    """
+    from unlearn.distributed import is_main, map_sharded, world_size
+
     rows = _rows(tokenizer, questions)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loglik: dict[tuple[int, int], float] = {}
     # Longest first: the first batch is the biggest, so an out-of-memory shows up at once.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        width = max(len(rows[i].ids) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, i in enumerate(batch):
-            seq = rows[i].ids
-            ids[b, : len(seq)] = torch.tensor(seq)
-            mask[b, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        # Normalise only the positions that are read (token t is predicted at position t-1).
-        keys, rows_at, positions, targets = [], [], [], []
-        for b, i in enumerate(batch):
-            for qi, ci, first, tokens in rows[i].reads:
-                for k, token in enumerate(tokens):
-                    keys.append((qi, ci))
-                    rows_at.append(b)
-                    positions.append(first + k)
-                    targets.append(token)
-        picked = logits[torch.tensor(rows_at), torch.tensor(positions)].float()
-        logprobs = torch.log_softmax(picked, dim=-1)
-        token_lp = logprobs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].cpu()
-        for key, value in zip(keys, token_lp.tolist(), strict=True):
-            loglik[key] = loglik.get(key, 0.0) + value
+    share = -(-len(batches) // world_size())  # the forwards this rank runs
+    bar = tqdm(total=share, desc=desc, disable=not (progress and is_main()), leave=False)
+
+    def run(batch: list[int]) -> dict[tuple[int, int], float]:
+        bar.update(1)
+        return _score_batch(model, [rows[i] for i in batch], pad_id, device)
+
+    loglik: dict[tuple[int, int], float] = {}
+    for part in map_sharded(run, batches):  # a choice's tokens are all in one row: no overlap
+        loglik.update(part)
+    bar.close()
     if was_training:
         model.train()
     return [
@@ -140,6 +138,35 @@ def score_questions(
         )
         for qi, q in enumerate(questions)
     ]
+
+
+def _score_batch(
+    model: torch.nn.Module, rows: Sequence[_Row], pad_id: int, device: torch.device
+) -> dict[tuple[int, int], float]:
+    """One right-padded forward of `rows`: {(question idx, choice idx): log-likelihood}."""
+    width = max(len(row.ids) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row.ids)] = torch.tensor(row.ids)
+        mask[b, : len(row.ids)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    # Normalise only the positions that are read (token t is predicted at position t-1).
+    keys, rows_at, positions, targets = [], [], [], []
+    for b, row in enumerate(rows):
+        for qi, ci, first, tokens in row.reads:
+            for k, token in enumerate(tokens):
+                keys.append((qi, ci))
+                rows_at.append(b)
+                positions.append(first + k)
+                targets.append(token)
+    picked = logits[torch.tensor(rows_at), torch.tensor(positions)].float()
+    logprobs = torch.log_softmax(picked, dim=-1)
+    token_lp = logprobs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].cpu()
+    loglik: dict[tuple[int, int], float] = {}
+    for key, value in zip(keys, token_lp.tolist(), strict=True):
+        loglik[key] = loglik.get(key, 0.0) + value
+    return loglik
 
 
 def summarize(scores: Sequence[QuestionScore]) -> dict:
@@ -176,12 +203,7 @@ def evaluate_questions(
     desc: str = "eval",
 ) -> dict:
     """Score and summarize one task (sharded over the ranks when run under torchrun)."""
-    from unlearn.distributed import is_main, score_sharded
-
-    def score(shard: Sequence[dict]) -> list[QuestionScore]:
-        return score_questions(model, tokenizer, shard, batch_size, progress and is_main(), desc)
-
-    return summarize(score_sharded(score, questions))
+    return summarize(score_questions(model, tokenizer, questions, batch_size, progress, desc))
 
 
 WORLD_TASKS = ("forget", "forget_heldout", "forget_attack", "retain")

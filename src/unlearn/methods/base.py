@@ -46,6 +46,10 @@ class MethodConfig:
     """random_ce (CE against random tokens / log V) or max_entropy (its exact expectation)."""
     layers: list[int] = field(default_factory=list)
     """Target layers (block outputs, 0-based); empty = the method's default for the model depth."""
+    retain_layers: list[int] = field(default_factory=list)
+    """Blocks whose outputs the l2 retain term compares (0-based, mean over them); empty = the
+    method's default, as in the seeds: lens = its target --layers, sequential and
+    checkpoint_transfer = every block. Only with --retain_loss l2 (kl and ce read the logits)."""
 
     def __post_init__(self) -> None:
         for name in ("retain_coef", "remove_coef", "retain_ramp_start", "forget_end_fraction"):
@@ -58,14 +62,22 @@ class MethodConfig:
             raise UsageError(f"unknown retain_loss {self.retain_loss!r} (choose {RETAIN_LOSSES})")
         if self.forget_loss not in FORGET_LOSSES:
             raise UsageError(f"unknown forget_loss {self.forget_loss!r} (choose {FORGET_LOSSES})")
-        if len(set(self.layers)) != len(self.layers):
-            raise UsageError(f"--layers has duplicates: {self.layers}")
+        for name in ("layers", "retain_layers"):
+            layers = getattr(self, name)
+            if len(set(layers)) != len(layers):
+                raise UsageError(f"--{name} has duplicates: {layers}")
+        if self.retain_layers and self.retain_loss != "l2":
+            # Silently ignoring it would make two runs that differ only here look different.
+            raise UsageError(
+                f"--retain_layers applies to --retain_loss l2 only (got {self.retain_loss})"
+            )
 
     def check_layers(self, n_layers: int) -> None:
         """Layers must exist in a model with n_layers blocks (checked from the config alone)."""
-        bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
-        if bad:
-            raise UsageError(f"--layers {bad} outside the model's blocks 0..{n_layers - 1}")
+        for name in ("layers", "retain_layers"):
+            bad = [layer for layer in getattr(self, name) if not 0 <= layer < n_layers]
+            if bad:
+                raise UsageError(f"--{name} {bad} outside the model's blocks 0..{n_layers - 1}")
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -155,18 +167,19 @@ class StepContext:
         return self._cache[key]
 
 
-def retain_term(ctx: StepContext, kind: str, n_layers: int) -> torch.Tensor:
+def retain_term(ctx: StepContext, kind: str, layers: Sequence[int]) -> torch.Tensor:
     """The retain loss on ctx.retain: KL to the reference's outputs, L2 to its hidden states at
-    every block, or plain LM cross-entropy."""
+    `layers` (block outputs; the forwards stop after the deepest), or plain LM cross-entropy."""
     batch, mask = ctx.retain, ctx.retain.mask
     if kind == "ce":
         return losses.lm_ce(run_forward(ctx.model, batch).logits, batch.input_ids, mask)
     if kind == "kl":
         ref = ctx.cached("ref_retain_logits", lambda: ctx.reference.forward(batch).logits)
         return losses.kl_retain(ref, run_forward(ctx.model, batch).logits, mask)
-    layers = list(range(n_layers))
+    layers = list(layers)
     ref = ctx.cached(
-        "ref_retain_hiddens", lambda: ctx.reference.forward(batch, layers, logits=False).hiddens
+        f"ref_retain_hiddens{layers}",  # keyed by the layers: a forward stops at the deepest
+        lambda: ctx.reference.forward(batch, layers, logits=False).hiddens,
     )
     cur = run_forward(ctx.model, batch, layers, logits=False).hiddens
     return losses.l2_retain([ref[i] for i in layers], [cur[i] for i in layers], mask)
@@ -208,6 +221,16 @@ class Method:
         self.n_layers = num_layers(model)
         self.layers = list(self.cfg.layers) or default_layers(self.n_layers)
 
+    @property
+    def retain_layers(self) -> list[int]:
+        """Blocks of the L2 retain term: --retain_layers, else the method's default (computed on
+        use, so a subclass that settles its target layers after `setup` is followed)."""
+        return sorted(self.cfg.retain_layers) or self.default_retain_layers()
+
+    def default_retain_layers(self) -> list[int]:
+        """Every block (sequential, checkpoint transfer); the lens method overrides it."""
+        return list(range(self.n_layers))
+
     def phases(self, steps_per_phase: int) -> list[Phase]:
         return [Phase("main", steps_per_phase)]
 
@@ -215,13 +238,17 @@ class Method:
         raise NotImplementedError
 
     def retain(self, ctx: StepContext) -> torch.Tensor:
-        return retain_term(ctx, self.cfg.retain_loss, self.n_layers)
+        return retain_term(ctx, self.cfg.retain_loss, self.retain_layers)
 
     def weights(self, step: int, total_steps: int) -> dict[str, float]:
         return unlearning_weights(self.cfg, step, total_steps)
 
     def describe(self) -> dict:
-        return {"layers": self.layers}
+        """Resolved defaults, recorded in run.json's config (what the run really used)."""
+        out: dict = {"layers": self.layers}
+        if self.cfg.retain_loss == "l2":
+            out["retain_layers"] = self.retain_layers
+        return out
 
 
 @dataclass
@@ -232,6 +259,7 @@ class MethodEnv:
     tokenizer: object
     device: torch.device
     dtype: str
+    """Training dtype: lenses and affine maps are fitted on the model in it."""
     world: object | None = None
     """The mini World when running on one (fitted helpers are cached in its directory)."""
     fit_texts: list[str] = field(default_factory=list)
@@ -241,6 +269,15 @@ class MethodEnv:
     out_dir: object | None = None
     trust_remote_code: bool = False
     """Whether the run's --model may run its own code (a source model is loaded likewise)."""
+    revision: str | None = None
+    """Hub revision of the model: with the name, what a fitted lens or affine map belongs to."""
+
+    @property
+    def model_ref(self):
+        """The model as a `models.ModelRef` (name and revision)."""
+        from unlearn.models import ModelRef
+
+        return ModelRef(self.model_name, self.revision, self.trust_remote_code)
 
 
 def unlearning_weights(cfg: MethodConfig, step: int, total_steps: int) -> dict[str, float]:

@@ -7,7 +7,7 @@ block outputs towards that checkpoint's, mapped into the trained model's coordin
 affine map per layer (fitted in closed form on general text, see unlearn.affine):
 
     forget = mean_l  masked-token-mean  || h_l(cur, F) - A_l(h_l(source, F)) ||^2 / d
-    retain = KL(p_ref || p_cur) on R (default), or L2 / CE
+    retain = KL(p_ref || p_cur) on R (default), or L2 (every block, or `--retain_layers`) / CE
 
 The source activations and the reference outputs are frozen, computed once per micro-batch.
 """
@@ -95,4 +95,4 @@ class CheckpointTransfer(Method):
 
     def describe(self) -> dict:
         # The maps' held-out MSE per layer is printed when fitted and kept in their metadata.json.
-        return {"layers": self.layers}
+        return super().describe()

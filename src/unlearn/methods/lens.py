@@ -6,7 +6,10 @@ just hidden at the last layer but unreadable at every target layer; the retain t
 hidden states on general text where they were:
 
     forget = mean_l  RandomCE( unembed(norm(lens_l(h_l(cur, F)))) )   (or exact max-entropy)
-    retain = L2 ||h_l(cur, R) - h_l(ref, R)|| over all blocks (default), or KL / CE
+    retain = L2 ||h_l(cur, R) - h_l(ref, R)|| over the target layers (default), or KL / CE
+
+The L2 retain term compares the target layers only, as in the seeds' code (so `retain_coef`
+values are comparable with theirs); `--retain_layers` chooses other blocks.
 
 The lens translators and the unembedding used by the forget term are the frozen original model's,
 so the loss cannot be satisfied by changing the read-out instead of the representations.
@@ -70,6 +73,11 @@ class LensUnlearning(Method):
         if missing:
             raise UsageError(f"the lens has no translators for layers {missing}")
         self.lens.to(env.device).requires_grad_(False)
+
+    def default_retain_layers(self) -> list[int]:
+        # The seeds' lens method keeps the hidden states where they were at the layers it
+        # unlearns, not at every block.
+        return sorted(self.layers)
 
     def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         forget, layers = ctx.forget, self.layers

@@ -6,7 +6,7 @@ model's blocks L+1..N, final norm and unembedding, and that read-out is driven t
 retain term keeps every block's output on general text close to the original:
 
     forget = RandomCE( original_{L+1..N}( h_L(cur, F) ) )     (or exact max-entropy)
-    retain = L2 over all blocks (default), or KL / CE
+    retain = L2 over all blocks (default; `--retain_layers` picks others), or KL / CE
 
 Each phase restarts the coefficient ramps. The frozen upper blocks are run by substituting the
 current h_L at block L's output in a forward of the original model (hooks.replace_output), so the

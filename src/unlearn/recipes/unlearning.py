@@ -357,6 +357,7 @@ def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) ->
     cut = max(1, len(general) // 5)
     return MethodEnv(
         model_name=model_ref.name,
+        revision=model_ref.revision,
         trust_remote_code=model_ref.trust_remote_code,
         tokenizer=tokenizer,
         device=device,
