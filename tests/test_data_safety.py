@@ -273,6 +273,44 @@ def test_a_failed_save_marks_the_run_failed(tiny_world, tmp_path, monkeypatch, c
     assert meta["status"] == "failed" and "No space left" in meta["error"]
 
 
+def _save_worker(rank: int, port: int, out: str) -> None:
+    """Rank 0's save fails; every rank must raise (not wait for rank 0 at a collective)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch import nn
+
+    import unlearn.models
+    from unlearn.distributed import Parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2, timeout=timedelta(seconds=20))  # fmt: skip
+    unlearn.models.save_model = _disk_full
+    try:
+        Parallel("ddp", rank, 2).save_model(nn.Linear(2, 2), None, out)
+        result = "saved"
+    except Exception as e:
+        result = f"{type(e).__name__}: {e}"
+    finally:
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(result)
+        dist.destroy_process_group()
+
+
+def test_a_failed_save_on_rank_0_raises_on_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_save_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        result = (tmp_path / f"rank{rank}.txt").read_text()
+        assert result.startswith("OSError") and "No space left" in result, (rank, result)
+
+
 # -- item 11: nothing left behind by a clean exit 2; foreign databases; the umask ---------------
 
 

@@ -413,6 +413,13 @@ def _local_path(name: str | os.PathLike | None) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
+def _is_run_dir(path: Path) -> bool:
+    """A directory a run wrote: its run.json, or a resumable checkpoint (OUT/checkpoint/step-N)."""
+    from unlearn.resume import latest_checkpoint  # resume imports this module
+
+    return (path / RUN_FILE).is_file() or latest_checkpoint(path) is not None
+
+
 def check_run_out(
     out: str | os.PathLike, kind: str, inputs: dict[str, str | os.PathLike | None] | None = None
 ) -> Path:
@@ -439,7 +446,7 @@ def check_run_out(
                 f"--out {path} overlaps the {what} {name}: a run would delete or bury it; "
                 "give another --out"
             )
-    path = check_output_dir(path, "a run directory", lambda p: (p / RUN_FILE).is_file())
+    path = check_output_dir(path, "a run directory", _is_run_dir)
     run = RunDir(path)
     if run.exists():
         previous = run.read_meta()
