@@ -178,7 +178,7 @@ class EvalRow:
             raise UsageError(f"eval status must be done or failed, got {self.status!r}")
         for name in ("value", "stderr"):
             # A hand-edited or foreign evals.jsonl can hold any JSON: a string stored as a done
-            # result would be read back as a number by nothing and crash the report later.
+            # result stays text in SQLite and crashes the report later. Refused at ingest.
             v = getattr(self, name)
             if v is None:
                 continue
