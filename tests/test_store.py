@@ -187,6 +187,58 @@ def test_not_a_store_is_a_usage_error(tmp_path):
         Store(bad)
 
 
+def test_foreign_sqlite_database_is_refused_untouched(tmp_path):
+    from unlearn.store import check_store
+
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as c:
+        c.execute("CREATE TABLE patients (id INTEGER PRIMARY KEY, name TEXT)")
+        c.execute("INSERT INTO patients (name) VALUES ('x')")
+    c.close()
+    before = foreign.read_bytes()
+    for open_it in (Store, check_store):
+        with pytest.raises(UsageError, match="not a results store"):
+            open_it(foreign)
+    assert foreign.read_bytes() == before
+    # An empty database file (`touch results.db`) becomes a store; a store stays one.
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    check_store(empty)
+    with Store(empty) as store:
+        store.upsert_run(RunMeta(id="a", kind="attack", status="running"))
+    check_store(empty)
+    with Store(empty) as store:
+        assert [r.id for r in store.runs()] == ["a"]
+
+
+def test_check_store_writes_nothing(tmp_path):
+    from unlearn.store import check_store
+
+    check_store(tmp_path / "new" / "results.db")
+    assert not (tmp_path / "new").exists()
+    junk = tmp_path / "junk.db"
+    junk.write_text("not sqlite " * 100)
+    with pytest.raises(UsageError, match="not a usable results store"):
+        check_store(junk)
+    with pytest.raises(UsageError, match="is a directory"):
+        check_store(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["0.3", "high", True, [0.3], float("nan")])
+def test_a_done_eval_value_must_be_a_finite_number(tmp_path, value):
+    with pytest.raises(UsageError):
+        EvalRow(1, "forget", "acc", value)
+    with pytest.raises(UsageError):
+        EvalRow(1, "forget", "acc", 0.3, stderr=value)
+    rd = make_run_dir(tmp_path, with_evals=False)
+    row = {"step": 1, "task": "forget", "metric": "acc", "value": value, "stderr": None,
+           "status": "done", "error": None}  # fmt: skip
+    rd.evals_file.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UsageError, match=r"evals.jsonl:1: .*acc"):
+        rd.read()
+    assert EvalRow(1, "forget", "acc", 1).value == 1.0
+
+
 def _writer(path: str, proc: int) -> None:
     with Store(path) as store:
         for i in range(ROWS_PER_PROC):

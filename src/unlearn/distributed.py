@@ -236,21 +236,42 @@ class Parallel:
             self.barrier()
 
     def save_model(
-        self, model: nn.Module, tokenizer, out_dir: str | os.PathLike, merge: bool = True
+        self,
+        model: nn.Module,
+        tokenizer,
+        out_dir: str | os.PathLike,
+        merge: bool = True,
+        extra_files: dict[str, str] | None = None,
     ) -> dict[str, str]:
-        """Save like `models.save_model` (rank 0 writes, atomically); returns the paths."""
-        from unlearn.models import is_peft, save_model
+        """Save like `models.save_model` (rank 0 writes, atomically); returns the paths.
+
+        A failed save (disk full) raises on every rank: rank 0 tells the others, which would
+        otherwise wait for it at the next collective forever.
+        """
+        from unlearn import models
 
         out_dir = Path(out_dir)
         if self._root is not None:
             model = self._gather_full_model(model)
+        error: BaseException | None = None
         if self.is_main:
-            paths = save_model(model, tokenizer, out_dir, merge=merge)
+            try:
+                paths = models.save_model(model, tokenizer, out_dir, merge, extra_files)
+            except Exception as e:
+                if not self.enabled or self.world_size == 1:
+                    raise
+                error = e
         else:
-            paths = {"adapter": str(out_dir / "adapter")} if is_peft(model) else {}
+            paths = {"adapter": str(out_dir / "adapter")} if models.is_peft(model) else {}
             if merge or not paths:
                 paths["model"] = str(out_dir / "model")
-        self.barrier()
+        if self.enabled and self.world_size > 1:
+            message = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(message, src=0)
+            if error is not None:
+                raise error
+            if message[0] is not None:
+                raise OSError(f"rank 0 could not save the model: {message[0]}")
         return paths
 
     def _gather_full_model(self, model: nn.Module) -> nn.Module:

@@ -3,6 +3,11 @@
 Every artifact directory (world, model, run, lens, affine maps) is built in a temporary sibling
 directory and renamed into place only when complete, so a crash or a bad input never leaves a
 half-written artifact where a later stage would mistake it for a finished one.
+
+The rule for outputs: a command replaces only what it can prove it wrote earlier (a marker file
+or the exact layout of its own artifact, `check_output_dir`); a file or a foreign directory at an
+output path is a one-line UsageError, never deleted or mixed into. Checks create nothing: parent
+directories appear only when something is actually written.
 """
 
 from __future__ import annotations
@@ -12,23 +17,56 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UsageError
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it: there is no getter)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def check_writable_parent(path: str | os.PathLike) -> Path:
-    """`path` as an absolute Path, after checking its parent can hold it (UsageError if not)."""
+    """`path` as an absolute Path, after checking it can be created: its nearest existing
+    ancestor is a writable directory (UsageError if not).
+
+    Creates nothing, so a command that later refuses another input (exit 2) leaves no empty
+    directories behind; the writers (`atomic_dir`, `atomic_write_text`, ...) create the parents.
+    """
     path = Path(path).expanduser().absolute()
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output directory {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {parent} is not writable")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"cannot create {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {ancestor} is not writable")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str, is_ours: Callable[[Path], bool]) -> Path:
+    """`path` as an absolute Path, after checking a command may write (and replace) it.
+
+    Allowed: a new path, an empty directory, or a directory that `is_ours` proves the same tool
+    wrote earlier (a marker file or its exact layout), described by `what` ("a lens directory").
+    Anything else belongs to the user, a file or a foreign directory, and is a UsageError: a
+    command never replaces or mixes files into what it cannot prove it wrote. Creates nothing.
+    """
+    path = check_writable_parent(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise UsageError(f"{path} exists and is not a directory")
+        if any(path.iterdir()) and not is_ours(path):
+            raise UsageError(
+                f"{path} is not empty and is not {what}; give a new or empty directory"
+            )
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"output directory {path} is not writable")
     return path
 
 
@@ -36,13 +74,17 @@ def check_writable_parent(path: str | os.PathLike) -> Path:
 def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on success it replaces `final` in one rename.
 
-    On an exception the temp directory is removed and `final` is left as it was.
+    On an exception the temp directory is removed and `final` is left as it was. The directory
+    gets the usual permissions (0777 minus the umask), not mkdtemp's owner-only 0700, so others
+    on a shared cluster can read models and worlds when the umask lets them.
     """
     final = check_writable_parent(final)
     if final.exists() and not overwrite:
         raise UsageError(f"{final} already exists")
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,9 +108,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         # mkstemp creates the file owner-only; give it the usual permissions (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

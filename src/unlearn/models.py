@@ -168,11 +168,24 @@ def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def save_model(model: torch.nn.Module, tokenizer, out_dir, merge: bool = True) -> dict[str, str]:
+def save_model(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir,
+    merge: bool = True,
+    extra_files: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Save atomically: a PEFT model as OUT/adapter (+ merged OUT/model), a plain one as OUT/model.
 
-    Merging works on a copy so the training model keeps its adapters. Returns the paths written.
+    Merging works on a copy so the training model keeps its adapters. `extra_files` ({name:
+    text}) are written into each saved directory before it appears (a run's ownership stamp,
+    `rundir.OWNER_FILE`). Returns the paths written.
     """
+
+    def extras(tmp) -> None:
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
     import copy
     from pathlib import Path
 
@@ -184,6 +197,7 @@ def save_model(model: torch.nn.Module, tokenizer, out_dir, merge: bool = True) -
         with atomic_dir(out_dir / "adapter") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            extras(tmp)
         written["adapter"] = str(out_dir / "adapter")
         if not merge:
             return written
@@ -191,5 +205,6 @@ def save_model(model: torch.nn.Module, tokenizer, out_dir, merge: bool = True) -
     with atomic_dir(out_dir / "model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        extras(tmp)
     written["model"] = str(out_dir / "model")
     return written

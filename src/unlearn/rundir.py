@@ -8,6 +8,7 @@ job never writes the results store directly: it writes its own run directory, an
                      "started", "finished", "job_id", "model_path", "parent", "error", "final"}
     metrics.jsonl   {"step", "name", "value"}                    one row per logged value
     evals.jsonl     {"step", "task", "metric", "value", "stderr", "status", "error"}
+    model/, adapter/  saved by the run, each with its stamp unlearn_run.json {"run", "created"}
 
 Design choices:
 - run.json is rewritten whole through a temp file + rename, so a reader sees the old or the new
@@ -19,6 +20,9 @@ Design choices:
   number (a missing eval recorded as chance accuracy reads as perfect unlearning).
 - Strict JSON has no NaN or infinity. A non-finite loss value (a diverging run) is written as
   null; a non-finite evaluation value turns that row into a failed eval.
+- A run writes only into a new or empty directory or a run directory of its own kind
+  (`check_run_out`), and `reset` deletes a saved model/adapter only when its stamp proves this
+  directory's run saved it: what the user put there is never deleted.
 - Steps are global optimizer steps; logging the same name twice at one step means the later
   value wins in the store.
 """
@@ -43,6 +47,12 @@ STATUSES = ("pending", "running", "done", "failed", "diverged", "collapsed", "pr
 """preempted: stopped by a signal after writing OUT/checkpoint; rerunning the command resumes."""
 EVAL_STATUSES = ("done", "failed")
 RUN_FILE, METRICS_FILE, EVALS_FILE = "run.json", "metrics.jsonl", "evals.jsonl"
+SAVED_DIRS = ("model", "adapter")
+"""What a run saves into its directory besides the files above (OUT/model, OUT/adapter)."""
+OWNER_FILE = "unlearn_run.json"
+"""Stamp inside each saved directory: {"run": id, "created": time} of the run that saved it. A
+later run in the same directory deletes OUT/model or OUT/adapter only if its stamp names the run
+of the current run.json; anything else there is the user's and is never deleted."""
 STDERR_SUFFIX = "_stderr"
 """`append_eval({"acc": 0.4, "acc_stderr": 0.01})` stores one row `acc` with its stderr
 (lm-evaluation-harness names standard errors this way)."""
@@ -166,6 +176,17 @@ class EvalRow:
                 raise UsageError(f"eval {name} must be a non-empty string, got {v!r}")
         if self.status not in EVAL_STATUSES:
             raise UsageError(f"eval status must be done or failed, got {self.status!r}")
+        for name in ("value", "stderr"):
+            # A hand-edited or foreign evals.jsonl can hold any JSON: a string stored as a done
+            # result stays text in SQLite and crashes the report later. Refused at ingest.
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UsageError(
+                    f"eval {self.task}/{self.metric}: {name} must be a finite number, got {v!r}"
+                )
+            object.__setattr__(self, name, float(v))
         if self.status == "done" and (self.value is None or self.error is not None):
             raise UsageError(f"a done eval ({self.task}/{self.metric}) needs a value and no error")
         if self.status == "failed" and (self.value is not None or not self.error):
@@ -285,15 +306,45 @@ class RunDir:
     def exists(self) -> bool:
         return self.run_file.is_file()
 
+    @staticmethod
+    def owner_files(meta: RunMeta) -> dict[str, str]:
+        """The stamp to save inside OUT/model and OUT/adapter: {file name: text}."""
+        return {OWNER_FILE: json.dumps({"run": meta.id, "created": meta.created}) + "\n"}
+
+    def owns(self, saved: Path) -> bool:
+        """Whether the run of this directory's run.json saved `saved` (its stamp says so)."""
+        try:
+            meta = self.read_meta()
+            stamp = json.loads((saved / OWNER_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, UsageError):
+            return False
+        return stamp == {"run": meta.id, "created": meta.created}
+
+    def check_reset(self) -> None:
+        """UsageError unless `reset` would delete only what an earlier run here wrote."""
+        for name in SAVED_DIRS:
+            saved = self.path / name
+            if (saved.exists() or saved.is_symlink()) and not self.owns(saved):
+                raise UsageError(
+                    f"{saved} was not written by the run in {self.path}; "
+                    "move it away or give another --out"
+                )
+
     def reset(self) -> None:
         """Start the directory afresh: drop the files and saved models of an earlier run, so a
-        new run's curve never mixes with old rows and a stale model is never taken for its."""
+        new run's curve never mixes with old rows and a stale model is never taken for its.
+
+        A model or adapter directory the earlier run cannot be proven to have saved (no stamp
+        of it, `OWNER_FILE`) is a UsageError, checked before anything is deleted.
+        """
         import shutil
 
+        self.check_reset()
+        for name in SAVED_DIRS:
+            if (self.path / name).exists():
+                shutil.rmtree(self.path / name)
         for f in (self.run_file, self.metrics_file, self.evals_file):
             f.unlink(missing_ok=True)
-        for name in ("model", "adapter"):
-            shutil.rmtree(self.path / name, ignore_errors=True)
 
     def write_run(self, meta: RunMeta | dict[str, Any]) -> RunMeta:
         """Validate and write run.json atomically (creating the directory); returns the meta."""
@@ -352,3 +403,57 @@ class RunDir:
             metrics=_read_lines(self.metrics_file, MetricRow),
             evals=_read_lines(self.evals_file, EvalRow),
         )
+
+
+def _local_path(name: str | os.PathLike | None) -> Path | None:
+    """The resolved path of an input that exists on this machine (None for hub ids)."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A directory a run wrote: its run.json, or a resumable checkpoint (OUT/checkpoint/step-N)."""
+    from unlearn.resume import latest_checkpoint  # resume imports this module
+
+    return (path / RUN_FILE).is_file() or latest_checkpoint(path) is not None
+
+
+def check_run_out(
+    out: str | os.PathLike, kind: str, inputs: dict[str, str | os.PathLike | None] | None = None
+) -> Path:
+    """The absolute run directory `out`, after checking that a run of `kind` may write it.
+
+    Checked before anything loads or is written (every failure is one UsageError line):
+    - no input (`inputs`: {"input model": path, ...}; hub ids are skipped) lies inside `out`,
+      equals it or contains it: `reset` deletes OUT/model, and a run dir inside a model dir is
+      lost when that model is saved again;
+    - `out` is new, an empty directory or a run directory (run.json) of the same kind, whose
+      saved model/adapter directories carry this run's stamp; a file, a foreign directory or a
+      run of another kind (an attack over an unlearning run) is never replaced or mixed into.
+    """
+    from unlearn.fsutil import check_output_dir
+
+    path = Path(out).expanduser().absolute()
+    resolved = path.resolve()
+    for what, name in (inputs or {}).items():
+        local = _local_path(name)
+        if local is None:
+            continue
+        if local == resolved or resolved in local.parents or local in resolved.parents:
+            raise UsageError(
+                f"--out {path} overlaps the {what} {name}: a run would delete or bury it; "
+                "give another --out"
+            )
+    path = check_output_dir(path, "a run directory", _is_run_dir)
+    run = RunDir(path)
+    if run.exists():
+        previous = run.read_meta()
+        if previous.kind != kind:
+            raise UsageError(
+                f"--out {path} holds a run of kind {previous.kind!r}, this one is {kind!r}; "
+                "give another --out"
+            )
+        run.check_reset()
+    return path

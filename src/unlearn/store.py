@@ -24,6 +24,9 @@ Design choices:
   actually stored. A failed eval is a row with status "failed" and a NULL value, enforced by a
   CHECK constraint.
 - A connection belongs to one process and thread: open one `Store` per process.
+- A store is created only in a new or empty database file. A non-empty SQLite database without
+  our tables is someone else's and is refused untouched (`check_store` lets commands find that,
+  or a file that is no database at all, before they write a run directory or load weights).
 """
 
 from __future__ import annotations
@@ -142,13 +145,13 @@ class Store:
     def _setup(self) -> None:
         c = self._conn
         c.execute("PRAGMA foreign_keys = ON")
+        # Before anything writes (the journal mode is recorded in the file): a database that is
+        # not a store must be left byte for byte as it was.
+        _check_schema(c, self.path)
         c.execute("PRAGMA journal_mode = WAL")
         c.execute("PRAGMA synchronous = NORMAL")
         c.execute("BEGIN IMMEDIATE")
         try:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise UsageError(f"{self.path}: store schema version {version} is not supported")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     c.execute(statement)
@@ -254,19 +257,13 @@ class Store:
 
     def ingest_tree(self, root: str | os.PathLike) -> dict[str, str]:
         """Ingest every run directory under `root` (hidden and temporary directories skipped);
-        returns {run id: status stored}."""
-        root = Path(root)
-        if not root.is_dir():
-            raise UsageError(f"{root} is not a directory")
-        out = {}
-        for run_file in sorted(root.rglob("run.json")):
-            if any(part.startswith(".") for part in run_file.relative_to(root).parts):
-                continue  # atomic_dir's temp siblings, old copies being removed
-            record = RunDir(run_file.parent).read()
-            if record.meta.id in out:
-                raise UsageError(f"run id {record.meta.id!r} appears twice under {root}")
-            out[record.meta.id] = self._write(lambda c, r=record: _ingest(c, r, self.path))
-        return out
+        returns {run id: status stored}. Every directory is read and validated first, so a bad
+        one is refused before anything is stored."""
+        return self.ingest_records(read_tree(root))
+
+    def ingest_records(self, records: Sequence[RunRecord]) -> dict[str, str]:
+        """Index run directories already read (`read_tree`); returns {run id: status stored}."""
+        return {r.meta.id: self._write(lambda c, r=r: _ingest(c, r, self.path)) for r in records}
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -314,6 +311,71 @@ class Store:
     def curve(self, run_id: str, task: str, metric: str = "acc") -> list[EvalRow]:
         """One task/metric's rows of a run in step order (an attack's recovery curve)."""
         return [r for r in self.evals(run_id) if r.task == task and r.metric == metric]
+
+
+def read_tree(root: str | os.PathLike) -> list[RunRecord]:
+    """Read and validate every run directory under `root` (hidden and temporary directories
+    skipped); UsageError on a bad row or a run id seen twice. Writes nothing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory")
+    records: dict[str, RunRecord] = {}
+    for run_file in sorted(root.rglob("run.json")):
+        if any(part.startswith(".") for part in run_file.relative_to(root).parts):
+            continue  # atomic_dir's temp siblings, old copies being removed
+        record = RunDir(run_file.parent).read()
+        if record.meta.id in records:
+            raise UsageError(f"run id {record.meta.id!r} appears twice under {root}")
+        records[record.meta.id] = record
+    return list(records.values())
+
+
+_TABLES = frozenset({"runs", "metrics", "evals"})
+
+
+def _check_schema(c: sqlite3.Connection, path: Path) -> None:
+    """UsageError unless the database is empty (it becomes a store) or a store of this version.
+
+    Only reads. A non-empty database without our tables is someone else's: writing our tables
+    into it would mix our rows into their file.
+    """
+    objects = c.execute("SELECT type, name FROM sqlite_master").fetchall()
+    version = c.execute("PRAGMA user_version").fetchone()[0]
+    if not objects and version == 0:
+        return
+    tables = {name for kind, name in objects if kind == "table"}
+    if not tables >= _TABLES:
+        shown = ", ".join(sorted(tables)) or "none"
+        raise UsageError(
+            f"{path} is a SQLite database but not a results store (its tables: {shown}); "
+            "give another --store"
+        )
+    if version != SCHEMA_VERSION:
+        raise UsageError(f"{path}: store schema version {version} is not supported")
+
+
+def check_store(path: str | os.PathLike) -> Path:
+    """Check a --store path before a command writes anything (run dir, weights): a new file
+    that can be created, an empty database or a results store. Reads only; creates nothing."""
+    from unlearn.fsutil import check_writable_parent
+
+    path = check_writable_parent(path)
+    if path.is_dir():
+        raise UsageError(f"results store {path} is a directory, not a SQLite file")
+    if not path.exists():
+        return path
+    try:
+        # mode=rw: never create the file here (it may vanish between the check and the open).
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.Error as e:
+        raise UsageError(f"{path} is not a usable results store: {e}") from None
+    try:
+        _check_schema(conn, path)
+    except sqlite3.DatabaseError as e:
+        raise UsageError(f"{path} is not a usable results store: {e}") from None
+    finally:
+        conn.close()
+    return path
 
 
 def _check_run_exists(c: sqlite3.Connection, run_id: str, path: Path) -> None:

@@ -69,7 +69,7 @@ from unlearn.recipes.unlearning import (
 )
 from unlearn.resume import latest_checkpoint
 from unlearn.rundir import RunDir, RunMeta, RunRecord, utc_now
-from unlearn.store import Store
+from unlearn.store import Store, check_store
 from unlearn.world import World, load_world
 
 if typing.TYPE_CHECKING:
@@ -194,6 +194,7 @@ def load_sweep(path: str | Path) -> Sweep:
     _check_can_create(out, "out")
     if store.is_dir():
         raise UsageError(f"spec: store {store} is a directory, not a SQLite file")
+    check_store(store)  # a foreign or corrupt file: refused before any point runs
 
     points = []
     for block in _blocks(raw):

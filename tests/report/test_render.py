@@ -3,6 +3,7 @@ table, plots, and the `unlearn report` command (the pure parts: test_tables, tes
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -306,3 +307,20 @@ def test_report_command_ingests_run_dirs(tmp_path, capsys):
     )
     rows = rows_by_run(parse_tables((out / "report.md").read_text())["Method `lens`"])
     assert (rows["u1"]["forget acc (↓)"], rows["u1"]["retain acc (↑)"]) == ("29.84%", "33.61%")
+
+
+def test_report_ingest_rejects_a_non_numeric_eval_value(tmp_path):
+    rd = RunDir(tmp_path / "runs" / "u1")
+    rd.write_run(RunMeta(id="u1", kind="unlearn", method="lens", status="done"))
+    rd.append_eval(32, "retain", {"acc": 0.3361})
+    row = {"step": 32, "task": "forget", "metric": "acc", "value": "0.29 (hand-edited)",
+           "stderr": None, "status": "done", "error": None}  # fmt: skip
+    with open(rd.evals_file, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    store, out = tmp_path / "new.db", tmp_path / "r"
+    argv = ["--store", str(store), "--ingest", str(tmp_path / "runs"), "--out", str(out)]
+    with pytest.raises(UsageError, match=r"evals.jsonl:2: .*must be a finite number") as e:
+        report_main(argv)
+    assert "\n" not in str(e.value)
+    # Rejected at ingest: nothing was stored (not even an empty store) and no report written.
+    assert not store.exists() and not out.exists()

@@ -271,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_arguments(CheckpointsConfig, dest="cfg")
     cfg: CheckpointsConfig = parser.parse_args(argv).cfg
 
+    from unlearn.store import check_store
     from unlearn.world import load_world
 
     world = load_world(cfg.world) if cfg.world else None
     out = check_writable_parent(cfg.out) if cfg.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if cfg.store:
+        check_store(cfg.store)  # found now, not after every checkpoint was evaluated
     targets = _targets(cfg, world)
     chance = _chance(cfg, world)
     evaluate_checkpoints(cfg, world, targets)

@@ -71,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         write_spec,
     )
     from unlearn.report import render_report
-    from unlearn.store import Store
+    from unlearn.store import Store, check_store
     from unlearn.sweep import load_sweep, run_sweep
     from unlearn.world import build_world, load_world
 
     t0 = time.time()
-    out = check_writable_parent(Path(cfg.out) / "x").parent
+    out = check_writable_parent(Path(cfg.out) / "x").parent  # creates nothing yet
+    check_store(out / "store.sqlite")
     world_dir = Path(cfg.world) if cfg.world else out / "world"
     if (world_dir / "world.json").exists():
         world = load_world(world_dir)

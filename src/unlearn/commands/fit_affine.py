@@ -9,7 +9,9 @@ held-out documents. Writes affine.safetensors + metadata.json (see unlearn.affin
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.errors import UsageError
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from unlearn.affine import fit_affine, save_affine
     from unlearn.data import load_documents
     from unlearn.fitting import general_texts, text_batches
-    from unlearn.fsutil import check_writable_parent
+    from unlearn.fsutil import check_output_dir
     from unlearn.methods.base import default_layers
     from unlearn.models import (
         default_device,
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from unlearn.world import load_world
 
+    out = check_output_dir(cfg.out, "an affine-maps directory", is_affine_dir)  # ours only
     world = load_world(cfg.world) if cfg.world else None
     world_dir = world.root if world else None
     trust = cfg.trust_remote_code
@@ -91,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 <= layer < n_layers for layer in layers):
         raise UsageError(f"--layers {layers} outside the model's blocks 0..{n_layers - 1}")
     texts = load_documents(cfg.texts) if cfg.texts else general_texts(world)
-    out = check_writable_parent(cfg.out)
 
     tokenizer = load_tokenizer(target)
     fit, heldout = texts[cfg.examples :][: cfg.examples], texts[: cfg.examples]
@@ -118,3 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {layer} | {maps.heldout_mse[layer]:.4g} | {rel:.3f} |")
     print(f"wrote {out}")
     return 0
+
+
+def is_affine_dir(path: Path) -> bool:
+    """Whether `path` holds affine maps and nothing else (what fit-affine writes): only its two
+    files, and metadata.json of the affine-maps kind."""
+    from unlearn.affine import FORMAT_KIND, METADATA_FILE, WEIGHTS_FILE
+
+    names = {p.name for p in path.iterdir()}
+    if METADATA_FILE not in names or not names <= {METADATA_FILE, WEIGHTS_FILE}:
+        return False
+    try:
+        meta = json.loads((path / METADATA_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("kind") == FORMAT_KIND

@@ -9,7 +9,9 @@ in that library and a lens published in that format loads here (see unlearn.lens
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.errors import UsageError
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from unlearn.data import load_documents
     from unlearn.fitting import general_texts, text_batches
-    from unlearn.fsutil import check_writable_parent
+    from unlearn.fsutil import check_output_dir
     from unlearn.lens import save_lens, train_lens
     from unlearn.models import (
         default_device,
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from unlearn.world import load_world
 
+    out = check_output_dir(cfg.out, "a lens directory", is_lens_dir)  # replaced only if ours
     world = load_world(cfg.world) if cfg.world else None
     ref = resolve_model(
         cfg.model or str(world.target),
@@ -85,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     cut = max(1, int(len(texts) * cfg.heldout_fraction))
     if len(texts) - cut < 1:
         raise UsageError("too few documents to fit and hold out")
-    out = check_writable_parent(cfg.out)
 
     device = default_device()
     tokenizer = load_tokenizer(ref)
@@ -106,6 +108,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {layer} | {_fmt(ident)} | {_fmt(tuned)} |")
     print(f"wrote {out}")
     return 0
+
+
+def is_lens_dir(path: Path) -> bool:
+    """Whether `path` holds a lens and nothing else (what fit-lens writes, or a tuned-lens
+    library lens): only the lens files, and a config.json that describes a lens. A model
+    directory (config.json beside weights) or anything with the user's files is not one."""
+    from unlearn.lens import LENS_TYPE, SIDECAR
+
+    names = {p.name for p in path.iterdir()}
+    if "config.json" not in names or not names <= {"config.json", "params.pt", SIDECAR}:
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (
+        isinstance(config, dict)
+        and config.get("lens_type", LENS_TYPE) == LENS_TYPE
+        and "d_model" in config
+    )
 
 
 def _fmt(x: float | None) -> str:

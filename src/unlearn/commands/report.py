@@ -46,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from unlearn.fsutil import check_writable_parent
     from unlearn.report import render_report
-    from unlearn.store import Store
+    from unlearn.store import Store, check_store, read_tree
 
+    # Everything is checked before anything is written: a bad store or a bad run directory
+    # leaves neither an empty report directory nor a new, empty store behind.
     out = check_writable_parent(Path(cfg.out) / "report.md").parent
+    check_store(cfg.store)
+    records = read_tree(cfg.ingest) if cfg.ingest is not None else []
     with Store(cfg.store) as store:
-        if cfg.ingest is not None:
-            store.ingest_tree(cfg.ingest)
+        store.ingest_records(records)
         path = render_report(store, out)
     print(path)
     return 0

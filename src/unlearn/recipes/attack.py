@@ -117,9 +117,16 @@ def run_attack(cfg: AttackConfig):
     from unlearn.fsutil import check_writable_parent
     from unlearn.methods.base import Phase
     from unlearn.models import attach_lora, load_model, load_tokenizer, resolve_model
-    from unlearn.recipes.unlearning import evaluate_into, finish_run, open_store
+    from unlearn.recipes.unlearning import (
+        evaluate_into,
+        fail_run,
+        finish_run,
+        open_store,
+        save_failed,
+    )
     from unlearn.resume import Checkpointer, Preempted, open_run
-    from unlearn.rundir import RunMeta, utc_now
+    from unlearn.rundir import RunMeta, check_run_out, utc_now
+    from unlearn.store import check_store
     from unlearn.train import Plan, train
     from unlearn.world import load_world
 
@@ -134,6 +141,10 @@ def run_attack(cfg: AttackConfig):
     texts = load_documents(args.corpus or world.corpora["forget_attack"], args.text_fields)
     if not texts:
         raise UsageError("the attack corpus has no documents")
+    # Before anything is written or loaded: OUT must not hold the model, must be ours to replace.
+    check_run_out(args.out, "attack", {"input model": ref.name})
+    if args.store:
+        check_store(args.store)
     out = check_writable_parent(args.out)
     par = setup(tcfg.distributed)
     run = run_dir(par, out)  # only rank 0 writes
@@ -208,7 +219,16 @@ def run_attack(cfg: AttackConfig):
         raise
     model_path = None
     if args.save_model:
-        model_path = par.save_model(model, tokenizer, out, merge=True)["model"]
+        try:
+            saved = par.save_model(
+                model, tokenizer, out, merge=True, extra_files=run.owner_files(meta)
+            )
+        except OSError as e:  # disk full, quota, file size limit
+            return save_failed(store, run, out, e)
+        except BaseException as e:
+            fail_run(store, run, out, e)
+            raise
+        model_path = saved["model"]
     meta = run.update(
         status=status["value"], finished=utc_now(), final=dict(state.last), model_path=model_path
     )

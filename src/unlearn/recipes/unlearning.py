@@ -171,6 +171,8 @@ def validate(cfg: RunConfig) -> Validated:
     """Every check that needs no weights: method, world, model config, layers, corpora."""
     from unlearn.data import load_documents
     from unlearn.models import model_num_layers, resolve_model
+    from unlearn.rundir import check_run_out
+    from unlearn.store import check_store
     from unlearn.world import load_world
 
     args = cfg.args
@@ -184,6 +186,12 @@ def validate(cfg: RunConfig) -> Validated:
         world_dir=world_dir,
     )
     cfg.method.check_layers(model_num_layers(ref))
+    # The output directory and the store before anything is written or loaded: OUT must not
+    # hold the model (reset deletes OUT/model) and must be ours to replace.
+    inputs = {"input model": ref.name, "source checkpoint": getattr(cfg.method, "source", None)}
+    check_run_out(args.out, "unlearn", inputs)
+    if args.store:
+        check_store(args.store)
     fields = args.text_fields
     forget = load_documents(args.forget_corpus or world.corpora["forget_unlearn"], fields)
     retain = load_documents(args.retain_corpus or world.corpora["retain"], fields)
@@ -304,7 +312,15 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
         raise
     # The loss terms and their weighted total; coefficients, lr and grad norm are in metrics.jsonl.
     final = {k: v for k, v in state.last.items() if k in state.first_values or k == "loss"}
-    paths = par.save_model(p.model, p.tokenizer, out, merge=cfg.lora.merge)
+    try:
+        paths = par.save_model(
+            p.model, p.tokenizer, out, merge=cfg.lora.merge, extra_files=run.owner_files(meta)
+        )
+    except OSError as e:  # disk full, quota, file size limit: a result without a model
+        return save_failed(store, run, out, e)
+    except BaseException as e:
+        fail_run(store, run, out, e)
+        raise
     run.update(
         final=final,
         model_path=paths.get("model", paths.get("adapter")),
@@ -375,6 +391,22 @@ def open_store(path: str | None):
     from unlearn.store import Store
 
     return Store(path)
+
+
+def fail_run(store, run, out, error: BaseException) -> RunMeta:
+    """Record an unexpected exception as the run's failure (the caller re-raises it): a run is
+    never left "running" by a crash it lived to see."""
+    meta = run.update(status="failed", error=f"{type(error).__name__}: {error}", finished=utc_now())
+    return finish_run(store, meta, out)
+
+
+def save_failed(store, run, out, error: OSError) -> RunMeta:
+    """A model save that the machine refused (disk full, quota): the run failed, one line."""
+    meta = run.update(
+        status="failed", error=f"saving the model failed: {error}", finished=utc_now()
+    )
+    print(f"run {meta.id}: failed: {meta.error}", file=sys.stderr)
+    return finish_run(store, meta, out)
 
 
 def finish_run(store, meta, out):
