@@ -89,6 +89,11 @@ _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a num
 _JSON_KINDS |= {bool: "a boolean", type(None): "null"}
 
 
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words ("an array", "a string", ...)."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
 def read_text(path: str | os.PathLike) -> str:
     """The text of a UTF-8 file; UsageError naming FILE:LINE at the first byte that is not UTF-8.
 
@@ -125,8 +130,7 @@ def jsonl_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
             error = f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})"
             raise UsageError(error) from None
         if not isinstance(row, dict):
-            kind = _JSON_KINDS.get(type(row), type(row).__name__)
-            raise UsageError(f"{path}:{number}: expected a JSON object, got {kind}")
+            raise UsageError(f"{path}:{number}: expected a JSON object, got {json_kind(row)}")
         rows.append((number, row))
     return rows
 
