@@ -3,6 +3,10 @@
 Every artifact directory (world, model, run, lens, affine maps) is built in a temporary sibling
 directory and renamed into place only when complete, so a crash or a bad input never leaves a
 half-written artifact where a later stage would mistake it for a finished one.
+
+The readers (`read_text`, `jsonl_rows`, `read_jsonl`) decode UTF-8 explicitly and turn bad bytes
+or a bad JSON line into one UsageError naming FILE:LINE: input files (questions, corpora) are
+bad input, not a traceback.
 """
 
 from __future__ import annotations
