@@ -55,6 +55,24 @@ def test_config_validation():
     assert (cfg.backend, cfg.forget_task, cfg.retain_task) == ("lm-eval", "wmdp_bio_robust", "mmlu")
 
 
+def test_chance_comes_from_the_world_questions_with_either_backend(tmp_path):
+    """Three-choice forget questions: chance is 1/3 whichever backend scores them (lm-eval on a
+    world task used to assume four choices); a benchmark keeps --chance's default."""
+    from types import SimpleNamespace
+
+    from unlearn.commands.checkpoints import _chance
+
+    rows = [{"prompt": "P", "choices": [" a", " b", " c"], "answer": i % 3} for i in range(6)]
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    world = SimpleNamespace(questions={"forget": forget, "retain": forget})
+    world.read_questions = lambda task: rows  # what World.read_questions returns here
+    for backend in ("native", "lm-eval"):
+        cfg = CheckpointsConfig(world="w", backend=backend, forget_task="forget")
+        assert _chance(cfg, world) == pytest.approx(1 / 3), backend
+    assert _chance(CheckpointsConfig(world="w", backend="lm-eval"), world) == 0.25  # wmdp
+
+
 def test_checkpoints_on_the_tiny_world_pick_the_ignorant_checkpoint(tiny_world, tmp_path, capsys):
     """Phase 1 of the world's pretraining never shows a forget document; its last checkpoint is
     the latest one at chance on the forget questions."""

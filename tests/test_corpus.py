@@ -152,3 +152,70 @@ def test_missing_hub_dataset_offline_is_one_line_exit_2(tiny_hf_models, tmp_path
     assert len(lines) == 1, proc.stderr
     assert "dataset nobody/made-up-dataset" in lines[0]
     assert "HF_DATASETS_CACHE" in lines[0] and "local JSONL/parquet file" in lines[0]
+
+
+def test_bad_corpus_files_name_the_file_and_line(tmp_path):
+    """Non-UTF-8 bytes and bad JSON in every local format: one line naming FILE:LINE."""
+    good = '{"text": "first doc"}\n'
+    cases = {
+        "bytes.jsonl": (good.encode() + b'{"text": "caf\xe9"}\n', ":2: not UTF-8"),
+        "bytes.txt": (b"first doc\nsecond\n\ncaf\xe9\n", ":4: not UTF-8"),
+        "bytes.json": (b'[{"text": "a"},\n {"text": "caf\xe9"}]', ":2: not UTF-8"),
+        "json.jsonl": ((good * 2 + '{"text": "cut off\n').encode(), ":3: not valid JSON"),
+        "array.json": (b'[{"text": "a"},\n {"text": b},\n {"text": "c"}]', ":2: not valid JSON"),
+        "lines.json": ((good + "not json\n").encode(), ":2: not valid JSON"),
+        "row.jsonl": ((good + '["a list"]\n').encode(), ":2: expected a JSON object, got an array"),
+        "row.json": (b'[{"text": "a"}, "b"]', ": item 1 of the JSON array is a string"),
+    }
+    for name, (content, where) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(UsageError) as e:
+            load_documents(path)
+        message = str(e.value)
+        assert message.startswith(f"{path}{where}") and "\n" not in message, (name, message)
+    # A JSON string may hold a raw U+2028 (line separator): it is not a line break of the file.
+    write = tmp_path / "sep.jsonl"
+    write.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + good)
+    assert load_documents(write) == ["a\u2028b", "first doc"]
+
+
+def test_bad_corpus_is_exit_2_before_weights_load(
+    tiny_world, tiny_hf_models, tmp_path, capsys, monkeypatch
+):
+    """run, attack, fit-lens and fit-affine: one line naming FILE:LINE, no weights, no output."""
+    import shutil
+
+    from tiny_models import linked_world_copy
+    from unlearn.cli import main
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the corpus was validated")
+
+    monkeypatch.setattr("unlearn.models.load_model", no_weights)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
+    model = str(tiny_hf_models["gpt_neox"])
+    out = tmp_path / "out"
+    commands = [
+        ["run", "--model", model, "--forget_corpus", str(bad), "--retain_corpus", str(good)],
+        ["run", "--model", model, "--forget_corpus", str(good), "--retain_corpus", str(bad)],
+        ["attack", "--model", model, "--world", str(tiny_world.root), "--corpus", str(bad)],
+        ["fit-lens", "--model", model, "--texts", str(bad)],
+        ["fit-affine", "--source", model, "--target", model, "--texts", str(bad)],
+    ]
+    # The world's own filler corpus (read for lens / affine fitting) is checked up front too.
+    world = linked_world_copy(tiny_world, tmp_path / "w")
+    (world / "corpus").unlink()
+    shutil.copytree(tiny_world.root / "corpus", world / "corpus")
+    filler = world / "corpus" / "filler.jsonl"
+    filler.write_bytes(filler.read_bytes() + b'{"text": "caf\xe9"}\n')
+    commands.append(["run", "--world", str(world)])
+    for argv in commands:
+        capsys.readouterr()
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        where = filler if "--world" in argv and "attack" not in argv else bad
+        assert len(err) == 1 and f"{where}:" in err[0] and "not UTF-8" in err[0], (argv, err)
+        assert not out.exists(), argv

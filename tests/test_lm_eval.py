@@ -36,19 +36,19 @@ ENTITIES = ("Braxa", "Tolvin", "Mereth", "Quon", "Sadri", "Pellow", "Ixa", "Dunm
 VALUES = (" fever", " rash", " cough", " blindness", " fatigue", " chills")
 
 
-def world_questions(domain: str, seed: int) -> list[dict]:
+def world_questions(domain: str, seed: int, n_choices: int = 4) -> list[dict]:
     """Entity-first questions in the world's format (no trailing space; choices start with one)."""
     rows = []
     for i, entity in enumerate(ENTITIES):
         k = (i + seed) % len(VALUES)
-        choices = [VALUES[(k + j) % len(VALUES)] for j in range(4)]
+        choices = [VALUES[(k + j) % len(VALUES)] for j in range(n_choices)]
         rows.append(
             {
                 "id": f"{domain}-{i}",
                 "domain": domain,
                 "prompt": f"The main symptom of {entity} is",
                 "choices": choices,
-                "answer": (i + seed) % 4,
+                "answer": (i + seed) % n_choices,
             }
         )
     return rows
@@ -64,6 +64,7 @@ def tiny(tmp_path_factory):
     """A tiny random GPT-NeoX (peaked outputs, so no near-ties), its tokenizer and a fake world."""
     root = tmp_path_factory.mktemp("lm_eval")
     questions = {"forget": world_questions("forget", 0), "retain": world_questions("retain", 1)}
+    questions["three"] = world_questions("forget", 2, n_choices=3)  # any number of choices
     texts = [q["prompt"] + c for qs in questions.values() for q in qs for c in q["choices"]]
     tokenizer = train_tokenizer(texts * 3, vocab_size=320)
     torch.manual_seed(0)
@@ -121,9 +122,10 @@ def test_bundled_yamls_load_through_task_manager():
 
 
 def test_world_tasks_equal_native(tiny):
-    native = evaluate_world(tiny.model, tiny.tokenizer, tiny.world, ["forget", "retain"])
-    lm = harness.run_tasks(tiny.model, tiny.tokenizer, ["forget", "retain"], tiny.world)
-    for task in ("forget", "retain"):
+    tasks = ["forget", "retain", "three"]
+    native = evaluate_world(tiny.model, tiny.tokenizer, tiny.world, tasks)
+    lm = harness.run_tasks(tiny.model, tiny.tokenizer, tasks, tiny.world)
+    for task in tasks:
         assert lm[task]["n"] == native[task]["n"] == len(ENTITIES)
         assert lm[task]["acc"] == native[task]["acc"]
         assert lm[task]["acc_norm"] == native[task]["acc_norm"]
@@ -218,6 +220,23 @@ def test_metrics_must_be_finite_numbers():
 def test_unknown_task_is_a_usage_error(tiny):
     with pytest.raises(UsageError, match="unknown task"):
         harness.prepare_tasks(["forget", "no_such_task_anywhere"], tiny.world)
+
+
+def test_timeout_must_be_a_finite_positive_number(tiny):
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(UsageError, match="--timeout must be a finite number"):
+            HarnessOptions(timeout=bad)
+    from unlearn.cli import main
+
+    argv = ["eval", "--model", str(tiny.root / "model"), "--backend", "lm-eval"]
+    assert main([*argv, "--tasks", "mmlu", "--timeout", "nan"]) == 2
+
+
+def test_world_task_question_files_are_validated_before_weights_load(tiny, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*world_questions("forget", 0)[:2], {"prompt": "P"}])
+    world = SimpleNamespace(root=tmp_path, questions={**tiny.world.questions, "bad": bad})
+    with pytest.raises(UsageError, match=rf"{bad}:3: missing field 'choices', 'answer'"):
+        harness.prepare_tasks(["forget", "bad"], world)
 
 
 def test_saved_model_timeout_is_failed(tiny):

@@ -84,6 +84,24 @@ def test_bad_local_models_are_one_line_usage_errors(tmp_path):
         resolve_model("no/such/dir")
 
 
+def test_revision_with_a_local_directory_is_refused(tiny_hf_models, tmp_path, capsys):
+    """A local directory holds one version; a revision would be ignored without a word (and
+    recorded in the run's config as if it had been used)."""
+    from unlearn.cli import main
+
+    model = str(tiny_hf_models["gpt_neox"])
+    with pytest.raises(UsageError, match="revision 'global_step100' given for the local model"):
+        resolve_model(model, "global_step100")
+    assert resolve_model(model).revision is None
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(json.dumps({"text": "hello"}) + "\n")
+    args = ["fit-lens", "--model", model, "--revision", "main", "--texts", str(texts)]
+    assert main([*args, "--out", str(tmp_path / "lens")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "revision 'main'" in err[0], err
+    assert not (tmp_path / "lens").exists()
+
+
 def _cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["HF_HOME"] = str(tmp_path / "hf_home")  # an empty cache: nothing is available offline

@@ -79,15 +79,15 @@ def test_summary_metrics_by_hand():
 
 def test_collapse_flag():
     # The same position for 9 of 10 questions: collapsed, whatever the strings.
-    report = collapse_report([0] * 9 + [1], [f"s{i}" for i in range(10)])
+    report = collapse_report([0] * 9 + [1], [f"s{i}" for i in range(10)], n_choices=4)
     assert report["collapsed"] and report["top_position"] == 0
     assert report["top_position_share"] == 0.9
     # The same string at varying positions is collapse too.
-    report = collapse_report([0, 1, 2, 3] * 5, ["yes"] * 19 + ["no"])
+    report = collapse_report([0, 1, 2, 3] * 5, ["yes"] * 19 + ["no"], n_choices=4)
     assert report["collapsed"] and report["top_string"] == "yes"
     # A balanced profile is not; nor is a handful of questions.
-    assert not collapse_report([0, 1, 2, 3] * 5, [str(i) for i in range(20)])["collapsed"]
-    assert not collapse_report([0] * 7, ["a"] * 7)["collapsed"]
+    assert not collapse_report([0, 1, 2, 3] * 5, [str(i) for i in range(20)], 4)["collapsed"]
+    assert not collapse_report([0] * 7, ["a"] * 7, n_choices=4)["collapsed"]
 
 
 def test_a_model_that_always_picks_one_position_is_flagged():
@@ -133,3 +133,126 @@ def test_cli_eval_bad_input_is_one_line_exit_2(tiny_world, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("unlearn eval: error:"), err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_collapse_check_counts_the_questions_choices():
+    """Three-choice (and two-choice) questions: the collapse check uses their own number of
+    choices, not an assumed four (6 three-choice questions are enough to show collapse)."""
+
+    def always_first(i: int, n: int) -> QuestionScore:
+        return QuestionScore(
+            tuple(-float(k) for k in range(n)), i % n, tuple(f"c{k}" for k in range(n))
+        )
+
+    for n in (2, 3):
+        out = summarize([always_first(i, n) for i in range(2 * n)])
+        assert out["acc"] == pytest.approx(1 / n)
+        assert out["collapse"]["collapsed"], n
+    mixed = summarize([always_first(0, 3), always_first(1, 2)] * 3)
+    assert mixed["collapse"]["collapsed"]
+
+
+def test_scoring_rejects_questions_it_cannot_score(model_and_tokenizer):
+    """A negative answer would index from the end (a silent wrong number): refused."""
+    model, tok = model_and_tokenizer
+    for bad, match in (
+        ({"answer": -1}, "answer -1"),
+        ({"answer": 4}, "answer 4"),
+        ({"choices": [" only"], "answer": 0}, "at least 2 choices"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            score_questions(model, tok, [QUESTIONS[0], {**QUESTIONS[1], **bad}])
+
+
+def _eval_argv(world_root, output) -> list[str]:
+    return ["eval", "--model", "models/target", "--world", str(world_root), "--output", str(output)]
+
+
+def test_three_choice_questions_end_to_end(tiny_world, tmp_path):
+    """Every question file reduced to three choices (one wrong choice dropped): `unlearn eval`
+    scores them; dropping a wrong choice can only raise acc and raises correct_prob."""
+    import json
+
+    from tiny_models import linked_world_copy
+    from unlearn.cli import main
+
+    root = linked_world_copy(tiny_world, tmp_path / "w3")
+    for path in tiny_world.questions.values():
+        rows = []
+        for q in (json.loads(line) for line in path.read_text().splitlines()):
+            drop = (q["answer"] + 1) % len(q["choices"])
+            choices = [c for k, c in enumerate(q["choices"]) if k != drop]
+            rows.append(
+                {**q, "choices": choices, "answer": choices.index(q["choices"][q["answer"]])}
+            )
+        (root / path.relative_to(tiny_world.root)).write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+    assert main(_eval_argv(tiny_world.root, tmp_path / "four.json")) == 0
+    assert main(_eval_argv(root, tmp_path / "three.json")) == 0
+    four = json.loads((tmp_path / "four.json").read_text())["results"]
+    three = json.loads((tmp_path / "three.json").read_text())["results"]
+    for task, r in three.items():
+        assert r["n"] == four[task]["n"]
+        assert four[task]["acc"] <= r["acc"] <= 1
+        assert r["correct_prob"] > four[task]["correct_prob"]
+        assert r["collapse"]["collapsed"] is False
+
+
+def _no_weights(*args, **kwargs):
+    raise AssertionError("weights loaded before the input was validated")
+
+
+BAD_QUESTION_LINES = {
+    # second line of the forget file -> expected words of the one-line error
+    '{"prompt": "P", "choices": [" a", " b"], "answer": -1}': "answer -1",
+    '{"prompt": "P", "choices": [" a", " b", " c"], "answer": 7}': "answer 7",
+    '{"prompt": "P", "choices": [" a", " b"], "answer": true}': "answer must be an integer",
+    '{"prompt": "P", "choices": [" a"], "answer": 0}': "at least 2 choices",
+    '{"prompt": "P", "choices": [" a", " a"], "answer": 0}': "repeated",
+    '{"choices": [" a", " b"], "answer": 0}': "missing field 'prompt'",
+    '{"prompt": "P", "choices": " a b", "answer": 0}': "choices must be a list",
+    '{"prompt": "P", "choices": [" a", " b"], "answer": 0': "not valid JSON",
+    '["P", [" a", " b"], 0]': "a JSON object",
+}
+
+
+def test_bad_question_files_are_one_line_exit_2_before_weights_load(
+    tiny_world, tmp_path, capsys, monkeypatch
+):
+    from tiny_models import linked_world_copy
+    from unlearn.cli import main
+
+    monkeypatch.setattr("unlearn.models.load_model", _no_weights)
+    root = linked_world_copy(tiny_world, tmp_path / "w")
+    forget = root / tiny_world.questions["forget"].relative_to(tiny_world.root)
+    good = forget.read_text().splitlines(keepends=True)
+    # File content -> words of the one-line error; the bad line is always line 2.
+    cases: dict[bytes, str] = {
+        (good[0] + line + "\n" + "".join(good[1:])).encode(): words
+        for line, words in BAD_QUESTION_LINES.items()
+    }
+    cases[good[0].encode() + b'{"prompt": "caf\xe9"}\n'] = "not UTF-8"
+    for content, words in cases.items():
+        forget.write_bytes(content)
+        capsys.readouterr()
+        assert main(_eval_argv(root, tmp_path / "out.json")) == 2, words
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and f"{forget}:2:" in err[0], (words, err)
+    for empty in (b"", b"\n\n"):
+        forget.write_bytes(empty)
+        assert main(_eval_argv(root, tmp_path / "out.json")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{forget}: no questions" in err[0], err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_eval_output_that_is_a_directory_fails_before_weights_load(
+    tiny_world, tmp_path, capsys, monkeypatch
+):
+    from unlearn.cli import main
+
+    monkeypatch.setattr("unlearn.models.load_model", _no_weights)
+    assert main(_eval_argv(tiny_world.root, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a directory" in err[0], err

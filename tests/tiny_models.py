@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -20,3 +22,19 @@ def tiny_gpt_neox(
         "max_position_embeddings": 64,
     }
     return GPTNeoXForCausalLM(GPTNeoXConfig(**(settings | config))).eval()
+
+
+def linked_world_copy(world, dest: Path) -> Path:
+    """A world dir at `dest` whose question files and world.json are fresh copies (edit them
+    freely) and whose models, tokenizer and corpora are symlinks to `world`'s (nothing big is
+    copied). Returns `dest`."""
+    import shutil
+
+    dest.mkdir(parents=True)
+    for entry in world.root.iterdir():
+        if entry.name == "questions" or entry.name == "world.json":
+            copy = shutil.copytree if entry.is_dir() else shutil.copy
+            copy(entry, dest / entry.name)
+        elif not entry.name.startswith("."):
+            (dest / entry.name).symlink_to(entry)
+    return dest

@@ -8,6 +8,10 @@ The rule for outputs: a command replaces only what it can prove it wrote earlier
 or the exact layout of its own artifact, `check_output_dir`); a file or a foreign directory at an
 output path is a one-line UsageError, never deleted or mixed into. Checks create nothing: parent
 directories appear only when something is actually written.
+
+The readers (`read_text`, `jsonl_rows`, `read_jsonl`) decode UTF-8 explicitly and turn bad bytes
+or a bad JSON line into one UsageError naming FILE:LINE: input files (questions, corpora) are
+bad input, not a traceback.
 """
 
 from __future__ import annotations
@@ -125,10 +129,59 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
+_JSON_KINDS |= {bool: "a boolean", type(None): "null"}
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words ("an array", "a string", ...)."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file; UsageError naming FILE:LINE at the first byte that is not UTF-8.
+
+    Decoded explicitly (not with the locale's encoding), so a file reads the same everywhere.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UsageError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"
+        ) from None
+
+
+def jsonl_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSON-lines file.
+
+    Bad bytes, a line that is not JSON or not a JSON object: UsageError naming FILE:LINE. Lines
+    are split at "\n" only (not `str.splitlines`, which also splits at U+2028 and other
+    separators that JSON strings may hold raw), so the numbers are an editor's line numbers.
+    """
+    rows = []
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            error = f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})"
+            raise UsageError(error) from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}:{number}: expected a JSON object, got {json_kind(row)}")
+        rows.append((number, row))
+    return rows
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file into a list of dicts (blank lines skipped)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Read a JSONL file into a list of dicts (blank lines skipped; bad lines: see jsonl_rows)."""
+    return [row for _, row in jsonl_rows(path)]
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:

@@ -67,6 +67,11 @@ def resolve_model(
     world.json stores paths relative to the world, so `--model "$(jq -r .target W/world.json)"
     --world W` works from any directory. Reads only the config, so it is cheap and runs before
     any weights load.
+
+    A `revision` with a local directory is refused (UsageError), not warned about: transformers
+    ignores it for a directory, which holds exactly one version, so the run would use that
+    version while its config (and any cache key) recorded the revision. Point at the revision's
+    own directory, or give the hub id with the revision.
     """
     from transformers import AutoConfig
 
@@ -81,6 +86,11 @@ def resolve_model(
             raise UsageError(f"{name} is not a model directory (no config.json)")
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             raise UsageError(f"{name} is not a model directory (no weight files)")
+        if revision is not None:
+            raise UsageError(
+                f"revision {revision!r} given for the local model directory {name}: a directory "
+                "holds one version (drop the revision, or give the hub id with it)"
+            )
         name = str(path.absolute())
     elif not _looks_like_hub_id(name):
         raise UsageError(f"model {name} not found (neither a local directory nor a hub id)")

@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown task(s) {sorted(unknown)}; the world has {sorted(world.questions)}"
         )
     output = check_writable_parent(cfg.output) if cfg.output else None
+    if output is not None and output.is_dir():  # else found only when writing, after the eval
+        raise UsageError(f"--output {output} is a directory; give a file path for the results JSON")
     tasks = cfg.tasks or list(world.questions)
     world_dir = world.root if world else None
 

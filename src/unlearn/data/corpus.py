@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unlearn.errors import UsageError
+from unlearn.fsutil import json_kind, jsonl_rows, read_text
 
 DEFAULT_TEXT_FIELDS = ("title", "abstract", "text", "messages")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -164,7 +165,7 @@ def _row_texts(rows: Sequence[dict], fields: Sequence[str], spec: CorpusSpec) ->
 def _read_txt(path: Path) -> list[str]:
     if not path.is_file():
         raise UsageError(f"corpus file {path} not found")
-    return [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    return [line.rstrip("\n") for line in read_text(path).splitlines() if line.strip()]
 
 
 def _read_local(path: Path) -> list[dict]:
@@ -178,16 +179,18 @@ def _read_local(path: Path) -> list[dict]:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a bad file
             raise UsageError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    text = path.read_text()
+    # Bad bytes or a bad line: one line naming FILE:LINE (read_text / jsonl_rows).
+    text = read_text(path)
+    if not (path.suffix == ".json" and text.lstrip().startswith("[")):
+        return [row for _, row in jsonl_rows(path)]
     try:
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path} is not valid JSON lines ({e})") from None
-    if not all(isinstance(r, dict) for r in rows):
-        raise UsageError(f"{path}: every row must be a JSON object")
+        raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            kind = json_kind(row)
+            raise UsageError(f"{path}: item {i} of the JSON array is {kind}, not a JSON object")
     return rows
 
 

@@ -18,13 +18,15 @@ COLLAPSE_THRESHOLD = 0.9
 def collapse_report(
     positions: Sequence[int],
     strings: Sequence[str],
-    n_choices: int = 4,
+    n_choices: int,
     threshold: float = COLLAPSE_THRESHOLD,
 ) -> dict:
     """Share of the most common predicted position and string, and whether either passes threshold.
 
-    With balanced answer positions an honest model picks each position about 1/n_choices of the
-    time, so 0.9 on one position is far from any real skill profile.
+    `n_choices` is the most choices any of the questions has (no default: a task may have two,
+    three or four). With balanced answer positions an honest model picks each position about
+    1/n_choices of the time, so 0.9 on one position is far from any real skill profile, even
+    with two choices.
     """
     n = len(positions)
     if n == 0:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from unlearn.errors import UsageError
 from unlearn.eval.collapse import collapse_report
+from unlearn.eval.questions import read_questions
 from unlearn.eval.tasks import TASKS_DIR
 
 WORLD_TASK_PREFIX = "world_"
@@ -75,12 +76,18 @@ class HarnessOptions:
             raise UsageError(f"--limit must be >= 1, got {self.limit}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise UsageError(f"--num_fewshot must be >= 0, got {self.num_fewshot}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UsageError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        # `nan <= 0` is False, so a plain comparison let --timeout nan through (and inf would
+        # overflow the wait); a timeout is a finite number of seconds.
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise UsageError(f"--timeout must be a finite number > 0 (seconds), got {self.timeout}")
 
 
 def world_task_config(name: str, questions_file: str | os.PathLike) -> dict:
-    """Inline lm-eval config of one world question set (scored exactly like eval/native.py)."""
+    """Inline lm-eval config of one world question set (scored exactly like eval/native.py).
+
+    lm-eval's multiple_choice takes each document's own list of choices, so questions with any
+    number of choices (two up; `unlearn.eval.questions`) work as they do natively.
+    """
     from unlearn.eval.tasks.utils import cloze_results
 
     return {
@@ -156,6 +163,9 @@ def prepare_tasks(
     `include_path`: extra folders of lm-eval task YAMLs (your own tasks).
     """
     questions = dict(world.questions) if world is not None else {}
+    for name in names:
+        if name in questions:  # lm-eval would fail on a bad row only after the model loaded
+            read_questions(questions[name])
     tm = _task_manager([n for n in names if n not in questions], include_path)
     prepared = PreparedTasks(world_names=frozenset(n for n in names if n in questions))
     prepared.task_manager = tm

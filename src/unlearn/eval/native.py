@@ -1,11 +1,12 @@
-"""Native cloze evaluator for 4-choice questions.
+"""Native cloze evaluator for multiple-choice questions (any number of choices from two up).
 
 Scoring follows lm-evaluation-harness's `loglikelihood` request exactly, so the two backends agree
 on the same task and model: the continuation tokens are `encode(prompt + choice)` minus the tokens
 of `encode(prompt)`, with no special tokens, and a choice's score is the sum of its tokens'
 log-probabilities. `acc` takes the argmax score, `acc_norm` the argmax of score per character of
-the choice (lm-eval's length normalisation), and `correct_prob` is the softmax over the four
-scores at the right answer (the seeds' "cloze correct prob").
+the choice (lm-eval's length normalisation), and `correct_prob` is the softmax over the question's
+choice scores at the right answer (the seeds' "cloze correct prob"). Question files are validated
+as they are read (`unlearn.eval.questions`).
 
 It is batched: a question whose choices are each one token after the prompt is one row (all
 choices read at the prompt's last position), any other question one row per choice; rows are
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn.eval.collapse import collapse_report
+from unlearn.eval.questions import question_problem, read_questions
 from unlearn.eval.tasks.utils import argmax, correct_prob, per_character
 
 
@@ -68,8 +70,8 @@ def _rows(tokenizer, questions: Sequence[dict]) -> list[_Row]:
     A choice's tokens are `encode(prompt + choice)` minus the tokens of `encode(prompt)`, no
     special tokens (lm-eval's split). When each choice of a question adds exactly one token to
     the prompt's own tokens (the usual case for short answers), all of them are read from ONE
-    forward of the prompt, at its last position: the same numbers as one row per choice, at a
-    quarter of the work. Otherwise each (question, choice) pair is its own row.
+    forward of the prompt, at its last position: the same numbers as one row per choice, for
+    one forward instead of len(choices). Otherwise each (question, choice) pair is its own row.
     """
     texts = [q["prompt"] for q in questions]
     texts += [q["prompt"] + c for q in questions for c in q["choices"]]
@@ -106,9 +108,16 @@ def score_questions(
     FSDP2 forward is a collective) and gets every batch's scores back. Sharding questions instead
     would not do: a question is 1 row or one per choice, so equal question counts can still mean
     unequal forwards.
+
+    A question that cannot be scored (see `unlearn.eval.questions`) is a ValueError: files are
+    checked when read, this guards callers that build questions in code.
     """
     from unlearn.distributed import is_main, map_sharded, world_size
 
+    for i, q in enumerate(questions):
+        problem = question_problem(q)
+        if problem is not None:
+            raise ValueError(f"question {i}: {problem}")
     rows = _rows(tokenizer, questions)
     device = next(model.parameters()).device
     was_training = model.training
@@ -189,7 +198,9 @@ def summarize(scores: Sequence[QuestionScore]) -> dict:
     for name, xs in (("acc", acc), ("acc_norm", acc_norm), ("correct_prob", prob)):
         out[name], out[f"{name}_stderr"] = mean_stderr(xs)
     out["collapse"] = collapse_report(
-        [s.pred for s in scores], [s.choices[s.pred] for s in scores], n_choices=4
+        [s.pred for s in scores],
+        [s.choices[s.pred] for s in scores],
+        n_choices=max(len(s.choices) for s in scores),
     )
     return out
 
@@ -219,13 +230,11 @@ def evaluate_world(
     limit: int | None = None,
 ) -> dict[str, dict]:
     """Evaluate a model on the mini world's question sets: {task: metrics}."""
-    from unlearn.fsutil import read_jsonl
-
     results = {}
     for task in tasks or WORLD_TASKS:
         if task not in world.questions:
             raise KeyError(f"world has no task {task!r} (has {sorted(world.questions)})")
-        questions = read_jsonl(world.questions[task])[:limit]
+        questions = read_questions(world.questions[task])[:limit]
         results[task] = evaluate_questions(
             model, tokenizer, questions, batch_size, progress, desc=task
         )

@@ -196,6 +196,8 @@ def validate(cfg: RunConfig) -> Validated:
     forget = load_documents(args.forget_corpus or world.corpora["forget_unlearn"], fields)
     retain = load_documents(args.retain_corpus or world.corpora["retain"], fields)
     mix = load_documents(args.retain_mix, fields) if args.retain_mix else []
+    if world is not None:  # lens / affine fitting reads it after the model loads: check it now
+        load_documents(world.corpora["filler"], ("text",))
     for name, docs in (("forget", forget), ("retain", retain), ("retain_mix", mix)):
         if not docs and (name != "retain_mix" or args.retain_mix):
             raise UsageError(f"the {name} corpus has no documents")

@@ -2,7 +2,8 @@
 
 `world.json` stores every path relative to the world directory, so a world can be moved or
 copied; `load_world` turns them into absolute paths and checks they exist, so a stage that gets a
-`World` never meets a missing file halfway through a run.
+`World` never meets a missing file halfway through a run. Every question file is validated too
+(`unlearn.eval.questions`): a few thousand short JSON lines, read in milliseconds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UsageError
+from unlearn.eval.questions import read_questions
 from unlearn.fsutil import read_jsonl
 
 WORLD_FORMAT = 1
@@ -47,7 +49,7 @@ class World:
     def read_questions(self, task: str) -> list[dict]:
         if task not in self.questions:
             raise UsageError(f"world has no question task {task!r} (has {sorted(self.questions)})")
-        return read_jsonl(self.questions[task])
+        return read_questions(self.questions[task])
 
     def read_corpus(self, name: str) -> list[str]:
         """The documents of corpus `name` as plain strings."""
@@ -99,7 +101,7 @@ def load_world(path: str | os.PathLike) -> World:
         return p
 
     try:
-        return World(
+        world = World(
             root=root,
             preset=str(data["preset"]),
             seed=int(data["seed"]),
@@ -115,3 +117,8 @@ def load_world(path: str | os.PathLike) -> World:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UsageError(f"{index} is incomplete or malformed ({type(e).__name__}: {e})") from None
+    # Every command that reads questions loads the world first, before any weights: checking
+    # each question file here makes a bad row one line naming FILE:LINE for all of them.
+    for path in world.questions.values():
+        read_questions(path)
+    return world
