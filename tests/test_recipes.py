@@ -46,7 +46,7 @@ def test_an_evaluation_that_raises_is_a_failed_row_and_a_failed_run(
     def change(task, result):
         if task == BROKEN:
             raise RuntimeError("scorer crashed")
-        if task == "forget":  # a failure outranks a collapse, whichever task comes first
+        if task == "retain":  # evaluated after the failure: a collapse must not hide it
             result["collapse"] = {**result["collapse"], "collapsed": True}
 
     _patched(monkeypatch, change)
