@@ -30,7 +30,7 @@ from unlearn.methods.sequential import Sequential, SequentialConfig
 from unlearn.models import attach_lora
 from unlearn.train import make_plan, train
 
-N, D, VOCAB = 4, 32, 64
+N, VOCAB = 4, 64
 
 
 # -- plain-torch building blocks ---------------------------------------------------------------
