@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo
 
-.PHONY: venv demo test test-slow lint format clean
+.PHONY: venv demo test lint format clean
 
 # Re-installs only when the dependency list (or this file) changed: idempotent and quick.
 $(STAMP): pyproject.toml Makefile
@@ -25,9 +25,6 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/pytest
-
-test-slow: $(STAMP)
-	$(BIN)/pytest -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

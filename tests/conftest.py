@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 # Tiny models gain nothing from intra-op threads, and several torch processes on a 2-core machine
 # (a sweep test beside a world build) spin-wait on each other's threads: one thread each is faster.
 torch.set_num_threads(1)
+# The same for child processes (CLI children, torchrun workers, submitit-local jobs), which would
+# otherwise start one thread per core each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

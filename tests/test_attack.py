@@ -29,6 +29,23 @@ def test_attack_curve_starts_at_step_0(tiny_world, tmp_path):
     assert [r["step"] for r in losses] == [1, 2, 3, 4]
 
 
+def test_attack_teaches_the_attack_group_to_a_model_that_knows_it_less(tiny_world, tmp_path):
+    """The attack trains in the right direction: the first checkpoint after the ignorant one
+    half-knows the forget domain (less than the target); a few attack steps on the attack
+    group's documents raise its accuracy on that group's questions."""
+    checkpoints = tiny_world.checkpoints
+    model = checkpoints[checkpoints.index(tiny_world.ignorant_checkpoint) + 1]
+    out = tmp_path / "attack"
+    rc = cli(["attack", "--model", str(model), "--world", str(tiny_world.root), "--out", str(out),
+              "--max_steps", "4", "--eval_every", "4", "--pdbs", "8",
+              "--eval_tasks", "forget_attack", "--progress", "false"])  # fmt: skip
+    assert rc == 0
+    acc = {r["step"]: r["value"] for r in read_jsonl(out / "evals.jsonl") if r["metric"] == "acc"}
+    target = tiny_world.stats["baseline"]["target"]["forget_attack"]["acc"]
+    assert acc[0] < target - 0.2  # it knows the attack group less than the target does
+    assert acc[4] > acc[0] + 0.08, acc
+
+
 def test_attack_bad_input(tiny_world, tmp_path, capsys):
     assert cli(["attack", "--world", str(tiny_world.root), "--out", str(tmp_path / "a")]) == 2
     rc = cli(["attack", "--model", str(tiny_world.target), "--world", str(tiny_world.root),

@@ -239,7 +239,6 @@ KILL_POINTS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("kill_in", "expected_step"), KILL_POINTS)
 def test_kill9_during_a_checkpoint_leaves_a_loadable_one(
     tiny_world, tmp_path, uninterrupted, kill_in, expected_step
@@ -320,7 +319,6 @@ def test_a_preempted_sweep_point_resumes_on_the_next_sweep(tiny_world, tmp_path,
     assert sorted({m.step for m in record.metrics}) == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_torchrun_two_ranks_resume_after_one_rank_is_signalled(tiny_world, tmp_path, mode):
     """Only rank 0 gets SIGTERM (rank 1's run directory is in memory, so the wrapper never

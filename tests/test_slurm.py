@@ -178,7 +178,6 @@ def test_no_more_resubmissions_than_requeue(tiny_world, tmp_path, monkeypatch):
     assert len(submitted) == 2 and done == ["preempted"]
 
 
-@pytest.mark.slow
 def test_sweep_through_submitit_local_records_jobs_and_results(tiny_world, tmp_path, capsys):
     spec = write_spec(tmp_path, tiny_world, slurm={"time": 10, "cpus_per_task": 1})
     assert cli.main(["sweep", str(spec), "--executor", "submitit-local"]) == 0
