@@ -67,6 +67,8 @@ BAD_SPECS = [
     ({"base": {**TINY, "merge": False}, "attack": {}}, "needs the merged model"),
     ({"sweeps": [{"method": "lens"}]}, "go inside its blocks"),
     ({"grid": {"retain_coef": [5, 5.0]}}, "have the same configuration"),
+    ({"base": {**TINY, "lora_target_modules": ["qkv"]}}, "no module named 'qkv'"),
+    ({"attack": {"lora": True, "lora_target_modules": ["dense", "x"]}}, "no module named 'x'"),
 ]
 
 

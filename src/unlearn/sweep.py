@@ -54,6 +54,7 @@ import yaml
 from unlearn.config import LoraSettings, TrainConfig
 from unlearn.errors import UsageError
 from unlearn.methods import get_method
+from unlearn.models import ModelRef, check_lora_targets
 from unlearn.recipes.attack import (
     AttackArgs,
     AttackConfig,
@@ -461,21 +462,24 @@ def _attach_attack(point: Point, attack: dict, world: World, out: Path, store: P
 
 
 def _validate_models(points: list[Point]) -> None:
-    """`validate` (world, model config, layers, corpora) once per distinct combination."""
-    done = set()
+    """`validate` (world, model config, layers, corpora, LoRA targets) once per distinct
+    combination; an attack's LoRA targets are checked against the run's model (the attacked
+    model is the run's output, which does not exist yet and has the same modules)."""
+    models: dict[str, ModelRef] = {}
     for p in points:
-        a = p.run_config.args
+        a, lora = p.run_config.args, p.run_config.lora
         key = json.dumps(
             [a.method, a.model, a.revision, a.forget_corpus, a.retain_corpus, a.retain_mix,
-             p.run_config.method.layers]
+             p.run_config.method.layers, lora.lora and lora.lora_target_modules]
         )  # fmt: skip
-        if key in done:
-            continue
         try:
-            validate(p.run_config)
+            if key not in models:
+                models[key] = validate(p.run_config).model_ref
+            attack = p.attack_config
+            if attack is not None and attack.lora.lora:
+                check_lora_targets(models[key], attack.lora.lora_target_modules)
         except UsageError as e:
             raise UsageError(f"point {p.id}: {e}") from None
-        done.add(key)
 
 
 def point_id(method: str, overrides: dict, varied: dict, world: str) -> str:
