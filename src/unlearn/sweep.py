@@ -533,7 +533,7 @@ class PointState:
     """Final forget accuracy ("failed" for a failed eval, None when missing)."""
     retain: float | str | None = None
     attacked_forget: float | str | None = None
-    """Forget accuracy at the attack's last step."""
+    """Forget accuracy at the attack's last step (None until the attack has finished)."""
     seconds: float | None = None
     """Run (+ attack) wall time, from run.json's timestamps."""
 
@@ -603,7 +603,10 @@ def inspect_point(point: Point) -> PointState:
         if recorded != expected:
             attack_status = "stale"
     state.attack = attack_status
-    state.attacked_forget = _final_acc(attack, "forget")
+    if attack_status in FINISHED:
+        # A running, preempted or failed attack has only part of its curve: its last point is
+        # not the accuracy after the attack, so it is not reported as one.
+        state.attacked_forget = _final_acc(attack, "forget")
     state.error = state.error or attack_error
     if state.seconds is not None and _duration(attack) is not None:
         state.seconds += _duration(attack)
@@ -810,7 +813,9 @@ def format_table(states: Sequence[PointState], jobs: dict[str, str] | None = Non
         row = [s.id, s.status, _fmt(s.forget), _fmt(s.retain)]
         if with_attack:
             attack = s.attack if s.attack is not None and s.status == "done" else "-"
-            row += [attack, _fmt(s.attacked_forget) if attack != "-" else "-"]
+            # An unfinished attack shows its status word, never a number from a partial curve.
+            after = _fmt(s.attacked_forget) if attack in FINISHED else attack
+            row += [attack, after]
         if jobs is not None:
             row.append(jobs.get(s.id, "-"))
         rows.append(row)
