@@ -330,3 +330,31 @@ def test_status_shows_a_running_attacks_status_not_its_partial_curve(tiny_world,
     assert cells[4:] == ["running", "running"] and "0.875" not in out
     cells = [c.strip() for c in rows[second.id].split("|")[1:-1]]
     assert cells[4:] == ["pending", "pending"]
+
+
+def test_points_are_counted_before_they_are_built(tiny_world, tmp_path, monkeypatch, capsys):
+    built = []
+    real_point = sweep_mod._point
+
+    def counted(*args):
+        built.append(1)
+        assert len(built) <= 10, "the grid is being expanded"
+        return real_point(*args)
+
+    monkeypatch.setattr(sweep_mod, "_point", counted)
+    huge = {f: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] for f in ("retain_coef", "remove_coef", "lr")}
+    huge |= {"seed": list(range(10_000))}  # 10^7 points
+    spec = write_spec(tmp_path, base_spec(tiny_world, grid=huge))
+    assert cli.main(["sweep", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "10,000,000 points" in err and "--max_points" in err and "\n" not in err
+    assert built == [] and not (tmp_path / "s").exists()
+
+    # The cap is a default, not a wall: --max_points moves it (both ways).
+    spec = write_spec(tmp_path, base_spec(tiny_world, grid={"retain_coef": [1, 2, 3]}))
+    assert cli.main(["sweep", str(spec), "--dry-run", "--max_points", "2"]) == 2
+    assert "3 points" in capsys.readouterr().err
+    assert cli.main(["sweep", str(spec), "--dry-run", "--max_points", "3"]) == 0
+    assert len(load_sweep(spec, max_points=3).points) == 3
+    assert cli.main(["sweep", str(spec), "--max_points", "0"]) == 2
+    assert "--max_points must be >= 1" in capsys.readouterr().err

@@ -36,6 +36,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -89,6 +90,10 @@ UNHASHED_FIELDS = ("progress", "checkpoint_every")
 FINISHED = ("done", "collapsed", "diverged")
 """Statuses that are results: a resumed sweep keeps them (a diverged run would diverge again)."""
 LOCK_FILE = ".sweep.lock"
+MAX_POINTS = 1000
+"""The most points a spec may expand to unless `--max_points` (load_sweep's max_points) says
+otherwise: every point is built and validated up front, so a grid with one list too many (10^7
+points) would otherwise fill the memory before a line is printed (docs/sweeps.md)."""
 ABBREVIATIONS = {
     "retain_coef": "rc",
     "remove_coef": "rm",
@@ -173,8 +178,11 @@ class _Block:
     attack: dict[str, Any] | None
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read, validate and expand a sweep spec (UsageError on anything wrong; writes nothing)."""
+def load_sweep(path: str | Path, max_points: int = MAX_POINTS) -> Sweep:
+    """Read, validate and expand a sweep spec (UsageError on anything wrong; writes nothing).
+    A spec of more than `max_points` points is refused before any point is built."""
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+        raise UsageError(f"--max_points must be >= 1, got {max_points!r}")
     spec = Path(path).expanduser().absolute()
     raw = _read_yaml(spec)
     _check_keys(raw, TOP_KEYS, "spec")
@@ -196,8 +204,15 @@ def load_sweep(path: str | Path) -> Sweep:
     if store.is_dir():
         raise UsageError(f"spec: store {store} is a directory, not a SQLite file")
 
+    blocks = _blocks(raw)
+    count = sum(_count(block) for block in blocks)
+    if count > max_points:
+        raise UsageError(
+            f"spec: {count:,} points is more than the limit of {max_points:,}"
+            " (check the grid; --max_points N raises the limit)"
+        )
     points = []
-    for block in _blocks(raw):
+    for block in blocks:
         points += _expand(block, world, out, store)
     seen: dict[str, str] = {}
     for p in points:
@@ -330,6 +345,11 @@ def _block(d: dict, where: str, base: dict, attack: dict | None) -> _Block:
     return _Block(
         label, method, {**base, **_mapping(d.get("base"), f"{label}: base")}, grid, points, attack
     )
+
+
+def _count(block: _Block) -> int:
+    """How many points the block expands to, without building them."""
+    return len(block.points) * math.prod(len(values) for values in block.grid.values())
 
 
 def _expand(block: _Block, world: World, out: Path, store: Path) -> list[Point]:

@@ -34,11 +34,26 @@ def main(argv: list[str] | None = None) -> int:
         help="where points run: in this process, one SLURM job each (submitit, resources from"
         " the spec's slurm: block), or submitit's local executor (docs/resume-and-slurm.md)",
     )
+    parser.add_argument(
+        "--max_points",
+        "--max-points",
+        type=int,
+        default=None,
+        help="refuse a spec that expands to more points than this (default 1000: a grid with"
+        " one list too many is refused before its points are built; docs/sweeps.md)",
+    )
     ns = parser.parse_args(argv)
 
-    from unlearn.sweep import describe_points, format_table, inspect_point, load_sweep, run_sweep
+    from unlearn.sweep import (
+        MAX_POINTS,
+        describe_points,
+        format_table,
+        inspect_point,
+        load_sweep,
+        run_sweep,
+    )
 
-    sweep = load_sweep(ns.spec)
+    sweep = load_sweep(ns.spec, MAX_POINTS if ns.max_points is None else ns.max_points)
     if ns.dry_run:
         print(describe_points(sweep))
         return 0
