@@ -28,8 +28,10 @@ from unlearn.resume import (
     EXIT_PREEMPTED,
     Checkpointer,
     Preempted,
+    deferring_signals,
     latest_checkpoint,
     read_info,
+    stop_requested,
 )
 from unlearn.rundir import RunDir
 from unlearn.train import TrainState
@@ -181,6 +183,27 @@ def test_signal_makes_after_step_save_and_raise(tmp_path):
     assert read_info(latest_checkpoint(tmp_path))["step"] == 1
 
 
+def test_a_signal_latched_before_training_preempts_at_the_first_step(tmp_path):
+    """A sweep defers signals between its runs; a run that starts after one arrived (SLURM's
+    notice came while it loaded its model) stops at its first step instead of training on."""
+    model = Blocks()
+    opt = build_optimizer(model, "adamw", 1e-2)
+    with deferring_signals() as latch:
+        os.kill(os.getpid(), signal.SIGUSR2)  # handled: only the latch is set
+        assert latch.signum == signal.SIGUSR2 and stop_requested()
+        ck = Checkpointer(tmp_path / "a", {"lr": 1e-2})
+        with ck.catching_signals(), pytest.raises(Preempted, match="SIGUSR2 at step 1"):
+            _fit(model, opt, TrainState(), 3, ck)
+    assert not stop_requested()
+    with deferring_signals() as latch:  # and a signal during training reaches the latch too
+        ck = Checkpointer(tmp_path / "b", {"lr": 1e-2})
+        with ck.catching_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(Preempted, match="SIGTERM at step 1"):
+                _fit(model, opt, TrainState(), 3, ck)
+        assert latch.signum == signal.SIGTERM
+
+
 def test_changed_config_or_world_size_is_refused(tmp_path):
     model = Blocks()
     opt = build_optimizer(model, "adamw", 1e-2)
@@ -290,7 +313,7 @@ def test_attack_with_muon_resumes_after_sigusr1(tiny_world, tmp_path):
 def test_a_preempted_sweep_point_resumes_on_the_next_sweep(tiny_world, tmp_path, monkeypatch):
     import yaml
 
-    from unlearn.sweep import load_sweep, run_sweep
+    from unlearn.sweep import SweepPreempted, load_sweep, run_sweep
 
     spec = tmp_path / "spec.yaml"
     base = {"num_train_examples": 8, "pdbs": 2, "grad_accum": 1, "max_steps": 2, "progress": False}
@@ -307,7 +330,9 @@ def test_a_preempted_sweep_point_resumes_on_the_next_sweep(tiny_world, tmp_path,
             os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler, in this process
 
     monkeypatch.setattr(RunDir, "append_metrics", preempt_at_step_3)
-    (state,) = run_sweep(load_sweep(spec), log=lambda _: None)
+    with pytest.raises(SweepPreempted) as stopped:  # the sweep stops, exit 75 from the CLI
+        run_sweep(load_sweep(spec), log=lambda _: None)
+    (state,) = stopped.value.states
     assert state.status == "preempted" and not state.finished
     point = load_sweep(spec).points[0]
     started = RunDir(point.run_dir).read_meta().started

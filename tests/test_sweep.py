@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import yaml
 from unlearn import cli
 from unlearn import sweep as sweep_mod
 from unlearn.errors import UsageError
+from unlearn.resume import EXIT_PREEMPTED, latest_checkpoint, read_info
 from unlearn.rundir import RunDir, RunMeta, utc_now
 from unlearn.store import Store
 from unlearn.sweep import inspect_point, load_sweep, run_sweep
@@ -358,3 +361,65 @@ def test_points_are_counted_before_they_are_built(tiny_world, tmp_path, monkeypa
     assert len(load_sweep(spec, max_points=3).points) == 3
     assert cli.main(["sweep", str(spec), "--max_points", "0"]) == 2
     assert "--max_points must be >= 1" in capsys.readouterr().err
+
+
+def test_sigterm_while_a_point_trains_stops_the_sweep_and_rerun_resumes(
+    tiny_world, tmp_path, monkeypatch, capsys
+):
+    spec = write_spec(tmp_path, base_spec(tiny_world))
+    first, second = load_sweep(spec).points
+    log = RunDir.append_metrics
+    sent = []
+
+    def preempt_once(self, step, values):
+        log(self, step, values)
+        if step == 1 and not sent:  # inside the first point's training, after its first step
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(RunDir, "append_metrics", preempt_once)
+    assert cli.main(["sweep", str(spec)]) == EXIT_PREEMPTED
+    assert "stopped by SIGTERM during point " + first.id in capsys.readouterr().err
+    meta = RunDir(first.run_dir).read_meta()
+    assert meta.status == "preempted" and read_info(latest_checkpoint(first.run_dir))["step"] == 1
+    assert not second.run_dir.exists()  # the next point never started
+
+    assert cli.main(["sweep", str(spec)]) == 0
+    assert RunDir(first.run_dir).read_meta().started == meta.started  # resumed, not restarted
+    assert [inspect_point(p).status for p in (first, second)] == ["done", "done"]
+
+
+def test_a_signal_outside_training_ends_the_sweep_after_that_point(
+    tiny_world, tmp_path, monkeypatch, capsys
+):
+    spec = write_spec(tmp_path, base_spec(tiny_world, grid={"retain_coef": [1, 5, 20]}))
+    points = load_sweep(spec).points
+    calls: list[str] = []
+    finish = fake_run(calls)
+
+    def signalled_while_evaluating(cfg):
+        meta = finish(cfg)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return meta
+
+    monkeypatch.setattr(sweep_mod, "run_unlearning", signalled_while_evaluating)
+    # Without the sweep's own handler SIGUSR1 would end pytest: a stand-in keeps it alive.
+    stray: list[int] = []
+
+    def stand_in(signum, frame):
+        stray.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, stand_in)
+    try:
+        assert cli.main(["sweep", str(spec)]) == EXIT_PREEMPTED
+        assert signal.getsignal(signal.SIGUSR1) is stand_in  # the sweep restored it
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert calls == [points[0].id] and stray == []
+    out = capsys.readouterr().out
+    assert "| done " in out and "| pending " in out  # the table of where it stopped
+    assert inspect_point(points[0]).status == "done"
+
+    assert cli.main(["sweep", str(spec)]) == 0
+    assert calls == [p.id for p in points]

@@ -38,8 +38,11 @@ Design choices:
   checkpoints leaves some), so the resumed run's files equal an uninterrupted run's.
 - Signal handlers exist only inside `catching_signals()` and are restored on exit; outside
   training (model loading, saving, evaluation) a signal keeps its usual effect, and the next
-  attempt resumes from the last checkpoint. Under torchrun the ranks agree on the flag (an
-  all-reduce per step), so every rank checkpoints at the same step.
+  attempt resumes from the last checkpoint. A caller that runs several trainings in a row (the
+  local sweep executor) wraps them in `deferring_signals()`: a signal then only sets a latch,
+  so it stops after the current run instead of starting the next one, and a run that starts
+  after the latch was set checkpoints at its first step. Under torchrun the ranks agree on the
+  flag (an all-reduce per step), so every rank checkpoints at the same step.
 - A finished run deletes its checkpoint (`discard`): for a 7B model the optimizer state alone is
   tens of gigabytes, and a finished run is never resumed.
 """
@@ -80,6 +83,50 @@ UNCOMPARED = ("checkpoint_every", "progress")
 """Config fields that cannot change the result, so a resume may change them."""
 
 _STEP_PREFIX = "step-"
+
+
+class SignalLatch:
+    """The first stop signal caught inside `deferring_signals()` (None: none yet)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+
+_latch: SignalLatch | None = None
+"""The innermost active `deferring_signals()` latch."""
+
+
+@contextlib.contextmanager
+def deferring_signals() -> Iterator[SignalLatch]:
+    """Inside, SIGTERM/SIGUSR1/SIGUSR2 only set the yielded latch, for a caller that runs
+    several trainings in a row (a sweep) and must stop after the current one instead of
+    starting the next. A training inside (`Checkpointer.catching_signals`) also sets the latch
+    when it is signalled, and one that starts after a signal was latched checkpoints after its
+    first step and raises Preempted: the signal was meant for it (SLURM's notice arrived while
+    it loaded its model), and SIGKILL follows the notice. Main thread only, like any handler.
+    """
+    global _latch
+    latch = SignalLatch()
+    if threading.current_thread() is not threading.main_thread():
+        yield latch
+        return
+
+    def request(signum: int, frame: object) -> None:
+        latch.signum = latch.signum or signum
+
+    previous = {s: signal.signal(s, request) for s in SIGNALS}
+    outer, _latch = _latch, latch
+    try:
+        yield latch
+    finally:
+        _latch = outer
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested() -> bool:
+    """Whether the enclosing `deferring_signals()` caught a signal (False outside one)."""
+    return _latch is not None and _latch.signum is not None
 
 
 class Preempted(Exception):
@@ -211,9 +258,14 @@ class Checkpointer:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
+        latch = _latch
+        if latch is not None and latch.signum is not None:
+            self.signum = latch.signum  # caught before training started: stop at the first step
 
         def request(signum: int, frame: object) -> None:
             self.signum = signum
+            if latch is not None:  # tell the enclosing sweep too: it stops after this run
+                latch.signum = latch.signum or signum
 
         previous = {s: signal.signal(s, request) for s in SIGNALS}
         try:

@@ -40,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import traceback
 import types
@@ -69,7 +70,7 @@ from unlearn.recipes.unlearning import (
     section_fields,
     validate,
 )
-from unlearn.resume import latest_checkpoint
+from unlearn.resume import deferring_signals, latest_checkpoint, stop_requested
 from unlearn.rundir import RunDir, RunMeta, RunRecord, utc_now
 from unlearn.store import Store
 from unlearn.world import World, load_world
@@ -656,6 +657,7 @@ def run_point(point: Point) -> PointState:
         and point.attack_dir is not None
         and state.status == "done"
         and state.attack not in FINISHED
+        and not stop_requested()  # the sweep was signalled: the attack waits for the rerun
     ):
         _clear(point.attack_dir)
         cfg = point.attack_config
@@ -713,13 +715,36 @@ class Executor(ABC):
     def submit(self, points: Sequence[Point], on_start: OnStart, on_done: OnDone) -> None: ...
 
 
+class SweepPreempted(Exception):
+    """The sweep's process got SIGTERM/SIGUSR1/SIGUSR2: it stopped after the point in progress
+    (which checkpointed, if it was training). Running the same sweep again resumes."""
+
+    def __init__(self, signum: int, point_id: str) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} during point {point_id}"
+            " (run the same command again to resume)"
+        )
+        self.signum, self.point_id = signum, point_id
+        self.states: list[PointState] = []
+        """Every point's state when the sweep stopped, in spec order (set by run_sweep)."""
+
+
 class LocalExecutor(Executor):
-    """One point after another in this process."""
+    """One point after another in this process.
+
+    A stop signal (SIGTERM: preemption; SIGUSR1/2: the time limit is near) ends the sweep after
+    the point in progress, never starting the next one: a training run checkpoints and records
+    status preempted, anything else (loading, evaluation) finishes first. Then SweepPreempted.
+    """
 
     def submit(self, points: Sequence[Point], on_start: OnStart, on_done: OnDone) -> None:
-        for point in points:
-            on_start(point)
-            on_done(point, run_point(point))
+        with deferring_signals() as latch:
+            for i, point in enumerate(points):
+                on_start(point)
+                state = run_point(point)
+                on_done(point, state)
+                if latch.signum is not None and (i + 1 < len(points) or not state.finished):
+                    raise SweepPreempted(latch.signum, point.id)
 
 
 @contextlib.contextmanager
@@ -786,7 +811,11 @@ def run_sweep(
             states[point.id] = state
             log(f"{_counter(index[point.id], sweep)} {_line(state)}")
 
-        executor.submit(todo, on_start, on_done)
+        try:
+            executor.submit(todo, on_start, on_done)
+        except SweepPreempted as e:
+            e.states = [states.get(p.id) or inspect_point(p) for p in sweep.points]
+            raise
     return [states[p.id] for p in sweep.points]
 
 

@@ -7,7 +7,8 @@
 
 The spec format is in docs/sweeps.md. The whole spec is validated before anything runs. Exit
 code 0 when every point has a result (done, collapsed and diverged are results), 1 when some
-point failed (re-run the same command to retry it), 2 on a bad spec.
+point failed (re-run the same command to retry it), 2 on a bad spec, 75 when SIGTERM (or
+SIGUSR1/2) stopped the sweep after the point in progress (re-run the same command to resume).
 """
 
 from __future__ import annotations
@@ -67,9 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             counts[s.status] = counts.get(s.status, 0) + 1
         print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
         return 0
+    from unlearn.resume import EXIT_PREEMPTED
     from unlearn.slurm import make_executor
+    from unlearn.sweep import SweepPreempted
 
-    states = run_sweep(sweep, make_executor(ns.executor, sweep))
+    try:
+        states = run_sweep(sweep, make_executor(ns.executor, sweep))
+    except SweepPreempted as e:
+        print()
+        print(format_table(e.states))
+        print(f"sweep {sweep.name}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print()
     print(format_table(states))
     return 0 if all(s.finished for s in states) else 1
