@@ -284,6 +284,8 @@ class Checkpointer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.signum is None:
             self.signum = int(flag.item())
+            if _latch is not None:  # another rank was signalled: this rank's sweep stops too
+                _latch.signum = _latch.signum or self.signum
         return bool(flag.item())
 
     # -- during training ------------------------------------------------------------------------
