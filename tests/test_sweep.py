@@ -423,3 +423,17 @@ def test_a_signal_outside_training_ends_the_sweep_after_that_point(
 
     assert cli.main(["sweep", str(spec)]) == 0
     assert calls == [p.id for p in points]
+
+
+def test_a_point_that_cannot_resume_is_failed_with_the_reason(tiny_world, tmp_path, monkeypatch):
+    sweep = load_sweep(write_spec(tmp_path, base_spec(tiny_world, grid={"retain_coef": [1]})))
+    (point,) = sweep.points
+    RunDir(point.run_dir).write_run(RunMeta(point.id, "unlearn", "sequential", status="preempted"))
+    (point.run_dir / "checkpoint" / "step-00000001").mkdir(parents=True)  # kept for the resume
+
+    def damaged(cfg):
+        raise UsageError("checkpoint X is damaged (model.pt has 3 bytes, 6 were written)")
+
+    monkeypatch.setattr(sweep_mod, "run_unlearning", damaged)
+    (state,) = run_sweep(sweep, log=lambda _: None)
+    assert state.status == "failed" and "is damaged" in state.error

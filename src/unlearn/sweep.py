@@ -688,13 +688,14 @@ def _guarded(run_dir: Path, meta: RunMeta, fn: Callable[[], object]) -> None:
 
 
 def _record_failure(run_dir: Path, meta: RunMeta, error: str) -> None:
-    """Make sure the run directory says failed (a run that raised before writing run.json, or
-    one whose own failure handling did not get to run)."""
+    """Make sure the run directory says failed (a run that raised before writing run.json, one
+    whose own failure handling did not get to run, or a preempted one that could not resume,
+    e.g. from a damaged checkpoint: its old "preempted" would hide the reason)."""
     run = RunDir(run_dir)
     status, _, _ = _read_dir(run_dir)
     if status == "pending":
         run.write_run(dataclasses.replace(meta, status="failed", error=error, finished=utc_now()))
-    elif status == "running":
+    elif status in ("running", "preempted"):
         run.update(status="failed", error=error, finished=utc_now())
 
 
