@@ -359,6 +359,7 @@ def test_points_are_counted_before_they_are_built(tiny_world, tmp_path, monkeypa
     assert "3 points" in capsys.readouterr().err
     assert cli.main(["sweep", str(spec), "--dry-run", "--max_points", "3"]) == 0
     assert len(load_sweep(spec, max_points=3).points) == 3
+    assert sweep_mod.MAX_POINTS == 1000  # the CLI's default repeats it (docs/sweeps.md too)
     assert cli.main(["sweep", str(spec), "--max_points", "0"]) == 2
     assert "--max_points must be >= 1" in capsys.readouterr().err
 
