@@ -26,6 +26,10 @@ Design choices:
   one runs points one after another in this process.
 - The store is an index: runs write it themselves while they train (status running), and the
   sweep ingests each point's run directories again after the point ends, whatever happened.
+- Points are counted (product of the grid's list lengths) before any is built: a spec over
+  MAX_POINTS is refused unless the caller raises the limit, since expansion holds them all.
+- A stop signal (SIGTERM, SIGUSR1/2) ends a local sweep after the point in progress with
+  SweepPreempted (the CLI exits 75); the point checkpoints if it was training.
 """
 
 from __future__ import annotations
