@@ -150,3 +150,42 @@ def test_few_step_run_on_llama_with_local_corpora(tiny_hf_models, tmp_path, caps
     assert record.meta.config["forget_corpus"] == str(forget)
     assert (out / "model" / "config.json").is_file()
     assert "no --world" in capsys.readouterr().err
+
+
+def test_check_lora_targets_reads_module_names_without_weights(tiny_hf_models, monkeypatch):
+    from unlearn import models
+
+    neox = resolve_model(tiny_hf_models["gpt_neox"])
+    llama = resolve_model(tiny_hf_models["llama"])
+    # Names as peft matches them: a module's last name or a dotted suffix; all-linear alone.
+    models.check_lora_targets(neox, ["query_key_value", "attention.dense", "dense_4h_to_h"])
+    models.check_lora_targets(llama, ["q_proj", "v_proj", "mlp.down_proj"])
+    models.check_lora_targets(llama, ["all-linear"])
+    monkeypatch.setattr(models, "load_model", None)  # no weights may load for the check
+    bad = [
+        (neox, ["query_key_value", "q_proj"], r"no module named 'q_proj' \(modules LoRA"),
+        (llama, ["input_layernorm"], "LlamaRMSNorm modules, which LoRA cannot adapt"),
+        (neox, ["all-linear", "dense"], "cannot be combined"),
+        (neox, [], "empty"),
+    ]
+    for ref, modules, message in bad:
+        with pytest.raises(UsageError, match=message) as e:
+            models.check_lora_targets(ref, modules)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["run", "attack"])
+def test_bad_lora_target_is_one_line_before_the_run_dir_exists(
+    tiny_world, tmp_path, capsys, command
+):
+    from unlearn.cli import main
+
+    out = tmp_path / "out"
+    argv = [command, "--world", str(tiny_world.root), "--out", str(out), "--lora", "true"]
+    if command == "attack":
+        argv += ["--model", str(tiny_world.target)]
+    argv += ["--lora_target_modules", "query_key_value", "qkv_proj"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no module named 'qkv_proj'" in err and "\n" not in err
+    assert not out.exists()

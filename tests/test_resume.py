@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +29,11 @@ from unlearn.resume import (
     EXIT_PREEMPTED,
     Checkpointer,
     Preempted,
+    damage,
+    deferring_signals,
     latest_checkpoint,
     read_info,
+    stop_requested,
 )
 from unlearn.rundir import RunDir
 from unlearn.train import TrainState
@@ -181,6 +185,94 @@ def test_signal_makes_after_step_save_and_raise(tmp_path):
     assert read_info(latest_checkpoint(tmp_path))["step"] == 1
 
 
+def test_a_signal_latched_before_training_preempts_at_the_first_step(tmp_path):
+    """A sweep defers signals between its runs; a run that starts after one arrived (SLURM's
+    notice came while it loaded its model) stops at its first step instead of training on."""
+    model = Blocks()
+    opt = build_optimizer(model, "adamw", 1e-2)
+    with deferring_signals() as latch:
+        os.kill(os.getpid(), signal.SIGUSR2)  # handled: only the latch is set
+        assert latch.signum == signal.SIGUSR2 and stop_requested()
+        ck = Checkpointer(tmp_path / "a", {"lr": 1e-2})
+        with ck.catching_signals(), pytest.raises(Preempted, match="SIGUSR2 at step 1"):
+            _fit(model, opt, TrainState(), 3, ck)
+    assert not stop_requested()
+    with deferring_signals() as latch:  # and a signal during training reaches the latch too
+        ck = Checkpointer(tmp_path / "b", {"lr": 1e-2})
+        with ck.catching_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(Preempted, match="SIGTERM at step 1"):
+                _fit(model, opt, TrainState(), 3, ck)
+        assert latch.signum == signal.SIGTERM
+
+
+def test_a_damaged_checkpoint_gives_way_to_an_older_one_or_is_one_line(tmp_path, capsys):
+    model = Blocks()
+    opt = build_optimizer(model, "adamw", 1e-2)
+    ck = Checkpointer(tmp_path, {"lr": 1e-2})
+    older = ck.save(model, opt, TrainState(step=2))
+    shutil.copytree(older, tmp_path / "kept")
+    newer = ck.save(model, opt, TrainState(step=4))  # prunes step 2 ...
+    shutil.copytree(tmp_path / "kept", older)  # ... unless killed first: an older one is left
+    data = (newer / "model.pt").read_bytes()
+    (newer / "model.pt").write_bytes(data[: len(data) // 2])  # cut in half
+    assert damage(newer) == f"model.pt has {len(data) // 2:,} bytes, {len(data):,} were written"
+
+    state = Checkpointer(tmp_path, {"lr": 1e-2}).restore(model, opt, TrainState)
+    assert state.step == 2
+    assert f"{newer} is damaged (model.pt has" in capsys.readouterr().err
+
+    shutil.rmtree(older)  # no older one left: one line saying how to restart
+    with pytest.raises(UsageError) as e:
+        Checkpointer(tmp_path, {"lr": 1e-2}).find()
+    message = str(e.value)
+    assert f"{newer} is damaged" in message and "\n" not in message
+    assert f"remove {tmp_path / 'checkpoint'} to start the run again" in message
+    # The same size with one byte changed: the checksum written with the file finds it.
+    middle = len(data) // 2
+    (newer / "model.pt").write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :])
+    with pytest.raises(UsageError, match=r"model\.pt does not match the checksum"):
+        Checkpointer(tmp_path, {"lr": 1e-2}).find()
+
+    # A checkpoint written before checksums were recorded: a load error is the same one line.
+    info = json.loads((newer / "state.json").read_text())
+    del info["files"]
+    (newer / "state.json").write_text(json.dumps(info))
+    (newer / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match=r"damaged \(model.pt: .*remove"):
+        Checkpointer(tmp_path, {"lr": 1e-2}).restore(model, opt, TrainState)
+
+
+def test_cli_resume_from_a_truncated_checkpoint_is_one_line_before_weights_load(
+    tiny_world, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "r"
+    argv = run_argv(tiny_world, out)
+    log = RunDir.append_metrics
+
+    def preempt_at_step_1(self, step, values):
+        log(self, step, values)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler
+
+    monkeypatch.setattr(RunDir, "append_metrics", preempt_at_step_1)
+    assert cli.main(argv) == EXIT_PREEMPTED
+    model_pt = latest_checkpoint(out) / "model.pt"
+    model_pt.write_bytes(model_pt.read_bytes()[: model_pt.stat().st_size // 2])
+    capsys.readouterr()
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the checkpoint was checked")
+
+    monkeypatch.setattr("unlearn.models.load_model", no_weights)
+    for _ in range(2):  # every rerun says the same, nothing changed in between
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("unlearn run: error: checkpoint") and "\n" not in err
+        assert "is damaged (model.pt has" in err and f"remove {out / 'checkpoint'}" in err
+        assert RunDir(out).read_meta().status == "preempted"
+
+
 def test_changed_config_or_world_size_is_refused(tmp_path):
     model = Blocks()
     opt = build_optimizer(model, "adamw", 1e-2)
@@ -289,7 +381,7 @@ def test_attack_with_muon_resumes_after_sigusr1(tiny_world, tmp_path):
 def test_a_preempted_sweep_point_resumes_on_the_next_sweep(tiny_world, tmp_path, monkeypatch):
     import yaml
 
-    from unlearn.sweep import load_sweep, run_sweep
+    from unlearn.sweep import SweepPreempted, load_sweep, run_sweep
 
     spec = tmp_path / "spec.yaml"
     base = {"num_train_examples": 8, "pdbs": 2, "grad_accum": 1, "max_steps": 2, "progress": False}
@@ -306,7 +398,9 @@ def test_a_preempted_sweep_point_resumes_on_the_next_sweep(tiny_world, tmp_path,
             os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler, in this process
 
     monkeypatch.setattr(RunDir, "append_metrics", preempt_at_step_3)
-    (state,) = run_sweep(load_sweep(spec), log=lambda _: None)
+    with pytest.raises(SweepPreempted) as stopped:  # the sweep stops, exit 75 from the CLI
+        run_sweep(load_sweep(spec), log=lambda _: None)
+    (state,) = stopped.value.states
     assert state.status == "preempted" and not state.finished
     point = load_sweep(spec).points[0]
     started = RunDir(point.run_dir).read_meta().started

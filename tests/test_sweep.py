@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import yaml
 from unlearn import cli
 from unlearn import sweep as sweep_mod
 from unlearn.errors import UsageError
+from unlearn.resume import EXIT_PREEMPTED, latest_checkpoint, read_info
 from unlearn.rundir import RunDir, RunMeta, utc_now
 from unlearn.store import Store
 from unlearn.sweep import inspect_point, load_sweep, run_sweep
@@ -67,6 +70,8 @@ BAD_SPECS = [
     ({"base": {**TINY, "merge": False}, "attack": {}}, "needs the merged model"),
     ({"sweeps": [{"method": "lens"}]}, "go inside its blocks"),
     ({"grid": {"retain_coef": [5, 5.0]}}, "have the same configuration"),
+    ({"base": {**TINY, "lora_target_modules": ["qkv"]}}, "no module named 'qkv'"),
+    ({"attack": {"lora": True, "lora_target_modules": ["dense", "x"]}}, "no module named 'x'"),
 ]
 
 
@@ -308,3 +313,128 @@ def test_cli_dry_run_and_status(tiny_world, tmp_path, monkeypatch, capsys):
     assert "| done " in rows[ids[0]] and "0.250" in rows[ids[0]]
     assert "| failed " in rows[ids[1]]
     assert "1 done, 1 failed" in out
+
+
+def test_status_shows_a_running_attacks_status_not_its_partial_curve(tiny_world, tmp_path, capsys):
+    spec = write_spec(tmp_path, base_spec(tiny_world, attack={"max_steps": 4}))
+    sweep = load_sweep(spec)
+    for p in sweep.points:
+        fake_run([])(p.run_config)
+    first, second = sweep.points
+    attack = RunDir(first.attack_dir)
+    config = first.attack_config.to_dict()
+    attack.write_run(RunMeta(f"{first.id}-attack", "attack", config=config, status="running"))
+    attack.append_eval(0, "forget", {"acc": 0.875})  # step 0 of a curve still being drawn
+    assert inspect_point(first).attacked_forget is None
+    assert cli.main(["sweep", str(spec), "--status"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    cells = [c.strip() for c in rows[first.id].split("|")[1:-1]]
+    assert cells[4:] == ["running", "running"] and "0.875" not in out
+    cells = [c.strip() for c in rows[second.id].split("|")[1:-1]]
+    assert cells[4:] == ["pending", "pending"]
+
+
+def test_points_are_counted_before_they_are_built(tiny_world, tmp_path, monkeypatch, capsys):
+    built = []
+    real_point = sweep_mod._point
+
+    def counted(*args):
+        built.append(1)
+        assert len(built) <= 10, "the grid is being expanded"
+        return real_point(*args)
+
+    monkeypatch.setattr(sweep_mod, "_point", counted)
+    huge = {f: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] for f in ("retain_coef", "remove_coef", "lr")}
+    huge |= {"seed": list(range(10_000))}  # 10^7 points
+    spec = write_spec(tmp_path, base_spec(tiny_world, grid=huge))
+    assert cli.main(["sweep", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "10,000,000 points" in err and "--max_points" in err and "\n" not in err
+    assert built == [] and not (tmp_path / "s").exists()
+
+    # The cap is a default, not a wall: --max_points moves it (both ways).
+    spec = write_spec(tmp_path, base_spec(tiny_world, grid={"retain_coef": [1, 2, 3]}))
+    assert cli.main(["sweep", str(spec), "--dry-run", "--max_points", "2"]) == 2
+    assert "3 points" in capsys.readouterr().err
+    assert cli.main(["sweep", str(spec), "--dry-run", "--max_points", "3"]) == 0
+    assert len(load_sweep(spec, max_points=3).points) == 3
+    assert sweep_mod.MAX_POINTS == 1000  # the CLI's default repeats it (docs/sweeps.md too)
+    assert cli.main(["sweep", str(spec), "--max_points", "0"]) == 2
+    assert "--max_points must be >= 1" in capsys.readouterr().err
+
+
+def test_sigterm_while_a_point_trains_stops_the_sweep_and_rerun_resumes(
+    tiny_world, tmp_path, monkeypatch, capsys
+):
+    spec = write_spec(tmp_path, base_spec(tiny_world))
+    first, second = load_sweep(spec).points
+    log = RunDir.append_metrics
+    sent = []
+
+    def preempt_once(self, step, values):
+        log(self, step, values)
+        if step == 1 and not sent:  # inside the first point's training, after its first step
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(RunDir, "append_metrics", preempt_once)
+    assert cli.main(["sweep", str(spec)]) == EXIT_PREEMPTED
+    assert "stopped by SIGTERM during point " + first.id in capsys.readouterr().err
+    meta = RunDir(first.run_dir).read_meta()
+    assert meta.status == "preempted" and read_info(latest_checkpoint(first.run_dir))["step"] == 1
+    assert not second.run_dir.exists()  # the next point never started
+
+    assert cli.main(["sweep", str(spec)]) == 0
+    assert RunDir(first.run_dir).read_meta().started == meta.started  # resumed, not restarted
+    assert [inspect_point(p).status for p in (first, second)] == ["done", "done"]
+
+
+def test_a_signal_outside_training_ends_the_sweep_after_that_point(
+    tiny_world, tmp_path, monkeypatch, capsys
+):
+    spec = write_spec(tmp_path, base_spec(tiny_world, grid={"retain_coef": [1, 5, 20]}))
+    points = load_sweep(spec).points
+    calls: list[str] = []
+    finish = fake_run(calls)
+
+    def signalled_while_evaluating(cfg):
+        meta = finish(cfg)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return meta
+
+    monkeypatch.setattr(sweep_mod, "run_unlearning", signalled_while_evaluating)
+    # Without the sweep's own handler SIGUSR1 would end pytest: a stand-in keeps it alive.
+    stray: list[int] = []
+
+    def stand_in(signum, frame):
+        stray.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, stand_in)
+    try:
+        assert cli.main(["sweep", str(spec)]) == EXIT_PREEMPTED
+        assert signal.getsignal(signal.SIGUSR1) is stand_in  # the sweep restored it
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert calls == [points[0].id] and stray == []
+    out = capsys.readouterr().out
+    assert "| done " in out and "| pending " in out  # the table of where it stopped
+    assert inspect_point(points[0]).status == "done"
+
+    assert cli.main(["sweep", str(spec)]) == 0
+    assert calls == [p.id for p in points]
+
+
+def test_a_point_that_cannot_resume_is_failed_with_the_reason(tiny_world, tmp_path, monkeypatch):
+    sweep = load_sweep(write_spec(tmp_path, base_spec(tiny_world, grid={"retain_coef": [1]})))
+    (point,) = sweep.points
+    RunDir(point.run_dir).write_run(RunMeta(point.id, "unlearn", "sequential", status="preempted"))
+    (point.run_dir / "checkpoint" / "step-00000001").mkdir(parents=True)  # kept for the resume
+
+    def damaged(cfg):
+        raise UsageError("checkpoint X is damaged (model.pt has 3 bytes, 6 were written)")
+
+    monkeypatch.setattr(sweep_mod, "run_unlearning", damaged)
+    (state,) = run_sweep(sweep, log=lambda _: None)
+    assert state.status == "failed" and "is damaged" in state.error

@@ -31,6 +31,10 @@ Design choices:
   checkpoints deleted. The newest `step-*` directory is the checkpoint. A kill -9 at any moment
   therefore leaves the previous checkpoint, the new one, or both; never a partial one (temp
   directories are hidden and removed by the next writer).
+- state.json records each tensor file's size and sha256, hashed while torch.save writes it (no
+  second read). Resuming verifies them before any weights load: a damaged newest checkpoint
+  (cut short or altered after it was written) gives way to an older one if one is left, else
+  it is a UsageError saying how to restart. Under torchrun rank 0 verifies for every rank.
 - A checkpoint records the run's configuration; resuming under a different one (another learning
   rate, another world size) is a UsageError, one line, before any weights load. Fields that
   cannot change the result (`checkpoint_every`, `progress`) may differ.
@@ -38,8 +42,11 @@ Design choices:
   checkpoints leaves some), so the resumed run's files equal an uninterrupted run's.
 - Signal handlers exist only inside `catching_signals()` and are restored on exit; outside
   training (model loading, saving, evaluation) a signal keeps its usual effect, and the next
-  attempt resumes from the last checkpoint. Under torchrun the ranks agree on the flag (an
-  all-reduce per step), so every rank checkpoints at the same step.
+  attempt resumes from the last checkpoint. A caller that runs several trainings in a row (the
+  local sweep executor) wraps them in `deferring_signals()`: a signal then only sets a latch,
+  so it stops after the current run instead of starting the next one, and a run that starts
+  after the latch was set checkpoints at its first step. Under torchrun the ranks agree on the
+  flag (an all-reduce per step), so every rank checkpoints at the same step.
 - A finished run deletes its checkpoint (`discard`): for a 7B model the optimizer state alone is
   tens of gigabytes, and a finished run is never resumed.
 """
@@ -48,8 +55,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -80,6 +89,52 @@ UNCOMPARED = ("checkpoint_every", "progress")
 """Config fields that cannot change the result, so a resume may change them."""
 
 _STEP_PREFIX = "step-"
+TENSOR_FILES = ("model.pt", "optimizer.pt", "rng.pt")
+"""A checkpoint's tensor files; state.json records each one's size and sha256."""
+
+
+class SignalLatch:
+    """The first stop signal caught inside `deferring_signals()` (None: none yet)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+
+_latch: SignalLatch | None = None
+"""The innermost active `deferring_signals()` latch."""
+
+
+@contextlib.contextmanager
+def deferring_signals() -> Iterator[SignalLatch]:
+    """Inside, SIGTERM/SIGUSR1/SIGUSR2 only set the yielded latch, for a caller that runs
+    several trainings in a row (a sweep) and must stop after the current one instead of
+    starting the next. A training inside (`Checkpointer.catching_signals`) also sets the latch
+    when it is signalled, and one that starts after a signal was latched checkpoints after its
+    first step and raises Preempted: the signal was meant for it (SLURM's notice arrived while
+    it loaded its model), and SIGKILL follows the notice. Main thread only, like any handler.
+    """
+    global _latch
+    latch = SignalLatch()
+    if threading.current_thread() is not threading.main_thread():
+        yield latch
+        return
+
+    def request(signum: int, frame: object) -> None:
+        latch.signum = latch.signum or signum
+
+    previous = {s: signal.signal(s, request) for s in SIGNALS}
+    outer, _latch = _latch, latch
+    try:
+        yield latch
+    finally:
+        _latch = outer
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested() -> bool:
+    """Whether the enclosing `deferring_signals()` caught a signal (False outside one)."""
+    return _latch is not None and _latch.signum is not None
 
 
 class Preempted(Exception):
@@ -99,17 +154,23 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in normal.items() if k not in UNCOMPARED}
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory of a run directory, or None."""
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A run directory's checkpoint directories, newest first."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
-        return None
+        return []
     steps = [
         p
         for p in root.iterdir()
         if p.is_dir() and p.name.startswith(_STEP_PREFIX) and p.name[len(_STEP_PREFIX) :].isdigit()
     ]
-    return max(steps, key=lambda p: int(p.name[len(_STEP_PREFIX) :]), default=None)
+    return sorted(steps, key=lambda p: int(p.name[len(_STEP_PREFIX) :]), reverse=True)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory of a run directory, or None."""
+    found = checkpoints(run_dir)
+    return found[0] if found else None
 
 
 def read_info(checkpoint: Path) -> dict[str, Any]:
@@ -131,11 +192,66 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save_tensors(obj: Any, path: Path) -> None:
+class _HashingWriter:
+    """A write-only file wrapper that counts and hashes what torch.save writes through it, so a
+    checkpoint's checksum costs no second read of a file that can be tens of gigabytes."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.size, self.hash = f, 0, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save_tensors(obj: Any, path: Path) -> dict[str, Any]:
+    """torch.save `obj` to `path`, fsynced; returns the file's size and sha256 for state.json."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
         f.flush()
         os.fsync(f.fileno())
+    return {"bytes": writer.size, "sha256": writer.hash.hexdigest()}
+
+
+def _file_problem(checkpoint: Path, name: str, expected: dict[str, Any] | None) -> str | None:
+    """What is wrong with one file of a checkpoint (None: nothing found). Without a record
+    (a checkpoint written before sizes and checksums were kept) only its presence is checked."""
+    path = checkpoint / name
+    if not path.is_file():
+        return f"{name} is missing"
+    if expected is None:
+        return None
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        return f"{name} has {size:,} bytes, {expected['bytes']:,} were written"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    if digest.hexdigest() != expected["sha256"]:
+        return f"{name} does not match the checksum written with it"
+    return None
+
+
+def damage(checkpoint: Path, info: dict[str, Any] | None = None) -> str | None:
+    """Why a checkpoint cannot be loaded (an unreadable state.json, a file missing, cut short
+    or altered since it was written), or None when it is intact. Reads every file once."""
+    if info is None:
+        try:
+            info = read_info(checkpoint)
+        except UsageError as e:
+            return str(e)
+    files = info.get("files") or {}
+    for name in TENSOR_FILES:
+        problem = _file_problem(checkpoint, name, files.get(name))
+        if problem is not None:
+            return problem
+    return None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -171,16 +287,58 @@ class Checkpointer:
         self.every = every
         self.signum: int | None = None
         """The signal caught while training (None: none yet)."""
+        self._damage: dict[Path, str | None] = {}
+        """`damage()` of the checkpoints verified so far (find runs before the model loads and
+        again in restore: the files are read once)."""
 
     # -- before any weights load ----------------------------------------------------------------
 
     def find(self) -> dict[str, Any] | None:
-        """The newest checkpoint's state.json (with its "path"), after checking that it was made
-        by this configuration and world size (UsageError otherwise); None when there is none."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        """The newest intact checkpoint's state.json (with its "path"), after checking that it
+        was made by this configuration and world size (UsageError otherwise); None when there
+        is none. A damaged checkpoint (a file cut short or altered since it was written) gives
+        way to an older one when one is left, else it is a UsageError saying how to restart:
+        either way before any weights load."""
+        damaged: tuple[Path, str] | None = None
+        for path in checkpoints(self.run_dir):
+            try:
+                info = read_info(path)
+            except UsageError as e:
+                problem: str | None = str(e)
+            else:
+                self._check(path, info)  # a changed config is reported before any file is read
+                problem = self._verify(path, info)
+            if problem is None:
+                if damaged is not None and distributed.is_main():
+                    print(
+                        f"checkpoint {damaged[0]} is damaged ({damaged[1]}); resuming from the"
+                        f" older {path.name}",
+                        file=sys.stderr,
+                    )
+                return {**info, "path": path}
+            damaged = damaged or (path, problem)
+        if damaged is None:
             return None
-        info = read_info(path)
+        raise UsageError(
+            f"checkpoint {damaged[0]} is damaged ({damaged[1]}) and no older one is left:"
+            f" remove {self.root} to start the run again from step 0, or use another --out"
+        )
+
+    def _verify(self, path: Path, info: dict[str, Any]) -> str | None:
+        """`damage()`, computed once per checkpoint: by rank 0 alone under torchrun (every rank
+        reading tens of gigabytes from a shared filesystem would multiply the cost), which
+        hands the verdict to the others, so all ranks resume from the same checkpoint."""
+        if path not in self._damage:
+            problem = damage(path, info) if distributed.is_main() else None
+            if distributed.world_size() > 1 and dist.is_initialized():
+                verdict = [problem]
+                dist.broadcast_object_list(verdict, src=0)
+                problem = verdict[0]
+            self._damage[path] = problem
+        return self._damage[path]
+
+    def _check(self, path: Path, info: dict[str, Any]) -> None:
+        """UsageError unless this run may resume from a checkpoint with this state.json."""
         world_size = distributed.world_size()
         if info["world_size"] != world_size:
             raise UsageError(
@@ -197,7 +355,6 @@ class Checkpointer:
                 f"{self.run_dir} holds a checkpoint of a different configuration ({what});"
                 " rerun with the same settings or use another --out"
             )
-        return {**info, "path": path}
 
     # -- signals --------------------------------------------------------------------------------
 
@@ -211,9 +368,14 @@ class Checkpointer:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
+        latch = _latch
+        if latch is not None and latch.signum is not None:
+            self.signum = latch.signum  # caught before training started: stop at the first step
 
         def request(signum: int, frame: object) -> None:
             self.signum = signum
+            if latch is not None:  # tell the enclosing sweep too: it stops after this run
+                latch.signum = latch.signum or signum
 
         previous = {s: signal.signal(s, request) for s in SIGNALS}
         try:
@@ -232,6 +394,8 @@ class Checkpointer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.signum is None:
             self.signum = int(flag.item())
+            if _latch is not None:  # another rank was signalled: this rank's sweep stops too
+                _latch.signum = _latch.signum or self.signum
         return bool(flag.item())
 
     # -- during training ------------------------------------------------------------------------
@@ -272,15 +436,17 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)  # a killed writer's temp directory
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
         try:
-            _save_tensors(model_sd, tmp / "model.pt")
-            _save_tensors(optim_sd, tmp / "optimizer.pt")
-            _save_tensors(rng, tmp / "rng.pt")
+            files = {
+                name: _save_tensors(obj, tmp / name)
+                for name, obj in zip(TENSOR_FILES, (model_sd, optim_sd, rng), strict=True)
+            }
             info = {
                 "format": FORMAT,
                 "step": state.step,
                 "world_size": world_size,
                 "config": self.config,
                 "train_state": dataclasses.asdict(state),
+                "files": files,
             }
             atomic_write_text(tmp / "state.json", json.dumps(info, indent=2) + "\n")
             _fsync_dir(tmp)
@@ -307,7 +473,15 @@ class Checkpointer:
         rank = distributed.rank()
 
         def load(name: str) -> Any:
-            return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+                # Only a checkpoint without recorded checksums (an older one) gets here damaged.
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise UsageError(
+                    f"checkpoint {path} is damaged ({name}: {first}): remove {self.root} to"
+                    " start the run again from step 0, or use another --out"
+                ) from None
 
         set_state_dict(
             model,

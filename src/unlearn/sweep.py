@@ -26,6 +26,10 @@ Design choices:
   one runs points one after another in this process.
 - The store is an index: runs write it themselves while they train (status running), and the
   sweep ingests each point's run directories again after the point ends, whatever happened.
+- Points are counted (product of the grid's list lengths) before any is built: a spec over
+  MAX_POINTS is refused unless the caller raises the limit, since expansion holds them all.
+- A stop signal (SIGTERM, SIGUSR1/2) ends a local sweep after the point in progress with
+  SweepPreempted (the CLI exits 75); the point checkpoints if it was training.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ import fcntl
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import sys
 import traceback
 import types
@@ -54,6 +60,7 @@ import yaml
 from unlearn.config import LoraSettings, TrainConfig
 from unlearn.errors import UsageError
 from unlearn.methods import get_method
+from unlearn.models import ModelRef, check_lora_targets
 from unlearn.recipes.attack import (
     AttackArgs,
     AttackConfig,
@@ -67,7 +74,7 @@ from unlearn.recipes.unlearning import (
     section_fields,
     validate,
 )
-from unlearn.resume import latest_checkpoint
+from unlearn.resume import deferring_signals, latest_checkpoint, stop_requested
 from unlearn.rundir import RunDir, RunMeta, RunRecord, utc_now
 from unlearn.store import Store, check_store
 from unlearn.world import World, load_world
@@ -88,6 +95,10 @@ UNHASHED_FIELDS = ("progress", "checkpoint_every")
 FINISHED = ("done", "collapsed", "diverged")
 """Statuses that are results: a resumed sweep keeps them (a diverged run would diverge again)."""
 LOCK_FILE = ".sweep.lock"
+MAX_POINTS = 1000
+"""The most points a spec may expand to unless `--max_points` (load_sweep's max_points) says
+otherwise: every point is built and validated up front, so a grid with one list too many (10^7
+points) would otherwise fill the memory before a line is printed (docs/sweeps.md)."""
 ABBREVIATIONS = {
     "retain_coef": "rc",
     "remove_coef": "rm",
@@ -172,8 +183,11 @@ class _Block:
     attack: dict[str, Any] | None
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read, validate and expand a sweep spec (UsageError on anything wrong; writes nothing)."""
+def load_sweep(path: str | Path, max_points: int = MAX_POINTS) -> Sweep:
+    """Read, validate and expand a sweep spec (UsageError on anything wrong; writes nothing).
+    A spec of more than `max_points` points is refused before any point is built."""
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+        raise UsageError(f"--max_points must be >= 1, got {max_points!r}")
     spec = Path(path).expanduser().absolute()
     raw = _read_yaml(spec)
     _check_keys(raw, TOP_KEYS, "spec")
@@ -196,8 +210,15 @@ def load_sweep(path: str | Path) -> Sweep:
         raise UsageError(f"spec: store {store} is a directory, not a SQLite file")
     check_store(store)  # a foreign or corrupt file: refused before any point runs
 
+    blocks = _blocks(raw)
+    count = sum(_count(block) for block in blocks)
+    if count > max_points:
+        raise UsageError(
+            f"spec: {count:,} points is more than the limit of {max_points:,}"
+            " (check the grid; --max_points N raises the limit)"
+        )
     points = []
-    for block in _blocks(raw):
+    for block in blocks:
         points += _expand(block, world, out, store)
     seen: dict[str, str] = {}
     for p in points:
@@ -332,6 +353,11 @@ def _block(d: dict, where: str, base: dict, attack: dict | None) -> _Block:
     )
 
 
+def _count(block: _Block) -> int:
+    """How many points the block expands to, without building them."""
+    return len(block.points) * math.prod(len(values) for values in block.grid.values())
+
+
 def _expand(block: _Block, world: World, out: Path, store: Path) -> list[Point]:
     """The block's points: each explicit point crossed with the grid's cartesian product."""
     hints = _field_hints(section_fields(block.method))
@@ -462,21 +488,25 @@ def _attach_attack(point: Point, attack: dict, world: World, out: Path, store: P
 
 
 def _validate_models(points: list[Point]) -> None:
-    """`validate` (world, model config, layers, corpora) once per distinct combination."""
-    done = set()
+    """`validate` (world, model config, layers, corpora, LoRA targets) once per distinct
+    combination; an attack's LoRA targets are checked against the run's model (the attacked
+    model is the run's output, which does not exist yet and has the same modules)."""
+    models: dict[str, ModelRef] = {}
     for p in points:
-        a = p.run_config.args
+        a, lora = p.run_config.args, p.run_config.lora
         key = json.dumps(
             [a.method, a.model, a.revision, a.forget_corpus, a.retain_corpus, a.retain_mix,
-             p.run_config.method.layers, p.run_config.method.retain_layers]
+             p.run_config.method.layers, p.run_config.method.retain_layers,
+             lora.lora and lora.lora_target_modules]
         )  # fmt: skip
-        if key in done:
-            continue
         try:
-            validate(p.run_config)
+            if key not in models:
+                models[key] = validate(p.run_config).model_ref
+            attack = p.attack_config
+            if attack is not None and attack.lora.lora:
+                check_lora_targets(models[key], attack.lora.lora_target_modules)
         except UsageError as e:
             raise UsageError(f"point {p.id}: {e}") from None
-        done.add(key)
 
 
 def point_id(method: str, overrides: dict, varied: dict, world: str) -> str:
@@ -530,7 +560,7 @@ class PointState:
     """Final forget accuracy ("failed" for a failed eval, None when missing)."""
     retain: float | str | None = None
     attacked_forget: float | str | None = None
-    """Forget accuracy at the attack's last step."""
+    """Forget accuracy at the attack's last step (None until the attack has finished)."""
     seconds: float | None = None
     """Run (+ attack) wall time, from run.json's timestamps."""
 
@@ -600,7 +630,10 @@ def inspect_point(point: Point) -> PointState:
         if recorded != expected:
             attack_status = "stale"
     state.attack = attack_status
-    state.attacked_forget = _final_acc(attack, "forget")
+    if attack_status in FINISHED:
+        # A running, preempted or failed attack has only part of its curve: its last point is
+        # not the accuracy after the attack, so it is not reported as one.
+        state.attacked_forget = _final_acc(attack, "forget")
     state.error = state.error or attack_error
     if state.seconds is not None and _duration(attack) is not None:
         state.seconds += _duration(attack)
@@ -630,6 +663,7 @@ def run_point(point: Point) -> PointState:
         and point.attack_dir is not None
         and state.status == "done"
         and state.attack not in FINISHED
+        and not stop_requested()  # the sweep was signalled: the attack waits for the rerun
     ):
         _clear(point.attack_dir)
         cfg = point.attack_config
@@ -660,13 +694,14 @@ def _guarded(run_dir: Path, meta: RunMeta, fn: Callable[[], object]) -> None:
 
 
 def _record_failure(run_dir: Path, meta: RunMeta, error: str) -> None:
-    """Make sure the run directory says failed (a run that raised before writing run.json, or
-    one whose own failure handling did not get to run)."""
+    """Make sure the run directory says failed (a run that raised before writing run.json, one
+    whose own failure handling did not get to run, or a preempted one that could not resume,
+    e.g. from a damaged checkpoint: its old "preempted" would hide the reason)."""
     run = RunDir(run_dir)
     status, _, _ = _read_dir(run_dir)
     if status == "pending":
         run.write_run(dataclasses.replace(meta, status="failed", error=error, finished=utc_now()))
-    elif status == "running":
+    elif status in ("running", "preempted"):
         run.update(status="failed", error=error, finished=utc_now())
 
 
@@ -687,13 +722,36 @@ class Executor(ABC):
     def submit(self, points: Sequence[Point], on_start: OnStart, on_done: OnDone) -> None: ...
 
 
+class SweepPreempted(Exception):
+    """The sweep's process got SIGTERM/SIGUSR1/SIGUSR2: it stopped after the point in progress
+    (which checkpointed, if it was training). Running the same sweep again resumes."""
+
+    def __init__(self, signum: int, point_id: str) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} during point {point_id}"
+            " (run the same command again to resume)"
+        )
+        self.signum, self.point_id = signum, point_id
+        self.states: list[PointState] = []
+        """Every point's state when the sweep stopped, in spec order (set by run_sweep)."""
+
+
 class LocalExecutor(Executor):
-    """One point after another in this process."""
+    """One point after another in this process.
+
+    A stop signal (SIGTERM: preemption; SIGUSR1/2: the time limit is near) ends the sweep after
+    the point in progress, never starting the next one: a training run checkpoints and records
+    status preempted, anything else (loading, evaluation) finishes first. Then SweepPreempted.
+    """
 
     def submit(self, points: Sequence[Point], on_start: OnStart, on_done: OnDone) -> None:
-        for point in points:
-            on_start(point)
-            on_done(point, run_point(point))
+        with deferring_signals() as latch:
+            for i, point in enumerate(points):
+                on_start(point)
+                state = run_point(point)
+                on_done(point, state)
+                if latch.signum is not None and (i + 1 < len(points) or not state.finished):
+                    raise SweepPreempted(latch.signum, point.id)
 
 
 @contextlib.contextmanager
@@ -760,7 +818,11 @@ def run_sweep(
             states[point.id] = state
             log(f"{_counter(index[point.id], sweep)} {_line(state)}")
 
-        executor.submit(todo, on_start, on_done)
+        try:
+            executor.submit(todo, on_start, on_done)
+        except SweepPreempted as e:
+            e.states = [states.get(p.id) or inspect_point(p) for p in sweep.points]
+            raise
     return [states[p.id] for p in sweep.points]
 
 
@@ -807,7 +869,9 @@ def format_table(states: Sequence[PointState], jobs: dict[str, str] | None = Non
         row = [s.id, s.status, _fmt(s.forget), _fmt(s.retain)]
         if with_attack:
             attack = s.attack if s.attack is not None and s.status == "done" else "-"
-            row += [attack, _fmt(s.attacked_forget) if attack != "-" else "-"]
+            # An unfinished attack shows its status word, never a number from a partial curve.
+            after = _fmt(s.attacked_forget) if attack in FINISHED else attack
+            row += [attack, after]
         if jobs is not None:
             row.append(jobs.get(s.id, "-"))
         rows.append(row)

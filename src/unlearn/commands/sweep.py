@@ -7,7 +7,8 @@
 
 The spec format is in docs/sweeps.md. The whole spec is validated before anything runs. Exit
 code 0 when every point has a result (done, collapsed and diverged are results), 1 when some
-point failed (re-run the same command to retry it), 2 on a bad spec.
+point failed (re-run the same command to retry it), 2 on a bad spec, 75 when SIGTERM (or
+SIGUSR1/2) stopped the sweep after the point in progress (re-run the same command to resume).
 """
 
 from __future__ import annotations
@@ -34,11 +35,19 @@ def main(argv: list[str] | None = None) -> int:
         help="where points run: in this process, one SLURM job each (submitit, resources from"
         " the spec's slurm: block), or submitit's local executor (docs/resume-and-slurm.md)",
     )
+    parser.add_argument(
+        "--max_points",
+        "--max-points",
+        type=int,
+        default=1000,  # unlearn.sweep.MAX_POINTS (not imported here: it imports torch)
+        help="refuse a spec that expands to more points than this: a grid with one list too"
+        " many is refused before its points are built (docs/sweeps.md)",
+    )
     ns = parser.parse_args(argv)
 
     from unlearn.sweep import describe_points, format_table, inspect_point, load_sweep, run_sweep
 
-    sweep = load_sweep(ns.spec)
+    sweep = load_sweep(ns.spec, ns.max_points)
     if ns.dry_run:
         print(describe_points(sweep))
         return 0
@@ -52,9 +61,17 @@ def main(argv: list[str] | None = None) -> int:
             counts[s.status] = counts.get(s.status, 0) + 1
         print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
         return 0
+    from unlearn.resume import EXIT_PREEMPTED
     from unlearn.slurm import make_executor
+    from unlearn.sweep import SweepPreempted
 
-    states = run_sweep(sweep, make_executor(ns.executor, sweep))
+    try:
+        states = run_sweep(sweep, make_executor(ns.executor, sweep))
+    except SweepPreempted as e:
+        print()
+        print(format_table(e.states))
+        print(f"sweep {sweep.name}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print()
     print(format_table(states))
     return 0 if all(s.finished for s in states) else 1

@@ -116,7 +116,13 @@ def run_attack(cfg: AttackConfig):
     from unlearn.finetune import LanguageModeling
     from unlearn.fsutil import check_writable_parent
     from unlearn.methods.base import Phase
-    from unlearn.models import attach_lora, load_model, load_tokenizer, resolve_model
+    from unlearn.models import (
+        attach_lora,
+        check_lora_targets,
+        load_model,
+        load_tokenizer,
+        resolve_model,
+    )
     from unlearn.recipes.unlearning import (
         evaluate_into,
         fail_run,
@@ -138,6 +144,8 @@ def run_attack(cfg: AttackConfig):
     ref = resolve_model(
         args.model, args.revision, trust_remote_code=args.trust_remote_code, world_dir=world.root
     )
+    if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
+        check_lora_targets(ref, cfg.lora.lora_target_modules)
     texts = load_documents(args.corpus or world.corpora["forget_attack"], args.text_fields)
     if not texts:
         raise UsageError("the attack corpus has no documents")

@@ -170,7 +170,7 @@ class Validated:
 def validate(cfg: RunConfig) -> Validated:
     """Every check that needs no weights: method, world, model config, layers, corpora."""
     from unlearn.data import load_documents
-    from unlearn.models import model_num_layers, resolve_model
+    from unlearn.models import check_lora_targets, model_num_layers, resolve_model
     from unlearn.rundir import check_run_out
     from unlearn.store import check_store
     from unlearn.world import load_world
@@ -192,6 +192,8 @@ def validate(cfg: RunConfig) -> Validated:
     check_run_out(args.out, "unlearn", inputs)
     if args.store:
         check_store(args.store)
+    if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
+        check_lora_targets(ref, cfg.lora.lora_target_modules)
     fields = args.text_fields
     forget = load_documents(args.forget_corpus or world.corpora["forget_unlearn"], fields)
     retain = load_documents(args.retain_corpus or world.corpora["retain"], fields)
