@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         write_spec,
     )
     from unlearn.report import render_report
+    from unlearn.resume import EXIT_PREEMPTED
     from unlearn.store import Store, check_store
-    from unlearn.sweep import load_sweep, run_sweep
+    from unlearn.sweep import SweepPreempted, load_sweep, run_sweep
     from unlearn.world import build_world, load_world
 
     t0 = time.time()
@@ -102,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     print_err("[demo] unlearning sweeps")
     spec = write_spec(out / "sweep.yaml", world.root, DEMO_SWEEPS[preset], "demo")
     sweep = load_sweep(spec)
-    states = run_sweep(sweep, log=print_err)
+    try:
+        states = run_sweep(sweep, log=print_err)
+    except SweepPreempted as e:  # a signal: the point in progress checkpointed; rerun resumes
+        print_err(f"[demo] stopped: {e}; run the same command again to resume")
+        return EXIT_PREEMPTED
     points = {p.id: p for p in sweep.points}
 
     print_err("[demo] tamper attacks on the best run of each method and on the references")
