@@ -77,7 +77,7 @@ def test_checkpoints_on_the_tiny_world_pick_the_ignorant_checkpoint(tiny_world, 
     """Phase 1 of the world's pretraining never shows a forget document; its last checkpoint is
     the latest one at chance on the forget questions."""
     from unlearn.cli import main
-    from unlearn.store import Store
+    from unlearn.runs.store import Store
 
     out, store = tmp_path / "ck", tmp_path / "s.sqlite"
     argv = ["checkpoints", "--world", str(tiny_world.root), "--out", str(out)]

@@ -270,7 +270,7 @@ def test_cli_run_under_torchrun_equals_one_process(tiny_world, tmp_path, mode):
     """`torchrun -m unlearn run --distributed MODE` on the tiny world (LoRA, merged save,
     sharded evaluation) against one process with twice the accumulation."""
     from unlearn.commands.run import main as run_main
-    from unlearn.rundir import RunDir
+    from unlearn.runs.rundir import RunDir
 
     common = ["--method", "sequential", "--world", str(tiny_world.root), "--max_steps", "2"]
     common += ["--num_phases", "1", "--lora_dropout", "0", "--progress", "false"]

@@ -127,7 +127,7 @@ def test_few_step_run_on_llama_with_local_corpora(tiny_hf_models, tmp_path, caps
     import pyarrow.parquet as pq
 
     from unlearn.cli import main
-    from unlearn.rundir import RunDir
+    from unlearn.runs.rundir import RunDir
 
     forget = tmp_path / "forget.jsonl"
     forget.write_text(

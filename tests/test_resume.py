@@ -35,7 +35,7 @@ from unlearn.resume import (
     read_info,
     stop_requested,
 )
-from unlearn.rundir import RunDir
+from unlearn.runs.rundir import RunDir
 from unlearn.train import TrainState
 
 CHILD = textwrap.dedent(
@@ -45,7 +45,7 @@ CHILD = textwrap.dedent(
     torch.set_num_threads(1)
     import unlearn.resume as resume
     from unlearn import cli
-    from unlearn.rundir import RunDir
+    from unlearn.runs.rundir import RunDir
 
     plan = json.loads(sys.argv[1])
     at = plan.get("signal_after_step")

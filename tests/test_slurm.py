@@ -15,7 +15,8 @@ import yaml
 
 from unlearn import cli
 from unlearn.errors import UsageError
-from unlearn.rundir import RunDir
+from unlearn.runs.rundir import RunDir
+from unlearn.runs.store import Store
 from unlearn.slurm import (
     SlurmSettings,
     SubmititExecutor,
@@ -23,7 +24,6 @@ from unlearn.slurm import (
     run_point_job,
     status_with_job,
 )
-from unlearn.store import Store
 from unlearn.sweep import PointState, load_sweep
 
 TINY = {"num_train_examples": 8, "pdbs": 2, "grad_accum": 1, "max_steps": 2, "progress": False}

@@ -15,8 +15,8 @@ from unlearn import cli
 from unlearn import sweep as sweep_mod
 from unlearn.errors import UsageError
 from unlearn.resume import EXIT_PREEMPTED, latest_checkpoint, read_info
-from unlearn.rundir import RunDir, RunMeta, utc_now
-from unlearn.store import Store
+from unlearn.runs.rundir import RunDir, RunMeta, utc_now
+from unlearn.runs.store import Store
 from unlearn.sweep import inspect_point, load_sweep, run_sweep
 
 TINY = {

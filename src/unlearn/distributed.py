@@ -43,8 +43,8 @@ Design choices:
   cpu_offload=True)`); rank 0 loads it into a freshly built unsharded model (re-attaching the LoRA
   adapters) and writes it with `models.save_model` (atomic, merged if asked). Under DDP every rank
   already holds the full model; rank 0 writes it.
-- Only rank 0 writes: the run directory (`follower_run_dir` keeps the other ranks' run.json in
-  memory), the store, progress bars and printed plans.
+- Only rank 0 writes: the run directory (`runs.rundir.FollowerRunDir` keeps the other ranks'
+  run.json in memory), the store, progress bars and printed plans.
 - Evaluation: the native evaluator builds the same rows and batches on every rank and shares the
   *batches* out round-robin (`map_sharded`), padding every rank to the same count: FSDP2 needs
   every rank to run the same number of forwards, and a question is 1 row or one per choice, so
@@ -62,7 +62,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -336,47 +336,6 @@ def join_for_evaluation(backend: str = "native") -> None:
             f"data-parallel evaluation under torchrun supports the native backend, not {backend}"
         )
     _init_process_group()
-
-
-def follower_run_dir(path: str | os.PathLike):
-    """A RunDir for ranks other than 0: run.json lives in memory and nothing is written."""
-    from unlearn.rundir import RunDir, RunMeta, RunRecord
-
-    class FollowerRunDir(RunDir):
-        meta: RunMeta | None = None
-
-        def reset(self) -> None:
-            return None
-
-        def write_run(self, meta: RunMeta | dict[str, Any]) -> RunMeta:
-            self.meta = RunMeta.from_dict(meta) if isinstance(meta, dict) else meta
-            return self.meta
-
-        def read_meta(self) -> RunMeta:
-            if self.meta is None:
-                raise UsageError("run.json has not been written yet")
-            return self.meta
-
-        def append_metrics(self, step: int, values: dict[str, Any]) -> None:
-            return None
-
-        def append_eval(self, step, task, metrics, status="done", error=None) -> list:
-            from unlearn.rundir import eval_rows
-
-            return eval_rows(step, task, metrics, status, error)
-
-        def read(self) -> RunRecord:
-            # Rank 0 may be rewriting the files right now; followers never need their rows.
-            return RunRecord(path=self.path, meta=self.read_meta(), metrics=[], evals=[])
-
-    return FollowerRunDir(path)
-
-
-def run_dir(par: Parallel, path: str | os.PathLike):
-    """The run directory this rank writes (rank 0) or only pretends to (the others)."""
-    from unlearn.rundir import RunDir
-
-    return RunDir(path) if par.is_main else follower_run_dir(path)
 
 
 def map_sharded(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:

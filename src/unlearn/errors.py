@@ -1,11 +1,14 @@
 """Exceptions with a meaning for the command line.
 
 `UsageError` is bad input: the CLI prints its message as one line on stderr and exits 2, with no
-traceback. Raise it before any weights load. The training guards raise the other two; the
-trainer records them as run statuses instead of crashing a sweep.
+traceback. Raise it before any weights load. The training guards and the model save raise the
+others; the run lifecycle (unlearn.runs) records them as run statuses instead of crashing a sweep.
 """
 
 from __future__ import annotations
+
+import signal
+from pathlib import Path
 
 
 class UsageError(Exception):
@@ -18,3 +21,20 @@ class DivergedError(RuntimeError):
 
 class RetainZeroError(RuntimeError):
     """retain_coef > 0 but the retain term stayed exactly 0: the reference equals the model."""
+
+
+class SaveFailed(RuntimeError):
+    """The machine refused a model save (disk full, quota, file size limit); the run is failed,
+    reported in one line."""
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing a checkpoint at `step` (unlearn.resume); the run
+    is marked `preempted` and the command exits 75 (rerunning it resumes)."""
+
+    def __init__(self, step: int, signum: int, path: Path) -> None:
+        super().__init__(
+            f"preempted by {signal.Signals(signum).name} at step {step}; checkpoint {path}"
+            " (run the same command again to resume)"
+        )
+        self.step, self.signum, self.path = step, signum, path

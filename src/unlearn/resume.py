@@ -1,9 +1,9 @@
 """Preemption and resume: resumable checkpoints of a training run, written on a signal.
 
     checkpointer = Checkpointer(out, config, every=cfg.checkpoint_every)
-    meta = open_run(RunDir(out), fresh_meta, checkpointer)   # resume if OUT holds a checkpoint
-    with checkpointer.catching_signals():
-        state = train(..., checkpointer=checkpointer)         # raises Preempted on SIGTERM
+    with run_lifecycle(fresh_meta, out, checkpointer=checkpointer) as run:  # unlearn.runs
+        with checkpointer.catching_signals():
+            state = train(..., checkpointer=checkpointer)     # raises Preempted on SIGTERM
 
 SLURM sends SIGTERM before it preempts a job (and, with `--signal=USR1@120` or submitit's
 default, SIGUSR1/SIGUSR2 before the time limit). While training, those signals only set a flag;
@@ -74,9 +74,8 @@ import torch.distributed as dist
 from torch import nn
 
 from unlearn import distributed
-from unlearn.errors import UsageError
+from unlearn.errors import Preempted, UsageError
 from unlearn.fsutil import atomic_write_text
-from unlearn.rundir import EVALS_FILE, METRICS_FILE, RunDir, RunMeta
 
 CHECKPOINT_DIR = "checkpoint"
 FORMAT = 1
@@ -135,17 +134,6 @@ def deferring_signals() -> Iterator[SignalLatch]:
 def stop_requested() -> bool:
     """Whether the enclosing `deferring_signals()` caught a signal (False outside one)."""
     return _latch is not None and _latch.signum is not None
-
-
-class Preempted(Exception):
-    """Training stopped on a signal after writing a checkpoint at `step`."""
-
-    def __init__(self, step: int, signum: int, path: Path) -> None:
-        super().__init__(
-            f"preempted by {signal.Signals(signum).name} at step {step}; checkpoint {path}"
-            " (run the same command again to resume)"
-        )
-        self.step, self.signum, self.path = step, signum, path
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -499,58 +487,6 @@ class Checkpointer:
         """Delete the checkpoints (the run finished; rank 0 only)."""
         if distributed.is_main():
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _truncate_rows(path: Path, step: int) -> None:
-    """Drop the JSONL rows logged after `step` (torn lines go too)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
-
-
-def current_job_id() -> str | None:
-    """The id of the SLURM (or submitit local) job this process runs in, None outside one."""
-    try:
-        import submitit
-
-        return str(submitit.JobEnvironment().job_id)
-    except (ImportError, RuntimeError, KeyError):
-        return os.environ.get("SLURM_JOB_ID")
-
-
-def open_run(run: RunDir, fresh: RunMeta, checkpointer: Checkpointer) -> RunMeta:
-    """Start a run directory: resume it when it holds a checkpoint of this configuration
-    (keeping its run.json and its rows up to the checkpoint's step), else start it afresh."""
-    info = checkpointer.find()
-    job_id = current_job_id()
-    if info is None:
-        run.reset()
-        return run.write_run(dataclasses.replace(fresh, job_id=fresh.job_id or job_id))
-    step = info["step"]
-    if distributed.is_main():
-        for name in (METRICS_FILE, EVALS_FILE):
-            _truncate_rows(run.path / name, step)
-    disk = RunDir(run.path)
-    previous = disk.read_meta() if disk.exists() else fresh
-    print(f"{run.path}: resuming from the checkpoint at step {step}", file=sys.stderr)
-    return run.write_run(
-        dataclasses.replace(
-            previous,
-            status="running",
-            error=None,
-            finished=None,
-            config=fresh.config,
-            job_id=job_id or previous.job_id,
-        )
-    )
 
 
 def exit_code(status: str, ok: tuple[str, ...]) -> int:

@@ -26,8 +26,8 @@ Design choices:
   processes on one machine (WAL SQLite); keep the store on a local disk, as docs/sweeps.md says.
 - Job ids: the driver writes OUT/.submitit/jobs.json (point id -> job id, cluster) atomically at
   every submission, and indexes the point in the store as pending with its job id; a run records
-  the id of the job it runs in (`unlearn.resume.current_job_id`) in run.json. `--status` reads
-  jobs.json and asks SLURM (sacct, through submitit) for each recorded job's state.
+  the id of the job it runs in (`unlearn.runs.lifecycle.current_job_id`) in run.json.
+  `--status` reads jobs.json and asks SLURM (sacct, through submitit) for each recorded job's state.
 - Preemption: a training run turns SIGTERM/SIGUSR1/SIGUSR2 (submitit asks SLURM for USR2 before
   the time limit) into a checkpoint and status "preempted" (unlearn.resume). The driver resubmits
   such a point up to `requeue` times; the new job resumes from the checkpoint. Without a live
@@ -51,8 +51,8 @@ from typing import Any
 
 from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_write_json
-from unlearn.rundir import RunMeta
-from unlearn.store import Store
+from unlearn.runs.rundir import RunMeta
+from unlearn.runs.store import Store
 from unlearn.sweep import (
     Executor,
     OnDone,

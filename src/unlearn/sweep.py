@@ -13,8 +13,9 @@ Design choices:
   that defines it (method, every override, the world's preset and seed). The same spec always
   gives the same ids and run directories, which is what makes resume work; a changed base value
   gives new ids, so results of a different configuration are never mistaken for this one's.
-- Run directories are the truth (unlearn.rundir): resume reads run.json. A point is finished when
-  its run is done (with eval rows), collapsed or diverged, and its attack, if asked for, is too.
+- Run directories are the truth (unlearn.runs.rundir): resume reads run.json. A point is
+  finished when its run is done (with eval rows), collapsed or diverged, and its attack, if
+  asked for, is too.
   A run.json still saying running or pending was left by a killed sweep (the sweep lock rules
   out another live sweep on the same directory): it is marked failed ("interrupted"). A failed
   point is re-run from an empty run directory, so no stale metric or eval row mixes with the new
@@ -75,8 +76,10 @@ from unlearn.recipes.unlearning import (
     validate,
 )
 from unlearn.resume import deferring_signals, latest_checkpoint, stop_requested
-from unlearn.rundir import RunDir, RunMeta, RunRecord, utc_now
-from unlearn.store import Store, check_store
+from unlearn.runs.lifecycle import mark_failed
+from unlearn.runs.rundir import RunDir, RunMeta, RunRecord
+from unlearn.runs.status import effective_status
+from unlearn.runs.store import Store, check_store
 from unlearn.world import World, load_world
 
 if typing.TYPE_CHECKING:
@@ -572,17 +575,16 @@ class PointState:
 
 
 def _read_dir(path: Path | None) -> tuple[str, RunRecord | None, str | None]:
-    """(status, record, error) of one run directory; unreadable counts as failed."""
+    """(status, record, error) of one run directory as readers must see it (a done run without
+    eval rows is failed: `runs.lifecycle.effective_status`); unreadable counts as failed."""
     if path is None or not RunDir(path).exists():
         return "pending", None, None
     try:
         record = RunDir(path).read()
     except UsageError as e:
         return "failed", None, str(e)
-    status = record.meta.status
-    if status == "done" and not record.evals:
-        return "failed", record, "no eval results"
-    return status, record, record.meta.error
+    status, error = effective_status(record.meta.status, bool(record.evals))
+    return status, record, error or record.meta.error
 
 
 def _final_acc(record: RunRecord | None, task: str) -> float | str | None:
@@ -697,12 +699,7 @@ def _record_failure(run_dir: Path, meta: RunMeta, error: str) -> None:
     """Make sure the run directory says failed (a run that raised before writing run.json, one
     whose own failure handling did not get to run, or a preempted one that could not resume,
     e.g. from a damaged checkpoint: its old "preempted" would hide the reason)."""
-    run = RunDir(run_dir)
-    status, _, _ = _read_dir(run_dir)
-    if status == "pending":
-        run.write_run(dataclasses.replace(meta, status="failed", error=error, finished=utc_now()))
-    elif status in ("running", "preempted"):
-        run.update(status="failed", error=error, finished=utc_now())
+    mark_failed(run_dir, error, fresh=meta, unfinished=("running", "pending", "preempted"))
 
 
 # -- executors ----------------------------------------------------------------------------------
@@ -778,11 +775,7 @@ def _mark_interrupted(sweep: Sweep) -> list[str]:
     marked = []
     for p in sweep.points:
         for d in (p.run_dir, p.attack_dir):
-            if d is None or not RunDir(d).exists():
-                continue
-            status, record, _ = _read_dir(d)
-            if record is not None and status in ("running", "pending"):
-                RunDir(d).update(status="failed", error="interrupted", finished=utc_now())
+            if d is not None and mark_failed(d, "interrupted"):
                 _ingest(sweep.store, d)
                 marked.append(d.name)
     return marked

@@ -23,7 +23,7 @@ from unlearn.report.tables import (
     results_table,
     split_config_keys,
 )
-from unlearn.rundir import EvalRow
+from unlearn.runs.rundir import EvalRow
 
 NUMBER = re.compile(r"\d")
 

@@ -246,8 +246,8 @@ def evaluate_checkpoints(cfg: CheckpointsConfig, world, targets: list[Checkpoint
 def _record(store_path: str, checkpoints: list[Checkpoint], cfg: CheckpointsConfig) -> None:
     """Each checkpoint as a baseline run with its forget and retain evaluations."""
     from unlearn.eval.native import NUMERIC_METRICS
-    from unlearn.rundir import RunMeta, utc_now
-    from unlearn.store import Store
+    from unlearn.runs.rundir import RunMeta, utc_now
+    from unlearn.runs.store import Store
 
     with Store(store_path) as store:
         for c in checkpoints:
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_arguments(CheckpointsConfig, dest="cfg")
     cfg: CheckpointsConfig = parser.parse_args(argv).cfg
 
-    from unlearn.store import check_store
+    from unlearn.runs.store import check_store
     from unlearn.world import load_world
 
     world = load_world(cfg.world) if cfg.world else None

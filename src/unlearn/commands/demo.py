@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from unlearn.report import render_report
     from unlearn.resume import EXIT_PREEMPTED
-    from unlearn.store import Store, check_store
+    from unlearn.runs.store import Store, check_store
     from unlearn.sweep import SweepPreempted, load_sweep, run_sweep
     from unlearn.world import build_world, load_world
 

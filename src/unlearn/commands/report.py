@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from unlearn.fsutil import check_writable_parent
     from unlearn.report import render_report
-    from unlearn.store import Store, check_store, read_tree
+    from unlearn.runs.store import Store, check_store, read_tree
 
     # Everything is checked before anything is written: a bad store or a bad run directory
     # leaves neither an empty report directory nor a new, empty store behind.

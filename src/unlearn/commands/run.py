@@ -43,7 +43,7 @@ def parse(argv: list[str] | None) -> RunConfig:
 
 def print_evals(run_dir: str) -> None:
     """One line per task: the run's final accuracies (or why there are none)."""
-    from unlearn.rundir import RunDir
+    from unlearn.runs.rundir import RunDir
 
     evals = [e for e in RunDir(run_dir).read().evals if e.metric == "acc"]
     for e in evals:

@@ -11,14 +11,31 @@ reference curves.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from unlearn.config import LoraSettings, TrainConfig
+from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.data.corpus import DEFAULT_TEXT_FIELDS
-from unlearn.errors import DivergedError, UsageError
+from unlearn.distributed import setup
+from unlearn.errors import UsageError
+from unlearn.finetune import LanguageModeling
+from unlearn.methods.base import Phase
+from unlearn.models import (
+    attach_lora,
+    check_lora_targets,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from unlearn.recipes.unlearning import world_scorer
+from unlearn.resume import Checkpointer
+from unlearn.runs.lifecycle import run_lifecycle
+from unlearn.runs.rundir import RunMeta, check_run_out, utc_now
+from unlearn.runs.store import check_store
+from unlearn.train import Plan, train
+from unlearn.world import load_world
 
 ATTACK_TRAIN_DEFAULTS = {
     "lr": 1e-3,
@@ -109,33 +126,9 @@ def build_attack_config(overrides: dict) -> AttackConfig:
     )
 
 
-def run_attack(cfg: AttackConfig):
-    """Fine-tune and evaluate along the way. Returns the final RunMeta."""
-    from unlearn.data import ExampleStream, load_documents, tokenize_examples
-    from unlearn.distributed import run_dir, setup
-    from unlearn.finetune import LanguageModeling
-    from unlearn.fsutil import check_writable_parent
-    from unlearn.methods.base import Phase
-    from unlearn.models import (
-        attach_lora,
-        check_lora_targets,
-        load_model,
-        load_tokenizer,
-        resolve_model,
-    )
-    from unlearn.recipes.unlearning import (
-        evaluate_into,
-        fail_run,
-        finish_run,
-        open_store,
-        save_failed,
-    )
-    from unlearn.resume import Checkpointer, Preempted, open_run
-    from unlearn.rundir import RunMeta, check_run_out, utc_now
-    from unlearn.store import check_store
-    from unlearn.train import Plan, train
-    from unlearn.world import load_world
-
+def run_attack(cfg: AttackConfig) -> RunMeta:
+    """Fine-tune and evaluate along the way. Returns the final RunMeta (`unlearn.runs.lifecycle`
+    decides its status: failed if any evaluation on the curve failed)."""
     args, tcfg = cfg.args, cfg.train
     world = load_world(args.world)
     unknown = set(args.eval_tasks) - set(world.questions)
@@ -150,12 +143,10 @@ def run_attack(cfg: AttackConfig):
     if not texts:
         raise UsageError("the attack corpus has no documents")
     # Before anything is written or loaded: OUT must not hold the model, must be ours to replace.
-    check_run_out(args.out, "attack", {"input model": ref.name})
+    out = check_run_out(args.out, "attack", {"input model": ref.name})
     if args.store:
         check_store(args.store)
-    out = check_writable_parent(args.out)
     par = setup(tcfg.distributed)
-    run = run_dir(par, out)  # only rank 0 writes
     checkpoint = Checkpointer(out, cfg.to_dict(), every=tcfg.checkpoint_every)
     fresh = RunMeta(
         id=args.run_id or out.name,
@@ -165,38 +156,36 @@ def run_attack(cfg: AttackConfig):
         started=utc_now(),
         parent=args.parent or str(args.model),
     )
-    meta = open_run(run, fresh, checkpoint)  # resumes when OUT holds a checkpoint of this config
-    store = open_store(args.store) if par.is_main else None
-    if store:
-        store.upsert_run(meta, out)
+    # Resumes when OUT holds a checkpoint of this config (the curve up to it, failed evaluations
+    # included); records how the attack ends, whatever ends it.
+    with run_lifecycle(fresh, out, par, checkpoint, args.store) as run:
+        device = par.device
+        torch.manual_seed(tcfg.seed)
+        tokenizer = load_tokenizer(ref)
+        examples = tokenize_examples(texts[: tcfg.num_train_examples], tokenizer, tcfg.max_length)
+        stream = ExampleStream(examples, tcfg.pdbs, tokenizer.pad_token_id, tcfg.seed)
+        model = load_model(ref, tcfg.dtype, device)
+        if cfg.lora.lora:
+            model = attach_lora(model, cfg.lora)
+        else:
+            model.requires_grad_(True)
+        par.wrap(model)
+        steps, world_size = tcfg.steps(par.world_size), par.world_size
+        plan = Plan(
+            len(examples),
+            steps,
+            [Phase("attack", steps)],
+            tcfg.effective_batch(world_size),
+            world_size,
+        )
+        tasks = args.eval_tasks or list(world.questions)
+        score = world_scorer(model, tokenizer, world, args.eval_batch_size)
 
-    device = par.device
-    torch.manual_seed(tcfg.seed)
-    tokenizer = load_tokenizer(ref)
-    examples = tokenize_examples(texts[: tcfg.num_train_examples], tokenizer, tcfg.max_length)
-    stream = ExampleStream(examples, tcfg.pdbs, tokenizer.pad_token_id, tcfg.seed)
-    model = load_model(ref, tcfg.dtype, device)
-    if cfg.lora.lora:
-        model = attach_lora(model, cfg.lora)
-    else:
-        model.requires_grad_(True)
-    par.wrap(model)
-    steps, world_size = tcfg.steps(par.world_size), par.world_size
-    plan = Plan(
-        len(examples), steps, [Phase("attack", steps)], tcfg.effective_batch(world_size), world_size
-    )
-    tasks = args.eval_tasks or list(world.questions)
-    # A resumed attack keeps the curve up to its checkpoint, failed evaluations included.
-    status = {"value": "failed" if any(e.status == "failed" for e in run.read().evals) else "done"}
+        def on_step(step: int) -> None:
+            if step % args.eval_every == 0 or step == steps:
+                run.evaluate(step, tasks, score)
+                model.train()
 
-    def on_step(step: int) -> None:
-        if step % args.eval_every == 0 or step == steps:
-            s = evaluate_into(run, model, tokenizer, world, step, args.eval_batch_size, tasks)
-            if s == "failed":
-                status["value"] = "failed"
-            model.train()
-
-    try:
         with checkpoint.catching_signals():
             state = train(
                 model,
@@ -206,39 +195,15 @@ def run_attack(cfg: AttackConfig):
                 None,
                 tcfg,
                 plan,
-                on_log=run.append_metrics,
+                on_log=run.log,
                 on_step=on_step,
                 progress=args.progress,
                 device=device,
                 parallel=par,
                 checkpointer=checkpoint,
             )
-    except Preempted as e:
-        meta = run.update(status="preempted", error=str(e))
-        print(f"attack {meta.id}: {e}", file=sys.stderr)
-        return finish_run(store, meta, out)
-    except DivergedError as e:
-        meta = run.update(status="diverged", error=str(e), finished=utc_now())
-        print(f"attack {meta.id}: diverged: {e}", file=sys.stderr)
-        return finish_run(store, meta, out)
-    except BaseException as e:
-        meta = run.update(status="failed", error=f"{type(e).__name__}: {e}", finished=utc_now())
-        finish_run(store, meta, out)
-        raise
-    model_path = None
-    if args.save_model:
-        try:
-            saved = par.save_model(
-                model, tokenizer, out, merge=True, extra_files=run.owner_files(meta)
-            )
-        except OSError as e:  # disk full, quota, file size limit
-            return save_failed(store, run, out, e)
-        except BaseException as e:
-            fail_run(store, run, out, e)
-            raise
-        model_path = saved["model"]
-    meta = run.update(
-        status=status["value"], finished=utc_now(), final=dict(state.last), model_path=model_path
-    )
-    checkpoint.discard()
-    return finish_run(store, meta, out)
+        model_path = None
+        if args.save_model:
+            model_path = run.save_model(par, model, tokenizer, merge=True)["model"]
+        run.update(final=dict(state.last), model_path=model_path)
+    return run.meta

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from unlearn.rundir import RunDir, RunMeta, utc_now
+from unlearn.models import load_model, load_tokenizer, resolve_model
+from unlearn.recipes.attack import build_attack_config, run_attack
+from unlearn.recipes.unlearning import world_scorer
+from unlearn.runs.lifecycle import run_lifecycle
+from unlearn.runs.rundir import RunDir, RunMeta, utc_now
 
 BASELINES = (("target", "Target (to unlearn)"), ("ignorant", "Ignorant checkpoint (source)"),
              ("filtered", "Filtered twin (gold standard)"))  # fmt: skip
@@ -19,30 +23,23 @@ BASELINES = (("target", "Target (to unlearn)"), ("ignorant", "Ignorant checkpoin
 
 def baseline_runs(world, runs_dir: Path, store_path: Path, log: Callable[[str], None]) -> dict:
     """Evaluate the world's target, ignorant checkpoint and filtered twin as baseline runs."""
-    from unlearn.models import load_model, load_tokenizer, resolve_model
-    from unlearn.recipes.unlearning import evaluate_into
-    from unlearn.store import Store
-
     paths = {"target": world.target, "ignorant": world.ignorant_checkpoint,
              "filtered": world.filtered}  # fmt: skip
     metas = {}
     for role, name in BASELINES:
-        run = RunDir(runs_dir / f"baseline-{role}")
-        if run.exists() and run.read_meta().status == "done":
-            metas[role] = run.read_meta()
+        path = runs_dir / f"baseline-{role}"
+        if RunDir(path).exists() and RunDir(path).read_meta().status == "done":
+            metas[role] = RunDir(path).read_meta()
             continue
-        run.reset()
-        run.write_run(RunMeta(id=f"baseline-{role}", kind="baseline", status="running",
-                              started=utc_now(), model_path=str(paths[role]),
-                              config={"name": name, "role": role}))  # fmt: skip
-        ref = resolve_model(paths[role])
-        model, tok = load_model(ref), load_tokenizer(ref)
-        status = evaluate_into(run, model, tok, world, 0, 64)
-        metas[role] = run.update(status=status, finished=utc_now())
-        log(f"baseline {name}: {status}")
-    with Store(store_path) as store:
-        for role, _ in BASELINES:
-            store.ingest(runs_dir / f"baseline-{role}")
+        fresh = RunMeta(id=f"baseline-{role}", kind="baseline", status="running",
+                        started=utc_now(), model_path=str(paths[role]),
+                        config={"name": name, "role": role})  # fmt: skip
+        with run_lifecycle(fresh, path, store=store_path) as run:
+            ref = resolve_model(paths[role])
+            model, tok = load_model(ref), load_tokenizer(ref)
+            run.evaluate(0, list(world.questions), world_scorer(model, tok, world, 64))
+        metas[role] = run.meta
+        log(f"baseline {name}: {run.meta.status}")
     return metas
 
 
@@ -85,7 +82,6 @@ def attack_runs(
     log: Callable[[str], None],
 ) -> None:
     """Attack each model {label: (model path, parent run id)} unless its attack is already done."""
-    from unlearn.recipes.attack import build_attack_config, run_attack
 
     for label, (model, parent) in targets.items():
         out = runs_dir / f"attack-{label}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +21,15 @@ import torch
 from unlearn.config import LoraSettings, TrainConfig
 from unlearn.data import ExampleStream, tokenize_examples
 from unlearn.data.corpus import DEFAULT_TEXT_FIELDS, mix_documents, sample_documents
-from unlearn.distributed import Parallel, run_dir, setup
-from unlearn.errors import DivergedError, RetainZeroError, UsageError
+from unlearn.distributed import Parallel, setup
+from unlearn.errors import UsageError
+from unlearn.eval.native import evaluate_world, numeric_metrics
 from unlearn.methods import get_method
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, Reference
 from unlearn.models import ModelRef
-from unlearn.resume import Checkpointer, Preempted, open_run
-from unlearn.rundir import RunMeta, utc_now
+from unlearn.resume import Checkpointer
+from unlearn.runs.lifecycle import run_lifecycle
+from unlearn.runs.rundir import RunMeta, utc_now
 from unlearn.train import Plan, TrainState, make_plan, train
 
 
@@ -162,6 +165,8 @@ class Validated:
 
     world: object | None
     model_ref: ModelRef
+    out: Path
+    """The run directory (absolute), checked: new, empty, or a run directory of this kind."""
     forget_texts: list[str]
     retain_texts: list[str]
     mix_texts: list[str] = field(default_factory=list)
@@ -171,8 +176,8 @@ def validate(cfg: RunConfig) -> Validated:
     """Every check that needs no weights: method, world, model config, layers, corpora."""
     from unlearn.data import load_documents
     from unlearn.models import check_lora_targets, model_num_layers, resolve_model
-    from unlearn.rundir import check_run_out
-    from unlearn.store import check_store
+    from unlearn.runs.rundir import check_run_out
+    from unlearn.runs.store import check_store
     from unlearn.world import load_world
 
     args = cfg.args
@@ -189,7 +194,7 @@ def validate(cfg: RunConfig) -> Validated:
     # The output directory and the store before anything is written or loaded: OUT must not
     # hold the model (reset deletes OUT/model) and must be ours to replace.
     inputs = {"input model": ref.name, "source checkpoint": getattr(cfg.method, "source", None)}
-    check_run_out(args.out, "unlearn", inputs)
+    out = check_run_out(args.out, "unlearn", inputs)
     if args.store:
         check_store(args.store)
     if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
@@ -203,7 +208,7 @@ def validate(cfg: RunConfig) -> Validated:
     for name, docs in (("forget", forget), ("retain", retain), ("retain_mix", mix)):
         if not docs and (name != "retain_mix" or args.retain_mix):
             raise UsageError(f"the {name} corpus has no documents")
-    return Validated(world, ref, forget, retain, mix)
+    return Validated(world, ref, out, forget, retain, mix)
 
 
 def training_documents(cfg: RunConfig, v: Validated) -> tuple[list[str], list[str]]:
@@ -262,14 +267,12 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
 
 
 def run_unlearning(cfg: RunConfig) -> RunMeta:
-    """Train, save, evaluate. Returns the final RunMeta (status done/collapsed/diverged/failed)."""
-    from unlearn.fsutil import check_writable_parent
-
+    """Train, save, evaluate. Returns the final RunMeta (status done/collapsed/diverged/failed;
+    `unlearn.runs.lifecycle` decides it)."""
     args = cfg.args
     v = validate(cfg)  # nothing heavy before this has passed
-    out = check_writable_parent(args.out)
+    out = v.out
     par = setup(cfg.train.distributed)
-    run = run_dir(par, out)  # only rank 0 writes
     checkpoint = Checkpointer(out, cfg.to_dict(), every=cfg.train.checkpoint_every)
     fresh = RunMeta(
         id=args.run_id or out.name,
@@ -279,11 +282,9 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
         status="running",
         started=utc_now(),
     )
-    meta = open_run(run, fresh, checkpoint)  # resumes when OUT holds a checkpoint of this config
-    store = open_store(args.store) if par.is_main else None
-    if store:
-        store.upsert_run(meta, out)
-    try:
+    # Resumes when OUT holds a checkpoint of this config; records how the run ends, whatever
+    # ends it.
+    with run_lifecycle(fresh, out, par, checkpoint, args.store) as run:
         p = prepare(cfg, v, out, par)
         with checkpoint.catching_signals():
             state = train(
@@ -295,78 +296,42 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
                 cfg.train,
                 p.plan,
                 state=TrainState(),
-                on_log=run.append_metrics,
+                on_log=run.log,
                 progress=args.progress,
                 device=p.device,
                 parallel=par,
                 checkpointer=checkpoint,
             )
-    except Preempted as e:
-        meta = run.update(status="preempted", error=str(e))
-        print(f"run {meta.id}: {e}", file=sys.stderr)
-        return finish_run(store, meta, out)
-    except (DivergedError, RetainZeroError) as e:
-        status = "diverged" if isinstance(e, DivergedError) else "failed"
-        meta = run.update(status=status, error=str(e), finished=utc_now())
-        print(f"run {meta.id}: {status}: {e}", file=sys.stderr)
-        return finish_run(store, meta, out)
-    except BaseException as e:
-        meta = run.update(status="failed", error=f"{type(e).__name__}: {e}", finished=utc_now())
-        finish_run(store, meta, out)
-        raise
-    # The loss terms and their weighted total; coefficients, lr and grad norm are in metrics.jsonl.
-    final = {k: v for k, v in state.last.items() if k in state.first_values or k == "loss"}
-    try:
-        paths = par.save_model(
-            p.model, p.tokenizer, out, merge=cfg.lora.merge, extra_files=run.owner_files(meta)
+        # The loss terms and their weighted total; coefficients, lr and grad norm are in
+        # metrics.jsonl.
+        final = {k: v for k, v in state.last.items() if k in state.first_values or k == "loss"}
+        paths = run.save_model(par, p.model, p.tokenizer, merge=cfg.lora.merge)
+        run.update(
+            final=final,
+            model_path=paths.get("model", paths.get("adapter")),
+            config={**run.meta.config, **p.method.describe()},
         )
-    except OSError as e:  # disk full, quota, file size limit: a result without a model
-        return save_failed(store, run, out, e)
-    except BaseException as e:
-        fail_run(store, run, out, e)
-        raise
-    run.update(
-        final=final,
-        model_path=paths.get("model", paths.get("adapter")),
-        config={**meta.config, **p.method.describe()},
-    )
-    status = "done"
-    if p.world is not None and args.eval:
-        status = evaluate_into(
-            run, p.model, p.tokenizer, p.world, p.plan.total_steps, args.eval_batch_size
-        )
-    elif args.eval and par.is_main:
-        print(
-            "note: no --world, so no built-in evaluation; evaluate OUT/model on benchmarks with "
-            "`unlearn eval --backend lm-eval`",
-            file=sys.stderr,
-        )
-    meta = run.update(status=status, finished=utc_now())
-    checkpoint.discard()
-    return finish_run(store, meta, out)
+        if p.world is not None and args.eval:
+            score = world_scorer(p.model, p.tokenizer, p.world, args.eval_batch_size)
+            run.evaluate(p.plan.total_steps, list(p.world.questions), score)
+        elif args.eval and par.is_main:
+            print(
+                "note: no --world, so no built-in evaluation; evaluate OUT/model on benchmarks "
+                "with `unlearn eval --backend lm-eval`",
+                file=sys.stderr,
+            )
+    return run.meta
 
 
-def evaluate_into(
-    run, model, tokenizer, world, step: int, batch_size: int, tasks: list[str] | None = None
-) -> str:
-    """Evaluate on every world task, append the rows to the run dir; returns the run status.
+def world_scorer(model, tokenizer, world, batch_size: int) -> Callable[[str], tuple[dict, bool]]:
+    """`score(task) -> (metrics, collapsed)` on the world's questions, for `ActiveRun.evaluate`:
+    the live model is scored in memory (no save/load round trip)."""
 
-    A task whose evaluation raises is recorded as failed with the error (never as a number).
-    """
-    from unlearn.eval.native import evaluate_world, numeric_metrics
+    def score(task: str) -> tuple[dict, bool]:
+        result = evaluate_world(model, tokenizer, world, [task], batch_size)[task]
+        return numeric_metrics(result), bool(result["collapse"]["collapsed"])
 
-    status = "done"
-    for task in tasks or list(world.questions):
-        try:
-            result = evaluate_world(model, tokenizer, world, [task], batch_size)[task]
-        except Exception as e:  # recorded, not raised: one bad task must not hide the others
-            run.append_eval(step, task, None, status="failed", error=f"{type(e).__name__}: {e}")
-            status = "failed"
-            continue
-        run.append_eval(step, task, numeric_metrics(result))
-        if result["collapse"]["collapsed"] and status == "done":
-            status = "collapsed"
-    return status
+    return score
 
 
 def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:
@@ -387,35 +352,3 @@ def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) ->
         heldout_texts=general[:cut],
         out_dir=out,
     )
-
-
-def open_store(path: str | None):
-    if not path:
-        return None
-    from unlearn.store import Store
-
-    return Store(path)
-
-
-def fail_run(store, run, out, error: BaseException) -> RunMeta:
-    """Record an unexpected exception as the run's failure (the caller re-raises it): a run is
-    never left "running" by a crash it lived to see."""
-    meta = run.update(status="failed", error=f"{type(error).__name__}: {error}", finished=utc_now())
-    return finish_run(store, meta, out)
-
-
-def save_failed(store, run, out, error: OSError) -> RunMeta:
-    """A model save that the machine refused (disk full, quota): the run failed, one line."""
-    meta = run.update(
-        status="failed", error=f"saving the model failed: {error}", finished=utc_now()
-    )
-    print(f"run {meta.id}: failed: {meta.error}", file=sys.stderr)
-    return finish_run(store, meta, out)
-
-
-def finish_run(store, meta, out):
-    """Index the finished run directory in the store (if any) and return its meta."""
-    if store is not None:
-        store.ingest(out)
-        store.close()
-    return meta

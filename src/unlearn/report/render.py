@@ -41,8 +41,8 @@ from unlearn.report.tables import (
     split_config_keys,
     task_header,
 )
-from unlearn.rundir import STATUSES, EvalRow
-from unlearn.store import Store, StoredRun
+from unlearn.runs.rundir import STATUSES, EvalRow
+from unlearn.runs.store import Store, StoredRun
 
 ACC = "acc"
 FORGET_TASKS = ("forget", "forget_heldout")

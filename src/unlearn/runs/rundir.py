@@ -2,7 +2,7 @@
 
 On a cluster, run directories sit on NFS or Lustre, where SQLite's file locking is not safe. So a
 job never writes the results store directly: it writes its own run directory, and the store
-(`unlearn.store`) ingests run directories into an index that can always be rebuilt from them.
+(`unlearn.runs.store`) ingests run directories into an index that can always be rebuilt from them.
 
     run.json        {"format": 1, "id", "kind", "method", "config", "status", "created",
                      "started", "finished", "job_id", "model_path", "parent", "error", "final"}
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UsageError
-from unlearn.fsutil import atomic_write_json
+from unlearn.fsutil import atomic_write_json, atomic_write_text
 
 FORMAT = 1
 KINDS = ("baseline", "unlearn", "attack")
@@ -396,6 +396,23 @@ class RunDir:
         _append_lines(self.evals_file, [asdict(r) for r in rows])
         return rows
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the metric and eval rows logged after `step` (torn lines go too): a run resumed
+        from a checkpoint at `step` then holds exactly what an uninterrupted run would."""
+        for path in (self.metrics_file, self.evals_file):
+            if not path.exists():
+                continue
+            kept = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                step_of_row = row.get("step") if isinstance(row, dict) else None
+                if isinstance(step_of_row, int) and step_of_row <= step:
+                    kept.append(line + "\n")
+            atomic_write_text(path, "".join(kept))
+
     def read(self) -> RunRecord:
         return RunRecord(
             path=self.path,
@@ -457,3 +474,44 @@ def check_run_out(
             )
         run.check_reset()
     return path
+
+
+class FollowerRunDir(RunDir):
+    """The run directory of a torchrun rank other than 0: run.json lives in memory and nothing
+    is written (rank 0 owns the files; two writers would tear them)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
+        self.meta: RunMeta | None = None
+
+    def reset(self) -> None:
+        return None
+
+    def write_run(self, meta: RunMeta | dict[str, Any]) -> RunMeta:
+        self.meta = RunMeta.from_dict(meta) if isinstance(meta, dict) else meta
+        return self.meta
+
+    def read_meta(self) -> RunMeta:
+        if self.meta is None:
+            raise UsageError("run.json has not been written yet")
+        return self.meta
+
+    def append_metrics(self, step: int, values: dict[str, Any]) -> None:
+        return None
+
+    def append_eval(
+        self,
+        step: int,
+        task: str,
+        metrics: dict[str, Any] | None,
+        status: str = "done",
+        error: str | None = None,
+    ) -> list[EvalRow]:
+        return eval_rows(step, task, metrics, status, error)
+
+    def truncate_after(self, step: int) -> None:
+        return None
+
+    def read(self) -> RunRecord:
+        # Rank 0 may be rewriting the files right now; followers never need their rows.
+        return RunRecord(path=self.path, meta=self.read_meta(), metrics=[], evals=[])

@@ -9,8 +9,9 @@ import sqlite3
 import pytest
 
 from unlearn.errors import UsageError
-from unlearn.rundir import EvalRow, MetricRow, RunDir, RunMeta, eval_rows
-from unlearn.store import NO_EVALS_ERROR, Store
+from unlearn.runs.rundir import EvalRow, MetricRow, RunDir, RunMeta, eval_rows
+from unlearn.runs.status import NO_EVALS_ERROR
+from unlearn.runs.store import Store
 
 ROWS_PER_PROC = 200
 PROCS = 4
@@ -188,7 +189,7 @@ def test_not_a_store_is_a_usage_error(tmp_path):
 
 
 def test_foreign_sqlite_database_is_refused_untouched(tmp_path):
-    from unlearn.store import check_store
+    from unlearn.runs.store import check_store
 
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as c:
@@ -212,7 +213,7 @@ def test_foreign_sqlite_database_is_refused_untouched(tmp_path):
 
 
 def test_check_store_writes_nothing(tmp_path):
-    from unlearn.store import check_store
+    from unlearn.runs.store import check_store
 
     check_store(tmp_path / "new" / "results.db")
     assert not (tmp_path / "new").exists()

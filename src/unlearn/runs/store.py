@@ -7,7 +7,7 @@
                                                                 key (run_id, step, task, metric)
 
 Design choices:
-- Run directories (`unlearn.rundir`) are the source of truth; `ingest` replaces everything the
+- Run directories (`unlearn.runs.rundir`) are the source of truth; `ingest` replaces everything the
   store knows about a run with what its directory holds, so ingesting twice gives the same rows
   and the store can always be rebuilt with `ingest_tree`. Processes on one machine (a local
   sweep) may also write directly with `upsert_run` / `log_metrics` / `record_eval`.
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from unlearn.errors import UsageError
-from unlearn.rundir import (
+from unlearn.runs.rundir import (
     EVAL_STATUSES,
     KINDS,
     STATUSES,
@@ -53,11 +53,11 @@ from unlearn.rundir import (
     RunRecord,
     eval_rows,
 )
+from unlearn.runs.status import effective_status
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 6
-NO_EVALS_ERROR = "no eval results"
 
 T = TypeVar("T")
 
@@ -244,7 +244,7 @@ class Store:
         status: str = "done",
         error: str | None = None,
     ) -> list[EvalRow]:
-        """Record one task's evaluation at `step` (see `unlearn.rundir.eval_rows`)."""
+        """Record one task's evaluation at `step` (see `unlearn.runs.rundir.eval_rows`)."""
         rows = eval_rows(step, task, metrics, status, error)
         self._write(lambda c: _insert_evals(c, run_id, rows, self.path))
         return rows
@@ -418,13 +418,14 @@ def _upsert(c: sqlite3.Connection, run: RunMeta, run_dir: str | None) -> None:
 
 
 def _enforce_done_has_evals(c: sqlite3.Connection, run_id: str) -> str:
-    """Downgrade a "done" run without eval rows to "failed"; return the status now stored."""
-    c.execute(
-        "UPDATE runs SET status = 'failed', error = ? WHERE id = ? AND status = 'done' "
-        "AND NOT EXISTS (SELECT 1 FROM evals WHERE run_id = ?)",
-        (NO_EVALS_ERROR, run_id, run_id),
-    )
-    return c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+    """Store the status readers must see (`runs.status.effective_status`: a "done" run without
+    eval rows is failed); return the status now stored."""
+    status = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+    has_evals = c.execute("SELECT 1 FROM evals WHERE run_id = ? LIMIT 1", (run_id,)).fetchone()
+    effective, error = effective_status(status, has_evals is not None)
+    if error is not None:
+        c.execute("UPDATE runs SET status = ?, error = ? WHERE id = ?", (effective, error, run_id))
+    return effective
 
 
 def _ingest(c: sqlite3.Connection, record: RunRecord, path: Path) -> str:
