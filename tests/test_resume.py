@@ -381,7 +381,8 @@ def test_attack_with_muon_resumes_after_sigusr1(tiny_world, tmp_path):
 def test_a_preempted_sweep_point_resumes_on_the_next_sweep(tiny_world, tmp_path, monkeypatch):
     import yaml
 
-    from unlearn.sweep import SweepPreempted, load_sweep, run_sweep
+    from unlearn.sweep.execute import SweepPreempted, run_sweep
+    from unlearn.sweep.spec import load_sweep
 
     spec = tmp_path / "spec.yaml"
     base = {"num_train_examples": 8, "pdbs": 2, "grad_accum": 1, "max_steps": 2, "progress": False}

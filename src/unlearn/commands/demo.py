@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from unlearn.report import render_report
     from unlearn.resume import EXIT_PREEMPTED
     from unlearn.runs.store import Store, check_store
-    from unlearn.sweep import SweepPreempted, load_sweep, run_sweep
+    from unlearn.sweep.execute import SweepPreempted, run_sweep
+    from unlearn.sweep.spec import load_sweep
     from unlearn.world import build_world, load_world
 
     t0 = time.time()

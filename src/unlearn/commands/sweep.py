@@ -39,32 +39,28 @@ def main(argv: list[str] | None = None) -> int:
         "--max_points",
         "--max-points",
         type=int,
-        default=1000,  # unlearn.sweep.MAX_POINTS (not imported here: it imports torch)
+        default=1000,  # unlearn.sweep.spec.MAX_POINTS (not imported here: it imports torch)
         help="refuse a spec that expands to more points than this: a grid with one list too"
         " many is refused before its points are built (docs/sweeps.md)",
     )
     ns = parser.parse_args(argv)
 
-    from unlearn.sweep import describe_points, format_table, inspect_point, load_sweep, run_sweep
+    from unlearn.resume import EXIT_PREEMPTED
+    from unlearn.sweep.execute import SweepPreempted, run_sweep
+    from unlearn.sweep.slurm import make_executor, states_with_jobs
+    from unlearn.sweep.spec import load_sweep
+    from unlearn.sweep.state import inspect_point
+    from unlearn.sweep.table import count_statuses, describe_points, format_table
 
     sweep = load_sweep(ns.spec, ns.max_points)
     if ns.dry_run:
         print(describe_points(sweep))
         return 0
     if ns.status:
-        from unlearn.slurm import states_with_jobs
-
         states, jobs = states_with_jobs(sweep, [inspect_point(p) for p in sweep.points])
         print(format_table(states, jobs))
-        counts: dict[str, int] = {}
-        for s in states:
-            counts[s.status] = counts.get(s.status, 0) + 1
-        print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+        print(count_statuses(states))
         return 0
-    from unlearn.resume import EXIT_PREEMPTED
-    from unlearn.slurm import make_executor
-    from unlearn.sweep import SweepPreempted
-
     try:
         states = run_sweep(sweep, make_executor(ns.executor, sweep))
     except SweepPreempted as e:

@@ -1,10 +1,11 @@
-"""Sweeps on SLURM through submitit: one job per point, job ids recorded, preempted points resumed.
+"""The submitit executor: one SLURM job per sweep point, job ids recorded, preempted points resumed.
 
     unlearn sweep spec.yaml --executor slurm            # sbatch one job per unfinished point
     unlearn sweep spec.yaml --executor submitit-local   # the same through submitit's local executor
     unlearn sweep spec.yaml --status                    # run-directory status + each point's job
 
-The spec's `slurm:` block (validated with the rest of the spec, before anything runs):
+The spec's `slurm:` block (`unlearn.sweep.spec.SlurmSettings`, validated with the rest of the
+spec, before anything runs):
 
     slurm:
       partition: gpu
@@ -45,7 +46,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +54,10 @@ from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_write_json
 from unlearn.runs.rundir import RunMeta
 from unlearn.runs.store import Store
-from unlearn.sweep import (
-    Executor,
-    OnDone,
-    OnStart,
-    Point,
-    PointState,
-    Sweep,
-    _record_failure,
-    inspect_point,
-    run_point,
-)
+from unlearn.sweep.execute import Executor, OnDone, OnStart, record_failure, run_point
+from unlearn.sweep.points import Point
+from unlearn.sweep.spec import SlurmSettings, Sweep
+from unlearn.sweep.state import PointState, inspect_point
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 CLUSTERS = {"slurm": "slurm", "submitit-local": "local"}
@@ -76,84 +70,6 @@ FAILED_STATES = (
     "PREEMPTED", "INTERRUPTED",
 )  # fmt: skip
 """SLURM (and submitit local) job states after which a job will not write its run again."""
-
-
-@dataclass
-class SlurmSettings:
-    """The spec's `slurm:` block: where and how each point's job runs."""
-
-    partition: str | None = None
-    """SLURM partition (default: the cluster's)."""
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1
-    """Processes per node; set it to gpus_per_node with distributed: ddp or fsdp2."""
-    cpus_per_task: int | None = None
-    mem_gb: int | None = None
-    time: int = 60
-    """Time limit of one job in minutes (a preempted or timed-out point resumes in a new job)."""
-    sbatch: dict[str, Any] = field(default_factory=dict)
-    """Extra sbatch options, e.g. {account: proj, qos: high} (submitit's additional parameters)."""
-    setup: list[str] = field(default_factory=list)
-    """Shell lines run before the job's command (module loads, venv activation)."""
-    requeue: int = 3
-    """How many times the driver resubmits a point whose run was preempted."""
-
-    def __post_init__(self) -> None:
-        for name in ("nodes", "tasks_per_node", "time"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("gpus_per_node", "requeue"):
-            _check_int(name, getattr(self, name), minimum=0)
-        for name in ("cpus_per_task", "mem_gb"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        if self.partition is not None and not isinstance(self.partition, str):
-            raise UsageError(f"slurm: partition must be a name, got {self.partition!r}")
-        if not isinstance(self.sbatch, dict) or not all(isinstance(k, str) for k in self.sbatch):
-            raise UsageError(
-                f"slurm: sbatch must be a mapping of option: value, got {self.sbatch!r}"
-            )
-        if not isinstance(self.setup, list) or not all(isinstance(s, str) for s in self.setup):
-            raise UsageError(f"slurm: setup must be a list of shell lines, got {self.setup!r}")
-
-    @classmethod
-    def from_spec(cls, raw: Any) -> SlurmSettings:
-        """Validate the spec's `slurm:` value (None: the defaults)."""
-        if raw is None:
-            return cls()
-        if not isinstance(raw, dict):
-            raise UsageError(f"slurm: must be a mapping (partition:, time:, ...), got {raw!r}")
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(str(k) for k in set(raw) - set(allowed))
-        if unknown:
-            raise UsageError(
-                f"slurm: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})"
-            )
-        return cls(**raw)
-
-    def parameters(self, name: str) -> dict[str, Any]:
-        """submitit AutoExecutor parameters (`slurm_*` ones are ignored by the local cluster)."""
-        params: dict[str, Any] = {
-            "name": name,
-            "timeout_min": self.time,
-            "nodes": self.nodes,
-            "tasks_per_node": self.tasks_per_node,
-            "gpus_per_node": self.gpus_per_node,
-            "slurm_additional_parameters": dict(self.sbatch),
-            "slurm_setup": list(self.setup),
-        }
-        if self.partition is not None:
-            params["slurm_partition"] = self.partition
-        if self.cpus_per_task is not None:
-            params["cpus_per_task"] = self.cpus_per_task
-        if self.mem_gb is not None:
-            params["mem_gb"] = self.mem_gb
-        return params
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"slurm: {name} must be an integer >= {minimum}, got {value!r}")
 
 
 # -- inside a job -------------------------------------------------------------------------------
@@ -331,7 +247,7 @@ class SubmititExecutor(Executor):
             error = f"job {t.job.job_id}: {type(e).__name__}: {last}"
             print(f"{t.point.id}: {error}", file=sys.stderr)
             meta = RunMeta(t.point.id, "unlearn", t.point.method, t.point.run_config.to_dict())
-            _record_failure(t.point.run_dir, meta, error)
+            record_failure(t.point.run_dir, meta, error)
             return inspect_point(t.point)
 
 

@@ -1,0 +1,223 @@
+"""Running a sweep: each point's runs, the executors that decide where they run, `run_sweep`.
+
+    states = run_sweep(sweep)          # run (or resume) every point with the local executor
+
+Design choices:
+- Executors only decide where and when points run. What a point does is `run_point`, a plain
+  function of a picklable `Point`, so a SLURM executor (unlearn.sweep.slurm) can ship it to a
+  job; the local one runs points one after another in this process.
+- A run.json still saying running or pending was left by a killed sweep (the sweep lock rules
+  out another live sweep on the same directory): it is marked failed ("interrupted"). A failed
+  point is re-run from an empty run directory, so no stale metric or eval row mixes with the new
+  ones; re-running a point's unlearning also discards its old attack (it attacked another model).
+- Runs record their own status through the run lifecycle (unlearn.runs.lifecycle); a sweep only
+  marks failed, through `mark_failed`, a run that could not record how it ended.
+- The store is an index: runs write it themselves while they train (status running), and the
+  sweep ingests each point's run directories again after the point ends, whatever happened.
+- A stop signal (SIGTERM, SIGUSR1/2) ends a local sweep after the point in progress with
+  SweepPreempted (the CLI exits 75); the point checkpoints if it was training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import sys
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from unlearn.errors import UsageError
+from unlearn.recipes.attack import run_attack
+from unlearn.recipes.unlearning import run_unlearning
+from unlearn.resume import deferring_signals, latest_checkpoint, stop_requested
+from unlearn.runs.lifecycle import mark_failed
+from unlearn.runs.rundir import RunDir, RunMeta
+from unlearn.runs.store import Store
+from unlearn.sweep.points import Point
+from unlearn.sweep.spec import Sweep
+from unlearn.sweep.state import FINISHED, PointState, inspect_point
+from unlearn.sweep.table import counter, show_value, state_line
+
+LOCK_FILE = ".sweep.lock"
+
+
+# -- running a point --------------------------------------------------------------------------
+
+
+def run_point(point: Point) -> PointState:
+    """Unlearn (evaluation included) unless finished, then attack if asked and the run is done.
+
+    An exception is recorded in the run directory as status failed (and printed with its
+    traceback), never raised: one bad point must not stop a sweep. KeyboardInterrupt does stop
+    it (the run records itself as failed on the way out).
+    """
+    state = inspect_point(point)
+    if state.status not in FINISHED:
+        _clear(point.run_dir)
+        if point.attack_dir is not None:
+            _clear(point.attack_dir, keep_checkpoint=False)  # it attacked another model
+        meta = RunMeta(point.id, "unlearn", point.method, point.run_config.to_dict())
+        _guarded(point.run_dir, meta, lambda: run_unlearning(point.run_config))
+        state = inspect_point(point)
+    if (
+        point.attack_config is not None
+        and point.attack_dir is not None
+        and state.status == "done"
+        and state.attack not in FINISHED
+        and not stop_requested()  # the sweep was signalled: the attack waits for the rerun
+    ):
+        _clear(point.attack_dir)
+        cfg = point.attack_config
+        meta = RunMeta(f"{point.id}-attack", "attack", config=cfg.to_dict(), parent=point.id)
+        _guarded(point.attack_dir, meta, lambda: run_attack(cfg))
+        state = inspect_point(point)
+    return state
+
+
+def _clear(path: Path, keep_checkpoint: bool = True) -> None:
+    """Remove a previous attempt's run directory (its failure was recorded and reported),
+    unless it holds a resumable checkpoint (a preempted or killed run): the run resumes from it.
+    In a job with several tasks only rank 0 clears (the others would delete its new files)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if keep_checkpoint and latest_checkpoint(path) is not None:
+        return
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def _guarded(run_dir: Path, meta: RunMeta, fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        record_failure(run_dir, meta, f"{type(e).__name__}: {e}")
+
+
+def record_failure(run_dir: Path, meta: RunMeta, error: str) -> None:
+    """Make sure the run directory says failed (a run that raised before writing run.json, one
+    whose own failure handling did not get to run, or a preempted one that could not resume,
+    e.g. from a damaged checkpoint: its old "preempted" would hide the reason)."""
+    mark_failed(run_dir, error, fresh=meta, unfinished=("running", "pending", "preempted"))
+
+
+# -- executors ----------------------------------------------------------------------------------
+
+
+OnStart = Callable[[Point], None]
+OnDone = Callable[[Point, PointState], None]
+
+
+class Executor(ABC):
+    """Where and when points run. `submit` runs every point with `run_point`, calls
+    `on_start(point)` when one starts and `on_done(point, state)` when it ends (the sweep reports
+    and ingests there), and returns when all have ended. A cluster executor submits one job per
+    point (Point is picklable) and calls the hooks as jobs start and finish."""
+
+    @abstractmethod
+    def submit(self, points: Sequence[Point], on_start: OnStart, on_done: OnDone) -> None: ...
+
+
+class SweepPreempted(Exception):
+    """The sweep's process got SIGTERM/SIGUSR1/SIGUSR2: it stopped after the point in progress
+    (which checkpointed, if it was training). Running the same sweep again resumes."""
+
+    def __init__(self, signum: int, point_id: str) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} during point {point_id}"
+            " (run the same command again to resume)"
+        )
+        self.signum, self.point_id = signum, point_id
+        self.states: list[PointState] = []
+        """Every point's state when the sweep stopped, in spec order (set by run_sweep)."""
+
+
+class LocalExecutor(Executor):
+    """One point after another in this process.
+
+    A stop signal (SIGTERM: preemption; SIGUSR1/2: the time limit is near) ends the sweep after
+    the point in progress, never starting the next one: a training run checkpoints and records
+    status preempted, anything else (loading, evaluation) finishes first. Then SweepPreempted.
+    """
+
+    def submit(self, points: Sequence[Point], on_start: OnStart, on_done: OnDone) -> None:
+        with deferring_signals() as latch:
+            for i, point in enumerate(points):
+                on_start(point)
+                state = run_point(point)
+                on_done(point, state)
+                if latch.signum is not None and (i + 1 < len(points) or not state.finished):
+                    raise SweepPreempted(latch.signum, point.id)
+
+
+@contextlib.contextmanager
+def _sweep_lock(out: Path) -> Iterator[None]:
+    """One live sweep per output directory: what makes a leftover "running" mean interrupted."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another sweep is running in {out}") from None
+        yield  # closing the file releases the lock
+
+
+def _ingest(store: Path, *dirs: Path | None) -> None:
+    with Store(store) as s:
+        for d in dirs:
+            if d is not None and RunDir(d).exists():
+                s.ingest(d)
+
+
+def _mark_interrupted(sweep: Sweep) -> list[str]:
+    """Runs left running/pending by a killed sweep become failed ("interrupted")."""
+    marked = []
+    for p in sweep.points:
+        for d in (p.run_dir, p.attack_dir):
+            if d is not None and mark_failed(d, "interrupted"):
+                _ingest(sweep.store, d)
+                marked.append(d.name)
+    return marked
+
+
+def run_sweep(
+    sweep: Sweep, executor: Executor | None = None, log: Callable[[str], None] = print
+) -> list[PointState]:
+    """Run every point not finished yet; returns each point's final state in spec order."""
+    executor = executor or LocalExecutor()
+    index = {p.id: i for i, p in enumerate(sweep.points)}
+    states: dict[str, PointState] = {}
+    with _sweep_lock(sweep.out):
+        for name in _mark_interrupted(sweep):
+            log(f"{name}: interrupted by an earlier sweep, marked failed; re-running")
+        todo = []
+        for p in sweep.points:
+            state = inspect_point(p)
+            if state.finished:
+                states[p.id] = state
+                log(f"{counter(index[p.id], sweep)} {state_line(state)} (finished earlier)")
+            else:
+                todo.append(p)
+        if todo:
+            log(f"{len(todo)} point(s) to run, results in {sweep.out}")
+
+        def on_start(point: Point) -> None:
+            values = " ".join(f"{k}={show_value(v)}" for k, v in point.varied.items())
+            log(f"{counter(index[point.id], sweep)} {point.id}: starting {values}".rstrip())
+
+        def on_done(point: Point, state: PointState) -> None:
+            _ingest(sweep.store, point.run_dir, point.attack_dir)
+            states[point.id] = state
+            log(f"{counter(index[point.id], sweep)} {state_line(state)}")
+
+        try:
+            executor.submit(todo, on_start, on_done)
+        except SweepPreempted as e:
+            e.states = [states.get(p.id) or inspect_point(p) for p in sweep.points]
+            raise
+    return [states[p.id] for p in sweep.points]

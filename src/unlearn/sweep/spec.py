@@ -1,0 +1,433 @@
+"""Sweep specs: one YAML file -> a validated `Sweep` (its points and SLURM settings).
+
+    sweep = load_sweep("ct.yaml")      # parse + validate everything; nothing is written
+
+The format is documented in docs/sweeps.md.
+
+Design choices:
+- The whole spec is validated before anything runs or is written: every point's run and attack
+  config is built (unknown fields, values of the wrong type, bad values raise UsageError) and its
+  world, model and layers are checked (`unlearn.sweep.points`), so a typo in point 17 costs one
+  line, not 16 wasted runs. The `slurm:` block is checked too, even for a local run.
+- Values are typed here against the fields they set (ints become floats for float fields), so
+  `5` and `5.0` are one configuration, one point id.
+- Points are counted (product of the grid's list lengths) before any is built: a spec over
+  MAX_POINTS is refused unless the caller raises the limit, since expansion holds them all.
+- Reading a spec writes nothing: the out directory is only checked to be creatable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unlearn.config import LoraSettings, TrainConfig
+from unlearn.errors import UsageError
+from unlearn.methods import get_method
+from unlearn.recipes.attack import AttackArgs
+from unlearn.recipes.unlearning import section_fields
+from unlearn.runs.store import check_store
+from unlearn.sweep.points import Point, build_point, check_distinct, validate_models
+from unlearn.world import World, load_world
+
+TOP_KEYS = (
+    "name", "world", "out", "store", "method", "base", "grid", "points", "attack", "sweeps",
+    "slurm",
+)  # fmt: skip
+BLOCK_KEYS = ("method", "base", "grid", "points", "attack")
+SWEEP_RUN_FIELDS = ("method", "world", "out", "run_id", "store", "eval")
+"""Run fields the sweep sets itself (a spec setting them is an error, not silently ignored)."""
+SWEEP_ATTACK_FIELDS = ("model", "world", "out", "run_id", "store", "parent")
+MAX_POINTS = 1000
+"""The most points a spec may expand to unless `--max_points` (load_sweep's max_points) says
+otherwise: every point is built and validated up front, so a grid with one list too many (10^7
+points) would otherwise fill the memory before a line is printed (docs/sweeps.md)."""
+
+
+# -- reading the spec ---------------------------------------------------------------------------
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); learning rates are written that
+    way, so exponent floats resolve to float here. Duplicate keys are an error, not last-wins."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [
+            k.value
+            for k, _ in node.value
+            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge"
+        ]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key(s) {', '.join(duplicates)}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A validated sweep spec: where things go and every point."""
+
+    name: str
+    spec: Path
+    world: Path
+    out: Path
+    store: Path
+    points: list[Point]
+    slurm: SlurmSettings | None = None
+    """The spec's `slurm:` block (job resources for --executor slurm / submitit-local)."""
+
+
+@dataclasses.dataclass
+class _Block:
+    """One method's part of a spec (the top level itself, or one entry of `sweeps:`)."""
+
+    label: str
+    method: str
+    base: dict[str, Any]
+    grid: dict[str, list]
+    points: list[dict[str, Any]]
+    attack: dict[str, Any] | None
+
+
+def load_sweep(path: str | Path, max_points: int = MAX_POINTS) -> Sweep:
+    """Read, validate and expand a sweep spec (UsageError on anything wrong; writes nothing).
+    A spec of more than `max_points` points is refused before any point is built."""
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+        raise UsageError(f"--max_points must be >= 1, got {max_points!r}")
+    spec = Path(path).expanduser().absolute()
+    raw = _read_yaml(spec)
+    _check_keys(raw, TOP_KEYS, "spec")
+    name = raw.get("name", spec.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UsageError(
+            f"spec: name must be a plain file name (letters, digits, ._-), got {name!r}"
+        )
+    if raw.get("world") is None:
+        raise UsageError("spec: world (a mini world directory) is required")
+    world = load_world(_spec_path(spec, raw["world"], "world"))
+    out = _spec_path(spec, raw["out"], "out") if raw.get("out") is not None else spec.parent / name
+    store = (
+        _spec_path(spec, raw["store"], "store")
+        if raw.get("store") is not None
+        else out / "store.sqlite"
+    )
+    _check_can_create(out, "out")
+    if store.is_dir():
+        raise UsageError(f"spec: store {store} is a directory, not a SQLite file")
+    check_store(store)  # a foreign or corrupt file: refused before any point runs
+
+    blocks = _blocks(raw)
+    count = sum(_count(block) for block in blocks)
+    if count > max_points:
+        raise UsageError(
+            f"spec: {count:,} points is more than the limit of {max_points:,}"
+            " (check the grid; --max_points N raises the limit)"
+        )
+    points = []
+    for block in blocks:
+        points += _expand(block, world, out, store)
+    check_distinct(points)
+    validate_models(points)
+    slurm = SlurmSettings.from_spec(raw.get("slurm"))
+    return Sweep(name, spec, world.root, out, store, points, slurm)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"sweep spec {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read sweep spec {path}: {e}") from None
+    try:
+        raw = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a sweep spec is a YAML mapping (name:, world:, method:, ...)")
+    return raw
+
+
+def _check_keys(d: dict, allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(str(k) for k in set(d) - set(allowed))
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})"
+        )
+
+
+def _spec_path(spec: Path, value: Any, key: str) -> Path:
+    """A path from the spec; relative paths resolve against the spec file's directory."""
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"spec: {key} must be a path, got {value!r}")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else spec.parent / p
+
+
+def _check_can_create(path: Path, key: str) -> None:
+    """`path` is a directory or can become one (checked without creating anything)."""
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"spec: {key} {path} exists and is not a directory")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"spec: {key} {path} cannot be created ({parent} is not writable)")
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a mapping of field: value, got {value!r}")
+    return dict(value)
+
+
+def _attack_block(value: Any, where: str) -> dict[str, Any] | None:
+    """`attack:` is a mapping of attack fields, true (the default attack) or false/absent."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    return _mapping(value, where)
+
+
+def _blocks(raw: dict) -> list[_Block]:
+    """The spec's method blocks; top-level base and attack are defaults for every block."""
+    base = _mapping(raw.get("base"), "base")
+    attack = _attack_block(raw.get("attack"), "attack")
+    if "sweeps" not in raw:
+        if raw.get("method") is None:
+            raise UsageError("spec: give a method (or a list of method blocks under sweeps)")
+        return [_block(raw, "spec", {}, None)]
+    clash = sorted(k for k in ("method", "grid", "points") if k in raw)
+    if clash:
+        raise UsageError(f"spec: with sweeps, {', '.join(clash)} go inside its blocks")
+    entries = raw["sweeps"]
+    if not isinstance(entries, list) or not entries:
+        raise UsageError("spec: sweeps must be a non-empty list of blocks (method:, grid:, ...)")
+    blocks = []
+    for i, entry in enumerate(entries):
+        where = f"sweeps[{i}]"
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where} must be a mapping (method:, base:, grid:, ...)")
+        _check_keys(entry, BLOCK_KEYS, where)
+        if entry.get("method") is None:
+            raise UsageError(f"{where}: method is required")
+        blocks.append(_block(entry, where, base, attack))
+    return blocks
+
+
+def _block(d: dict, where: str, base: dict, attack: dict | None) -> _Block:
+    method = d["method"]
+    if not isinstance(method, str):
+        raise UsageError(f"{where}: method must be a name, got {method!r}")
+    get_method(method)  # UsageError listing the known methods
+    label = f"{where} ({method})"
+    grid = _mapping(d.get("grid"), f"{label}: grid")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UsageError(
+                f"{label}: grid.{key} must be a non-empty list of values"
+                " (put a single value under base)"
+            )
+    points = d.get("points", [{}])
+    if not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points):
+        raise UsageError(f"{label}: points must be a non-empty list of mappings")
+    both = sorted({k for p in points for k in p} & set(grid))
+    if both:
+        raise UsageError(f"{label}: {', '.join(both)} appear in both grid and points")
+    if "attack" in d:
+        block_attack = _attack_block(d["attack"], f"{label}: attack")
+        attack = None if block_attack is None else {**(attack or {}), **block_attack}
+    return _Block(
+        label, method, {**base, **_mapping(d.get("base"), f"{label}: base")}, grid, points, attack
+    )
+
+
+def _count(block: _Block) -> int:
+    """How many points the block expands to, without building them."""
+    return len(block.points) * math.prod(len(values) for values in block.grid.values())
+
+
+# -- expansion and value types -----------------------------------------------------------------
+
+
+def _expand(block: _Block, world: World, out: Path, store: Path) -> list[Point]:
+    """The block's points: each explicit point crossed with the grid's cartesian product."""
+    hints = _field_hints(section_fields(block.method))
+    attack_hints = _field_hints(
+        {
+            f.name: cls
+            for cls in (AttackArgs, TrainConfig, LoraSettings)
+            for f in dataclasses.fields(cls)
+        }
+    )
+    base = _typed(block.base, hints, SWEEP_RUN_FIELDS, f"{block.label}: base")
+    attack = None
+    if block.attack is not None:
+        attack = _typed(block.attack, attack_hints, SWEEP_ATTACK_FIELDS, f"{block.label}: attack")
+    grid = {
+        key: [_typed({key: v}, hints, SWEEP_RUN_FIELDS, f"{block.label}: grid")[key] for v in vs]
+        for key, vs in block.grid.items()
+    }
+    explicit = [_typed(p, hints, SWEEP_RUN_FIELDS, f"{block.label}: points") for p in block.points]
+    result = []
+    for fixed in explicit:
+        for combo in itertools.product(*grid.values()):
+            varied = {**fixed, **dict(zip(grid, combo, strict=True))}
+            point = build_point(
+                block.method, block.label, {**base, **varied}, varied, attack, world, out, store
+            )
+            result.append(point)
+    return result
+
+
+def _field_hints(sections: dict[str, type]) -> dict[str, Any]:
+    """{field name: its resolved type annotation} for routing-table sections."""
+    resolved = {cls: typing.get_type_hints(cls) for cls in set(sections.values())}
+    return {name: resolved[cls][name] for name, cls in sections.items()}
+
+
+def _typed(values: dict, hints: dict[str, Any], managed: Sequence[str], where: str) -> dict:
+    """Check each value against its field's type (ints become floats for float fields, so `5`
+    and `5.0` give one id). Unknown names pass through: the config builders report them."""
+    taken = sorted(k for k in values if k in managed)
+    if taken:
+        raise UsageError(f"{where}: {', '.join(taken)} set by the sweep itself, remove them")
+    return {
+        k: _coerce(v, hints[k], f"{where}: {k}") if k in hints else v for k, v in values.items()
+    }
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        concrete = [a for a in options if a is not type(None)]
+        return _coerce(value, concrete[0], where) if len(concrete) == 1 else value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UsageError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, where) for v in value]
+    if hint is bool and not isinstance(value, bool):
+        raise UsageError(f"{where} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UsageError(f"{where} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise UsageError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+# -- the slurm: block --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SlurmSettings:
+    """The spec's `slurm:` block: where and how each point's job runs."""
+
+    partition: str | None = None
+    """SLURM partition (default: the cluster's)."""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    """Processes per node; set it to gpus_per_node with distributed: ddp or fsdp2."""
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None
+    time: int = 60
+    """Time limit of one job in minutes (a preempted or timed-out point resumes in a new job)."""
+    sbatch: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra sbatch options, e.g. {account: proj, qos: high} (submitit's additional parameters)."""
+    setup: list[str] = dataclasses.field(default_factory=list)
+    """Shell lines run before the job's command (module loads, venv activation)."""
+    requeue: int = 3
+    """How many times the driver resubmits a point whose run was preempted."""
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "tasks_per_node", "time"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("gpus_per_node", "requeue"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in ("cpus_per_task", "mem_gb"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        if self.partition is not None and not isinstance(self.partition, str):
+            raise UsageError(f"slurm: partition must be a name, got {self.partition!r}")
+        if not isinstance(self.sbatch, dict) or not all(isinstance(k, str) for k in self.sbatch):
+            raise UsageError(
+                f"slurm: sbatch must be a mapping of option: value, got {self.sbatch!r}"
+            )
+        if not isinstance(self.setup, list) or not all(isinstance(s, str) for s in self.setup):
+            raise UsageError(f"slurm: setup must be a list of shell lines, got {self.setup!r}")
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> SlurmSettings:
+        """Validate the spec's `slurm:` value (None: the defaults)."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise UsageError(f"slurm: must be a mapping (partition:, time:, ...), got {raw!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in set(raw) - set(allowed))
+        if unknown:
+            raise UsageError(
+                f"slurm: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})"
+            )
+        return cls(**raw)
+
+    def parameters(self, name: str) -> dict[str, Any]:
+        """submitit AutoExecutor parameters (`slurm_*` ones are ignored by the local cluster)."""
+        params: dict[str, Any] = {
+            "name": name,
+            "timeout_min": self.time,
+            "nodes": self.nodes,
+            "tasks_per_node": self.tasks_per_node,
+            "gpus_per_node": self.gpus_per_node,
+            "slurm_additional_parameters": dict(self.sbatch),
+            "slurm_setup": list(self.setup),
+        }
+        if self.partition is not None:
+            params["slurm_partition"] = self.partition
+        if self.cpus_per_task is not None:
+            params["cpus_per_task"] = self.cpus_per_task
+        if self.mem_gb is not None:
+            params["mem_gb"] = self.mem_gb
+        return params
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"slurm: {name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,123 @@
+"""A sweep point's state, read from its run directories (reads only).
+
+Design choices:
+- Run directories are the truth (unlearn.runs.rundir): resume reads run.json. A run's status is
+  what `runs.status.effective_status` says (a done run without eval rows is failed); this module
+  has no status rules of its own, and an unreadable run directory counts as failed.
+- A point is finished when its run is done, collapsed or diverged (results: a resumed sweep keeps
+  them, a diverged run would diverge again) and its attack, if asked for and the run is done, is
+  finished too.
+- An attack whose recorded config differs from the spec's (the attack block was edited) is
+  "stale" and re-run; the unlearning run needs no such check, its id hashes its config.
+- Only a finished attack reports the forget accuracy after the attack: a running, preempted or
+  failed one has part of its curve, whose last point is not that accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from pathlib import Path
+
+from unlearn.errors import UsageError
+from unlearn.runs.rundir import RunDir, RunRecord
+from unlearn.runs.status import effective_status
+from unlearn.sweep.points import Point
+
+FINISHED = ("done", "collapsed", "diverged")
+"""Statuses that are results: a resumed sweep keeps them (a diverged run would diverge again)."""
+
+
+@dataclasses.dataclass
+class PointState:
+    """What a point's run directories say about it."""
+
+    id: str
+    status: str
+    """The unlearning run's status: pending (no run.json yet) or run.json's status; a done run
+    without eval rows reads as failed (the store's invariant)."""
+    attack: str | None = None
+    """The attack's status (pending, a run status, or stale); None when none is asked for."""
+    error: str | None = None
+    forget: float | str | None = None
+    """Final forget accuracy ("failed" for a failed eval, None when missing)."""
+    retain: float | str | None = None
+    attacked_forget: float | str | None = None
+    """Forget accuracy at the attack's last step (None until the attack has finished)."""
+    seconds: float | None = None
+    """Run (+ attack) wall time, from run.json's timestamps."""
+
+    @property
+    def finished(self) -> bool:
+        if self.status not in FINISHED:
+            return False
+        return self.attack is None or self.status != "done" or self.attack in FINISHED
+
+
+def _read_dir(path: Path | None) -> tuple[str, RunRecord | None, str | None]:
+    """(status, record, error) of one run directory as readers must see it (a done run without
+    eval rows is failed: `runs.status.effective_status`); unreadable counts as failed."""
+    if path is None or not RunDir(path).exists():
+        return "pending", None, None
+    try:
+        record = RunDir(path).read()
+    except UsageError as e:
+        return "failed", None, str(e)
+    status, error = effective_status(record.meta.status, bool(record.evals))
+    return status, record, error or record.meta.error
+
+
+def _final_acc(record: RunRecord | None, task: str) -> float | str | None:
+    if record is None:
+        return None
+    rows = [r for r in record.evals if r.task == task and r.metric == "acc"]
+    if not rows:
+        return None
+    last = max(rows, key=lambda r: r.step)
+    return "failed" if last.status == "failed" else last.value
+
+
+def _duration(record: RunRecord | None) -> float | None:
+    meta = record.meta if record else None
+    if meta is None or not meta.started or not meta.finished:
+        return None
+    elapsed = datetime.fromisoformat(meta.finished) - datetime.fromisoformat(meta.started)
+    return elapsed.total_seconds()
+
+
+def _json_normal(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+def inspect_point(point: Point) -> PointState:
+    """The point's state from its run directories (reads only)."""
+    status, run, error = _read_dir(point.run_dir)
+    state = PointState(
+        point.id,
+        status,
+        error=error,
+        forget=_final_acc(run, "forget"),
+        retain=_final_acc(run, "retain"),
+        seconds=_duration(run),
+    )
+    if point.attack_config is None:
+        return state
+    attack_status, attack, attack_error = _read_dir(point.attack_dir)
+    if attack is not None:
+        # The model path is left out: it moves with the out dir and the point id fixes it.
+        expected = _json_normal(point.attack_config.to_dict())
+        recorded = dict(attack.meta.config)
+        expected.pop("model", None)
+        recorded.pop("model", None)
+        if recorded != expected:
+            attack_status = "stale"
+    state.attack = attack_status
+    if attack_status in FINISHED:
+        # A running, preempted or failed attack has only part of its curve: its last point is
+        # not the accuracy after the attack, so it is not reported as one.
+        state.attacked_forget = _final_acc(attack, "forget")
+    state.error = state.error or attack_error
+    if state.seconds is not None and _duration(attack) is not None:
+        state.seconds += _duration(attack)
+    return state
