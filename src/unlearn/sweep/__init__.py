@@ -4,12 +4,12 @@
     states = run_sweep(sweep)          # run (or resume) every point with the local executor
     print(format_table(states))
 
-The spec format is documented in docs/sweeps.md. The modules, each importing only the ones
+The spec format is documented in docs/sweeps.md. The modules, each importing only ones listed
 above it (no cycle):
 
+points.py   one combination of values -> a validated `Point` (run + attack config), point ids
 spec.py     YAML -> a validated `Sweep`: keys, blocks, value types, grid expansion and the point
             cap, the `slurm:` block (`SlurmSettings`)
-points.py   one combination of values -> a validated `Point` (run + attack config), point ids
 state.py    `PointState`: what a point's run directories say (`inspect_point`, reads only)
 table.py    progress lines, the --dry-run listing, the markdown table (the one result-cell rule)
 execute.py  `run_point`, the local executor, the sweep lock, stop signals, `run_sweep`

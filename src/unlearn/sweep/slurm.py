@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -155,7 +155,7 @@ class SubmititExecutor(Executor):
         cluster: str,
         settings: SlurmSettings | None = None,
         poll_s: float | None = None,
-        log=print,
+        log: Callable[[str], None] = print,
     ) -> None:
         if cluster not in CLUSTERS.values():
             raise UsageError(f"unknown submitit cluster {cluster!r}")
@@ -251,7 +251,7 @@ class SubmititExecutor(Executor):
             return inspect_point(t.point)
 
 
-def make_executor(name: str, sweep: Sweep, log=print) -> Executor | None:
+def make_executor(name: str, sweep: Sweep, log: Callable[[str], None] = print) -> Executor | None:
     """The executor for --executor NAME (None: the sweep's default, local)."""
     if name not in EXECUTORS:
         raise UsageError(f"unknown --executor {name!r} (choose from {', '.join(EXECUTORS)})")
