@@ -4,7 +4,7 @@ marks the run collapsed; both reach run.json and the results store."""
 
 from __future__ import annotations
 
-import unlearn.eval.native as native
+import unlearn.recipes.unlearning as unlearning
 from unlearn.recipes.unlearning import build_run_config, run_unlearning
 from unlearn.rundir import RunDir
 from unlearn.store import Store
@@ -29,7 +29,7 @@ def _run(tiny_world, tmp_path):
 
 def _patched(monkeypatch, change) -> None:
     """Evaluate for real, then let `change(task, result)` break or alter one task's result."""
-    real = native.evaluate_world
+    real = unlearning.evaluate_world
 
     def evaluate_world(model, tokenizer, world, tasks=None, *args, **kwargs):
         results = real(model, tokenizer, world, tasks, *args, **kwargs)
@@ -37,7 +37,7 @@ def _patched(monkeypatch, change) -> None:
             change(task, result)
         return results
 
-    monkeypatch.setattr(native, "evaluate_world", evaluate_world)
+    monkeypatch.setattr(unlearning, "evaluate_world", evaluate_world)
 
 
 def test_an_evaluation_that_raises_is_a_failed_row_and_a_failed_run(
