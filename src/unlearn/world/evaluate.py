@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from unlearn.eval.native import evaluate_questions
+from unlearn.eval.questions import read_questions
 from unlearn.world.load import World
 
 WORLD_TASKS = ("forget", "forget_heldout", "forget_attack", "retain")
@@ -28,14 +29,16 @@ def evaluate_world(
     limit: int | None = None,
 ) -> dict[str, dict]:
     """Evaluate a model on the mini world's question sets: {task: metrics} (first `limit`
-    questions of each). An unknown task is a KeyError before anything is scored."""
+    questions of each). An unknown task is a KeyError before anything is scored. Of the world
+    only `questions` ({task: question file}) is read."""
     tasks = list(tasks or WORLD_TASKS)
     for task in tasks:
         if task not in world.questions:
             raise KeyError(f"world has no task {task!r} (has {sorted(world.questions)})")
-    return {
-        task: evaluate_questions(
-            model, tokenizer, world.read_questions(task)[:limit], batch_size, progress, desc=task
+    results = {}
+    for task in tasks:
+        questions = read_questions(world.questions[task])[:limit]
+        results[task] = evaluate_questions(
+            model, tokenizer, questions, batch_size, progress, desc=task
         )
-        for task in tasks
-    }
+    return results
