@@ -31,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from unlearn.eval import harness
-    from unlearn.eval.native import evaluate_world
     from unlearn.models import load_model, load_tokenizer, resolve_model
-    from unlearn.world import load_world
+    from unlearn.world import evaluate_world, load_world
 
     world = load_world(args.world)
     ref = resolve_model(args.model or world.target, world_dir=world.root)

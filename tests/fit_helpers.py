@@ -34,7 +34,8 @@ def fitting_env(model_dir, tmp_path, world_root=None, **changes):
 
 
 def count_fits(monkeypatch, module: str, name: str) -> list[int]:
-    """Count calls of `module.name` (the function that really fits)."""
+    """Count calls of `module.name` (the function that really fits, where `unlearn.fitting`
+    calls it)."""
     mod = importlib.import_module(module)
     real, calls = getattr(mod, name), []
 

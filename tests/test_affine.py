@@ -271,7 +271,7 @@ def test_cached_affine_maps_are_keyed_on_revisions_dtype_and_corpus(
     model = load_model(resolve_model(str(model_dir)))
     source = tiny_gpt_neox(3, vocab=model.config.vocab_size, seed=1)  # same width and vocab
     cfg = CheckpointTransferConfig(affine_examples=2)
-    fits = count_fits(monkeypatch, "unlearn.affine", "fit_affine")
+    fits = count_fits(monkeypatch, "unlearn.fitting", "fit_affine")
 
     def fit(source_revision=None, **change):
         ref = ModelRef(str(model_dir), source_revision)

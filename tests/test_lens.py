@@ -285,7 +285,7 @@ def test_cached_lens_is_keyed_on_model_revision_weights_dtype_and_corpus(
 
     model_dir = shutil.copytree(tiny_hf_models["gpt_neox"], tmp_path / "model")
     model = load_model(resolve_model(str(model_dir)))
-    fits = count_fits(monkeypatch, "unlearn.lens", "train_lens")
+    fits = count_fits(monkeypatch, "unlearn.fitting", "train_lens")
     env = fitting_env(model_dir, tmp_path)
     fitted_lens(model, env, [1], steps=2)
     fitted_lens(model, env, [0, 1], steps=2)
@@ -350,7 +350,7 @@ def test_read_only_world_still_serves_its_cached_lens(
     env = fitting_env(model_dir, tmp_path)
     fitted_lens(model, env, [1], steps=2)  # cached in the (writable) world
     monkeypatch.setattr(unlearn.fitting, "_can_write", lambda directory: False)
-    fits = count_fits(monkeypatch, "unlearn.lens", "train_lens")
+    fits = count_fits(monkeypatch, "unlearn.fitting", "train_lens")
     capsys.readouterr()
     fitted_lens(model, env, [1], steps=2)
     assert fits == [] and "note:" not in capsys.readouterr().err

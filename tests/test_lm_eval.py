@@ -19,9 +19,10 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from unlearn.errors import UsageError
 from unlearn.eval import harness
 from unlearn.eval.harness import HarnessError, HarnessOptions
-from unlearn.eval.native import evaluate_questions, evaluate_world, score_questions
+from unlearn.eval.native import evaluate_questions, score_questions
 from unlearn.eval.tasks import TASKS_DIR
 from unlearn.eval.tasks.utils import cloze_results, correct_prob, mcq_results
+from unlearn.world import evaluate_world
 from unlearn.world.tokenizer import train_tokenizer
 
 ROBUST_TOPICS = (

@@ -12,7 +12,7 @@ import torch
 
 from unlearn.errors import UsageError
 from unlearn.hooks import forward_hiddens, get_blocks
-from unlearn.models import load_model, load_tokenizer, model_num_layers, resolve_model
+from unlearn.models import eval_mode, load_model, load_tokenizer, model_num_layers, resolve_model
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "llama"])
@@ -189,3 +189,17 @@ def test_bad_lora_target_is_one_line_before_the_run_dir_exists(
     err = capsys.readouterr().err.strip()
     assert "no module named 'qkv_proj'" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_eval_mode_turns_dropout_off_and_restores_the_mode_it_found():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    with eval_mode(model) as inside:
+        assert inside is model and not model.training and not model[1].training
+    assert model.training and model[1].training  # back to training, submodules too
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("a failed evaluation")
+    assert model.training  # restored on the way out of an exception
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training  # an evaluating model stays in eval mode

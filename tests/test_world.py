@@ -13,9 +13,8 @@ from transformers import AutoTokenizer
 
 from unlearn.commands.world import main as world_main
 from unlearn.errors import UsageError
-from unlearn.eval.native import evaluate_world
 from unlearn.fsutil import write_jsonl
-from unlearn.world import PRESETS, Preset, get_preset, load_world
+from unlearn.world import PRESETS, Preset, evaluate_world, get_preset, load_world
 from unlearn.world.build import QUESTION_FILES
 from unlearn.world.generate import GROUPS, TASKS, generate
 from unlearn.world.pretrain import PackedStream, lr_at, make_model, pretrain
@@ -274,3 +273,33 @@ def test_cli_rejects_bad_input_and_writes_nothing(tmp_path):
     blocker.write_text("")
     with pytest.raises(UsageError):
         world_main(["build", "--preset", "tiny", "--out", str(blocker / "w")])
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Every `unlearn...` module a source file imports, at any depth (lazy imports too)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n.startswith("unlearn")}
+
+
+def test_eval_never_imports_the_world():
+    """The world calls the generic evaluator (`unlearn.world.evaluate`); the evaluator and the
+    lm-eval adapter get a world's question files as arguments, so eval never imports world."""
+    import unlearn.eval
+    import unlearn.world.evaluate
+
+    eval_dir = Path(unlearn.eval.__file__).parent
+    importers = {
+        str(p.relative_to(eval_dir)): sorted(
+            n for n in _project_imports(p) if n.split(".")[:2] == ["unlearn", "world"]
+        )
+        for p in eval_dir.rglob("*.py")
+    }
+    assert {k: v for k, v in importers.items() if v} == {}
+    assert "unlearn.eval.native" in _project_imports(Path(unlearn.world.evaluate.__file__))

@@ -27,7 +27,6 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_dir, atomic_write_json
 from unlearn.hooks import forward_hiddens, num_layers
+from unlearn.models import eval_mode
 
 FORMAT_KIND = "unlearn-affine-maps"
 FORMAT_VERSION = 1
@@ -184,17 +184,6 @@ class AffineMaps:
         return x @ w + b
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put `model` in eval mode (no dropout) for the block, restoring its previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -280,7 +269,7 @@ def fit_affine(
 
     accs: dict[int, RidgeAccumulator] = {}
     errors: dict[int, _HeldoutError] = {}
-    with torch.no_grad(), _eval_mode(source_model), _eval_mode(target_model):
+    with torch.no_grad(), eval_mode(source_model), eval_mode(target_model):
         for batch in tqdm(fit_batches, desc="affine fit", disable=not progress):
             for layer, x, y in _paired_rows(source_model, target_model, batch, wanted):
                 accs.setdefault(layer, RidgeAccumulator(x.shape[1], y.shape[1])).update(x, y)

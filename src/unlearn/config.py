@@ -1,19 +1,72 @@
-"""Typed configs shared by the training commands (run, attack), validated in __post_init__.
+"""Typed configs shared by the commands, validated in __post_init__, and the one way to build
+them from flat field names.
 
 Field docstrings become `--help` text. Every check here runs before any weights load, so a bad
 value costs one line on stderr and exit code 2, not a wasted model load.
+
+Design choices:
+- A config is made of sections (dataclasses); a section may nest another (`ModelArgs` inside
+  `RunArgs`). On the command line simple-parsing flattens the nesting, so every field keeps its
+  flat name (`--model`, `--lr`), and so do run.json configs, sweep specs and checkpoint configs.
+- `build_sections` is the one builder from flat names (sweep specs, recipes called from code):
+  it routes each name to the section that owns it, nested ones included, checks and coerces the
+  value to the field's type, and constructs the sections. A flat name owned by two sections is a
+  programming error, found the first time the sections are used together.
+- Values are checked, not parsed: a YAML string is not read as a number (a quoted "1e-3" is an
+  error), so one spec value has one type and one point id. An int for a float field becomes a
+  float (`5` and `5.0` are one configuration); a path for a string field becomes its string.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from unlearn.distributed import check_mode
 from unlearn.errors import UsageError
+from unlearn.models import ModelRef, resolve_model
+
+if typing.TYPE_CHECKING:
+    from unlearn.world import World
 
 OPTIMIZERS = ("adamw", "muon")
 LR_DECAYS = ("constant", "linear", "cosine")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelArgs:
+    """The model: a local directory or a hub id (+ revision).
+
+    The mini world (`--world`) is not part of this section: it is where a command also finds its
+    corpora, questions and checkpoint list, and one world serves two models in fit-affine, so it
+    is passed to `resolve` instead."""
+
+    model: str | None = None
+    """Model: a local directory (a relative path may also be inside --world) or a hub id; where
+    a command has a default, it is the world's target."""
+    revision: str | None = None
+    """Hub revision (e.g. global_step38144) when --model is a hub id."""
+    trust_remote_code: bool = False
+    """Let --model run its own modelling code from the hub (off: it executes downloaded code)."""
+
+    def resolve(
+        self, world: World | None = None, default: str | os.PathLike | None = None
+    ) -> ModelRef:
+        """--model (else `default`, e.g. the world's target) checked from its config alone, no
+        weights: a relative path that is not here is looked up inside the world directory."""
+        name = self.model or default
+        if not name:
+            raise UsageError("--model is required")
+        world_dir = world.root if world is not None else None
+        return resolve_model(name, self.revision, self.trust_remote_code, world_dir=world_dir)
 
 
 def _positive(name: str, value: float, strict: bool = True) -> None:
@@ -81,8 +134,6 @@ class TrainConfig:
             raise UsageError(f"unknown lr_decay {self.lr_decay!r} (choose from {LR_DECAYS})")
         if self.dtype not in DTYPE_NAMES:
             raise UsageError(f"unknown dtype {self.dtype!r} (choose from {DTYPE_NAMES})")
-        from unlearn.distributed import check_mode
-
         check_mode(self.distributed, self.optimizer)
 
     def steps(self, world_size: int = 1) -> int:
@@ -118,3 +169,112 @@ class LoraSettings:
             raise UsageError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise UsageError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+# -- the one builder from flat names --------------------------------------------------------
+
+
+def _is_section(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """{field: resolved type} of a dataclass (annotations are strings under __future__)."""
+    resolved = typing.get_type_hints(cls)
+    return {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def flat_fields(classes: tuple[type, ...]) -> dict[str, tuple[type, Any]]:
+    """{flat name: (the section that owns it, its type)} for `classes` and the sections nested
+    in them, as the command line names them."""
+    owners: dict[str, tuple[type, Any]] = {}
+
+    def walk(cls: type) -> None:
+        for name, hint in _hints(cls).items():
+            if _is_section(hint):
+                walk(hint)
+            elif name in owners:
+                raise TypeError(
+                    f"config field {name} is in both {owners[name][0].__name__} and {cls.__name__}"
+                )
+            else:
+                owners[name] = (cls, hint)
+
+    for cls in classes:
+        walk(cls)
+    return owners
+
+
+def coerce(value: Any, hint: Any, name: str) -> Any:
+    """`value` checked against the type `hint` (one-line UsageError naming `name` if it does not
+    fit): an int becomes a float for a float field, a path a string for a string field."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        concrete = [a for a in options if a is not type(None)]
+        return coerce(value, concrete[0], name) if len(concrete) == 1 else value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UsageError(f"{name} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [coerce(v, item, name) for v in value]
+    if hint is bool and not isinstance(value, bool):
+        raise UsageError(f"{name} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise UsageError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def coerce_values(
+    classes: Sequence[type], values: Mapping[str, Any], what: str = "config", where: str = ""
+) -> dict[str, Any]:
+    """`values` ({flat name: value}) checked and coerced to their fields' types.
+
+    UsageError (one line, prefixed by `where`) for a name no section has or a value of the wrong
+    type; `what` names the config in the unknown-field message ("attack config")."""
+    prefix = f"{where}: " if where else ""
+    owners = flat_fields(tuple(classes))
+    unknown = sorted(str(k) for k in values if k not in owners)
+    if unknown:
+        raise UsageError(f"{prefix}unknown {what} field(s): {', '.join(unknown)}")
+    return {k: coerce(v, owners[k][1], f"{prefix}{k}") for k, v in values.items()}
+
+
+def build_sections(
+    classes: Sequence[type], values: Mapping[str, Any], what: str = "config", where: str = ""
+) -> dict[type, Any]:
+    """{section class: instance} for each of `classes`, from flat names.
+
+    Each value is routed to the section that owns its name (nested sections included: `model`
+    goes to the ModelArgs inside RunArgs), checked and coerced as by `coerce_values`; the rest
+    keep their defaults. Every section validates itself (__post_init__)."""
+    owners = flat_fields(tuple(classes))
+    per: dict[type, dict[str, Any]] = {}
+    for name, value in coerce_values(classes, values, what, where).items():
+        per.setdefault(owners[name][0], {})[name] = value
+
+    def construct(cls: type) -> Any:
+        kwargs = dict(per.get(cls, {}))
+        for name, hint in _hints(cls).items():
+            if _is_section(hint):
+                kwargs[name] = construct(hint)
+        return cls(**kwargs)
+
+    try:
+        return {cls: construct(cls) for cls in classes}
+    except TypeError as e:
+        prefix = f"{where}: " if where else ""
+        raise UsageError(f"{prefix}bad config value: {e}") from None

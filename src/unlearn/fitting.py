@@ -13,18 +13,21 @@ revision, dtype or corpus is never served to another.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import random
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from unlearn.affine import fit_affine, load_affine, save_affine
+from unlearn.data import load_texts
 from unlearn.data.batching import Batch, collate, tokenize_examples
+from unlearn.distributed import is_main
 from unlearn.errors import UsageError
+from unlearn.lens import load_lens, save_lens, train_lens
+from unlearn.models import eval_mode
 
 FIT_BATCH_SIZE = 16
 FIT_MAX_LENGTH = 128
@@ -36,12 +39,8 @@ def general_texts(world, extra: list[str] | None = None, seed: int = 12345) -> l
     Lenses and affine maps are fitted on it: the affine maps must describe how the two models
     differ in general, not on the domain the source checkpoint has never seen.
     """
-    import random
-
     texts = list(extra or [])
     if world is not None:
-        from unlearn.data import load_texts
-
         if extra is None:
             texts += load_texts(world.corpora["retain"])
         texts += load_texts(world.corpora["filler"])
@@ -67,17 +66,6 @@ def text_batches(
         for i in range(0, len(examples), batch_size)
     ]
     return [{"input_ids": b.input_ids, "attention_mask": b.attention_mask} for b in batches]
-
-
-@contextlib.contextmanager
-def _frozen_eval(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Eval mode (no LoRA/attention dropout) for fitting, restoring the training mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _can_write(directory: Path) -> bool:
@@ -106,8 +94,6 @@ def _text_digest(*corpora: list[str]) -> str:
 def _cache_dir(env, kind: str, key: dict, found: Callable[[Path], bool]) -> Path:
     """Where the `kind` fitted for `key` is (or goes): the world's cache when it holds it or can
     be written, else the run directory's (with one note line saying so)."""
-    from unlearn.distributed import is_main
-
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     run_cache = Path(env.out_dir) / kind / digest if env.out_dir is not None else None
     if env.world is None:
@@ -130,8 +116,6 @@ def _cache_dir(env, kind: str, key: dict, found: Callable[[Path], bool]) -> Path
 
 def fitted_affine(source, model, source_ref, env, layers: list[int], cfg):
     """Affine maps source -> model at `layers`, loaded from the cache or fitted (closed form)."""
-    from unlearn.affine import fit_affine, load_affine, save_affine
-
     n = cfg.affine_examples
     fit_texts, heldout_texts = env.fit_texts[:n], env.heldout_texts[:n]
     key = {
@@ -148,7 +132,7 @@ def fitted_affine(source, model, source_ref, env, layers: list[int], cfg):
         return load_affine(cache)
     fit = text_batches(fit_texts, env.tokenizer, env.device)
     heldout = text_batches(heldout_texts, env.tokenizer, env.device)
-    with _frozen_eval(model):
+    with eval_mode(model):
         maps = fit_affine(source, model, fit, heldout, sorted(layers), cfg.affine_alpha)
     save_affine(maps, cache)
     print(f"fitted affine maps -> {cache} (held-out MSE {maps.heldout_mse})")
@@ -157,8 +141,6 @@ def fitted_affine(source, model, source_ref, env, layers: list[int], cfg):
 
 def fitted_lens(model, env, layers: list[int], steps: int):
     """A tuned lens for `model` covering `layers`, loaded from the cache or trained."""
-    from unlearn.lens import load_lens, save_lens, train_lens
-
     key = {
         "model": env.model_ref.cache_key(),
         "dtype": env.dtype,
@@ -180,7 +162,7 @@ def fitted_lens(model, env, layers: list[int], steps: int):
     batches = text_batches(env.fit_texts, env.tokenizer, env.device)
     heldout = text_batches(env.heldout_texts, env.tokenizer, env.device)
     fit_layers = list(range(max(layers) + 1))
-    with _frozen_eval(model):
+    with eval_mode(model):
         lens, stats = train_lens(model, batches, fit_layers, steps, heldout=heldout)
     save_lens(lens, cache, model_name=env.model_name, revision=env.revision, stats=stats)
     print(f"fitted tuned lens -> {cache}")

@@ -66,6 +66,7 @@ from unlearn.errors import DivergedError, UsageError
 from unlearn.fsutil import atomic_dir
 from unlearn.hooks import capture, get_blocks, num_layers
 from unlearn.losses import kl_retain
+from unlearn.models import eval_mode
 from unlearn.schedules import lr_mult_at
 
 LENS_TYPE = "linear_tuned_lens"
@@ -293,23 +294,18 @@ def train_lens(
     first_kl: dict[int, float] = {}
     passes = [0]
     taken = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=steps, desc="tuned lens", disable=not progress) as bar:
-            for step, batch in zip(range(steps), _cycle(batches, passes), strict=False):
-                for group in opt.param_groups:
-                    group["lr"] = base_lr * lr_mult_at(step, steps, 0, "linear")
-                kls = _train_step(model, lens, opt, _ids_and_mask(batch, device))
-                for layer, kl in kls.items():
-                    history[layer].append(kl)
-                if step == 0:
-                    first_kl = kls
-                taken += 1
-                bar.update(1)
-                bar.set_postfix(kl=f"{sum(h[-1] for h in history.values()) / len(history):.4f}")
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tqdm(total=steps, desc="tuned lens", disable=not progress) as bar:
+        for step, batch in zip(range(steps), _cycle(batches, passes), strict=False):
+            for group in opt.param_groups:
+                group["lr"] = base_lr * lr_mult_at(step, steps, 0, "linear")
+            kls = _train_step(model, lens, opt, _ids_and_mask(batch, device))
+            for layer, kl in kls.items():
+                history[layer].append(kl)
+            if step == 0:
+                first_kl = kls
+            taken += 1
+            bar.update(1)
+            bar.set_postfix(kl=f"{sum(h[-1] for h in history.values()) / len(history):.4f}")
     if taken == 0:
         raise UsageError("no training batches for the lens")
     stats = LensTrainStats(

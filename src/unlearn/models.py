@@ -8,8 +8,10 @@ bad `--model` fails with one line before any weights load.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +141,19 @@ def load_model(
         trust_remote_code=ref.trust_remote_code,
     )
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` in eval mode (no dropout, LoRA dropout included) inside the block, and back in the
+    mode it was in afterwards, also when the block raises: evaluating or fitting in the middle of
+    training must not leave dropout off for the steps that follow."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def default_device() -> torch.device:

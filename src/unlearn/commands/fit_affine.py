@@ -13,10 +13,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unlearn.affine import FORMAT_KIND, METADATA_FILE, WEIGHTS_FILE, fit_affine, save_affine
 from unlearn.cliutil import ArgumentParser
+from unlearn.config import ModelArgs
 from unlearn.errors import UsageError
+from unlearn.fitting import text_batches
+from unlearn.fsutil import check_output_dir
+from unlearn.methods.base import default_layers
+from unlearn.models import default_device, load_model, load_tokenizer
+from unlearn.recipes.fit import fit_inputs
 
 
+# Not a ModelArgs section: it names two models (--source and --target, each with its own
+# revision); each is resolved through a ModelArgs of its own.
 @dataclass
 class FitAffineConfig:
     """Options of `unlearn fit-affine`."""
@@ -62,38 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_arguments(FitAffineConfig, dest="cfg")
     cfg: FitAffineConfig = parser.parse_args(argv).cfg
 
-    from unlearn.affine import fit_affine, save_affine
-    from unlearn.data import load_documents
-    from unlearn.fitting import general_texts, text_batches
-    from unlearn.fsutil import check_output_dir
-    from unlearn.methods.base import default_layers
-    from unlearn.models import (
-        default_device,
-        load_model,
-        load_tokenizer,
-        model_num_layers,
-        resolve_model,
-    )
-    from unlearn.world import load_world
-
     out = check_output_dir(cfg.out, "an affine-maps directory", is_affine_dir)  # ours only
-    world = load_world(cfg.world) if cfg.world else None
-    world_dir = world.root if world else None
     trust = cfg.trust_remote_code
-    source = resolve_model(
-        cfg.source or str(world.ignorant_checkpoint),
-        cfg.source_revision,
-        trust_remote_code=trust,
-        world_dir=world_dir,
-    )
-    target = resolve_model(
-        cfg.target or str(world.target), cfg.revision, trust_remote_code=trust, world_dir=world_dir
-    )
-    n_layers = model_num_layers(target)
-    layers = cfg.layers or default_layers(n_layers)
-    if any(not 0 <= layer < n_layers for layer in layers):
-        raise UsageError(f"--layers {layers} outside the model's blocks 0..{n_layers - 1}")
-    texts = load_documents(cfg.texts) if cfg.texts else general_texts(world)
+    target_args = ModelArgs(cfg.target, cfg.revision, trust)
+    inputs = fit_inputs(cfg.world, target_args, cfg.texts, cfg.layers, default_layers)
+    world, target, layers, texts = inputs.world, inputs.model, inputs.layers, inputs.texts
+    default_source = world.ignorant_checkpoint if world is not None else None
+    source = ModelArgs(cfg.source, cfg.source_revision, trust).resolve(world, default_source)
 
     tokenizer = load_tokenizer(target)
     fit, heldout = texts[cfg.examples :][: cfg.examples], texts[: cfg.examples]
@@ -125,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
 def is_affine_dir(path: Path) -> bool:
     """Whether `path` holds affine maps and nothing else (what fit-affine writes): only its two
     files, and metadata.json of the affine-maps kind."""
-    from unlearn.affine import FORMAT_KIND, METADATA_FILE, WEIGHTS_FILE
-
     names = {p.name for p in path.iterdir()}
     if METADATA_FILE not in names or not names <= {METADATA_FILE, WEIGHTS_FILE}:
         return False

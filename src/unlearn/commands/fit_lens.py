@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unlearn.cliutil import ArgumentParser
+from unlearn.config import ModelArgs
 from unlearn.errors import UsageError
+from unlearn.fitting import text_batches
+from unlearn.fsutil import check_output_dir
+from unlearn.lens import LENS_TYPE, SIDECAR, save_lens, train_lens
+from unlearn.models import default_device, load_model, load_tokenizer
+from unlearn.recipes.fit import fit_inputs
 
 
 @dataclass
@@ -23,9 +29,8 @@ class FitLensConfig:
 
     out: str | None = None
     """Output directory for the lens."""
-    model: str | None = None
-    """Model (dir or hub id); default: the world's target."""
-    revision: str | None = None
+    model_args: ModelArgs = field(default_factory=ModelArgs)
+    """The model (--model, --revision, --trust_remote_code); default: the world's target."""
     world: str | None = None
     """Mini world: default model and general text (retain + filler documents)."""
     texts: str | None = None
@@ -39,14 +44,11 @@ class FitLensConfig:
     heldout_fraction: float = 0.2
     """Share of the documents held out to report the lens KL."""
     dtype: str = "float32"
-    trust_remote_code: bool = False
-    """Let the model run its own modelling code from the hub (off: it executes downloaded
-    code)."""
 
     def __post_init__(self) -> None:
         if not self.out:
             raise UsageError("--out DIR is required")
-        if self.world is None and (self.model is None or not self.texts):
+        if self.world is None and (self.model_args.model is None or not self.texts):
             raise UsageError("without --world, give --model and --texts")
         if self.steps < 1 or self.lr <= 0:
             raise UsageError("--steps must be >= 1 and --lr > 0")
@@ -59,32 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_arguments(FitLensConfig, dest="cfg")
     cfg: FitLensConfig = parser.parse_args(argv).cfg
 
-    from unlearn.data import load_documents
-    from unlearn.fitting import general_texts, text_batches
-    from unlearn.fsutil import check_output_dir
-    from unlearn.lens import save_lens, train_lens
-    from unlearn.models import (
-        default_device,
-        load_model,
-        load_tokenizer,
-        model_num_layers,
-        resolve_model,
-    )
-    from unlearn.world import load_world
-
     out = check_output_dir(cfg.out, "a lens directory", is_lens_dir)  # replaced only if ours
-    world = load_world(cfg.world) if cfg.world else None
-    ref = resolve_model(
-        cfg.model or str(world.target),
-        cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-        world_dir=world.root if world else None,
-    )
-    n_layers = model_num_layers(ref)
-    layers = cfg.layers or list(range(n_layers - 1))
-    if any(not 0 <= layer < n_layers for layer in layers):
-        raise UsageError(f"--layers {layers} outside the model's blocks 0..{n_layers - 1}")
-    texts = load_documents(cfg.texts) if cfg.texts else general_texts(world)
+    fit = fit_inputs(cfg.world, cfg.model_args, cfg.texts, cfg.layers, lambda n: list(range(n - 1)))
+    ref, texts = fit.model, fit.texts
     cut = max(1, int(len(texts) * cfg.heldout_fraction))
     if len(texts) - cut < 1:
         raise UsageError("too few documents to fit and hold out")
@@ -95,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     lens, stats = train_lens(
         model,
         text_batches(texts[cut:], tokenizer, device),
-        layers,
+        fit.layers,
         cfg.steps,
         lr=cfg.lr,
         heldout=text_batches(texts[:cut], tokenizer, device),
@@ -114,8 +93,6 @@ def is_lens_dir(path: Path) -> bool:
     """Whether `path` holds a lens and nothing else (what fit-lens writes, or a tuned-lens
     library lens): only the lens files, and a config.json that describes a lens. A model
     directory (config.json beside weights) or anything with the user's files is not one."""
-    from unlearn.lens import LENS_TYPE, SIDECAR
-
     names = {p.name for p in path.iterdir()}
     if "config.json" not in names or not names <= {"config.json", "params.pt", SIDECAR}:
         return False

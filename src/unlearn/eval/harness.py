@@ -45,6 +45,8 @@ from unlearn.errors import UsageError
 from unlearn.eval.collapse import collapse_report
 from unlearn.eval.questions import read_questions
 from unlearn.eval.tasks import TASKS_DIR
+from unlearn.eval.tasks.utils import cloze_results
+from unlearn.models import default_device, eval_mode, load_model, load_tokenizer, resolve_model
 
 WORLD_TASK_PREFIX = "world_"
 """lm-eval name of a world task: `world_forget` is reported as `forget`."""
@@ -88,8 +90,6 @@ def world_task_config(name: str, questions_file: str | os.PathLike) -> dict:
     lm-eval's multiple_choice takes each document's own list of choices, so questions with any
     number of choices (two up; `unlearn.eval.questions`) work as they do natively.
     """
-    from unlearn.eval.tasks.utils import cloze_results
-
     return {
         "task": WORLD_TASK_PREFIX + name,
         "dataset_path": "json",
@@ -160,6 +160,7 @@ def prepare_tasks(
 ) -> PreparedTasks:
     """Resolve task names and load their data. Unknown names and missing datasets: UsageError.
 
+    `world`: a World, or anything with its `questions` ({task: question file}).
     `include_path`: extra folders of lm-eval task YAMLs (your own tasks).
     """
     questions = dict(world.questions) if world is not None else {}
@@ -259,8 +260,6 @@ def parse_result(raw: dict, obj) -> dict:
 
 def _quiet_git_hash() -> str | None:
     """lm-eval's commit-hash lookup, without git's stderr."""
-    import subprocess
-
     try:
         out = subprocess.run(
             ["git", "describe", "--always"], capture_output=True, text=True, check=True
@@ -322,7 +321,6 @@ def evaluate_prepared(
     from lm_eval.models.huggingface import HFLM
 
     _quiet_lm_eval()
-    was_training = model.training
     lms: dict[bool, object] = {}
 
     def lm_for(name: str):
@@ -339,7 +337,7 @@ def evaluate_prepared(
         return lms[world]
 
     results: dict[str, dict] = {}
-    try:
+    with eval_mode(model):  # HFLM switches the model to eval mode; it leaves as it came
         for name in [*prepared.objects, *prepared.failed]:
             try:
                 results[name] = evaluate_one(lm_for(name), prepared, name, options)
@@ -347,8 +345,6 @@ def evaluate_prepared(
                 results[name] = {"status": "failed", "error": str(e)}
             if on_result is not None:
                 on_result(name, results[name])
-    finally:
-        model.train(was_training)  # HFLM switches the model to eval mode
     return results
 
 
@@ -376,7 +372,8 @@ class SavedRequest:
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: str = "float32"
-    world: str | None = None
+    questions: dict[str, str] | None = None
+    """The world's question files by task (the harness needs no more of a world)."""
     include_path: list[str] = field(default_factory=list)
     batch_size: int = 64
     limit: int | None = None
@@ -410,7 +407,11 @@ def run_saved(
         revision=revision,
         trust_remote_code=trust_remote_code,
         dtype=dtype,
-        world=str(world.root) if world is not None else None,
+        questions=(
+            {task: str(path) for task, path in world.questions.items()}
+            if world is not None
+            else None
+        ),
         include_path=[str(Path(p).absolute()) for p in include_path],
         batch_size=options.batch_size,
         limit=options.limit,
@@ -446,11 +447,16 @@ def run_saved(
     return results
 
 
+@dataclass(frozen=True)
+class WorldTasks:
+    """What `prepare_tasks` reads of a world: its question files by task (the child process
+    gets just these, so this module never loads, nor imports, the world)."""
+
+    questions: dict[str, str]
+
+
 def _child_main(request_file: str, out_file: str) -> int:
     """Child process: load the model, run each task, append one JSON line per finished task."""
-    from unlearn.models import default_device, load_model, load_tokenizer, resolve_model
-    from unlearn.world import load_world
-
     request = SavedRequest(**json.loads(Path(request_file).read_text()))
     out = Path(out_file)
 
@@ -462,7 +468,7 @@ def _child_main(request_file: str, out_file: str) -> int:
 
     options = HarnessOptions(request.batch_size, request.limit, request.num_fewshot)
     try:
-        world = load_world(request.world) if request.world else None
+        world = WorldTasks(request.questions) if request.questions is not None else None
         prepared = prepare_tasks(request.tasks, world, request.include_path)
         ref = resolve_model(request.model, request.revision, request.trust_remote_code)
     except UsageError as e:

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from unlearn.distributed import is_main, map_sharded, world_size
 from unlearn.eval.collapse import collapse_report
-from unlearn.eval.questions import question_problem, read_questions
+from unlearn.eval.questions import question_problem
 from unlearn.eval.tasks.utils import argmax, correct_prob, per_character
+from unlearn.models import eval_mode
 
 
 @dataclass(frozen=True)
@@ -112,16 +114,12 @@ def score_questions(
     A question that cannot be scored (see `unlearn.eval.questions`) is a ValueError: files are
     checked when read, this guards callers that build questions in code.
     """
-    from unlearn.distributed import is_main, map_sharded, world_size
-
     for i, q in enumerate(questions):
         problem = question_problem(q)
         if problem is not None:
             raise ValueError(f"question {i}: {problem}")
     rows = _rows(tokenizer, questions)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     # Longest first: the first batch is the biggest, so an out-of-memory shows up at once.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -134,11 +132,10 @@ def score_questions(
         return _score_batch(model, [rows[i] for i in batch], pad_id, device)
 
     loglik: dict[tuple[int, int], float] = {}
-    for part in map_sharded(run, batches):  # a choice's tokens are all in one row: no overlap
-        loglik.update(part)
+    with eval_mode(model):
+        for part in map_sharded(run, batches):  # a choice's tokens are all in one row: no overlap
+            loglik.update(part)
     bar.close()
-    if was_training:
-        model.train()
     return [
         QuestionScore(
             loglik=tuple(loglik[(qi, ci)] for ci in range(len(q["choices"]))),
@@ -215,30 +212,6 @@ def evaluate_questions(
 ) -> dict:
     """Score and summarize one task (sharded over the ranks when run under torchrun)."""
     return summarize(score_questions(model, tokenizer, questions, batch_size, progress, desc))
-
-
-WORLD_TASKS = ("forget", "forget_heldout", "forget_attack", "retain")
-
-
-def evaluate_world(
-    model: torch.nn.Module,
-    tokenizer,
-    world,
-    tasks: Sequence[str] | None = None,
-    batch_size: int = 64,
-    progress: bool = False,
-    limit: int | None = None,
-) -> dict[str, dict]:
-    """Evaluate a model on the mini world's question sets: {task: metrics}."""
-    results = {}
-    for task in tasks or WORLD_TASKS:
-        if task not in world.questions:
-            raise KeyError(f"world has no task {task!r} (has {sorted(world.questions)})")
-        questions = read_questions(world.questions[task])[:limit]
-        results[task] = evaluate_questions(
-            model, tokenizer, questions, batch_size, progress, desc=task
-        )
-    return results
 
 
 NUMERIC_METRICS = ("acc", "acc_norm", "correct_prob")

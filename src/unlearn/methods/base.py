@@ -23,6 +23,7 @@ from unlearn import losses
 from unlearn.data.batching import Batch
 from unlearn.errors import UsageError
 from unlearn.hooks import capture, forward_hiddens, num_layers
+from unlearn.models import eval_mode
 
 RETAIN_LOSSES = ("kl", "l2", "ce")
 FORGET_LOSSES = ("random_ce", "max_entropy")
@@ -129,13 +130,8 @@ class Reference:
         if self.copy is not None:
             yield self.copy
             return
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                yield self.model
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), self.model.disable_adapter():
+            yield self.model
 
     @torch.no_grad()
     def forward(self, batch: Batch, layers: Sequence[int] = (), logits: bool = True) -> Forward:

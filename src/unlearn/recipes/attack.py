@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from unlearn.config import LoraSettings, TrainConfig
+from unlearn.config import LoraSettings, ModelArgs, TrainConfig, build_sections
 from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.data.corpus import DEFAULT_TEXT_FIELDS
 from unlearn.distributed import setup
@@ -53,15 +53,13 @@ filtered twin, while the twin's held-out group stays at chance (see README)."""
 class AttackArgs:
     """What to attack, with which data, and where to write."""
 
-    model: str | None = None
-    """Model to attack (dir or hub id), e.g. OUT/model of an unlearning run."""
+    model_args: ModelArgs = field(default_factory=ModelArgs)
+    """The model to attack (--model, --revision, --trust_remote_code), e.g. OUT/model of an
+    unlearning run."""
     out: str | None = None
     """Attack run directory (run.json, metrics.jsonl, evals.jsonl)."""
     world: str | None = None
     """Mini world (default attack corpus and evaluation questions)."""
-    revision: str | None = None
-    trust_remote_code: bool = False
-    """Let --model run its own modelling code from the hub (off: it executes downloaded code)."""
     corpus: str | None = None
     """Forget-domain documents to fine-tune on: local .jsonl/.json/.parquet/.txt or hub
     ID[:CONFIG[:SPLIT]]; default: the world's attack group."""
@@ -81,7 +79,7 @@ class AttackArgs:
     """Also save the attacked model at OUT/model."""
 
     def __post_init__(self) -> None:
-        if not self.model:
+        if not self.model_args.model:
             raise UsageError("--model is required")
         if not self.out:
             raise UsageError("--out DIR is required")
@@ -89,6 +87,19 @@ class AttackArgs:
             raise UsageError("--world is required (its questions make the evaluation curve)")
         if self.eval_every < 1:
             raise UsageError(f"--eval_every must be >= 1, got {self.eval_every}")
+
+    # Flat read access, the names of the command line and of run.json's config.
+    @property
+    def model(self) -> str | None:
+        return self.model_args.model
+
+    @property
+    def revision(self) -> str | None:
+        return self.model_args.revision
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.model_args.trust_remote_code
 
 
 @dataclass
@@ -101,29 +112,22 @@ class AttackConfig:
         return {
             **dataclasses.asdict(self.train),
             **dataclasses.asdict(self.lora),
-            "model": self.args.model,
+            "model": self.args.model_args.model,
             "corpus": self.args.corpus,
             "eval_every": self.args.eval_every,
         }
 
 
-def build_attack_config(overrides: dict) -> AttackConfig:
-    """An AttackConfig from flat field names; unknown fields raise UsageError."""
-    sections = {}
-    for cls in (AttackArgs, TrainConfig, LoraSettings):
-        for f in dataclasses.fields(cls):
-            sections[f.name] = cls
-    unknown = sorted(set(overrides) - set(sections))
-    if unknown:
-        raise UsageError(f"unknown attack config field(s): {', '.join(unknown)}")
-    per: dict[type, dict] = {AttackArgs: {}, TrainConfig: {}, LoraSettings: {"lora": False}}
-    for key, value in {**ATTACK_TRAIN_DEFAULTS, **overrides}.items():
-        per[sections[key]][key] = value
-    return AttackConfig(
-        AttackArgs(**per[AttackArgs]),
-        TrainConfig(**per[TrainConfig]),
-        LoraSettings(**per[LoraSettings]),
-    )
+ATTACK_SECTIONS = (AttackArgs, TrainConfig, LoraSettings)
+"""The sections of an attack config, in the order `build_sections` builds them."""
+
+
+def build_attack_config(overrides: dict, where: str = "") -> AttackConfig:
+    """An AttackConfig from flat field names; unknown fields and values of the wrong type raise
+    UsageError (`where` prefixes the message)."""
+    values = {**ATTACK_TRAIN_DEFAULTS, "lora": False, **overrides}
+    built = build_sections(ATTACK_SECTIONS, values, "attack config", where)
+    return AttackConfig(built[AttackArgs], built[TrainConfig], built[LoraSettings])
 
 
 def run_attack(cfg: AttackConfig) -> RunMeta:

@@ -18,19 +18,29 @@ from pathlib import Path
 
 import torch
 
-from unlearn.config import LoraSettings, TrainConfig
-from unlearn.data import ExampleStream, tokenize_examples
+from unlearn.config import LoraSettings, ModelArgs, TrainConfig, build_sections
+from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.data.corpus import DEFAULT_TEXT_FIELDS, mix_documents, sample_documents
 from unlearn.distributed import Parallel, setup
 from unlearn.errors import UsageError
-from unlearn.eval.native import evaluate_world, numeric_metrics
+from unlearn.eval.native import numeric_metrics
+from unlearn.fitting import general_texts
 from unlearn.methods import get_method
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, Reference
-from unlearn.models import ModelRef
+from unlearn.models import (
+    ModelRef,
+    attach_lora,
+    check_lora_targets,
+    load_model,
+    load_tokenizer,
+    model_num_layers,
+)
 from unlearn.resume import Checkpointer
 from unlearn.runs.lifecycle import run_lifecycle
-from unlearn.runs.rundir import RunMeta, utc_now
+from unlearn.runs.rundir import RunMeta, check_run_out, utc_now
+from unlearn.runs.store import check_store
 from unlearn.train import Plan, TrainState, make_plan, train
+from unlearn.world import evaluate_world, load_world
 
 
 @dataclass
@@ -43,11 +53,9 @@ class RunArgs:
     """Run directory (model at OUT/model, config and final losses at OUT/run.json)."""
     world: str | None = None
     """Mini world directory (default model, corpora and evaluation questions)."""
-    model: str | None = None
-    """Model to unlearn (dir or hub id); default: the world's target."""
-    revision: str | None = None
-    trust_remote_code: bool = False
-    """Let --model run its own modelling code from the hub (off: it executes downloaded code)."""
+    model_args: ModelArgs = field(default_factory=ModelArgs)
+    """The model to unlearn (--model, --revision, --trust_remote_code); default: the world's
+    target."""
     forget_corpus: str | None = None
     """Forget corpus: local .jsonl/.json/.parquet/.txt or hub ID[:CONFIG[:SPLIT]]; default: the
     world's unlearn group."""
@@ -73,7 +81,9 @@ class RunArgs:
         if not self.out:
             raise UsageError("--out DIR is required")
         if self.world is None and (
-            self.model is None or self.forget_corpus is None or self.retain_corpus is None
+            self.model_args.model is None
+            or self.forget_corpus is None
+            or self.retain_corpus is None
         ):
             raise UsageError("without --world, give --model, --forget_corpus and --retain_corpus")
         if not 0 <= self.mix_fraction <= 1:
@@ -97,8 +107,8 @@ class RunConfig:
             **{k: v for k, v in dataclasses.asdict(self.method).items()},
             **dataclasses.asdict(self.train),
             **dataclasses.asdict(self.lora),
-            "model": self.args.model,
-            "revision": self.args.revision,
+            "model": self.args.model_args.model,
+            "revision": self.args.model_args.revision,
             "world": self.args.world,
             **{
                 k: getattr(self.args, k)
@@ -108,39 +118,28 @@ class RunConfig:
         }
 
 
-def section_fields(method: str) -> dict[str, type]:
-    """Which dataclass each config field belongs to, for routing flat overrides (sweeps)."""
-    sections: dict[str, type] = {}
-    for cls in (RunArgs, TrainConfig, LoraSettings, get_method(method).config_cls):
-        for f in dataclasses.fields(cls):
-            sections[f.name] = cls
-    return sections
+def run_sections(method: str) -> tuple[type, ...]:
+    """The sections of a run config of `method`, in the order `build_sections` builds them."""
+    return (RunArgs, TrainConfig, LoraSettings, get_method(method).config_cls)
 
 
-def build_run_config(method: str, overrides: dict) -> RunConfig:
-    """A RunConfig from flat field names (`retain_coef`, `lr`, `lora_r`, `out`, ...).
+def build_run_config(method: str, overrides: dict, where: str = "") -> RunConfig:
+    """A RunConfig from flat field names (`retain_coef`, `lr`, `lora_r`, `out`, `model`, ...).
 
     Defaults: each dataclass's own, then the method's documented train defaults, then overrides.
-    Unknown fields raise UsageError (so a sweep spec typo fails before anything runs).
+    Unknown fields and values of the wrong type raise UsageError (so a sweep spec typo fails
+    before anything runs); `where` prefixes the message.
     """
     method_cls = get_method(method)
-    sections = section_fields(method)
-    unknown = sorted(set(overrides) - set(sections))
-    if unknown:
-        raise UsageError(f"unknown config field(s) for method {method}: {', '.join(unknown)}")
-    per: dict[type, dict] = {cls: {} for cls in set(sections.values())}
-    for key, value in {**method_cls.train_defaults, **overrides}.items():
-        per[sections[key]][key] = value
-    per[RunArgs]["method"] = method
-    try:
-        return RunConfig(
-            args=RunArgs(**per[RunArgs]),
-            train=TrainConfig(**per[TrainConfig]),
-            lora=LoraSettings(**per[LoraSettings]),
-            method=method_cls.config_cls(**per[method_cls.config_cls]),
-        )
-    except TypeError as e:
-        raise UsageError(f"bad config value: {e}") from None
+    sections = run_sections(method)
+    values = {**method_cls.train_defaults, **overrides, "method": method}
+    built = build_sections(sections, values, f"{method} config", where)
+    return RunConfig(
+        args=built[RunArgs],
+        train=built[TrainConfig],
+        lora=built[LoraSettings],
+        method=built[method_cls.config_cls],
+    )
 
 
 @dataclass
@@ -174,22 +173,10 @@ class Validated:
 
 def validate(cfg: RunConfig) -> Validated:
     """Every check that needs no weights: method, world, model config, layers, corpora."""
-    from unlearn.data import load_documents
-    from unlearn.models import check_lora_targets, model_num_layers, resolve_model
-    from unlearn.runs.rundir import check_run_out
-    from unlearn.runs.store import check_store
-    from unlearn.world import load_world
-
     args = cfg.args
     get_method(args.method)
     world = load_world(args.world) if args.world else None
-    world_dir = world.root if world else None
-    ref = resolve_model(
-        args.model or str(world.target),
-        args.revision,
-        trust_remote_code=args.trust_remote_code,
-        world_dir=world_dir,
-    )
+    ref = args.model_args.resolve(world, default=world.target if world else None)
     cfg.method.check_layers(model_num_layers(ref))
     # The output directory and the store before anything is written or loaded: OUT must not
     # hold the model (reset deletes OUT/model) and must be ours to replace.
@@ -226,8 +213,6 @@ def training_documents(cfg: RunConfig, v: Validated) -> tuple[list[str], list[st
 def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None) -> Prepared:
     """Load the model, attach LoRA or copy the reference, set the method up, build the data;
     under torchrun (`par`), wrap the model for DDP or shard it with FSDP2 after the setup."""
-    from unlearn.models import attach_lora, load_model, load_tokenizer
-
     tcfg = cfg.train
     par = par or setup(tcfg.distributed)
     device = par.device
@@ -336,8 +321,6 @@ def world_scorer(model, tokenizer, world, batch_size: int) -> Callable[[str], tu
 
 def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:
     """General text for fitting lenses/affine maps: the retain documents (+ the world's filler)."""
-    from unlearn.fitting import general_texts
-
     general = general_texts(world, extra=list(retain_texts))
     cut = max(1, len(general) // 5)
     return MethodEnv(

@@ -126,7 +126,8 @@ def validate_models(points: list[Point]) -> None:
     for p in points:
         a, lora = p.run_config.args, p.run_config.lora
         key = json.dumps(
-            [a.method, a.model, a.revision, a.forget_corpus, a.retain_corpus, a.retain_mix,
+            [a.method, a.model_args.model, a.model_args.revision, a.forget_corpus,
+             a.retain_corpus, a.retain_mix,
              p.run_config.method.layers, p.run_config.method.retain_layers,
              lora.lora and lora.lora_target_modules]
         )  # fmt: skip

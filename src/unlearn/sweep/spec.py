@@ -23,19 +23,17 @@ import itertools
 import math
 import os
 import re
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from unlearn.config import LoraSettings, TrainConfig
+from unlearn.config import coerce_values
 from unlearn.errors import UsageError
 from unlearn.methods import get_method
-from unlearn.recipes.attack import AttackArgs
-from unlearn.recipes.unlearning import section_fields
+from unlearn.recipes.attack import ATTACK_SECTIONS
+from unlearn.recipes.unlearning import run_sections
 from unlearn.runs.store import check_store
 from unlearn.sweep.points import Point, build_point, check_distinct, validate_models
 from unlearn.world import World, load_world
@@ -281,23 +279,19 @@ def _count(block: _Block) -> int:
 
 def _expand(block: _Block, world: World, out: Path, store: Path) -> list[Point]:
     """The block's points: each explicit point crossed with the grid's cartesian product."""
-    hints = _field_hints(section_fields(block.method))
-    attack_hints = _field_hints(
-        {
-            f.name: cls
-            for cls in (AttackArgs, TrainConfig, LoraSettings)
-            for f in dataclasses.fields(cls)
-        }
-    )
-    base = _typed(block.base, hints, SWEEP_RUN_FIELDS, f"{block.label}: base")
+    sections = run_sections(block.method)
+    what = f"{block.method} config"
+
+    def typed(values: dict, where: str) -> dict:
+        return _typed(values, sections, what, SWEEP_RUN_FIELDS, f"{block.label}: {where}")
+
+    base = typed(block.base, "base")
     attack = None
     if block.attack is not None:
-        attack = _typed(block.attack, attack_hints, SWEEP_ATTACK_FIELDS, f"{block.label}: attack")
-    grid = {
-        key: [_typed({key: v}, hints, SWEEP_RUN_FIELDS, f"{block.label}: grid")[key] for v in vs]
-        for key, vs in block.grid.items()
-    }
-    explicit = [_typed(p, hints, SWEEP_RUN_FIELDS, f"{block.label}: points") for p in block.points]
+        where = f"{block.label}: attack"
+        attack = _typed(block.attack, ATTACK_SECTIONS, "attack config", SWEEP_ATTACK_FIELDS, where)
+    grid = {key: [typed({key: v}, "grid")[key] for v in vs] for key, vs in block.grid.items()}
+    explicit = [typed(p, "points") for p in block.points]
     result = []
     for fixed in explicit:
         for combo in itertools.product(*grid.values()):
@@ -309,47 +303,16 @@ def _expand(block: _Block, world: World, out: Path, store: Path) -> list[Point]:
     return result
 
 
-def _field_hints(sections: dict[str, type]) -> dict[str, Any]:
-    """{field name: its resolved type annotation} for routing-table sections."""
-    resolved = {cls: typing.get_type_hints(cls) for cls in set(sections.values())}
-    return {name: resolved[cls][name] for name, cls in sections.items()}
-
-
-def _typed(values: dict, hints: dict[str, Any], managed: Sequence[str], where: str) -> dict:
-    """Check each value against its field's type (ints become floats for float fields, so `5`
-    and `5.0` give one id). Unknown names pass through: the config builders report them."""
+def _typed(
+    values: dict, sections: Sequence[type], what: str, managed: Sequence[str], where: str
+) -> dict:
+    """The spec's values checked and coerced by the config builder's own rules (ints become
+    floats for float fields, so `5` and `5.0` give one id); the fields the sweep sets itself
+    are refused."""
     taken = sorted(k for k in values if k in managed)
     if taken:
         raise UsageError(f"{where}: {', '.join(taken)} set by the sweep itself, remove them")
-    return {
-        k: _coerce(v, hints[k], f"{where}: {k}") if k in hints else v for k, v in values.items()
-    }
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        concrete = [a for a in options if a is not type(None)]
-        return _coerce(value, concrete[0], where) if len(concrete) == 1 else value
-    if origin is list:
-        if not isinstance(value, list):
-            raise UsageError(f"{where} must be a list, got {value!r}")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(v, item, where) for v in value]
-    if hint is bool and not isinstance(value, bool):
-        raise UsageError(f"{where} must be true or false, got {value!r}")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UsageError(f"{where} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if hint is str and not isinstance(value, str):
-        raise UsageError(f"{where} must be a string, got {value!r}")
-    return value
+    return coerce_values(sections, values, what, where)
 
 
 # -- the slurm: block --------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import torch
 from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from unlearn.errors import UsageError
-from unlearn.eval.native import evaluate_world
 from unlearn.fsutil import atomic_dir, atomic_write_json, check_writable_parent, write_jsonl
+from unlearn.world.evaluate import evaluate_world
 from unlearn.world.generate import generate
 from unlearn.world.load import WORLD_FILE, World, load_world
 from unlearn.world.presets import get_preset

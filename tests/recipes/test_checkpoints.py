@@ -1,4 +1,5 @@
-"""`unlearn checkpoints`: the latest checkpoint whose forget accuracy is still at chance."""
+"""recipes/checkpoints (`unlearn checkpoints`): the latest checkpoint whose forget accuracy is
+still at chance."""
 
 from __future__ import annotations
 
@@ -6,17 +7,18 @@ import json
 
 import pytest
 
-from unlearn.commands.checkpoints import (
+from unlearn.errors import UsageError
+from unlearn.recipes.checkpoints import (
     NOTE_LEARNING,
     NOTE_RANDOM,
     NOTE_VIABLE,
     Checkpoint,
     CheckpointsConfig,
+    chance_level,
     default_margin,
     mark_viable,
     table,
 )
-from unlearn.errors import UsageError
 
 
 def ckpt(label: str, forget: float | None, retain: float = 0.5) -> Checkpoint:
@@ -39,7 +41,15 @@ def test_a_failed_evaluation_is_never_viable():
     assert "| s2 | failed | 50.00% | eval failed |" in table(cks, "forget", "retain")
 
 
-def test_default_margin_is_two_standard_errors_at_chance():
+def test_a_result_that_is_not_a_finite_number_is_a_word_in_the_table():
+    """The one result-cell rule: a NaN accuracy is a failed result, a missing one a dash."""
+    cks = [ckpt("s1", 0.25), Checkpoint("s2", "m", "s2", {"acc": float("nan")}, {})]
+    text = table(cks, "forget", "retain")
+    assert "| s2 | failed | - |" in text
+    assert "nan" not in text.lower()
+
+
+def test_default_margin_is_two_standard_errors_atchance_level():
     # 2 * sqrt(0.25 * 0.75 / 48) = 0.125 exactly; large n is floored at one point.
     assert default_margin(0.25, 48) == pytest.approx(0.125)
     assert default_margin(0.25, 10**7) == 0.01
@@ -60,8 +70,6 @@ def test_chance_comes_from_the_world_questions_with_either_backend(tmp_path):
     world task used to assume four choices); a benchmark keeps --chance's default."""
     from types import SimpleNamespace
 
-    from unlearn.commands.checkpoints import _chance
-
     rows = [{"prompt": "P", "choices": [" a", " b", " c"], "answer": i % 3} for i in range(6)]
     forget = tmp_path / "forget.jsonl"
     forget.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -69,8 +77,8 @@ def test_chance_comes_from_the_world_questions_with_either_backend(tmp_path):
     world.read_questions = lambda task: rows  # what World.read_questions returns here
     for backend in ("native", "lm-eval"):
         cfg = CheckpointsConfig(world="w", backend=backend, forget_task="forget")
-        assert _chance(cfg, world) == pytest.approx(1 / 3), backend
-    assert _chance(CheckpointsConfig(world="w", backend="lm-eval"), world) == 0.25  # wmdp
+        assert chance_level(cfg, world) == pytest.approx(1 / 3), backend
+    assert chance_level(CheckpointsConfig(world="w", backend="lm-eval"), world) == 0.25  # wmdp
 
 
 def test_checkpoints_on_the_tiny_world_pick_the_ignorant_checkpoint(tiny_world, tmp_path, capsys):

@@ -1,0 +1,158 @@
+"""config.py: the ModelArgs section and the one builder from flat names (routing, coercion,
+unknown fields, bad types), and the flat names it keeps for run, attack, eval and fit-lens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+
+from unlearn.cliutil import ArgumentParser
+from unlearn.config import LoraSettings, ModelArgs, TrainConfig, build_sections, coerce_values
+from unlearn.errors import UsageError
+from unlearn.recipes.attack import AttackArgs, build_attack_config
+from unlearn.recipes.unlearning import RunArgs, build_run_config
+
+RUN_SECTIONS = (RunArgs, TrainConfig, LoraSettings)
+
+
+def test_build_sections_routes_flat_names_into_nested_sections_and_coerces():
+    values = {"out": "o", "world": "w", "model": "m", "revision": "r", "lr": 1, "lora_r": 8}
+    built = build_sections(RUN_SECTIONS, values)
+    args, train, lora = built[RunArgs], built[TrainConfig], built[LoraSettings]
+    assert args.model_args == ModelArgs("m", "r", False)  # nested: routed by its flat names
+    assert (args.out, args.world) == ("o", "w")
+    assert train.lr == 1.0 and isinstance(train.lr, float)  # an int for a float field
+    assert lora.lora_r == 8 and train.pdbs == TrainConfig().pdbs  # the rest keep defaults
+
+
+def test_coercion_keeps_types_and_turns_paths_into_strings(tmp_path):
+    typed = coerce_values(
+        RUN_SECTIONS,
+        {"out": tmp_path, "max_steps": None, "text_fields": ["text"], "grad_clip": 0},
+    )
+    assert typed == {"out": str(tmp_path), "max_steps": None, "text_fields": ["text"],
+                     "grad_clip": 0.0}  # fmt: skip
+    assert isinstance(typed["grad_clip"], float)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"lrr": 1e-3, "out": "o"}, "unknown run config field(s): lrr"),
+        ({"lr": "1e-3"}, "where: lr must be a number, got '1e-3'"),
+        ({"max_steps": 2.5}, "where: max_steps must be an integer, got 2.5"),
+        ({"pdbs": True}, "where: pdbs must be an integer, got True"),
+        ({"lora": "yes"}, "where: lora must be true or false, got 'yes'"),
+        ({"model": 3}, "where: model must be a string, got 3"),
+        ({"text_fields": "text"}, "where: text_fields must be a list, got 'text'"),
+        ({"lora_target_modules": [1]}, "where: lora_target_modules must be a string, got 1"),
+    ],
+)
+def test_bad_names_and_types_are_one_line_usage_errors(values, message):
+    with pytest.raises(UsageError) as e:
+        build_sections(RUN_SECTIONS, {"out": "o", "world": "w", **values}, "run config", "where")
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_flat_name_owned_by_two_sections_is_refused():
+    @dataclass
+    class Twice:
+        model: str | None = None
+
+    with pytest.raises(TypeError, match="model is in both ModelArgs and Twice"):
+        build_sections((RunArgs, Twice), {})
+
+
+def test_run_and_attack_builders_share_the_builder():
+    run = build_run_config("lens", {"out": "o", "world": "w", "model": "m", "lr": 1})
+    assert run.args.model_args.model == "m" and run.train.lr == 1.0
+    with pytest.raises(UsageError, match="unknown lens config field"):
+        build_run_config("lens", {"out": "o", "world": "w", "lrr": 1})
+    attack = build_attack_config({"model": "m", "out": "o", "world": "w", "revision": "r"})
+    assert attack.args.model_args == ModelArgs("m", "r") and attack.lora.lora is False
+    with pytest.raises(UsageError, match="eval_every must be an integer"):
+        build_attack_config({"model": "m", "out": "o", "world": "w", "eval_every": "5"})
+
+
+# The flat config dicts of runs made before ModelArgs existed: resume and sweeps compare them.
+RUN_KEYS = [
+    "method", "retain_coef", "remove_coef", "retain_ramp_start", "forget_end_fraction",
+    "retain_loss", "forget_loss", "layers", "retain_layers", "layer_stride", "start_layer",
+    "num_phases", "lr", "optimizer", "weight_decay", "num_train_examples", "pdbs", "grad_accum",
+    "epochs", "max_steps", "warmup", "lr_decay", "max_length", "grad_clip", "seed", "dtype",
+    "diverge_factor", "log_every", "checkpoint_every", "distributed", "lora", "lora_r",
+    "lora_alpha", "lora_dropout", "lora_target_modules", "merge", "model", "revision", "world",
+    "retain_mix", "mix_fraction",
+]  # fmt: skip
+ATTACK_KEYS = [
+    "lr", "optimizer", "weight_decay", "num_train_examples", "pdbs", "grad_accum", "epochs",
+    "max_steps", "warmup", "lr_decay", "max_length", "grad_clip", "seed", "dtype",
+    "diverge_factor", "log_every", "checkpoint_every", "distributed", "lora", "lora_r",
+    "lora_alpha", "lora_dropout", "lora_target_modules", "merge", "model", "corpus", "eval_every",
+]  # fmt: skip
+
+
+def test_config_dicts_keep_their_flat_names():
+    run = build_run_config(
+        "sequential",
+        {"world": "w", "out": "o", "model": "m", "revision": "r", "retain_mix": "x",
+         "mix_fraction": 0.5},
+    ).to_dict()  # fmt: skip
+    assert list(run) == RUN_KEYS
+    assert (run["model"], run["revision"], run["world"]) == ("m", "r", "w")
+    attack = build_attack_config({"model": "m", "out": "o", "world": "w"}).to_dict()
+    assert list(attack) == ATTACK_KEYS and attack["model"] == "m"
+
+
+@pytest.mark.parametrize(
+    ("command", "extra"),
+    [
+        ("unlearn.commands.run", ["--world", "w", "--out", "o"]),
+        ("unlearn.commands.attack", ["--world", "w", "--out", "o"]),
+        ("unlearn.commands.eval", ["--world", "w"]),
+        ("unlearn.commands.fit_lens", ["--world", "w", "--out", "o"]),
+    ],
+)
+def test_model_flags_keep_their_names_on_every_command(command, extra, monkeypatch):
+    """--model/--revision/--trust_remote_code parse into the ModelArgs section, unchanged."""
+    import importlib
+
+    seen = {}
+
+    def parse_args(self, argv):
+        ns = original(self, argv)
+        seen["ns"] = ns
+        raise SystemExit(0)
+
+    original = ArgumentParser.parse_args
+    monkeypatch.setattr(ArgumentParser, "parse_args", parse_args)
+    argv = ["--model", "m", "--revision", "r", "--trust_remote_code", "true", *extra]
+    with pytest.raises(SystemExit):
+        importlib.import_module(command).main(argv)
+    ns = seen["ns"]
+    section = ns.args if hasattr(ns, "args") else ns.cfg
+    assert section.model_args == ModelArgs("m", "r", True)
+
+
+def test_model_args_resolve_world_relative_paths_and_defaults(tiny_hf_models):
+    root = tiny_hf_models["gpt_neox"].parent
+    world = SimpleNamespace(root=root)
+    ref = ModelArgs("gpt_neox").resolve(world)  # relative: not here, but inside the world dir
+    assert ref.name == str(root / "gpt_neox")
+    assert ModelArgs().resolve(world, default=tiny_hf_models["llama"]).name == str(
+        tiny_hf_models["llama"]
+    )
+    with pytest.raises(UsageError, match="--model is required"):
+        ModelArgs().resolve(None)
+    with pytest.raises(UsageError, match="revision 'r' given for the local model directory"):
+        ModelArgs("gpt_neox", "r").resolve(world)
+
+
+def test_attack_args_read_the_model_flatly():
+    args = AttackArgs(model_args=ModelArgs("m", "r", True), out="o", world="w")
+    assert (args.model, args.revision, args.trust_remote_code) == ("m", "r", True)
+    with pytest.raises(UsageError, match="--model is required"):
+        AttackArgs(out="o", world="w")
