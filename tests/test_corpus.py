@@ -192,7 +192,7 @@ def test_bad_corpus_is_exit_2_before_weights_load(
     def no_weights(*args, **kwargs):
         raise AssertionError("weights loaded before the corpus was validated")
 
-    monkeypatch.setattr("unlearn.models.load_model", no_weights)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])

@@ -223,7 +223,7 @@ def test_bad_question_files_are_one_line_exit_2_before_weights_load(
     from tiny_models import linked_world_copy
     from unlearn.cli import main
 
-    monkeypatch.setattr("unlearn.models.load_model", _no_weights)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _no_weights)
     root = linked_world_copy(tiny_world, tmp_path / "w")
     forget = root / tiny_world.questions["forget"].relative_to(tiny_world.root)
     good = forget.read_text().splitlines(keepends=True)
@@ -252,7 +252,7 @@ def test_eval_output_that_is_a_directory_fails_before_weights_load(
 ):
     from unlearn.cli import main
 
-    monkeypatch.setattr("unlearn.models.load_model", _no_weights)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _no_weights)
     assert main(_eval_argv(tiny_world.root, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a directory" in err[0], err

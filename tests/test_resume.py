@@ -264,7 +264,7 @@ def test_cli_resume_from_a_truncated_checkpoint_is_one_line_before_weights_load(
     def no_weights(*args, **kwargs):
         raise AssertionError("weights loaded before the checkpoint was checked")
 
-    monkeypatch.setattr("unlearn.models.load_model", no_weights)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
     for _ in range(2):  # every rerun says the same, nothing changed in between
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
