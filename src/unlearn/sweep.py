@@ -57,6 +57,7 @@ from typing import Any
 import yaml
 
 from unlearn.config import coerce_values
+from unlearn.data import CorpusSpec
 from unlearn.errors import UsageError
 from unlearn.methods import get_method
 from unlearn.models import ModelRef, check_lora_targets
@@ -444,8 +445,6 @@ def _attach_attack(point: Point, attack: dict, world: World, out: Path, store: P
     if unknown:
         raise UsageError(f"unknown attack eval task(s) {unknown}; have {sorted(world.questions)}")
     if args.corpus is not None:
-        from unlearn.data import CorpusSpec
-
         spec = CorpusSpec.parse(args.corpus)
         if spec.is_local and not Path(spec.source).is_file():
             raise UsageError(f"attack corpus {args.corpus} not found")
