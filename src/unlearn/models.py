@@ -9,6 +9,7 @@ bad `--model` fails with one line before any weights load.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from unlearn.errors import UsageError
+from unlearn.fsutil import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
@@ -288,11 +290,6 @@ def save_model(
     def extras(tmp) -> None:
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-
-    import copy
-    from pathlib import Path
-
-    from unlearn.fsutil import atomic_dir
 
     out_dir = Path(out_dir)
     written = {}

@@ -23,7 +23,8 @@ from unlearn import losses
 from unlearn.data.batching import Batch
 from unlearn.errors import UsageError
 from unlearn.hooks import capture, forward_hiddens, num_layers
-from unlearn.models import eval_mode
+from unlearn.models import ModelRef, eval_mode
+from unlearn.schedules import forget_coef_at, retain_coef_at
 
 RETAIN_LOSSES = ("kl", "l2", "ce")
 FORGET_LOSSES = ("random_ce", "max_entropy")
@@ -269,17 +270,13 @@ class MethodEnv:
     """Hub revision of the model: with the name, what a fitted lens or affine map belongs to."""
 
     @property
-    def model_ref(self):
+    def model_ref(self) -> ModelRef:
         """The model as a `models.ModelRef` (name and revision)."""
-        from unlearn.models import ModelRef
-
         return ModelRef(self.model_name, self.revision, self.trust_remote_code)
 
 
 def unlearning_weights(cfg: MethodConfig, step: int, total_steps: int) -> dict[str, float]:
     """Scheduled coefficients: forget decays from remove_coef, retain ramps up to retain_coef."""
-    from unlearn.schedules import forget_coef_at, retain_coef_at
-
     return {
         "forget": forget_coef_at(step, total_steps, cfg.remove_coef, cfg.forget_end_fraction),
         "retain": retain_coef_at(step, total_steps, cfg.retain_coef, cfg.retain_ramp_start),
