@@ -151,8 +151,8 @@ def test_model_args_resolve_world_relative_paths_and_defaults(tiny_hf_models):
         ModelArgs("gpt_neox", "r").resolve(world)
 
 
-def test_attack_args_read_the_model_flatly():
+def test_attack_args_need_a_model():
     args = AttackArgs(model_args=ModelArgs("m", "r", True), out="o", world="w")
-    assert (args.model, args.revision, args.trust_remote_code) == ("m", "r", True)
+    assert args.model_args == ModelArgs("m", "r", True)
     with pytest.raises(UsageError, match="--model is required"):
         AttackArgs(out="o", world="w")

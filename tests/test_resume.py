@@ -23,19 +23,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from unlearn import cli
-from unlearn.errors import UsageError
+from unlearn.errors import Preempted, UsageError
 from unlearn.optim import build_optimizer
 from unlearn.resume import (
     EXIT_PREEMPTED,
     Checkpointer,
-    Preempted,
     damage,
     deferring_signals,
-    latest_checkpoint,
     read_info,
     stop_requested,
 )
-from unlearn.runs.rundir import RunDir
+from unlearn.runs.rundir import RunDir, latest_checkpoint
 from unlearn.train import TrainState
 
 CHILD = textwrap.dedent(

@@ -68,7 +68,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unlearn import models
 from unlearn.errors import UsageError
+from unlearn.hooks import get_blocks
+from unlearn.models import default_device, is_peft
 
 MODES = ("none", "ddp", "fsdp2")
 
@@ -179,8 +182,6 @@ class Parallel:
         elif self.mode == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
-            from unlearn.hooks import get_blocks
-
             for block in get_blocks(model):
                 fully_shard(block)
             fully_shard(model, reshard_after_forward=False)
@@ -248,7 +249,6 @@ class Parallel:
         A failed save (disk full) raises on every rank: rank 0 tells the others, which would
         otherwise wait for it at the next collective forever.
         """
-        from unlearn import models
 
         out_dir = Path(out_dir)
         if self._root is not None:
@@ -291,8 +291,6 @@ def _empty_like(model: nn.Module) -> nn.Module:
     """A new CPU model of the same architecture (and LoRA adapters) as `model`, to load weights."""
     from transformers import AutoModelForCausalLM
 
-    from unlearn.models import is_peft
-
     dtype = next(iter(model.parameters())).dtype
     if not is_peft(model):
         return AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=dtype)
@@ -315,7 +313,6 @@ def setup(mode: str) -> Parallel:
             raise UsageError(
                 f"launched on {env_world_size()} processes: pass --distributed ddp or fsdp2"
             )
-        from unlearn.models import default_device
 
         return Parallel(device=default_device())
     _init_process_group()

@@ -76,8 +76,8 @@ from torch import nn
 from unlearn import distributed
 from unlearn.errors import Preempted, UsageError
 from unlearn.fsutil import atomic_write_text
+from unlearn.runs.rundir import CHECKPOINT_DIR, STEP_PREFIX, checkpoints
 
-CHECKPOINT_DIR = "checkpoint"
 FORMAT = 1
 EXIT_PREEMPTED = 75
 """Exit status of a preempted command (EX_TEMPFAIL: run the same command again to resume)."""
@@ -87,7 +87,6 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 UNCOMPARED = ("checkpoint_every", "progress")
 """Config fields that cannot change the result, so a resume may change them."""
 
-_STEP_PREFIX = "step-"
 TENSOR_FILES = ("model.pt", "optimizer.pt", "rng.pt")
 """A checkpoint's tensor files; state.json records each one's size and sha256."""
 
@@ -140,25 +139,6 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The config as JSON would give it back, without the fields a resume may change."""
     normal = json.loads(json.dumps(config))
     return {k: v for k, v in normal.items() if k not in UNCOMPARED}
-
-
-def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """A run directory's checkpoint directories, newest first."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    steps = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(_STEP_PREFIX) and p.name[len(_STEP_PREFIX) :].isdigit()
-    ]
-    return sorted(steps, key=lambda p: int(p.name[len(_STEP_PREFIX) :]), reverse=True)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory of a run directory, or None."""
-    found = checkpoints(run_dir)
-    return found[0] if found else None
 
 
 def read_info(checkpoint: Path) -> dict[str, Any]:
@@ -411,7 +391,7 @@ class Checkpointer:
         if world_size > 1:
             rng = [None] * world_size
             dist.all_gather_object(rng, _rng_state())
-        final = self.root / f"{_STEP_PREFIX}{state.step:08d}"
+        final = self.root / f"{STEP_PREFIX}{state.step:08d}"
         if rank == 0:
             self._write(final, model_sd, optim_sd, rng, state, world_size)
         if world_size > 1:
@@ -420,7 +400,7 @@ class Checkpointer:
 
     def _write(self, final, model_sd, optim_sd, rng, state, world_size: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(f".{_STEP_PREFIX}*"):
+        for stale in self.root.glob(f".{STEP_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed writer's temp directory
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
         try:
@@ -445,7 +425,7 @@ class Checkpointer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for old in self.root.glob(f"{_STEP_PREFIX}*"):
+        for old in self.root.glob(f"{STEP_PREFIX}*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
 

@@ -9,8 +9,8 @@ import pytest
 
 from unlearn import cli
 from unlearn.errors import UsageError
-from unlearn.resume import EXIT_PREEMPTED, latest_checkpoint, read_info
-from unlearn.runs.rundir import RunDir, RunMeta
+from unlearn.resume import EXIT_PREEMPTED, read_info
+from unlearn.runs.rundir import RunDir, RunMeta, latest_checkpoint
 from unlearn.runs.store import Store
 from unlearn.sweep import execute
 from unlearn.sweep.execute import run_sweep

@@ -114,7 +114,7 @@ def test_attack_points_at_the_run_model(tiny_world, tmp_path):
     p = sweep.points[0]
     assert p.attack_dir == sweep.out / f"{p.id}-attack"
     assert p.attack_config.args.parent == p.id
-    assert p.attack_config.args.model == str(p.run_dir / "model")
+    assert p.attack_config.args.model_args.model == str(p.run_dir / "model")
     assert p.attack_config.train.max_steps == 3
     copy = pickle.loads(pickle.dumps(p))  # what a cluster executor ships to a job
     assert copy.run_config == p.run_config and copy.attack_config == p.attack_config

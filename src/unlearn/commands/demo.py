@@ -16,6 +16,22 @@ from pathlib import Path
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.errors import UsageError
+from unlearn.fsutil import check_writable_parent
+from unlearn.recipes.campaign import (
+    attack_runs,
+    baseline_runs,
+    best_point,
+    final_acc,
+    print_err,
+    write_spec,
+)
+from unlearn.report import render_report
+from unlearn.resume import EXIT_PREEMPTED
+from unlearn.runs.store import Store, check_store
+from unlearn.sweep.execute import SweepPreempted, run_sweep
+from unlearn.sweep.spec import load_sweep
+from unlearn.world import build_world, load_world
+from unlearn.world.presets import get_preset
 
 # Small grids around each method's documented default (see README): the default forget weight
 # and one other, at the documented step budgets (half the steps leave checkpoint transfer and
@@ -51,7 +67,6 @@ class DemoConfig:
     """Use this existing world instead of OUT/world."""
 
     def __post_init__(self) -> None:
-        from unlearn.world.presets import get_preset
 
         get_preset(self.preset)
 
@@ -60,22 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="unlearn demo", description=__doc__)
     parser.add_arguments(DemoConfig, dest="cfg")
     cfg: DemoConfig = parser.parse_args(argv).cfg
-
-    from unlearn.fsutil import check_writable_parent
-    from unlearn.recipes.campaign import (
-        attack_runs,
-        baseline_runs,
-        best_point,
-        final_acc,
-        print_err,
-        write_spec,
-    )
-    from unlearn.report import render_report
-    from unlearn.resume import EXIT_PREEMPTED
-    from unlearn.runs.store import Store, check_store
-    from unlearn.sweep.execute import SweepPreempted, run_sweep
-    from unlearn.sweep.spec import load_sweep
-    from unlearn.world import build_world, load_world
 
     t0 = time.time()
     out = check_writable_parent(Path(cfg.out) / "x").parent  # creates nothing yet

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.errors import UsageError
+from unlearn.fsutil import check_writable_parent
+from unlearn.report import render_report
+from unlearn.runs.store import Store, check_store, read_tree
 
 
 @dataclass
@@ -43,10 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="unlearn report", description=__doc__)
     parser.add_arguments(ReportConfig, dest="cfg")
     cfg: ReportConfig = parser.parse_args(argv).cfg
-
-    from unlearn.fsutil import check_writable_parent
-    from unlearn.report import render_report
-    from unlearn.runs.store import Store, check_store, read_tree
 
     # Everything is checked before anything is written: a bad store or a bad run directory
     # leaves neither an empty report directory nor a new, empty store behind.

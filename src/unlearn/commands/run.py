@@ -20,6 +20,7 @@ from unlearn.distributed import is_main
 from unlearn.methods import REGISTRY, get_method
 from unlearn.recipes.unlearning import RunArgs, RunConfig, run_unlearning
 from unlearn.resume import exit_code
+from unlearn.runs.rundir import RunDir
 
 
 def parse(argv: list[str] | None) -> RunConfig:
@@ -43,7 +44,6 @@ def parse(argv: list[str] | None) -> RunConfig:
 
 def print_evals(run_dir: str) -> None:
     """One line per task: the run's final accuracies (or why there are none)."""
-    from unlearn.runs.rundir import RunDir
 
     evals = [e for e in RunDir(run_dir).read().evals if e.metric == "acc"]
     for e in evals:

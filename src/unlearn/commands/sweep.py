@@ -16,6 +16,12 @@ from __future__ import annotations
 import sys
 
 from unlearn.cliutil import ArgumentParser
+from unlearn.resume import EXIT_PREEMPTED
+from unlearn.sweep.execute import SweepPreempted, run_sweep
+from unlearn.sweep.slurm import make_executor, states_with_jobs
+from unlearn.sweep.spec import load_sweep
+from unlearn.sweep.state import inspect_point
+from unlearn.sweep.table import count_statuses, describe_points, format_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,13 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         " many is refused before its points are built (docs/sweeps.md)",
     )
     ns = parser.parse_args(argv)
-
-    from unlearn.resume import EXIT_PREEMPTED
-    from unlearn.sweep.execute import SweepPreempted, run_sweep
-    from unlearn.sweep.slurm import make_executor, states_with_jobs
-    from unlearn.sweep.spec import load_sweep
-    from unlearn.sweep.state import inspect_point
-    from unlearn.sweep.table import count_statuses, describe_points, format_table
 
     sweep = load_sweep(ns.spec, ns.max_points)
     if ns.dry_run:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.errors import UsageError
+from unlearn.eval.table import results_table
+from unlearn.world.build import build_world, check_out_dir
 from unlearn.world.presets import get_preset
 
 
@@ -47,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_arguments(WorldBuildConfig, dest="cfg")
     args = parser.parse_args(argv)
     cfg: WorldBuildConfig = args.cfg
-
-    from unlearn.eval.table import results_table
-    from unlearn.world.build import build_world, check_out_dir
 
     check_out_dir(cfg.out)  # fail on a bad --out before generating anything
     world = build_world(cfg.preset, cfg.seed, cfg.out, progress=not cfg.quiet, threads=cfg.threads)

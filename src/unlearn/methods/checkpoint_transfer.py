@@ -21,9 +21,12 @@ from typing import ClassVar
 import torch
 
 from unlearn import losses
+from unlearn.affine import load_affine
 from unlearn.errors import UsageError
+from unlearn.fitting import fitted_affine, source_model_name
 from unlearn.methods import register
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, StepContext, run_forward
+from unlearn.models import load_model, resolve_model
 
 
 @dataclass
@@ -59,9 +62,6 @@ class CheckpointTransfer(Method):
     train_defaults: ClassVar[dict] = {"lr": 3e-4, "num_train_examples": 4096, "lora": False}
 
     def setup(self, model: torch.nn.Module, env: MethodEnv) -> None:
-        from unlearn.affine import load_affine
-        from unlearn.fitting import fitted_affine, source_model_name
-        from unlearn.models import load_model, resolve_model
 
         super().setup(model, env)
         cfg: CheckpointTransferConfig = self.cfg  # type: ignore[assignment]

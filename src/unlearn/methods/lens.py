@@ -24,6 +24,8 @@ from typing import ClassVar
 import torch
 
 from unlearn.errors import UsageError
+from unlearn.fitting import fitted_lens
+from unlearn.lens import load_lens
 from unlearn.methods import register
 from unlearn.methods.base import (
     Method,
@@ -59,8 +61,6 @@ class LensUnlearning(Method):
     train_defaults: ClassVar[dict] = {"lr": 3e-3}
 
     def setup(self, model: torch.nn.Module, env: MethodEnv) -> None:
-        from unlearn.fitting import fitted_lens
-        from unlearn.lens import load_lens
 
         super().setup(model, env)
         cfg: LensConfig = self.cfg  # type: ignore[assignment]

@@ -27,7 +27,6 @@ from unlearn.models import (
     check_lora_targets,
     load_model,
     load_tokenizer,
-    resolve_model,
 )
 from unlearn.recipes.unlearning import world_scorer
 from unlearn.resume import Checkpointer
@@ -88,19 +87,6 @@ class AttackArgs:
         if self.eval_every < 1:
             raise UsageError(f"--eval_every must be >= 1, got {self.eval_every}")
 
-    # Flat read access, the names of the command line and of run.json's config.
-    @property
-    def model(self) -> str | None:
-        return self.model_args.model
-
-    @property
-    def revision(self) -> str | None:
-        return self.model_args.revision
-
-    @property
-    def trust_remote_code(self) -> bool:
-        return self.model_args.trust_remote_code
-
 
 @dataclass
 class AttackConfig:
@@ -138,9 +124,7 @@ def run_attack(cfg: AttackConfig) -> RunMeta:
     unknown = set(args.eval_tasks) - set(world.questions)
     if unknown:
         raise UsageError(f"unknown eval task(s) {sorted(unknown)}; have {sorted(world.questions)}")
-    ref = resolve_model(
-        args.model, args.revision, trust_remote_code=args.trust_remote_code, world_dir=world.root
-    )
+    ref = args.model_args.resolve(world)
     if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
         check_lora_targets(ref, cfg.lora.lora_target_modules)
     texts = load_documents(args.corpus or world.corpora["forget_attack"], args.text_fields)
@@ -158,7 +142,7 @@ def run_attack(cfg: AttackConfig) -> RunMeta:
         config=cfg.to_dict(),
         status="running",
         started=utc_now(),
-        parent=args.parent or str(args.model),
+        parent=args.parent or str(args.model_args.model),
     )
     # Resumes when OUT holds a checkpoint of this config (the curve up to it, failed evaluations
     # included); records how the attack ends, whatever ends it.
@@ -187,8 +171,7 @@ def run_attack(cfg: AttackConfig) -> RunMeta:
 
         def on_step(step: int) -> None:
             if step % args.eval_every == 0 or step == steps:
-                run.evaluate(step, tasks, score)
-                model.train()
+                run.evaluate(step, tasks, score)  # in eval mode, restored after (models.eval_mode)
 
         with checkpoint.catching_signals():
             state = train(

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UsageError
-from unlearn.fsutil import atomic_write_json, atomic_write_text
+from unlearn.fsutil import atomic_write_json, atomic_write_text, check_output_dir
 
 FORMAT = 1
 KINDS = ("baseline", "unlearn", "attack")
@@ -47,6 +47,8 @@ STATUSES = ("pending", "running", "done", "failed", "diverged", "collapsed", "pr
 """preempted: stopped by a signal after writing OUT/checkpoint; rerunning the command resumes."""
 EVAL_STATUSES = ("done", "failed")
 RUN_FILE, METRICS_FILE, EVALS_FILE = "run.json", "metrics.jsonl", "evals.jsonl"
+CHECKPOINT_DIR, STEP_PREFIX = "checkpoint", "step-"
+"""Resumable checkpoints live in OUT/checkpoint/step-NNNNNNNN (written by unlearn.resume)."""
 SAVED_DIRS = ("model", "adapter")
 """What a run saves into its directory besides the files above (OUT/model, OUT/adapter)."""
 OWNER_FILE = "unlearn_run.json"
@@ -430,10 +432,27 @@ def _local_path(name: str | os.PathLike | None) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A run directory's checkpoint directories, newest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    steps = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()
+    ]
+    return sorted(steps, key=lambda p: int(p.name[len(STEP_PREFIX) :]), reverse=True)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory of a run directory, or None."""
+    found = checkpoints(run_dir)
+    return found[0] if found else None
+
+
 def _is_run_dir(path: Path) -> bool:
     """A directory a run wrote: its run.json, or a resumable checkpoint (OUT/checkpoint/step-N)."""
-    from unlearn.resume import latest_checkpoint  # resume imports this module
-
     return (path / RUN_FILE).is_file() or latest_checkpoint(path) is not None
 
 
@@ -450,8 +469,6 @@ def check_run_out(
       saved model/adapter directories carry this run's stamp; a file, a foreign directory or a
       run of another kind (an attack over an unlearning run) is never replaced or mixed into.
     """
-    from unlearn.fsutil import check_output_dir
-
     path = Path(out).expanduser().absolute()
     resolved = path.resolve()
     for what, name in (inputs or {}).items():

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from unlearn.errors import UsageError
+from unlearn.fsutil import check_writable_parent
 from unlearn.runs.rundir import (
     EVAL_STATUSES,
     KINDS,
@@ -357,8 +358,6 @@ def _check_schema(c: sqlite3.Connection, path: Path) -> None:
 def check_store(path: str | os.PathLike) -> Path:
     """Check a --store path before a command writes anything (run dir, weights): a new file
     that can be created, an empty database or a results store. Reads only; creates nothing."""
-    from unlearn.fsutil import check_writable_parent
-
     path = check_writable_parent(path)
     if path.is_dir():
         raise UsageError(f"results store {path} is a directory, not a SQLite file")
