@@ -11,8 +11,6 @@ import sys
 import pytest
 
 import unlearn.report as report
-from unlearn.eval.table import pct as eval_pct
-from unlearn.eval.table import results_table as eval_results_table
 from unlearn.report import analysis, render, tables
 from unlearn.report.tables import (
     EVAL_FAILED,
@@ -95,8 +93,6 @@ def test_results_table_uses_the_rule():
         "| b | failed | - | - |",
         "| c | - | - | - |",
     ]
-    # eval.table keeps its public names, defined once (here).
-    assert eval_results_table is results_table and eval_pct is pct
 
 
 def test_markdown_table_escapes_cells():
@@ -120,10 +116,10 @@ def test_split_config_keys_orders_preferred_first():
 
 
 def test_tables_import_nothing_heavy():
-    # eval.table re-exports from report.tables: importing it must not pull in the evaluator,
-    # torch or matplotlib (plots import it when they draw), and must not form a cycle.
+    # Tables are read by light commands (report, world): importing them must not pull in the
+    # evaluator, torch or matplotlib (plots import it when they draw), and must not form a cycle.
     code = (
-        "import sys, unlearn.eval.table, unlearn.report; "
+        "import sys, unlearn.report.tables; "
         "print(sorted(m for m in ('torch', 'matplotlib', 'unlearn.eval.native', "
         "'unlearn.eval.harness') if m in sys.modules))"
     )

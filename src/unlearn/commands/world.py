@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.errors import UsageError
-from unlearn.eval.table import results_table
+from unlearn.report.tables import results_table
 from unlearn.world.build import build_world, check_out_dir
 from unlearn.world.presets import get_preset
 

@@ -10,8 +10,8 @@ result into a table cell:
 - a non-finite value shows the failed word too (the harness treats NaN as a failed eval);
 - anything else is a number, as a percentage by default (`pct`).
 
-This module imports nothing heavy (no store, no evaluator, no matplotlib), so `unlearn.eval.table`
-re-exports its names without a cycle.
+This module imports nothing heavy (no store, no evaluator, no matplotlib): light commands
+(`unlearn world`, `unlearn report`) print tables without loading torch.
 """
 
 from __future__ import annotations
