@@ -13,7 +13,8 @@ import pytest
 
 from unlearn.cli import main as cli
 from unlearn.errors import UsageError
-from unlearn.runs.rundir import RunDir, RunMeta
+from unlearn.runs.rows import RunMeta
+from unlearn.runs.rundir import RunDir
 
 FAST = ["--max_steps", "1", "--pdbs", "2", "--grad_accum", "1", "--num_train_examples", "8",
         "--eval", "false", "--progress", "false"]  # fmt: skip

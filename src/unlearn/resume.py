@@ -49,6 +49,9 @@ Design choices:
   flag (an all-reduce per step), so every rank checkpoints at the same step.
 - A finished run deletes its checkpoint (`discard`): for a 7B model the optimizer state alone is
   tens of gigabytes, and a finished run is never resumed.
+
+Size: ~480 lines, one mechanism (atomic checkpoint write, verification, restore, signal
+latching) whose atomicity contract reads best in one place.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from matplotlib.image import imread
 from unlearn.commands.report import main as report_main
 from unlearn.errors import UsageError
 from unlearn.report.render import SCATTER_PNG, TAMPER_PNG, render_report
-from unlearn.runs.rundir import RunDir, RunMeta
+from unlearn.runs.rows import RunMeta
+from unlearn.runs.rundir import RunDir
 from unlearn.runs.store import Store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

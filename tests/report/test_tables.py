@@ -21,7 +21,7 @@ from unlearn.report.tables import (
     results_table,
     split_config_keys,
 )
-from unlearn.runs.rundir import EvalRow
+from unlearn.runs.rows import EvalRow
 
 NUMBER = re.compile(r"\d")
 

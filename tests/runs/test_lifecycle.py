@@ -10,7 +10,8 @@ import pytest
 from unlearn.distributed import Parallel
 from unlearn.errors import DivergedError, Preempted, RetainZeroError, SaveFailed, UsageError
 from unlearn.runs.lifecycle import mark_failed, run_lifecycle
-from unlearn.runs.rundir import RunDir, RunMeta, utc_now
+from unlearn.runs.rows import RunMeta, utc_now
+from unlearn.runs.rundir import RunDir
 from unlearn.runs.status import (
     NO_EVALS_ERROR,
     OUTCOMES,

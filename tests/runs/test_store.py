@@ -9,7 +9,8 @@ import sqlite3
 import pytest
 
 from unlearn.errors import UsageError
-from unlearn.runs.rundir import EvalRow, MetricRow, RunDir, RunMeta, eval_rows
+from unlearn.runs.rows import EvalRow, MetricRow, RunMeta, eval_rows
+from unlearn.runs.rundir import RunDir
 from unlearn.runs.status import NO_EVALS_ERROR
 from unlearn.runs.store import Store
 

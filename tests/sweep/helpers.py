@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from unlearn.runs.rundir import RunDir, RunMeta, utc_now
+from unlearn.runs.rows import RunMeta, utc_now
+from unlearn.runs.rundir import RunDir
 
 TINY = {
     "num_train_examples": 8,

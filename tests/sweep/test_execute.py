@@ -10,7 +10,8 @@ import pytest
 from unlearn import cli
 from unlearn.errors import UsageError
 from unlearn.resume import EXIT_PREEMPTED, read_info
-from unlearn.runs.rundir import RunDir, RunMeta, latest_checkpoint
+from unlearn.runs.rows import RunMeta
+from unlearn.runs.rundir import RunDir, latest_checkpoint
 from unlearn.runs.store import Store
 from unlearn.sweep import execute
 from unlearn.sweep.execute import run_sweep

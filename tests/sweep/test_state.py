@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from unlearn import cli
-from unlearn.runs.rundir import RunDir, RunMeta
+from unlearn.runs.rows import RunMeta
+from unlearn.runs.rundir import RunDir
 from unlearn.sweep.spec import load_sweep
 from unlearn.sweep.state import inspect_point
 

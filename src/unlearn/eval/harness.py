@@ -24,6 +24,9 @@ Design choices:
   evaluation that runs past its timeout (its unfinished tasks). A dataset that cannot be
   loaded (offline and not cached) is bad input: `UsageError`, one line naming the task and how to
   make it available, raised while the tasks are prepared, before any weights load.
+
+Size: ~490 lines, the whole lm-eval boundary (task preparation, the live-model and child-
+process paths, timeouts, result translation) so that nothing else imports lm-eval.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from unlearn.models import (
 from unlearn.recipes.unlearning import world_scorer
 from unlearn.resume import Checkpointer
 from unlearn.runs.lifecycle import run_lifecycle
-from unlearn.runs.rundir import RunMeta, check_run_out, utc_now
+from unlearn.runs.rows import RunMeta, utc_now
+from unlearn.runs.rundir import check_run_out
 from unlearn.runs.store import check_store
 from unlearn.train import Plan, train
 from unlearn.world import load_world

@@ -15,7 +15,8 @@ from unlearn.models import load_model, load_tokenizer, resolve_model
 from unlearn.recipes.attack import build_attack_config, run_attack
 from unlearn.recipes.unlearning import world_scorer
 from unlearn.runs.lifecycle import run_lifecycle
-from unlearn.runs.rundir import RunDir, RunMeta, utc_now
+from unlearn.runs.rows import RunMeta, utc_now
+from unlearn.runs.rundir import RunDir
 
 BASELINES = (("target", "Target (to unlearn)"), ("ignorant", "Ignorant checkpoint (source)"),
              ("filtered", "Filtered twin (gold standard)"))  # fmt: skip

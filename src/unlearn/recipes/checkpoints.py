@@ -25,7 +25,7 @@ from unlearn.eval.native import NUMERIC_METRICS
 from unlearn.fsutil import atomic_write_json, atomic_write_text, check_writable_parent
 from unlearn.models import ModelRef, default_device, load_model, load_tokenizer
 from unlearn.report.tables import markdown_table, result_cell
-from unlearn.runs.rundir import RunMeta, utc_now
+from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.store import Store, check_store
 from unlearn.world import World, evaluate_world, load_world
 

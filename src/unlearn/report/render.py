@@ -41,7 +41,7 @@ from unlearn.report.tables import (
     split_config_keys,
     task_header,
 )
-from unlearn.runs.rundir import STATUSES, EvalRow
+from unlearn.runs.rows import STATUSES, EvalRow
 from unlearn.runs.store import Store, StoredRun
 
 ACC = "acc"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
-from unlearn.runs.rundir import EvalRow
+from unlearn.runs.rows import EvalRow
 
 MISSING = "-"
 """A result never measured."""

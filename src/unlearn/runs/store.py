@@ -27,6 +27,9 @@ Design choices:
 - A store is created only in a new or empty database file. A non-empty SQLite database without
   our tables is someone else's and is refused untouched (`check_store` lets commands find that,
   or a file that is no database at all, before they write a run directory or load weights).
+
+Size: ~450 lines, one SQLite schema and its transactions (writes, retries on a busy file,
+ingest, queries); splitting reads from writes would split the schema.
 """
 
 from __future__ import annotations
@@ -43,17 +46,17 @@ from typing import Any, TypeVar
 
 from unlearn.errors import UsageError
 from unlearn.fsutil import check_writable_parent
-from unlearn.runs.rundir import (
+from unlearn.runs.rows import (
     EVAL_STATUSES,
     KINDS,
     STATUSES,
     EvalRow,
     MetricRow,
-    RunDir,
     RunMeta,
     RunRecord,
     eval_rows,
 )
+from unlearn.runs.rundir import RunDir
 from unlearn.runs.status import effective_status
 
 SCHEMA_VERSION = 1

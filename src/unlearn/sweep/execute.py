@@ -36,7 +36,8 @@ from unlearn.recipes.attack import run_attack
 from unlearn.recipes.unlearning import run_unlearning
 from unlearn.resume import deferring_signals, stop_requested
 from unlearn.runs.lifecycle import mark_failed
-from unlearn.runs.rundir import RunDir, RunMeta, latest_checkpoint
+from unlearn.runs.rows import RunMeta
+from unlearn.runs.rundir import RunDir, latest_checkpoint
 from unlearn.runs.store import Store
 from unlearn.sweep.points import Point
 from unlearn.sweep.spec import Sweep

@@ -52,7 +52,7 @@ from typing import Any
 
 from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_write_json
-from unlearn.runs.rundir import RunMeta
+from unlearn.runs.rows import RunMeta
 from unlearn.runs.store import Store
 from unlearn.sweep.execute import Executor, OnDone, OnStart, record_failure, run_point
 from unlearn.sweep.points import Point

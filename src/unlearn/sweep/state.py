@@ -21,7 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 from unlearn.errors import UsageError
-from unlearn.runs.rundir import RunDir, RunRecord
+from unlearn.runs.rows import RunRecord
+from unlearn.runs.rundir import RunDir
 from unlearn.runs.status import effective_status
 from unlearn.sweep.points import Point
 
