@@ -1,25 +1,13 @@
-"""Unlearning methods, found by name in a registry (the trainer never branches on a name)."""
+"""Unlearning methods, one file each, found by name in a registry (the trainer never branches on
+a name). Importing this package imports every method module, which registers it."""
 
 from __future__ import annotations
 
-from unlearn.errors import UsageError
+from unlearn.methods import checkpoint_transfer, lens, sequential
 from unlearn.methods.base import Method, MethodConfig, StepContext
+from unlearn.methods.registry import REGISTRY, get_method, register
 
-REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[Method]:
-    if name not in REGISTRY:
-        raise UsageError(f"unknown method {name!r} (choose from {', '.join(sorted(REGISTRY))})")
-    return REGISTRY[name]
-
-
-# Importing the method modules registers them.
-from unlearn.methods import checkpoint_transfer, lens, sequential  # noqa: E402, F401
+METHODS = (checkpoint_transfer, lens, sequential)
+"""The method modules (imported for their registration)."""
 
 __all__ = ["REGISTRY", "Method", "MethodConfig", "StepContext", "get_method", "register"]

@@ -24,8 +24,8 @@ from unlearn import losses
 from unlearn.affine import load_affine
 from unlearn.errors import UsageError
 from unlearn.fitting import fitted_affine, source_model_name
-from unlearn.methods import register
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, StepContext, run_forward
+from unlearn.methods.registry import register
 from unlearn.models import load_model, resolve_model
 
 

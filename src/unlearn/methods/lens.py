@@ -26,7 +26,6 @@ import torch
 from unlearn.errors import UsageError
 from unlearn.fitting import fitted_lens
 from unlearn.lens import load_lens
-from unlearn.methods import register
 from unlearn.methods.base import (
     Method,
     MethodConfig,
@@ -35,6 +34,7 @@ from unlearn.methods.base import (
     forget_on_logits,
     run_forward,
 )
+from unlearn.methods.registry import register
 
 
 @dataclass

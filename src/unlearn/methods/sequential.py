@@ -22,7 +22,6 @@ import torch
 
 from unlearn.errors import UsageError
 from unlearn.hooks import replace_output
-from unlearn.methods import register
 from unlearn.methods.base import (
     Method,
     MethodConfig,
@@ -32,6 +31,7 @@ from unlearn.methods.base import (
     forget_on_logits,
     run_forward,
 )
+from unlearn.methods.registry import register
 
 
 @dataclass

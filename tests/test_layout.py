@@ -1,0 +1,79 @@
+"""The package's shape (issue 12): no import cycle between the project's modules, counting the
+imports at module top (where they belong; lazy ones are only for heavy optional dependencies)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import unlearn
+
+SRC = Path(unlearn.__file__).parent
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """{module: the project modules it imports at its top level} (TYPE_CHECKING blocks aside)."""
+    modules = {}
+    for path in SRC.rglob("*.py"):
+        parts = ("unlearn", *path.relative_to(SRC).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.parse(path.read_text()).body:
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("unlearn"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    targets.append(full if full in modules else node.module)
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("unlearn")]
+            for target in targets:
+                while target not in modules and "." in target:
+                    target = target.rsplit(".", 1)[0]
+                if target in modules and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_the_imports():
+    graph = _module_graph()
+    assert "unlearn.runs.lifecycle" in graph["unlearn.recipes.unlearning"]
+    assert "unlearn.methods.registry" in graph["unlearn.methods.lens"]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle_between_project_modules():
+    assert _cycles(_module_graph()) == []
