@@ -7,14 +7,16 @@ Design choices:
   model directory or hub id in a child process, so a hung or crashing evaluation can be killed by
   a timeout without taking the caller down.
 - **Task names.** A name is a world question set (`forget`, `forget_heldout`, `forget_attack`,
-  `retain`, when a world is given), a task bundled with this package (`eval/tasks/`:
-  `wmdp_bio_robust`, `wmdp_bio_cloze`) or any lm-eval built-in (`mmlu`, `wmdp_bio`). lm-eval's own
-  index (about 15k configs, seconds to scan) is built only when a name is not found among ours.
-- **World tasks equal the native evaluator.** They are inline task configs over the world's
-  question JSONL whose requests are exactly the native evaluator's: context = prompt,
-  continuation = choice (target delimiter "", since every choice starts with its space), no BOS
-  token, and the bundled cloze `process_results` (acc, acc_norm, correct_prob). So both backends
-  give the same accuracy on the same model (tests/test_lm_eval.py asserts it).
+  `retain`, when a world is given), a local question file given as `local` ({name: (schema,
+  path)}), a task bundled with this package (`eval/tasks/`: `wmdp_bio_robust`, `wmdp_bio_cloze`)
+  or any lm-eval built-in (`mmlu`, `wmdp_bio`). lm-eval's own index (about 15k configs, seconds
+  to scan) is built only when a name is not found among ours.
+- **Question files equal the native evaluator.** World tasks and cloze files are inline task
+  configs whose requests are exactly the native evaluator's: context = prompt, continuation =
+  choice (target delimiter "", since every choice starts with its space), no BOS token, and the
+  bundled cloze `process_results` (acc, acc_norm, correct_prob); letter files use the prompt
+  functions of `unlearn.eval.letter` and the tokenizer's default special tokens, as benchmarks
+  do. So both backends give the same accuracy on the same model (tests/test_lm_eval.py).
 - **Results are read from the dict `simple_evaluate` returns**, never from printed tables:
   `"{metric},{filter}"` entries of `results[task]` (a group's are its aggregate), `n` from
   `n-samples`, and the collapse check from the logged per-document log-likelihoods.
@@ -40,19 +42,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from unlearn.errors import UsageError
 from unlearn.eval.collapse import collapse_report
-from unlearn.eval.questions import read_questions
+from unlearn.eval.letter import letter_task_config
+from unlearn.eval.questions import CLOZE, read_question_file
 from unlearn.eval.tasks import TASKS_DIR
 from unlearn.eval.tasks.utils import cloze_results
 from unlearn.models import default_device, eval_mode, load_model, load_tokenizer, resolve_model
 
 WORLD_TASK_PREFIX = "world_"
-"""lm-eval name of a world task: `world_forget` is reported as `forget`."""
+"""lm-eval name of a world task or local question file: `world_forget` is reported as `forget`."""
 BUNDLED_TASKS = ("wmdp_bio_robust", "wmdp_bio_cloze")
 WORLD_METRICS = ("acc", "acc_norm", "correct_prob")
 
@@ -85,6 +88,13 @@ class HarnessOptions:
         # overflow the wait); a timeout is a finite number of seconds.
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
             raise UsageError(f"--timeout must be a finite number > 0 (seconds), got {self.timeout}")
+
+
+def local_task_config(name: str, kind: str, questions_file: str | os.PathLike) -> dict:
+    """Inline lm-eval config of a question file of either schema (`unlearn.eval.questions`)."""
+    if kind == CLOZE:
+        return world_task_config(name, questions_file)
+    return letter_task_config(WORLD_TASK_PREFIX + name, questions_file)
 
 
 def world_task_config(name: str, questions_file: str | os.PathLike) -> dict:
@@ -122,6 +132,7 @@ class PreparedTasks:
     failed: dict[str, str] = field(default_factory=dict)
     """Requested name -> why it could not be built (recorded as a failed eval)."""
     world_names: frozenset[str] = frozenset()
+    """Question-file tasks scored without special tokens (cloze: the world's rule)."""
     task_manager: object = None
 
 
@@ -150,6 +161,12 @@ def _task_manager(registered: Sequence[str], include_path: Sequence[str | os.Pat
     return tm
 
 
+def check_task_names(names: Sequence[str], include_path: Sequence[str | os.PathLike] = ()) -> None:
+    """UsageError (one line) unless every name is a bundled or lm-eval task or group; reads
+    lm-eval's task index only (no dataset, no network)."""
+    _task_manager(names, include_path)
+
+
 def _dataset_error(name: str, error: Exception) -> UsageError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UsageError(
@@ -159,23 +176,30 @@ def _dataset_error(name: str, error: Exception) -> UsageError:
 
 
 def prepare_tasks(
-    names: Sequence[str], world=None, include_path: Sequence[str | os.PathLike] = ()
+    names: Sequence[str],
+    world=None,
+    include_path: Sequence[str | os.PathLike] = (),
+    local: Mapping[str, tuple[str, str]] | None = None,
 ) -> PreparedTasks:
     """Resolve task names and load their data. Unknown names and missing datasets: UsageError.
 
     `world`: a World, or anything with its `questions` ({task: question file}).
     `include_path`: extra folders of lm-eval task YAMLs (your own tasks).
+    `local`: question files by task name, {name: (schema, path)} (`unlearn.eval.questions`).
     """
-    questions = dict(world.questions) if world is not None else {}
+    files = {n: (CLOZE, str(p)) for n, p in (world.questions if world is not None else {}).items()}
+    files.update(local or {})
+    kinds = {}
     for name in names:
-        if name in questions:  # lm-eval would fail on a bad row only after the model loaded
-            read_questions(questions[name])
-    tm = _task_manager([n for n in names if n not in questions], include_path)
-    prepared = PreparedTasks(world_names=frozenset(n for n in names if n in questions))
+        if name in files:  # lm-eval would fail on a bad row only after the model loaded
+            kinds[name] = read_question_file(files[name][1])[0]
+    tm = _task_manager([n for n in names if n not in files], include_path)
+    cloze = frozenset(n for n, kind in kinds.items() if kind == CLOZE)
+    prepared = PreparedTasks(world_names=cloze)
     prepared.task_manager = tm
     for name in names:
-        spec = world_task_config(name, questions[name]) if name in questions else name
-        lm_name = WORLD_TASK_PREFIX + name if name in questions else name
+        spec = local_task_config(name, kinds[name], files[name][1]) if name in files else name
+        lm_name = WORLD_TASK_PREFIX + name if name in files else name
         try:
             loaded = tm.load([spec])
         except (ConnectionError, FileNotFoundError) as e:
@@ -377,6 +401,8 @@ class SavedRequest:
     dtype: str = "float32"
     questions: dict[str, str] | None = None
     """The world's question files by task (the harness needs no more of a world)."""
+    local: dict[str, list[str]] = field(default_factory=dict)
+    """Question files by task name: {name: [schema, path]}."""
     include_path: list[str] = field(default_factory=list)
     batch_size: int = 64
     limit: int | None = None
@@ -397,6 +423,7 @@ def run_saved(
     dtype: str = "float32",
     include_path: Sequence[str | os.PathLike] = (),
     trust_remote_code: bool = False,
+    local: Mapping[str, tuple[str, str]] | None = None,
 ) -> dict[str, dict]:
     """Evaluate a saved model (directory or hub id) in a child process, with options.timeout.
 
@@ -415,6 +442,7 @@ def run_saved(
             if world is not None
             else None
         ),
+        local={n: [kind, str(Path(path).absolute())] for n, (kind, path) in (local or {}).items()},
         include_path=[str(Path(p).absolute()) for p in include_path],
         batch_size=options.batch_size,
         limit=options.limit,
@@ -472,7 +500,8 @@ def _child_main(request_file: str, out_file: str) -> int:
     options = HarnessOptions(request.batch_size, request.limit, request.num_fewshot)
     try:
         world = WorldTasks(request.questions) if request.questions is not None else None
-        prepared = prepare_tasks(request.tasks, world, request.include_path)
+        local = {name: (kind, path) for name, (kind, path) in request.local.items()}
+        prepared = prepare_tasks(request.tasks, world, request.include_path, local)
         ref = resolve_model(request.model, request.revision, request.trust_remote_code)
     except UsageError as e:
         emit({"usage_error": str(e)})

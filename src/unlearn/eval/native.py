@@ -1,18 +1,31 @@
-"""Native cloze evaluator for multiple-choice questions (any number of choices from two up).
+"""Native log-likelihood evaluator: multiple-choice questions scored in our own batched forwards.
 
 Scoring follows lm-evaluation-harness's `loglikelihood` request exactly, so the two backends agree
-on the same task and model: the continuation tokens are `encode(prompt + choice)` minus the tokens
-of `encode(prompt)`, with no special tokens, and a choice's score is the sum of its tokens'
-log-probabilities. `acc` takes the argmax score, `acc_norm` the argmax of score per character of
-the choice (lm-eval's length normalisation), and `correct_prob` is the softmax over the question's
-choice scores at the right answer (the seeds' "cloze correct prob"). Question files are validated
-as they are read (`unlearn.eval.questions`).
+on the same task and model. A request is (context, continuation); like lm-eval's HF model:
 
-It is batched: a question whose choices are each one token after the prompt is one row (all
-choices read at the prompt's last position), any other question one row per choice; rows are
-sorted by length so a batch wastes little padding, right-padded, and run in one forward each.
-Under torchrun the batches (not the questions) are shared out over the ranks, so every rank runs
-the same number of forwards.
+- trailing whitespace of the context moves to the start of the continuation;
+- the continuation's tokens are `encode(context + continuation)` minus `encode(context)`;
+- `special_tokens` is lm-eval's `add_bos_token`: None encodes with the tokenizer's default (a
+  Llama tokenizer adds BOS, GPT-NeoX's does not: lm-eval's default for benchmarks), False adds
+  none (the world's cloze tasks); a text already starting with the BOS string gets none;
+- an empty context is the prefix token (BOS, else EOS) and the continuation encoded alone;
+- a sequence longer than the model's context window keeps its last tokens (lm-eval's
+  `resolve_max_length` gives the window);
+- a choice's score is the sum of its tokens' log-probabilities, and "greedy" says whether every
+  token is the argmax at its position.
+
+Questions (`{prompt, choices, answer}`) are requests (prompt, choice): `acc` takes the argmax
+score, `acc_norm` the argmax of score per character of the choice (lm-eval's length
+normalisation), and `correct_prob` is the softmax over the question's choice scores at the right
+answer (the seeds' "cloze correct prob"). Question files are validated as they are read
+(`unlearn.eval.questions`); letter multiple choice (`unlearn.eval.letter`) and lm-eval's own task
+objects (`unlearn.eval.lm_tasks`) are turned into requests and scored here too.
+
+It is batched: requests that share a context and whose continuations are each one token are one
+row (all read at the context's last position: the same numbers as a row each, one forward instead
+of len(choices)); any other request is its own row; rows are sorted by length so a batch wastes
+little padding, right-padded, and run in one forward each. Under torchrun the batches (not the
+questions) are shared out over the ranks, so every rank runs the same number of forwards.
 """
 
 from __future__ import annotations
@@ -29,6 +42,9 @@ from unlearn.eval.collapse import collapse_report
 from unlearn.eval.questions import question_problem
 from unlearn.eval.tasks.utils import argmax, correct_prob, per_character
 from unlearn.models import eval_mode
+
+Request = tuple[str, str]
+"""(context, continuation), as in an lm-eval loglikelihood request."""
 
 
 @dataclass(frozen=True)
@@ -56,69 +72,121 @@ class QuestionScore:
 
 @dataclass(frozen=True)
 class _Row:
-    """One sequence to run and the (question, choice) scores read from it.
+    """One sequence to run and the request scores read from it.
 
-    `reads` holds (question idx, choice idx, first predicting position, target ids): the choice's
-    score is the sum of log p(target_k) at positions first + k.
+    `reads` holds (request idx, first predicting position, target ids): the request's score is
+    the sum of log p(target_k) at positions first + k.
     """
 
     ids: list[int]
-    reads: list[tuple[int, int, int, list[int]]]
+    reads: list[tuple[int, int, list[int]]]
 
 
-def _rows(tokenizer, questions: Sequence[dict]) -> list[_Row]:
-    """The fewest sequences that score every choice.
+def _encoder(tokenizer, special_tokens: bool | None):
+    """`encode(texts) -> ids lists` with lm-eval's rule for special tokens (module docstring)."""
+    bos = tokenizer.decode(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else None
 
-    A choice's tokens are `encode(prompt + choice)` minus the tokens of `encode(prompt)`, no
-    special tokens (lm-eval's split). When each choice of a question adds exactly one token to
-    the prompt's own tokens (the usual case for short answers), all of them are read from ONE
-    forward of the prompt, at its last position: the same numbers as one row per choice, for
-    one forward instead of len(choices). Otherwise each (question, choice) pair is its own row.
-    """
-    texts = [q["prompt"] for q in questions]
-    texts += [q["prompt"] + c for q in questions for c in q["choices"]]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])  # one batched call
-    contexts = [next(encoded) for _ in questions]
-    rows = []
-    for qi, (q, ctx) in enumerate(zip(questions, contexts, strict=True)):
-        pairs = [(whole, len(whole) - len(ctx)) for whole in (next(encoded) for _ in q["choices"])]
-        for ci, (_, n_cont) in enumerate(pairs):
-            if n_cont <= 0:
-                raise ValueError(f"choice {q['choices'][ci]!r} adds no tokens to {q['prompt']!r}")
-        if ctx and all(n == 1 and ids[:-1] == ctx for ids, n in pairs):
-            reads = [(qi, ci, len(ctx) - 1, ids[-1:]) for ci, (ids, _) in enumerate(pairs)]
-            rows.append(_Row(ctx, reads))
+    def encode(texts: list[str]) -> list[list[int]]:
+        if special_tokens is False:
+            return tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batched call
+        has_bos = [bool(bos) and t.startswith(bos) for t in texts]
+        plain = [t for t, b in zip(texts, has_bos, strict=True) if not b]
+        ids = iter(tokenizer(plain, add_special_tokens=True)["input_ids"] if plain else [])
+        return [
+            tokenizer.encode(t, add_special_tokens=False) if b else next(ids)
+            for t, b in zip(texts, has_bos, strict=True)
+        ]
+
+    return encode
+
+
+def _prefix_token(tokenizer) -> int:
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None else tokenizer.eos_token_id
+
+
+def encode_requests(
+    tokenizer, requests: Sequence[Request], special_tokens: bool | None = False
+) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of each request, as lm-eval's HF model splits them."""
+    pairs = []
+    for context, continuation in requests:
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        pairs.append((context, continuation))
+    encode = _encoder(tokenizer, special_tokens)
+    with_context = [(c, x) for c, x in pairs if c]
+    texts = [c for c, _ in with_context] + [c + x for c, x in with_context]
+    encoded = encode(texts) if texts else []
+    contexts = iter(encoded[: len(with_context)])
+    wholes = iter(encoded[len(with_context) :])
+    out = []
+    for context, continuation in pairs:
+        if not context:  # lm-eval: the prefix token is the context
+            out.append(([_prefix_token(tokenizer)], encode([continuation])[0]))
             continue
-        for ci, (ids, n_cont) in enumerate(pairs):
-            rows.append(_Row(ids, [(qi, ci, len(ids) - n_cont - 1, ids[len(ids) - n_cont :])]))
+        ctx, whole = next(contexts), next(wholes)
+        out.append((ctx, whole[len(ctx) :]))
+    return out
+
+
+def _rows(encoded: Sequence[tuple[list[int], list[int]]], max_length: int | None) -> list[_Row]:
+    """The fewest sequences that score every request.
+
+    Requests with the same context whose continuations are each one token extending that
+    context's own tokens are read from ONE forward of the context, at its last position. A
+    sequence longer than `max_length` + 1 keeps its last tokens, as lm-eval does.
+    """
+    rows: list[_Row] = []
+    shared: dict[tuple[int, ...], _Row] = {}
+    for i, (ctx, cont) in enumerate(encoded):
+        if not cont:
+            raise ValueError("a continuation adds no tokens to its context")
+        fed = (ctx + cont)[:-1]
+        if max_length is not None and len(fed) > max_length:
+            fed = fed[-max_length:]
+        read = (i, len(fed) - len(cont), cont)
+        if read[1] < 0:
+            raise ValueError(f"a continuation of {len(cont)} tokens exceeds the context window")
+        if len(cont) == 1:  # `fed` is the context's tokens (their last max_length)
+            key = tuple(fed)
+            if key not in shared:
+                shared[key] = _Row(fed, [])
+                rows.append(shared[key])
+            shared[key].reads.append(read)
+            continue
+        rows.append(_Row(fed, [read]))
     return rows
 
 
+def context_window(model: torch.nn.Module, tokenizer) -> int:
+    """The model's context length as lm-eval resolves it (config, tokenizer, else 2048)."""
+    from lm_eval.models.utils import resolve_max_length  # the same rule, so truncation agrees
+
+    return resolve_max_length(getattr(model, "config", None), tokenizer, default=2048)
+
+
 @torch.no_grad()
-def score_questions(
+def score_requests(
     model: torch.nn.Module,
     tokenizer,
-    questions: Sequence[dict],
+    requests: Sequence[Request],
     batch_size: int = 64,
+    special_tokens: bool | None = False,
     progress: bool = False,
     desc: str = "eval",
-) -> list[QuestionScore]:
-    """Score every choice of every question; returns one QuestionScore per question, in order.
+) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy) of each request's continuation, in order.
 
     Under torchrun the *batches* are sharded over the ranks (`distributed.map_sharded`): every
     rank builds the same rows and batches, runs its share (padded to an equal count, because an
     FSDP2 forward is a collective) and gets every batch's scores back. Sharding questions instead
     would not do: a question is 1 row or one per choice, so equal question counts can still mean
     unequal forwards.
-
-    A question that cannot be scored (see `unlearn.eval.questions`) is a ValueError: files are
-    checked when read, this guards callers that build questions in code.
     """
-    for i, q in enumerate(questions):
-        problem = question_problem(q)
-        if problem is not None:
-            raise ValueError(f"question {i}: {problem}")
-    rows = _rows(tokenizer, questions)
+    encoded = encode_requests(tokenizer, requests, special_tokens)
+    rows = _rows(encoded, context_window(model, tokenizer))
     device = next(model.parameters()).device
     # Longest first: the first batch is the biggest, so an out-of-memory shows up at once.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
@@ -127,29 +195,22 @@ def score_questions(
     share = -(-len(batches) // world_size())  # the forwards this rank runs
     bar = tqdm(total=share, desc=desc, disable=not (progress and is_main()), leave=False)
 
-    def run(batch: list[int]) -> dict[tuple[int, int], float]:
+    def run(batch: list[int]) -> dict[int, tuple[float, bool]]:
         bar.update(1)
         return _score_batch(model, [rows[i] for i in batch], pad_id, device)
 
-    loglik: dict[tuple[int, int], float] = {}
+    scores: dict[int, tuple[float, bool]] = {}
     with eval_mode(model):
-        for part in map_sharded(run, batches):  # a choice's tokens are all in one row: no overlap
-            loglik.update(part)
+        for part in map_sharded(run, batches):  # a request's tokens are all in one row
+            scores.update(part)
     bar.close()
-    return [
-        QuestionScore(
-            loglik=tuple(loglik[(qi, ci)] for ci in range(len(q["choices"]))),
-            answer=int(q["answer"]),
-            choices=tuple(q["choices"]),
-        )
-        for qi, q in enumerate(questions)
-    ]
+    return [scores[i] for i in range(len(requests))]
 
 
 def _score_batch(
     model: torch.nn.Module, rows: Sequence[_Row], pad_id: int, device: torch.device
-) -> dict[tuple[int, int], float]:
-    """One right-padded forward of `rows`: {(question idx, choice idx): log-likelihood}."""
+) -> dict[int, tuple[float, bool]]:
+    """One right-padded forward of `rows`: {request idx: (log-likelihood, greedy)}."""
     width = max(len(row.ids) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -160,19 +221,63 @@ def _score_batch(
     # Normalise only the positions that are read (token t is predicted at position t-1).
     keys, rows_at, positions, targets = [], [], [], []
     for b, row in enumerate(rows):
-        for qi, ci, first, tokens in row.reads:
+        for request, first, tokens in row.reads:
             for k, token in enumerate(tokens):
-                keys.append((qi, ci))
+                keys.append(request)
                 rows_at.append(b)
                 positions.append(first + k)
                 targets.append(token)
     picked = logits[torch.tensor(rows_at), torch.tensor(positions)].float()
     logprobs = torch.log_softmax(picked, dim=-1)
-    token_lp = logprobs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].cpu()
-    loglik: dict[tuple[int, int], float] = {}
-    for key, value in zip(keys, token_lp.tolist(), strict=True):
-        loglik[key] = loglik.get(key, 0.0) + value
-    return loglik
+    wanted = torch.tensor(targets, device=logprobs.device)[:, None]
+    token_lp = logprobs.gather(1, wanted)[:, 0].cpu().tolist()
+    token_greedy = (picked.argmax(dim=-1) == wanted[:, 0]).cpu().tolist()
+    out: dict[int, tuple[float, bool]] = {}
+    for key, value, greedy in zip(keys, token_lp, token_greedy, strict=True):
+        total, all_greedy = out.get(key, (0.0, True))
+        out[key] = (total + value, all_greedy and bool(greedy))
+    return out
+
+
+def score_questions(
+    model: torch.nn.Module,
+    tokenizer,
+    questions: Sequence[dict],
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "eval",
+    special_tokens: bool | None = False,
+) -> list[QuestionScore]:
+    """Score every choice of every question; returns one QuestionScore per question, in order.
+
+    A question that cannot be scored (see `unlearn.eval.questions`) is a ValueError: files are
+    checked when read, this guards callers that build questions in code.
+    """
+    for i, q in enumerate(questions):
+        problem = question_problem(q)
+        if problem is not None:
+            raise ValueError(f"question {i}: {problem}")
+    requests = [(q["prompt"], c) for q in questions for c in q["choices"]]
+    scores = iter(
+        score_requests(model, tokenizer, requests, batch_size, special_tokens, progress, desc)
+    )
+    return [
+        QuestionScore(
+            loglik=tuple(next(scores)[0] for _ in q["choices"]),
+            answer=int(q["answer"]),
+            choices=tuple(q["choices"]),
+        )
+        for q in questions
+    ]
+
+
+def mean_stderr(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and its sample standard error (lm-eval's stderr of a `mean` aggregation)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
 
 
 def summarize(scores: Sequence[QuestionScore]) -> dict:
@@ -183,13 +288,6 @@ def summarize(scores: Sequence[QuestionScore]) -> dict:
     acc = [float(s.pred == s.answer) for s in scores]
     acc_norm = [float(s.pred_norm == s.answer) for s in scores]
     prob = [s.correct_prob for s in scores]
-
-    def mean_stderr(xs: list[float]) -> tuple[float, float]:
-        m = sum(xs) / len(xs)
-        if len(xs) < 2:
-            return m, 0.0
-        var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-        return m, math.sqrt(var / len(xs))
 
     out: dict = {"n": n}
     for name, xs in (("acc", acc), ("acc_norm", acc_norm), ("correct_prob", prob)):
@@ -209,18 +307,25 @@ def evaluate_questions(
     batch_size: int = 64,
     progress: bool = False,
     desc: str = "eval",
+    special_tokens: bool | None = False,
 ) -> dict:
     """Score and summarize one task (sharded over the ranks when run under torchrun)."""
-    return summarize(score_questions(model, tokenizer, questions, batch_size, progress, desc))
+    return summarize(
+        score_questions(model, tokenizer, questions, batch_size, progress, desc, special_tokens)
+    )
 
 
 NUMERIC_METRICS = ("acc", "acc_norm", "correct_prob")
+"""The metrics of the native question tasks (a benchmark reports those its config lists)."""
 
 
 def numeric_metrics(result: dict) -> dict[str, float]:
-    """The numbers of a task result (metrics and their stderrs), for stores and tables."""
-    out = {}
-    for name in NUMERIC_METRICS:
-        out[name] = result[name]
-        out[f"{name}_stderr"] = result[f"{name}_stderr"]
-    return out
+    """The numbers of a task result (metrics and their stderrs, no count, no collapse report),
+    for stores and tables; a stderr lm-eval could not compute (None) is left out."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if k not in ("n", "collapse", "status")
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+    }

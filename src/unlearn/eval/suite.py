@@ -1,0 +1,339 @@
+"""Evaluation suites: which tasks an evaluation runs, the role of each, and how each is scored.
+
+    suite = resolve_suite(SuiteArgs(forget_tasks=["wmdp_bio_robust"], retain_tasks=["mmlu@500"]))
+    prepared = prepare_suite(suite)                   # datasets loaded: still no weights
+    score = prepared.scorer(model, tokenizer)         # score(task key) -> (metrics, collapsed)
+
+A task is any of
+- a world task (`forget`, `forget_heldout`, `forget_attack`, `retain`) when a world is given;
+- a local question file (`path/to/q.jsonl`): `{prompt, choices, answer}` rows are cloze as in the
+  world, `{question, choices, answer}` rows letter multiple choice (`unlearn.eval.letter`); its
+  key in tables and stores is the file's stem;
+- a bundled task (`wmdp_bio_robust`, `wmdp_bio_cloze`) or any lm-eval task or group name.
+`NAME@N` scores the first N documents of the task (of each subtask of a group); `eval_limit`
+applies to every task without its own.
+
+Roles: `forget` (should fall), `retain` (should stay), `other` (reported only). Defaults, when no
+task is given at all: with a world, its tasks (forget and forget_heldout forget, retain retain,
+forget_attack other); without one, `wmdp_bio_robust` (forget) and `mmlu` (retain). A suite needs at
+least one forget task.
+
+Scoring (`eval_backend`): `auto` scores question files natively, and lm-eval tasks natively too
+when the native path reproduces them exactly (`unlearn.eval.lm_tasks.native_problem`), else
+through lm-eval on the live model; `native` refuses a task it cannot reproduce; `lm-eval` runs
+every task through lm-eval. Either way the model in memory is scored (no save/load round trip),
+and a task that fails is a failed row, never a number. Under torchrun the native path shards its
+batches over the ranks; lm-eval cannot score a live model there, so such a suite is refused.
+
+Everything is checked by `resolve_suite` (names, files row by row, limits) without loading a
+dataset, so `--dry-run` needs no network; `prepare_suite` then loads lm-eval tasks' datasets
+(a dataset that is not available offline is bad input), still before any weights load.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from unlearn.distributed import env_world_size
+from unlearn.errors import UsageError
+from unlearn.eval import harness
+from unlearn.eval.letter import as_cloze
+from unlearn.eval.lm_tasks import native_problem, score_lm_task
+from unlearn.eval.native import evaluate_questions, numeric_metrics
+from unlearn.eval.questions import CLOZE, LETTER, read_question_file
+
+ROLES = ("forget", "retain", "other")
+BACKENDS = ("auto", "native", "lm-eval")
+WORLD_ROLES = {"forget": "forget", "forget_heldout": "forget", "retain": "retain"}
+"""A world task's role in the default suite (others, e.g. forget_attack: other)."""
+DEFAULT_BENCHMARKS = {"forget": ["wmdp_bio_robust"], "retain": ["mmlu"], "other": []}
+QUESTION_SUFFIXES = (".jsonl", ".json")
+_LIMIT = re.compile(r"^(?P<name>.+)@(?P<limit>-?\d+)$")
+
+
+@dataclass
+class SuiteArgs:
+    """The evaluation suite (a config section: flat names on the command line and in specs)."""
+
+    forget_tasks: list[str] = field(default_factory=list)
+    """Tasks whose accuracy should fall: world tasks (forget forget_heldout), question files
+    (.jsonl), wmdp_bio_robust, wmdp_bio_cloze or lm-eval tasks; NAME@N = its first N documents.
+    Default: the world's forget tasks, else wmdp_bio_robust."""
+    retain_tasks: list[str] = field(default_factory=list)
+    """Tasks whose accuracy should stay (same forms). Default: the world's retain, else mmlu."""
+    other_tasks: list[str] = field(default_factory=list)
+    """Tasks reported only (same forms). Default: the world's forget_attack."""
+    eval_limit: int | None = None
+    """Only the first N documents of each task without its own @N (cheap in-loop curves)."""
+    eval_backend: str = "auto"
+    """auto (native where it reproduces lm-eval exactly, else lm-eval), native or lm-eval."""
+    task_dirs: list[str] = field(default_factory=list)
+    """Extra folders of lm-eval task YAMLs (your own tasks, or local copies of benchmarks)."""
+
+    def __post_init__(self) -> None:
+        for role in ROLES:  # `--forget_tasks a,b` and `--forget_tasks a b` both work
+            setattr(self, f"{role}_tasks", _split(getattr(self, f"{role}_tasks")))
+            for entry in getattr(self, f"{role}_tasks"):
+                parse_entry(entry)
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise UsageError(f"--eval_limit must be >= 1, got {self.eval_limit}")
+        if self.eval_backend not in BACKENDS:
+            raise UsageError(
+                f"--eval_backend must be one of {', '.join(BACKENDS)}, got {self.eval_backend}"
+            )
+
+    @property
+    def given(self) -> bool:
+        return bool(self.forget_tasks or self.retain_tasks or self.other_tasks)
+
+
+def _split(entries: Sequence[str]) -> list[str]:
+    return [e.strip() for arg in entries for e in str(arg).split(",") if e.strip()]
+
+
+def parse_entry(entry: str) -> tuple[str, int | None]:
+    """`mmlu@200` -> ("mmlu", 200); `mmlu` -> ("mmlu", None). A limit must be >= 1."""
+    m = _LIMIT.match(entry)
+    if m is None:
+        return entry, None
+    limit = int(m["limit"])
+    if limit < 1:
+        raise UsageError(f"task {entry}: the limit after @ must be >= 1, got {limit}")
+    return m["name"], limit
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One task of a suite, resolved."""
+
+    key: str
+    """Its name in evals.jsonl, the store and tables (a question file: the file's stem)."""
+    source: str
+    """As written (a path, a name)."""
+    role: str
+    kind: str
+    """world, cloze, letter (question files) or lm-eval (bundled and lm-eval tasks)."""
+    limit: int | None = None
+    path: str | None = None
+    """The question file (world, cloze and letter tasks)."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    """The resolved tasks of an evaluation and how they are scored."""
+
+    tasks: tuple[SuiteTask, ...]
+    backend: str = "auto"
+    task_dirs: tuple[str, ...] = ()
+    """Extra folders of lm-eval task YAMLs, absolute."""
+
+    def task_keys(self, role: str | None = None) -> list[str]:
+        return [t.key for t in self.tasks if role is None or t.role == role]
+
+    @property
+    def forget(self) -> list[str]:
+        return self.task_keys("forget")
+
+    @property
+    def retain(self) -> list[str]:
+        return self.task_keys("retain")
+
+    def task(self, key: str) -> SuiteTask:
+        return next(t for t in self.tasks if t.key == key)
+
+    def roles(self) -> dict[str, list[str]]:
+        """{"forget": [keys], "retain": [...], "other": [...]}: what run.json records, and what
+        reports read to name and order their columns."""
+        return {role: self.task_keys(role) for role in ROLES}
+
+    def chance(self, key: str) -> float:
+        """Chance accuracy of a task: the mean of 1 / choices over a question file's questions
+        (first `limit`), 0.25 for a benchmark (WMDP and MMLU questions have four choices)."""
+        t = self.task(key)
+        if t.path is None:
+            return 0.25
+        rows = read_question_file(t.path)[1][: t.limit]
+        return sum(1 / len(q["choices"]) for q in rows) / len(rows)
+
+
+def resolve_suite(args: SuiteArgs, world=None, base: str | Path | None = None) -> Suite:
+    """The suite `args` names, every task checked without loading a dataset or weights.
+
+    `world` supplies the world tasks and the defaults; `base` is where relative question-file
+    paths are found (a spec's directory; default the working directory). UsageError, one line,
+    for an unknown name, a bad question file (FILE:LINE), a key used twice or no forget task.
+    """
+    world_tasks = dict(world.questions) if world is not None else {}
+    if args.given:
+        wanted = {role: getattr(args, f"{role}_tasks") for role in ROLES}
+    elif world is not None:
+        wanted = {role: [] for role in ROLES}
+        for name in world_tasks:
+            wanted[WORLD_ROLES.get(name, "other")].append(name)
+    else:
+        wanted = {role: list(names) for role, names in DEFAULT_BENCHMARKS.items()}
+    tasks, registry = [], []
+    for role in ROLES:
+        for entry in wanted[role]:
+            name, limit = parse_entry(entry)
+            task = _resolve(name, role, limit or args.eval_limit, world_tasks, base)
+            tasks.append(task)
+            if task.kind == "lm-eval":
+                registry.append(name)
+    task_dirs = tuple(str(_path(d, base).absolute()) for d in args.task_dirs)
+    for d in task_dirs:
+        if not Path(d).is_dir():
+            raise UsageError(f"task folder {d} is not a directory")
+    if registry:
+        harness.check_task_names(registry, task_dirs)
+    keys = [t.key for t in tasks]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise UsageError(f"the evaluation suite names task(s) {repeated} more than once")
+    if not any(t.role == "forget" for t in tasks):
+        raise UsageError("the evaluation suite has no forget task (give --forget_tasks)")
+    return Suite(tuple(tasks), args.eval_backend, task_dirs)
+
+
+def _path(name: str, base: str | Path | None) -> Path:
+    path = Path(name).expanduser()
+    return Path(base) / path if not path.is_absolute() and base is not None else path
+
+
+def _resolve(
+    name: str, role: str, limit: int | None, world_tasks: dict, base: str | Path | None
+) -> SuiteTask:
+    if name in world_tasks:
+        path = str(world_tasks[name])
+        read_question_file(path)  # checked row by row before any weights load
+        return SuiteTask(name, name, role, "world", limit, path)
+    path = _path(name, base)
+    if path.suffix in QUESTION_SUFFIXES or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"question file {name} not found")
+        kind, _ = read_question_file(path)
+        return SuiteTask(path.stem, name, role, kind, limit, str(path.absolute()))
+    return SuiteTask(name, name, role, "lm-eval", limit)
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+
+Scorer = Callable[[str], tuple[dict, bool]]
+"""score(task key) -> (numeric metrics, collapsed), for `ActiveRun.evaluate`."""
+
+
+@dataclass
+class PreparedSuite:
+    """A suite whose lm-eval tasks are built and their data loaded, ready for any model."""
+
+    suite: Suite
+    prepared: harness.PreparedTasks | None
+    """lm-eval's task objects (None when every task is a question file scored natively)."""
+    native: frozenset[str]
+    """Keys of the lm-eval tasks scored natively (question files always are, unless the backend
+    is lm-eval)."""
+
+    def via_lm_eval(self, key: str) -> bool:
+        t = self.suite.task(key)
+        if self.suite.backend == "lm-eval":
+            return True
+        return t.kind == "lm-eval" and key not in self.native
+
+    def score(
+        self, model: torch.nn.Module, tokenizer, key: str, batch_size: int = 64,
+        progress: bool = False,
+    ) -> dict:  # fmt: skip
+        """One task's result dict on the live model; raises (HarnessError, ValueError, ...) when
+        the evaluation fails, so callers record a failed row."""
+        t = self.suite.task(key)
+        if self.via_lm_eval(key):
+            options = harness.HarnessOptions(batch_size, t.limit)
+            results = harness.evaluate_prepared(model, tokenizer, self._only(key), options)
+            result = results[key]
+            if result.get("status") == "failed":
+                raise harness.HarnessError(result["error"])
+            return result
+        if t.kind in ("world", CLOZE, LETTER):
+            rows = read_question_file(t.path)[1][: t.limit]
+            questions = as_cloze(rows) if t.kind == LETTER else rows
+            special = None if t.kind == LETTER else False  # benchmarks: the tokenizer's default
+            result = evaluate_questions(
+                model, tokenizer, questions, batch_size, progress, key, special
+            )
+            if t.kind == LETTER:  # every continuation is one letter: acc_norm is acc
+                result = {k: v for k, v in result.items() if not k.startswith("acc_norm")}
+            return result
+        if key in self.prepared.failed:
+            raise harness.HarnessError(self.prepared.failed[key])
+        obj = self.prepared.objects[key]
+        return score_lm_task(model, tokenizer, obj, t.limit, batch_size, None, progress)
+
+    def _only(self, key: str) -> harness.PreparedTasks:
+        p = self.prepared
+        return harness.PreparedTasks(
+            objects={k: v for k, v in p.objects.items() if k == key},
+            failed={k: v for k, v in p.failed.items() if k == key},
+            world_names=p.world_names,
+            task_manager=p.task_manager,
+        )
+
+    def scorer(
+        self, model: torch.nn.Module, tokenizer, batch_size: int = 64, progress: bool = False
+    ) -> Scorer:
+        """`score(key) -> (metrics, collapsed)` on the live model, for `ActiveRun.evaluate`."""
+
+        def score(key: str) -> tuple[dict, bool]:
+            result = self.score(model, tokenizer, key, batch_size, progress)
+            collapsed = bool((result.get("collapse") or {}).get("collapsed"))
+            return numeric_metrics(result), collapsed
+
+        return score
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer, batch_size: int = 64, progress: bool = False
+    ) -> dict[str, dict]:
+        """{key: result dict or {"status": "failed", "error": ...}} for every task."""
+        results = {}
+        for key in self.suite.task_keys():
+            try:
+                results[key] = self.score(model, tokenizer, key, batch_size, progress)
+            except (harness.HarnessError, ValueError, RuntimeError) as e:
+                results[key] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        return results
+
+
+def prepare_suite(suite: Suite) -> PreparedSuite:
+    """Build the suite's lm-eval tasks and load their data (UsageError when a dataset is not
+    available offline), decide which are scored natively; no weights are loaded."""
+    lm_eval_keys = [t.key for t in suite.tasks if t.kind == "lm-eval" or suite.backend == "lm-eval"]
+    prepared = None
+    native: set[str] = set()
+    if lm_eval_keys:
+        local = {
+            t.key: (CLOZE if t.kind == "world" else t.kind, t.path)
+            for t in suite.tasks
+            if t.path is not None
+        }
+        prepared = harness.prepare_tasks(lm_eval_keys, None, suite.task_dirs, local)
+        for key in lm_eval_keys:
+            if suite.task(key).kind != "lm-eval" or key not in prepared.objects:
+                continue
+            problem = native_problem(prepared.objects[key])
+            if problem is None and suite.backend != "lm-eval":
+                native.add(key)
+            elif suite.backend == "native":
+                raise UsageError(f"task {key} cannot be scored natively ({problem}); use auto")
+    result = PreparedSuite(suite, prepared, frozenset(native))
+    through_lm_eval = [k for k in suite.task_keys() if result.via_lm_eval(k)]
+    if through_lm_eval and env_world_size() > 1:
+        raise UsageError(
+            f"task(s) {through_lm_eval} need lm-eval, which cannot score a live model under "
+            "torchrun; evaluate the saved model with `unlearn eval` instead"
+        )
+    return result
