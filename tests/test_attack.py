@@ -38,7 +38,7 @@ def test_attack_teaches_the_attack_group_to_a_model_that_knows_it_less(tiny_worl
     out = tmp_path / "attack"
     rc = cli(["attack", "--model", str(model), "--world", str(tiny_world.root), "--out", str(out),
               "--max_steps", "4", "--eval_every", "4", "--pdbs", "8",
-              "--eval_tasks", "forget_attack", "--progress", "false"])  # fmt: skip
+              "--forget_tasks", "forget_attack", "--progress", "false"])  # fmt: skip
     assert rc == 0
     acc = {r["step"]: r["value"] for r in read_jsonl(out / "evals.jsonl") if r["metric"] == "acc"}
     target = tiny_world.stats["baseline"]["target"]["forget_attack"]["acc"]
@@ -49,8 +49,8 @@ def test_attack_teaches_the_attack_group_to_a_model_that_knows_it_less(tiny_worl
 def test_attack_bad_input(tiny_world, tmp_path, capsys):
     assert cli(["attack", "--world", str(tiny_world.root), "--out", str(tmp_path / "a")]) == 2
     rc = cli(["attack", "--model", str(tiny_world.target), "--world", str(tiny_world.root),
-              "--out", str(tmp_path / "a"), "--eval_tasks", "nope"])  # fmt: skip
+              "--out", str(tmp_path / "a"), "--forget_tasks", "nope"])  # fmt: skip
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "--model is required" in err[0] and "unknown eval task" in err[1]
+    assert "--model is required" in err[0] and "unknown task" in err[1]
     assert not (tmp_path / "a").exists()

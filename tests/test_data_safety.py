@@ -18,7 +18,7 @@ from unlearn.runs.rundir import RunDir
 
 FAST = ["--max_steps", "1", "--pdbs", "2", "--grad_accum", "1", "--num_train_examples", "8",
         "--eval", "false", "--progress", "false"]  # fmt: skip
-ATTACK_FAST = ["--max_steps", "1", "--pdbs", "2", "--eval_every", "1", "--eval_tasks", "retain",
+ATTACK_FAST = ["--max_steps", "1", "--pdbs", "2", "--eval_every", "1", "--forget_tasks", "retain",
                "--progress", "false"]  # fmt: skip
 
 

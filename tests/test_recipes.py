@@ -4,7 +4,7 @@ marks the run collapsed; both reach run.json and the results store."""
 
 from __future__ import annotations
 
-import unlearn.recipes.unlearning as unlearning
+import unlearn.eval.suite as suite
 from unlearn.recipes.unlearning import build_run_config, run_unlearning
 from unlearn.runs.rundir import RunDir
 from unlearn.runs.store import Store
@@ -29,15 +29,14 @@ def _run(tiny_world, tmp_path):
 
 def _patched(monkeypatch, change) -> None:
     """Evaluate for real, then let `change(task, result)` break or alter one task's result."""
-    real = unlearning.evaluate_world
+    real = suite.evaluate_questions
 
-    def evaluate_world(model, tokenizer, world, tasks=None, *args, **kwargs):
-        results = real(model, tokenizer, world, tasks, *args, **kwargs)
-        for task, result in results.items():
-            change(task, result)
-        return results
+    def evaluate_questions(model, tokenizer, questions, batch_size, progress, task, *args):
+        result = real(model, tokenizer, questions, batch_size, progress, task, *args)
+        change(task, result)
+        return result
 
-    monkeypatch.setattr(unlearning, "evaluate_world", evaluate_world)
+    monkeypatch.setattr(suite, "evaluate_questions", evaluate_questions)
 
 
 def test_an_evaluation_that_raises_is_a_failed_row_and_a_failed_run(

@@ -359,7 +359,7 @@ def test_attack_with_muon_resumes_after_sigusr1(tiny_world, tmp_path):
     argv = [
         "attack", "--model", str(tiny_world.target), "--world", str(tiny_world.root),
         "--optimizer", "muon", "--max_steps", "4", "--pdbs", "2", "--eval_every", "2",
-        "--eval_tasks", "forget", "--save_model", "true", "--progress", "false",
+        "--forget_tasks", "forget", "--save_model", "true", "--progress", "false",
     ]  # fmt: skip
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert cli.main([*argv, "--out", str(full)]) == 0

@@ -13,7 +13,7 @@ import pytest
 import unlearn
 
 PACKAGE = Path(unlearn.__file__).parent / "sweep"
-MODULES = ("spec", "points", "state", "table", "execute", "slurm")
+MODULES = ("spec", "inputs", "points", "state", "table", "execute", "slurm")
 
 
 def _tree(name: str) -> ast.Module:
@@ -36,7 +36,7 @@ def test_the_modules_import_one_way():
         ready = [n for n in graph if n not in order and graph[n] <= set(order)]
         assert ready, f"import cycle among {sorted(set(graph) - set(order))}: {graph}"
         order += sorted(ready)
-    assert graph["spec"] == {"points"} and "slurm" not in set().union(*graph.values())
+    assert graph["spec"] == {"inputs", "points"} and "slurm" not in set().union(*graph.values())
 
 
 def test_the_package_imports_without_submitit():

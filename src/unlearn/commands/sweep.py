@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ns = parser.parse_args(argv)
 
-    sweep = load_sweep(ns.spec, ns.max_points)
+    # Listing or reading statuses needs nothing from the hub: a dry run works offline.
+    sweep = load_sweep(ns.spec, ns.max_points, check_hub=not (ns.dry_run or ns.status))
     if ns.dry_run:
         print(describe_points(sweep))
         return 0

@@ -1,11 +1,13 @@
 """The tamper-attack recipe: fine-tune a (possibly unlearned) model on forget-domain text and
-record an evaluation curve (step 0, every `eval_every` steps, and the last step).
+record an evaluation curve (step 0, every `eval_every` steps, and the last step) on an evaluation
+suite (`unlearn.eval.suite`), scoring the live model at each point.
 
 On the mini world the attack trains on the `attack` group's documents and evaluates the
 `unlearn` group (forget), the never-trained `heldout` group (forget_heldout) and retain. Recovery
 of held-out facts after training on other facts measures latent knowledge, not re-learning; the
 same attack on the filtered twin (never saw the domain) and on the original target gives the
-reference curves.
+reference curves. Elsewhere the attack documents are `--corpus` (required) and the curve is on the
+suite's tasks (default: wmdp_bio_robust and mmlu; `--eval_limit` keeps in-loop points cheap).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.data.corpus import DEFAULT_TEXT_FIELDS
 from unlearn.distributed import setup
 from unlearn.errors import UsageError
+from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
 from unlearn.finetune import LanguageModeling
 from unlearn.methods.base import Phase
 from unlearn.models import (
@@ -28,7 +31,7 @@ from unlearn.models import (
     load_model,
     load_tokenizer,
 )
-from unlearn.recipes.unlearning import world_scorer
+from unlearn.recipes.unlearning import suite_fields
 from unlearn.resume import Checkpointer
 from unlearn.runs.lifecycle import run_lifecycle
 from unlearn.runs.rows import RunMeta, utc_now
@@ -62,13 +65,14 @@ class AttackArgs:
     """Mini world (default attack corpus and evaluation questions)."""
     corpus: str | None = None
     """Forget-domain documents to fine-tune on: local .jsonl/.json/.parquet/.txt or hub
-    ID[:CONFIG[:SPLIT]]; default: the world's attack group."""
+    ID[:CONFIG[:SPLIT]]; default: the world's attack group (required without --world)."""
     text_fields: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_FIELDS))
     """Fields whose text makes a document; those the corpus has are joined."""
     eval_every: int = 10
     """Optimizer steps between evaluations (step 0 and the last step are always evaluated)."""
-    eval_tasks: list[str] = field(default_factory=list)
-    """Tasks on the curve (default: all of the world's)."""
+    suite: SuiteArgs = field(default_factory=SuiteArgs)
+    """Tasks on the curve (--forget_tasks, --retain_tasks, --other_tasks, --eval_limit);
+    default: the world's, else wmdp_bio_robust and mmlu."""
     eval_batch_size: int = 64
     parent: str | None = None
     """Run id of the attacked model (links the curve to its unlearning run in reports)."""
@@ -83,8 +87,8 @@ class AttackArgs:
             raise UsageError("--model is required")
         if not self.out:
             raise UsageError("--out DIR is required")
-        if self.world is None:
-            raise UsageError("--world is required (its questions make the evaluation curve)")
+        if self.world is None and self.corpus is None:
+            raise UsageError("--corpus is required without --world (the documents to attack with)")
         if self.eval_every < 1:
             raise UsageError(f"--eval_every must be >= 1, got {self.eval_every}")
 
@@ -102,6 +106,7 @@ class AttackConfig:
             "model": self.args.model_args.model,
             "corpus": self.args.corpus,
             "eval_every": self.args.eval_every,
+            **suite_fields(self.args.suite),
         }
 
 
@@ -121,10 +126,8 @@ def run_attack(cfg: AttackConfig) -> RunMeta:
     """Fine-tune and evaluate along the way. Returns the final RunMeta (`unlearn.runs.lifecycle`
     decides its status: failed if any evaluation on the curve failed)."""
     args, tcfg = cfg.args, cfg.train
-    world = load_world(args.world)
-    unknown = set(args.eval_tasks) - set(world.questions)
-    if unknown:
-        raise UsageError(f"unknown eval task(s) {sorted(unknown)}; have {sorted(world.questions)}")
+    world = load_world(args.world) if args.world else None
+    suite = resolve_suite(args.suite, world)
     ref = args.model_args.resolve(world)
     if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
         check_lora_targets(ref, cfg.lora.lora_target_modules)
@@ -135,12 +138,13 @@ def run_attack(cfg: AttackConfig) -> RunMeta:
     out = check_run_out(args.out, "attack", {"input model": ref.name})
     if args.store:
         check_store(args.store)
+    prepared = prepare_suite(suite)  # benchmarks' datasets: missing offline is bad input, now
     par = setup(tcfg.distributed)
     checkpoint = Checkpointer(out, cfg.to_dict(), every=tcfg.checkpoint_every)
     fresh = RunMeta(
         id=args.run_id or out.name,
         kind="attack",
-        config=cfg.to_dict(),
+        config={**cfg.to_dict(), "suite": suite.roles()},
         status="running",
         started=utc_now(),
         parent=args.parent or str(args.model_args.model),
@@ -167,8 +171,8 @@ def run_attack(cfg: AttackConfig) -> RunMeta:
             tcfg.effective_batch(world_size),
             world_size,
         )
-        tasks = args.eval_tasks or list(world.questions)
-        score = world_scorer(model, tokenizer, world, args.eval_batch_size)
+        tasks = suite.task_keys()
+        score = prepared.scorer(model, tokenizer, args.eval_batch_size)
 
         def on_step(step: int) -> None:
             if step % args.eval_every == 0 or step == steps:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from unlearn.models import load_model, load_tokenizer, resolve_model
+from unlearn.config import ModelArgs
+from unlearn.eval.suite import SuiteArgs
 from unlearn.recipes.attack import build_attack_config, run_attack
-from unlearn.recipes.unlearning import world_scorer
-from unlearn.runs.lifecycle import run_lifecycle
-from unlearn.runs.rows import RunMeta, utc_now
+from unlearn.recipes.baseline import run_baseline
 from unlearn.runs.rundir import RunDir
 
 BASELINES = (("target", "Target (to unlearn)"), ("ignorant", "Ignorant checkpoint (source)"),
@@ -32,15 +31,10 @@ def baseline_runs(world, runs_dir: Path, store_path: Path, log: Callable[[str], 
         if RunDir(path).exists() and RunDir(path).read_meta().status == "done":
             metas[role] = RunDir(path).read_meta()
             continue
-        fresh = RunMeta(id=f"baseline-{role}", kind="baseline", status="running",
-                        started=utc_now(), model_path=str(paths[role]),
-                        config={"name": name, "role": role})  # fmt: skip
-        with run_lifecycle(fresh, path, store=store_path) as run:
-            ref = resolve_model(paths[role])
-            model, tok = load_model(ref), load_tokenizer(ref)
-            run.evaluate(0, list(world.questions), world_scorer(model, tok, world, 64))
-        metas[role] = run.meta
-        log(f"baseline {name}: {run.meta.status}")
+        metas[role] = run_baseline(
+            name, ModelArgs(str(paths[role])), SuiteArgs(), path, role, world.root, store_path
+        )
+        log(f"baseline {name}: {metas[role].status}")
     return metas
 
 

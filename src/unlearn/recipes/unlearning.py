@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.data.corpus import DEFAULT_TEXT_FIELDS, mix_documents, sample_documents
 from unlearn.distributed import Parallel, setup
 from unlearn.errors import UsageError
-from unlearn.eval.native import numeric_metrics
+from unlearn.eval.suite import Suite, SuiteArgs, prepare_suite, resolve_suite
 from unlearn.fitting import general_texts
 from unlearn.methods import get_method
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, Reference
@@ -41,7 +40,7 @@ from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import check_run_out
 from unlearn.runs.store import check_store
 from unlearn.train import Plan, TrainState, make_plan, train
-from unlearn.world import evaluate_world, load_world
+from unlearn.world import load_world
 
 
 @dataclass
@@ -69,7 +68,9 @@ class RunArgs:
     text_fields: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_FIELDS))
     """Fields whose text makes a document; those a corpus has are joined (chat turns too)."""
     eval: bool = True
-    """Evaluate on the world's questions after training."""
+    """Evaluate the trained model on the evaluation suite after training."""
+    suite: SuiteArgs = field(default_factory=SuiteArgs)
+    """The evaluation suite (--forget_tasks, --retain_tasks, --other_tasks, --eval_limit)."""
     eval_batch_size: int = 64
     run_id: str | None = None
     """Id in run.json and the store (default: the run directory's name)."""
@@ -116,7 +117,15 @@ class RunConfig:
                 for k in ("forget_corpus", "retain_corpus", "retain_mix", "mix_fraction")
                 if getattr(self.args, k)
             },
+            **suite_fields(self.args.suite),
         }
+
+
+def suite_fields(args: SuiteArgs) -> dict:
+    """The suite fields a run was given (none: the defaults), for run.json and resume checks."""
+    given = dataclasses.asdict(args)
+    defaults = dataclasses.asdict(SuiteArgs())
+    return {k: v for k, v in given.items() if v != defaults[k]}
 
 
 def run_sections(method: str) -> tuple[type, ...]:
@@ -170,6 +179,8 @@ class Validated:
     forget_texts: list[str]
     retain_texts: list[str]
     mix_texts: list[str] = field(default_factory=list)
+    suite: Suite | None = None
+    """The evaluation suite, resolved (None with --eval false)."""
 
 
 def validate(cfg: RunConfig) -> Validated:
@@ -196,7 +207,8 @@ def validate(cfg: RunConfig) -> Validated:
     for name, docs in (("forget", forget), ("retain", retain), ("retain_mix", mix)):
         if not docs and (name != "retain_mix" or args.retain_mix):
             raise UsageError(f"the {name} corpus has no documents")
-    return Validated(world, ref, out, forget, retain, mix)
+    suite = resolve_suite(args.suite, world) if args.eval else None
+    return Validated(world, ref, out, forget, retain, mix, suite)
 
 
 def training_documents(cfg: RunConfig, v: Validated) -> tuple[list[str], list[str]]:
@@ -257,6 +269,9 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
     `unlearn.runs.lifecycle` decides it)."""
     args = cfg.args
     v = validate(cfg)  # nothing heavy before this has passed
+    # Benchmarks' datasets are loaded now: one missing offline is bad input, found before
+    # any weights load or any step is trained.
+    suite = prepare_suite(v.suite) if v.suite is not None else None
     out = v.out
     par = setup(cfg.train.distributed)
     checkpoint = Checkpointer(out, cfg.to_dict(), every=cfg.train.checkpoint_every)
@@ -264,7 +279,7 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
         id=args.run_id or out.name,
         kind="unlearn",
         method=args.method,
-        config=cfg.to_dict(),
+        config={**cfg.to_dict(), **({"suite": v.suite.roles()} if v.suite else {})},
         status="running",
         started=utc_now(),
     )
@@ -297,27 +312,10 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
             model_path=paths.get("model", paths.get("adapter")),
             config={**run.meta.config, **p.method.describe()},
         )
-        if p.world is not None and args.eval:
-            score = world_scorer(p.model, p.tokenizer, p.world, args.eval_batch_size)
-            run.evaluate(p.plan.total_steps, list(p.world.questions), score)
-        elif args.eval and par.is_main:
-            print(
-                "note: no --world, so no built-in evaluation; evaluate OUT/model on benchmarks "
-                "with `unlearn eval --backend lm-eval`",
-                file=sys.stderr,
-            )
+        if suite is not None:  # the live model, in memory: no save/load round trip
+            score = suite.scorer(p.model, p.tokenizer, args.eval_batch_size)
+            run.evaluate(p.plan.total_steps, suite.suite.task_keys(), score)
     return run.meta
-
-
-def world_scorer(model, tokenizer, world, batch_size: int) -> Callable[[str], tuple[dict, bool]]:
-    """`score(task) -> (metrics, collapsed)` on the world's questions, for `ActiveRun.evaluate`:
-    the live model is scored in memory (no save/load round trip)."""
-
-    def score(task: str) -> tuple[dict, bool]:
-        result = evaluate_world(model, tokenizer, world, [task], batch_size)[task]
-        return numeric_metrics(result), bool(result["collapse"]["collapsed"])
-
-    return score
 
 
 def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from unlearn.errors import UsageError
 from unlearn.recipes.attack import run_attack
+from unlearn.recipes.baseline import run_baseline
 from unlearn.recipes.unlearning import run_unlearning
 from unlearn.resume import deferring_signals, stop_requested
 from unlearn.runs.lifecycle import mark_failed
@@ -58,6 +59,17 @@ def run_point(point: Point) -> PointState:
     it (the run records itself as failed on the way out).
     """
     state = inspect_point(point)
+    if point.baseline is not None:
+        if state.status not in FINISHED:
+            _clear(point.run_dir)
+            b = point.baseline
+            meta = RunMeta(point.id, "baseline", config={"name": b.label, "role": b.role})
+            _guarded(point.run_dir, meta, lambda: run_baseline(
+                b.label, b.model_args, b.suite, point.run_dir, b.role, b.world, None,
+                b.eval_batch_size, point.id,
+            ))  # fmt: skip
+            state = inspect_point(point)
+        return state
     if state.status not in FINISHED:
         _clear(point.run_dir)
         if point.attack_dir is not None:

@@ -7,7 +7,10 @@ Design choices:
   gives new ids, so results of a different configuration are never mistaken for this one's.
 - A Point is plain data (configs and paths, picklable): a cluster executor ships it to a job.
 - Building a point builds its run and attack configs (the builders reject unknown fields and bad
-  values); models are validated once per distinct combination of what they depend on.
+  values); models are validated once per distinct combination of what they depend on. Hub models
+  and corpora are checked only when `check_hub` (a dry run validates offline).
+- A spec's baselines are points too (`Point.baseline`): one evaluation run each, so executors,
+  --status, the store and the tables treat them like any point.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from unlearn.config import ModelArgs
 from unlearn.data import CorpusSpec
 from unlearn.errors import UsageError
+from unlearn.eval.suite import SuiteArgs, resolve_suite
 from unlearn.models import ModelRef, check_lora_targets
 from unlearn.recipes.attack import AttackConfig, build_attack_config
 from unlearn.recipes.unlearning import RunConfig, build_run_config, validate
@@ -42,9 +47,29 @@ ABBREVIATIONS = {
 """Short names in point ids (the seeds' tables say rc/rm); other fields keep their name."""
 
 
+BASELINE = "baseline"
+"""The method name of a baseline point."""
+
+
+@dataclasses.dataclass
+class Baseline:
+    """A model the spec declares as a baseline: evaluated once with the suite, not trained."""
+
+    label: str
+    """Its name in tables ("Target model (to unlearn)")."""
+    model_args: ModelArgs
+    role: str | None = None
+    """target, checkpoint, ignorant or filtered (orders rows; the target is the tamper table's
+    original model)."""
+    suite: SuiteArgs = dataclasses.field(default_factory=SuiteArgs)
+    world: str | None = None
+    store: str | None = None
+    eval_batch_size: int = 64
+
+
 @dataclasses.dataclass
 class Point:
-    """One unlearning run of a sweep (+ its attack), fully configured and validated."""
+    """One unlearning run of a sweep (+ its attack), or one baseline, configured and validated."""
 
     id: str
     method: str
@@ -53,9 +78,14 @@ class Point:
     varied: dict[str, Any]
     """The values this point varies (from grid/points), in spec order."""
     run_dir: Path
-    run_config: RunConfig
+    run_config: RunConfig | None
+    """None for a baseline."""
     attack_dir: Path | None = None
     attack_config: AttackConfig | None = None
+    forget_task: str = "forget"
+    """The suite's first forget task: the "forget" of progress lines and sweep tables."""
+    retain_task: str = "retain"
+    baseline: Baseline | None = None
 
 
 def build_point(
@@ -64,27 +94,25 @@ def build_point(
     overrides: dict,
     varied: dict,
     attack: dict | None,
-    world: World,
+    world: World | None,
     out: Path,
     store: Path,
 ) -> Point:
     """The point of `method` with these (typed) overrides, its run and attack configs built;
     `label` names the spec block in errors."""
-    pid = point_id(method, overrides, varied, f"{world.preset}-{world.seed}")
+    pid = point_id(method, overrides, varied, world_tag(world))
     where = f"{label}, point {pid}"
     run_dir = out / pid
+    placed = {"out": str(run_dir), "run_id": pid, "store": str(store)}
+    if world is not None:
+        placed["world"] = str(world.root)
     try:
-        run_config = build_run_config(
-            method,
-            {
-                **overrides,
-                "world": str(world.root),
-                "out": str(run_dir),
-                "run_id": pid,
-                "store": str(store),
-            },
-        )
-        point = Point(pid, method, overrides, varied, run_dir, run_config)
+        run_config = build_run_config(method, {**overrides, **placed})
+        suite = resolve_suite(run_config.args.suite, world)
+        point = Point(
+            pid, method, overrides, varied, run_dir, run_config,
+            forget_task=suite.forget[0], retain_task=(suite.retain or [MISSING_TASK])[0],
+        )  # fmt: skip
         if attack is not None:
             _attach_attack(point, attack, world, out, store)
     except UsageError as e:
@@ -92,39 +120,86 @@ def build_point(
     return point
 
 
-def _attach_attack(point: Point, attack: dict, world: World, out: Path, store: Path) -> None:
+MISSING_TASK = "-"
+"""The retain task of a suite without one (nothing to show)."""
+
+
+def world_tag(world: World | None) -> str:
+    """What a point id hashes of the world: its preset and seed ("none" without a world)."""
+    return f"{world.preset}-{world.seed}" if world is not None else "none"
+
+
+def build_baseline(baseline: Baseline, world: World | None, out: Path) -> Point:
+    """The point that evaluates one declared baseline (its id hashes model, revision, suite)."""
+    fields = {
+        "model": baseline.model_args.model,
+        "revision": baseline.model_args.revision,
+        "role": baseline.role,
+        "suite": dataclasses.asdict(baseline.suite),
+    }
+    pid = point_id(BASELINE, fields, {"name": baseline.label}, world_tag(world))
+    suite = resolve_suite(baseline.suite, world)
+    return Point(
+        pid, BASELINE, fields, {}, out / pid, None,
+        forget_task=suite.forget[0], retain_task=(suite.retain or [MISSING_TASK])[0],
+        baseline=baseline,
+    )  # fmt: skip
+
+
+def _attach_attack(point: Point, attack: dict, world: World | None, out: Path, store: Path) -> None:
     lora = point.run_config.lora
     if lora.lora and not lora.merge:
         raise UsageError("the attack needs the merged model: set merge: true (or lora: false)")
     point.attack_dir = out / f"{point.id}-attack"
-    point.attack_config = build_attack_config(
-        {
-            **attack,
-            "model": str(point.run_dir / "model"),
-            "out": str(point.attack_dir),
-            "world": str(world.root),
-            "parent": point.id,
-            "run_id": f"{point.id}-attack",
-            "store": str(store),
-        }
-    )
+    placed = {
+        "model": str(point.run_dir / "model"),
+        "out": str(point.attack_dir),
+        "parent": point.id,
+        "run_id": f"{point.id}-attack",
+        "store": str(store),
+    }
+    if world is not None:
+        placed["world"] = str(world.root)
+    point.attack_config = build_attack_config({**attack, **placed})
     args = point.attack_config.args
-    unknown = sorted(set(args.eval_tasks) - set(world.questions))
-    if unknown:
-        raise UsageError(f"unknown attack eval task(s) {unknown}; have {sorted(world.questions)}")
+    resolve_suite(args.suite, world)  # names and question files, before anything runs
     if args.corpus is not None:
         spec = CorpusSpec.parse(args.corpus)
         if spec.is_local and not Path(spec.source).is_file():
             raise UsageError(f"attack corpus {args.corpus} not found")
 
 
-def validate_models(points: list[Point]) -> None:
+def _on_hub(name: str | None, corpus: bool = False) -> bool:
+    """Whether a model or corpus name is a hub id (no local file or directory)."""
+    if name is None:
+        return False
+    if corpus:
+        return not CorpusSpec.parse(name).is_local
+    return not Path(name).expanduser().exists()
+
+
+def validate_models(points: list[Point], check_hub: bool = True) -> None:
     """`validate` (world, model config, layers, corpora, LoRA targets) once per distinct
     combination; an attack's LoRA targets are checked against the run's model (the attacked
-    model is the run's output, which does not exist yet and has the same modules)."""
+    model is the run's output, which does not exist yet and has the same modules). Without
+    `check_hub`, points whose model or corpora are on the hub are not checked here (a dry run
+    validates offline; the run checks them before it trains)."""
     models: dict[str, ModelRef] = {}
     for p in points:
+        if p.run_config is None:
+            ref = p.baseline.model_args
+            if check_hub or not _on_hub(ref.model):
+                try:
+                    ref.resolve()
+                except UsageError as e:
+                    raise UsageError(f"baseline {p.baseline.label!r}: {e}") from None
+            continue
         a, lora = p.run_config.args, p.run_config.lora
+        remote = _on_hub(a.model_args.model) or any(
+            _on_hub(c, corpus=True) for c in (a.forget_corpus, a.retain_corpus, a.retain_mix)
+        )
+        if remote and not check_hub:
+            continue
         key = json.dumps(
             [a.method, a.model_args.model, a.model_args.revision, a.forget_corpus,
              a.retain_corpus, a.retain_mix,

@@ -14,6 +14,14 @@ Design choices:
 - Points are counted (product of the grid's list lengths) before any is built: a spec over
   MAX_POINTS is refused unless the caller raises the limit, since expansion holds them all.
 - Reading a spec writes nothing: the out directory is only checked to be creatable.
+- `world:` is optional: without it `base` names the model and corpora (local paths or hub ids)
+  and the `attack:` block its corpus. Paths are relative to the spec file: a value of a path
+  field (model, corpora, source, lens, affine, question files) that exists relative to the spec
+  is made absolute; anything else is left as written (a hub id).
+- The `eval:` block is the evaluation suite of every point, its attack and the baselines; the
+  `baselines:` block names models evaluated once with it (points of their own, `sweep.points`).
+- A dry run (`check_hub=False`) does not contact the hub: hub models, corpora and benchmark
+  datasets are checked when the sweep runs.
 """
 
 from __future__ import annotations
@@ -35,13 +43,21 @@ from unlearn.methods import get_method
 from unlearn.recipes.attack import ATTACK_SECTIONS
 from unlearn.recipes.unlearning import run_sections
 from unlearn.runs.store import check_store
-from unlearn.sweep.points import Point, build_point, check_distinct, validate_models
+from unlearn.sweep.inputs import eval_block, read_baselines, with_paths
+from unlearn.sweep.points import (
+    Point,
+    build_baseline,
+    build_point,
+    check_distinct,
+    validate_models,
+)
 from unlearn.world import World, load_world
 
 TOP_KEYS = (
     "name", "world", "out", "store", "method", "base", "grid", "points", "attack", "sweeps",
-    "slurm",
+    "slurm", "eval", "baselines",
 )  # fmt: skip
+
 BLOCK_KEYS = ("method", "base", "grid", "points", "attack")
 SWEEP_RUN_FIELDS = ("method", "world", "out", "run_id", "store", "eval")
 """Run fields the sweep sets itself (a spec setting them is an error, not silently ignored)."""
@@ -86,7 +102,7 @@ class Sweep:
 
     name: str
     spec: Path
-    world: Path
+    world: Path | None
     out: Path
     store: Path
     points: list[Point]
@@ -106,9 +122,10 @@ class _Block:
     attack: dict[str, Any] | None
 
 
-def load_sweep(path: str | Path, max_points: int = MAX_POINTS) -> Sweep:
+def load_sweep(path: str | Path, max_points: int = MAX_POINTS, check_hub: bool = True) -> Sweep:
     """Read, validate and expand a sweep spec (UsageError on anything wrong; writes nothing).
-    A spec of more than `max_points` points is refused before any point is built."""
+    A spec of more than `max_points` points is refused before any point is built; without
+    `check_hub` nothing on the hub is checked (a dry run works offline)."""
     if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
         raise UsageError(f"--max_points must be >= 1, got {max_points!r}")
     spec = Path(path).expanduser().absolute()
@@ -119,9 +136,7 @@ def load_sweep(path: str | Path, max_points: int = MAX_POINTS) -> Sweep:
         raise UsageError(
             f"spec: name must be a plain file name (letters, digits, ._-), got {name!r}"
         )
-    if raw.get("world") is None:
-        raise UsageError("spec: world (a mini world directory) is required")
-    world = load_world(_spec_path(spec, raw["world"], "world"))
+    world = load_world(_spec_path(spec, raw["world"], "world")) if raw.get("world") else None
     out = _spec_path(spec, raw["out"], "out") if raw.get("out") is not None else spec.parent / name
     store = (
         _spec_path(spec, raw["store"], "store")
@@ -133,20 +148,22 @@ def load_sweep(path: str | Path, max_points: int = MAX_POINTS) -> Sweep:
         raise UsageError(f"spec: store {store} is a directory, not a SQLite file")
     check_store(store)  # a foreign or corrupt file: refused before any point runs
 
-    blocks = _blocks(raw)
-    count = sum(_count(block) for block in blocks)
+    suite = eval_block(raw.get("eval"), spec.parent)
+    blocks = _blocks(raw, spec.parent, suite)
+    baselines = read_baselines(raw.get("baselines"), spec.parent, suite, world, store)
+    count = sum(_count(block) for block in blocks) + len(baselines)
     if count > max_points:
         raise UsageError(
             f"spec: {count:,} points is more than the limit of {max_points:,}"
             " (check the grid; --max_points N raises the limit)"
         )
-    points = []
+    points = [build_baseline(b, world, out) for b in baselines]
     for block in blocks:
         points += _expand(block, world, out, store)
     check_distinct(points)
-    validate_models(points)
+    validate_models(points, check_hub)
     slurm = SlurmSettings.from_spec(raw.get("slurm"))
-    return Sweep(name, spec, world.root, out, store, points, slurm)
+    return Sweep(name, spec, world.root if world else None, out, store, points, slurm)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -216,14 +233,15 @@ def _attack_block(value: Any, where: str) -> dict[str, Any] | None:
     return _mapping(value, where)
 
 
-def _blocks(raw: dict) -> list[_Block]:
-    """The spec's method blocks; top-level base and attack are defaults for every block."""
+def _blocks(raw: dict, here: Path, suite: dict) -> list[_Block]:
+    """The spec's method blocks; top-level base and attack are defaults for every block, and the
+    `eval:` block's suite fields are added to every run and attack (paths made absolute)."""
     base = _mapping(raw.get("base"), "base")
     attack = _attack_block(raw.get("attack"), "attack")
     if "sweeps" not in raw:
         if raw.get("method") is None:
             raise UsageError("spec: give a method (or a list of method blocks under sweeps)")
-        return [_block(raw, "spec", {}, None)]
+        return [with_paths(_block(raw, "spec", {}, None), here, suite)]
     clash = sorted(k for k in ("method", "grid", "points") if k in raw)
     if clash:
         raise UsageError(f"spec: with sweeps, {', '.join(clash)} go inside its blocks")
@@ -238,7 +256,7 @@ def _blocks(raw: dict) -> list[_Block]:
         _check_keys(entry, BLOCK_KEYS, where)
         if entry.get("method") is None:
             raise UsageError(f"{where}: method is required")
-        blocks.append(_block(entry, where, base, attack))
+        blocks.append(with_paths(_block(entry, where, base, attack), here, suite))
     return blocks
 
 
@@ -277,7 +295,7 @@ def _count(block: _Block) -> int:
 # -- expansion and value types -----------------------------------------------------------------
 
 
-def _expand(block: _Block, world: World, out: Path, store: Path) -> list[Point]:
+def _expand(block: _Block, world: World | None, out: Path, store: Path) -> list[Point]:
     """The block's points: each explicit point crossed with the grid's cartesian product."""
     sections = run_sections(block.method)
     what = f"{block.method} config"

@@ -98,8 +98,8 @@ def inspect_point(point: Point) -> PointState:
         point.id,
         status,
         error=error,
-        forget=_final_acc(run, "forget"),
-        retain=_final_acc(run, "retain"),
+        forget=_final_acc(run, point.forget_task),
+        retain=_final_acc(run, point.retain_task),
         seconds=_duration(run),
     )
     if point.attack_config is None:
@@ -107,17 +107,19 @@ def inspect_point(point: Point) -> PointState:
     attack_status, attack, attack_error = _read_dir(point.attack_dir)
     if attack is not None:
         # The model path is left out: it moves with the out dir and the point id fixes it.
+        # The suite's roles are recorded for reports; the suite fields themselves are compared.
         expected = _json_normal(point.attack_config.to_dict())
         recorded = dict(attack.meta.config)
-        expected.pop("model", None)
-        recorded.pop("model", None)
+        for key in ("model", "suite"):
+            expected.pop(key, None)
+            recorded.pop(key, None)
         if recorded != expected:
             attack_status = "stale"
     state.attack = attack_status
     if attack_status in FINISHED:
         # A running, preempted or failed attack has only part of its curve: its last point is
         # not the accuracy after the attack, so it is not reported as one.
-        state.attacked_forget = _final_acc(attack, "forget")
+        state.attacked_forget = _final_acc(attack, point.forget_task)
     state.error = state.error or attack_error
     if state.seconds is not None and _duration(attack) is not None:
         state.seconds += _duration(attack)

@@ -93,6 +93,11 @@ def describe_points(sweep: Sweep) -> str:
     width = max(len(p.id) for p in sweep.points)
     for p in sweep.points:
         values = " ".join(f"{k}={show_value(v)}" for k, v in p.varied.items()) or "(base config)"
+        if p.baseline is not None:
+            b = p.baseline.model_args
+            values = f"baseline {p.baseline.label!r}: {b.model}" + (
+                f" @ {b.revision}" if b.revision else ""
+            )
         attack = "  + attack" if p.attack_config is not None else ""
         lines.append(f"  {p.id:<{width}}  {values}{attack}")
     return "\n".join(lines)
