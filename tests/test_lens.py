@@ -363,3 +363,139 @@ def test_can_write_makes_a_real_write_attempt(tmp_path):
     assert _can_write(tmp_path / "new" / "cache")
     (tmp_path / "file").write_text("")
     assert not _can_write(tmp_path / "file" / "cache")
+
+
+# -- --lens by hub id (tuned-lens layout, served from a fake offline hub cache) -----------------
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache and HF_HUB_OFFLINE=1 (also for this process, whose
+    huggingface_hub read its environment at import). Returns the cache directory."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def cache_lens(cache, repo_id, lens_dir, folder="", revision="main", repo_type="model"):
+    """Put the lens at `lens_dir` in the hub cache as hf_hub_download leaves a download:
+    refs/<revision> names a commit, snapshots/<commit>/<folder>/ holds config.json + params.pt."""
+    import hashlib
+    import shutil
+
+    commit = hashlib.sha1(f"{repo_id}:{folder}@{revision}".encode()).hexdigest()
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    snapshot = repo / "snapshots" / commit / folder
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "params.pt"):  # what a published lens has (no sidecar)
+        shutil.copy(lens_dir / name, snapshot / name)
+    return snapshot
+
+
+def test_hub_lens_forms():
+    from unlearn.lens_hub import HubLens, parse_hub_lens
+
+    assert parse_hub_lens("EleutherAI/deep-ignorance-unfiltered-lens") == HubLens(
+        "EleutherAI/deep-ignorance-unfiltered-lens"
+    )
+    assert parse_hub_lens("spaces/AlignmentResearch/tuned-lens:lens/gpt2-large@v1") == HubLens(
+        "AlignmentResearch/tuned-lens", "space", "lens/gpt2-large", "v1"
+    )
+    assert parse_hub_lens("o/n@global_step38144").revision == "global_step38144"
+    for not_hub in ("/abs/lens", "./lens", "lens", "a/b/c", "~/x/y"):
+        assert parse_hub_lens(not_hub) is None, not_hub
+
+
+def test_lens_loads_by_hub_id_offline(tmp_path, offline_hub):
+    from unlearn.lens_hub import resolve_lens
+    from unlearn.models import ModelRef
+
+    lens = randomize(TunedLens.for_model(tiny_model()))
+    save_lens(lens, tmp_path / "lens", model_name="someone/tiny-model")
+    root = cache_lens(offline_hub, "someone/tiny-lens", tmp_path / "lens")
+    cache_lens(offline_hub, "someone/lenses", tmp_path / "lens", "lens/someone/tiny-model")
+    cache_lens(offline_hub, "someone/lenses", tmp_path / "lens", "lens/other", "v1", "space")
+    model = ModelRef("someone/tiny-model")
+    found = {
+        "someone/tiny-lens": resolve_lens("someone/tiny-lens"),  # files at the root
+        "library layout": resolve_lens("someone/lenses", model),  # lens/<model id>/
+        "folder + revision": resolve_lens("spaces/someone/lenses:lens/other@v1"),
+    }
+    assert found["someone/tiny-lens"] == root
+    assert found["library layout"].parts[-3:] == ("lens", "someone", "tiny-model")
+    for path in found.values():
+        loaded = load_lens(path)
+        for layer in range(N - 1):
+            assert torch.equal(
+                loaded.translators[str(layer)].weight, lens.translators[str(layer)].weight
+            )
+    # A local directory that exists wins over the hub.
+    assert resolve_lens(str(tmp_path / "lens")) == tmp_path / "lens"
+
+
+def test_missing_hub_lens_is_one_usage_line(tmp_path, offline_hub):
+    from unlearn.lens_hub import resolve_lens
+
+    with pytest.raises(UsageError) as e:
+        resolve_lens("nobody/made-up-lens")
+    message = str(e.value)
+    assert "\n" not in message and "nobody/made-up-lens" in message
+    assert "hf download nobody/made-up-lens config.json params.pt" in message
+    # Validation looks for params.pt without downloading it: a half-cached lens fails there.
+    save_lens(TunedLens.for_model(tiny_model()), tmp_path / "lens", model_name="tiny")
+    (cache_lens(offline_hub, "someone/half", tmp_path / "lens") / "params.pt").unlink()
+    with pytest.raises(UsageError, match="someone/half: not a local directory, and not in the"):
+        resolve_lens("someone/half", download=False)
+    with pytest.raises(UsageError, match="no such directory, and not a hub id"):
+        resolve_lens(str(tmp_path / "absent"))
+
+
+def _corpora(tmp_path):
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    forget.write_text(
+        "".join(json.dumps({"text": f"Zargreisovir spreads {i}."}) + "\n" for i in range(6))
+    )
+    retain.write_text(
+        "".join(json.dumps({"text": f"The river flows {i}."}) + "\n" for i in range(6))
+    )
+    return ["--forget_corpus", str(forget), "--retain_corpus", str(retain)]
+
+
+def test_run_with_a_hub_lens_offline(tiny_hf_models, tmp_path, offline_hub, monkeypatch, capsys):
+    """`unlearn run --method lens --lens OWNER/NAME` with the lens in the hub cache; with an id
+    that is not cached: one line, exit 2, and no weights loaded."""
+    import unlearn.recipes.unlearning
+    from unlearn.cli import main
+    from unlearn.models import load_model, resolve_model
+    from unlearn.runs.rundir import RunDir
+
+    model_dir = tiny_hf_models["gpt_neox"]
+    lens = TunedLens.for_model(load_model(resolve_model(model_dir)))
+    save_lens(randomize(lens), tmp_path / "lens", model_name="tiny")
+    cache_lens(offline_hub, "someone/tiny-lens", tmp_path / "lens")
+    argv = ["run", "--method", "lens", "--model", str(model_dir), *_corpora(tmp_path)]
+    argv += ["--layers", "1", "--max_steps", "2", "--num_train_examples", "4", "--pdbs", "2"]
+    argv += ["--grad_accum", "1", "--max_length", "16", "--progress", "false"]
+
+    assert main([*argv, "--lens", "someone/tiny-lens", "--out", str(tmp_path / "run")]) == 0
+    record = RunDir(tmp_path / "run").read()
+    assert record.meta.status == "done" and record.meta.config["lens"] == "someone/tiny-lens"
+    capsys.readouterr()
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the lens was checked")
+
+    monkeypatch.setattr(unlearn.recipes.unlearning, "load_model", no_weights)
+    out = tmp_path / "bad"
+    assert main([*argv, "--lens", "nobody/made-up-lens", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nobody/made-up-lens" in err[0] and "hf download" in err[0], err
+    assert not out.exists()

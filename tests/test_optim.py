@@ -138,3 +138,113 @@ def test_no_trainable_parameters_is_usage_error():
     model = tiny_model().requires_grad_(False)
     with pytest.raises(UsageError, match="no trainable"):
         build_optimizer(model, "muon", lr=1e-3)
+
+
+# -- separate learning rates: --muon_lr, --adam_lr ---------------------------------------------
+
+
+def _base_lrs(opt) -> dict[str, set[float]]:
+    out: dict[str, set[float]] = {}
+    for g in opt.param_groups:
+        out.setdefault(g["optimizer"], set()).add(g["base_lr"])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "muon_lr", "adam_lr", "expected"),
+    [
+        ("muon", None, None, {"muon": {1e-3}, "adamw": {1e-3}}),
+        ("muon", 2e-2, None, {"muon": {2e-2}, "adamw": {1e-3}}),
+        ("muon", None, 3e-4, {"muon": {1e-3}, "adamw": {3e-4}}),
+        ("muon", 2e-2, 3e-4, {"muon": {2e-2}, "adamw": {3e-4}}),
+        ("adamw", None, 3e-4, {"adamw": {3e-4}}),
+    ],
+)
+def test_each_optimizer_gets_its_own_base_lr(name, muon_lr, adam_lr, expected):
+    opt = build_optimizer(tiny_model(), name, lr=1e-3, muon_lr=muon_lr, adam_lr=adam_lr)
+    assert _base_lrs(opt) == expected
+    assert all(g["lr"] == g["base_lr"] for g in opt.param_groups)
+    if name == "muon":
+        # --lr alone: Muon's step is matched to AdamW's; its own rate is on Muon's scale.
+        (muon_group,) = opt.optimizers["muon"].param_groups
+        assert muon_group["adjust_lr_fn"] == ("original" if muon_lr else "match_rms_adamw")
+
+
+def test_bad_learning_rates_are_usage_errors():
+    from unlearn.config import TrainConfig
+
+    for field in ("muon_lr", "adam_lr"):
+        for bad in (0.0, -1e-3, float("nan"), float("inf")):
+            with pytest.raises(UsageError, match=f"--{field} must be > 0"):
+                TrainConfig(optimizer="muon", **{field: bad})
+    with pytest.raises(UsageError) as e:
+        TrainConfig(muon_lr=1e-3)  # the default optimizer is adamw
+    assert str(e.value) == "--muon_lr applies to --optimizer muon only"
+    assert TrainConfig(adam_lr=3e-4).adam_lr == 3e-4  # --adam_lr with adamw replaces --lr
+    with pytest.raises(UsageError, match="muon_lr applies to the muon optimizer only"):
+        build_optimizer(tiny_model(), "adamw", lr=1e-3, muon_lr=1e-3)
+    with pytest.raises(UsageError, match="adam_lr must be > 0"):
+        build_optimizer(tiny_model(), "muon", lr=1e-3, adam_lr=0.0)
+
+
+def test_learning_rates_reach_run_configs_and_point_ids():
+    from unlearn.recipes.unlearning import build_run_config
+    from unlearn.sweep.points import point_id
+
+    values = {"out": "o", "world": "w", "optimizer": "muon", "muon_lr": 0.02, "adam_lr": 3e-4}
+    config = build_run_config("lens", values).to_dict()  # also what checkpoints compare
+    assert (config["muon_lr"], config["adam_lr"], config["lr"]) == (0.02, 3e-4, 3e-3)
+    assert build_run_config("lens", {"out": "o", "world": "w"}).to_dict()["muon_lr"] is None
+    pid = point_id("lens", values, {"muon_lr": 0.02, "adam_lr": 3e-4}, "w")
+    assert pid.startswith("lens-muon_lr0.02-adam_lr0.0003-")
+
+
+def test_schedule_scales_each_group_from_its_own_base(monkeypatch):
+    """A short full fine-tuning run with Muon at its own rate and AdamW at another: warmup and
+    decay multiply each group's base, and both rates are logged."""
+    import unlearn.train
+    from unlearn.config import TrainConfig
+    from unlearn.data.batching import ExampleStream
+    from unlearn.methods.base import Reference
+    from unlearn.methods.sequential import Sequential, SequentialConfig
+    from unlearn.schedules import lr_mult_at
+    from unlearn.train import make_plan, train
+
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(build_optimizer(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(unlearn.train, "build_optimizer", spy)
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method = Sequential(SequentialConfig(layers=[2]))
+    method.setup(model, env=None)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 64, (12,), generator=g).tolist() for _ in range(8)]
+    cfg = TrainConfig(
+        optimizer="muon", lr=1e-3, muon_lr=2e-2, adam_lr=3e-4, num_train_examples=8, pdbs=2,
+        grad_accum=1, max_steps=4, warmup=0.5, lr_decay="linear",
+    )  # fmt: skip
+    seen = []
+
+    def on_log(step, values):  # called after the step, before the next one resets the rates
+        seen.append((values, {g["optimizer"]: g["lr"] for g in built[0].param_groups}))
+
+    plan = make_plan(cfg, 8, method.phases)
+    reference = Reference(model, copy.deepcopy(model))
+    streams = ExampleStream(docs, 2, 0, 0), ExampleStream(docs, 2, 0, 1)
+    train(model, method, reference, *streams, cfg, plan, on_log=on_log, progress=False)
+    mults = [lr_mult_at(s, 4, 2, "linear") for s in range(4)]
+    assert len(set(mults)) > 2  # warmup then decay: the multiplier really varies
+    for (values, lrs), mult in zip(seen, mults, strict=True):
+        assert lrs["muon"] == pytest.approx(2e-2 * mult)
+        assert lrs["adamw"] == pytest.approx(3e-4 * mult)
+        assert values["muon_lr"] == pytest.approx(2e-2 * mult)
+        assert values["lr"] == pytest.approx(3e-4 * mult)  # AdamW's rate, as with --lr alone
+    # Both optimizers moved their tensors (the blocks up to the target layer get gradients).
+    routing = describe_routing(model, "muon")
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "gpt_neox.layers.0.attention.dense.weight" in moved & set(routing["muon"]["names"])
+    assert "gpt_neox.layers.0.attention.dense.bias" in moved & set(routing["adamw"]["names"])

@@ -80,9 +80,16 @@ class TrainConfig:
     """Optimisation settings of one training run (unlearning or tamper attack)."""
 
     lr: float = 1e-3
-    """Learning rate (one rate for AdamW and Muon: Muon's update RMS is matched to AdamW's)."""
+    """Learning rate (one rate for AdamW and Muon, Muon's update RMS matched to AdamW's), unless
+    --muon_lr / --adam_lr give either its own."""
     optimizer: str = "adamw"
     """adamw, or muon (Muon for block 2-D matrices, AdamW for the rest)."""
+    muon_lr: float | None = None
+    """Muon's own learning rate (--optimizer muon), on Muon's scale (0.02 is usual); default:
+    --lr, matched to AdamW's update size."""
+    adam_lr: float | None = None
+    """AdamW's learning rate (with --optimizer muon: of the tensors Muon does not take); default:
+    --lr."""
     weight_decay: float = 0.0
     num_train_examples: int = 1024
     """Unique forget examples (documents); as many retain examples are drawn."""
@@ -116,6 +123,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
+        for name in ("muon_lr", "adam_lr"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         _positive("weight_decay", self.weight_decay, strict=False)
         _positive("epochs", self.epochs)
         _positive("grad_clip", self.grad_clip, strict=False)
@@ -130,6 +140,8 @@ class TrainConfig:
             raise UsageError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r} (choose from {OPTIMIZERS})")
+        if self.muon_lr is not None and self.optimizer != "muon":
+            raise UsageError("--muon_lr applies to --optimizer muon only")
         if self.lr_decay not in LR_DECAYS:
             raise UsageError(f"unknown lr_decay {self.lr_decay!r} (choose from {LR_DECAYS})")
         if self.dtype not in DTYPE_NAMES:

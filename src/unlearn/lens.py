@@ -390,6 +390,21 @@ def _read_config(path: Path) -> tuple[int, int, bool]:
     return n, d, bool(config.get("bias", True))
 
 
+def check_lens_config(
+    path: str | Path, num_layers: int, layers: Sequence[int], name: str | None = None
+) -> None:
+    """From config.json (and our sidecar) alone, no tensors: UsageError unless the lens at `path`
+    (called `name` in messages) is for a model of `num_layers` blocks and covers `layers`."""
+    path = Path(path)
+    name = name or str(path)
+    n, _, _ = _read_config(path)
+    if n != num_layers:
+        raise UsageError(f"the lens {name} is for {n} layers, the model has {num_layers}")
+    missing = sorted(set(layers) - set(_covered_layers(path, n)))
+    if missing:
+        raise UsageError(f"the lens {name} has no translators for layers {missing}")
+
+
 def load_lens(path: str | Path, layers: Sequence[int] | None = None) -> TunedLens:
     """Read a lens directory (saved here or by the tuned-lens library), frozen, on the CPU.
 

@@ -8,18 +8,24 @@ unembedding, norms, biases, any non-2-D tensor) goes to AdamW, which Muon's orth
 does not suit. The seeds routed by a parameter-count threshold, which sent the largest matrices to
 AdamW and diverged; membership cannot make that mistake. Frozen parameters are given to neither.
 
-One learning rate serves both: Muon runs with `adjust_lr_fn="match_rms_adamw"`, which scales each
-matrix's step to the RMS of an AdamW step (0.2 * sqrt(max(rows, cols)) * lr), so AdamW's learning
-rate and decoupled weight decay carry over. AdamW applies weight decay to tensors of two or more
-dimensions only; decaying norm gains and biases toward zero is never wanted.
+By default one learning rate serves both: Muon runs with `adjust_lr_fn="match_rms_adamw"`, which
+scales each matrix's step to the RMS of an AdamW step (0.2 * sqrt(max(rows, cols)) * lr), so
+AdamW's learning rate and decoupled weight decay carry over. `muon_lr` gives Muon a rate of its
+own instead, on Muon's own scale (torch's "original" adjustment, sqrt(max(1, rows/cols)) * lr, for
+which 0.02 is the usual value, as in the seeds' muon_lr / adam_lr grids): a rate tuned apart from
+AdamW's has no reason to be expressed in AdamW's units. `adam_lr` likewise replaces `lr` for the
+AdamW groups. AdamW applies weight decay to tensors of two or more dimensions only; decaying norm
+gains and biases toward zero is never wanted.
 
 `MultiOptimizer` holds the optimizers by name and looks like one optimizer to the trainer. The
 trainer schedules the learning rate itself, each step: `group["lr"] = group["base_lr"] * mult`
-for every group in `param_groups`; no torch LR scheduler is involved.
+for every group in `param_groups` (each group keeps its own base rate); no torch LR scheduler is
+involved.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,35 +121,39 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     muon_momentum: float = 0.95,
+    muon_lr: float | None = None,
+    adam_lr: float | None = None,
 ) -> MultiOptimizer:
-    """AdamW over every trainable parameter ("adamw"), or Muon + AdamW as routed above ("muon")."""
-    if lr <= 0:
-        raise UsageError(f"learning rate must be > 0, got {lr}")
+    """AdamW over every trainable parameter ("adamw"), or Muon + AdamW as routed above ("muon").
+
+    `lr` is the base rate of every group unless `muon_lr` (Muon's groups, on Muon's own scale;
+    "muon" only) or `adam_lr` (AdamW's groups) replaces it."""
+    for what, value in (("learning rate", lr), ("muon_lr", muon_lr), ("adam_lr", adam_lr)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{what} must be > 0, got {value}")
     if weight_decay < 0:
         raise UsageError(f"weight decay must be >= 0, got {weight_decay}")
+    if muon_lr is not None and name != "muon":
+        raise UsageError("muon_lr applies to the muon optimizer only")
     routes = route_parameters(model, name)
     optimizers: dict[str, torch.optim.Optimizer] = {}
     if routes.get("muon"):
+        base = lr if muon_lr is None else muon_lr
         optimizers["muon"] = torch.optim.Muon(
-            [
-                {
-                    "params": [p for _, p in routes["muon"]],
-                    "optimizer": "muon",
-                    "base_lr": lr,
-                }
-            ],
-            lr=lr,
+            [{"params": [p for _, p in routes["muon"]], "optimizer": "muon", "base_lr": base}],
+            lr=base,
             weight_decay=weight_decay,
             momentum=muon_momentum,
-            adjust_lr_fn="match_rms_adamw",
+            adjust_lr_fn="match_rms_adamw" if muon_lr is None else "original",
         )
     if routes["adamw"]:
+        base = lr if adam_lr is None else adam_lr
         decay = [p for _, p in routes["adamw"] if p.ndim >= 2]
         no_decay = [p for _, p in routes["adamw"] if p.ndim < 2]
         groups = [
-            {"params": ps, "weight_decay": wd, "optimizer": "adamw", "base_lr": lr}
+            {"params": ps, "weight_decay": wd, "optimizer": "adamw", "base_lr": base}
             for ps, wd in ((decay, weight_decay), (no_decay, 0.0))
             if ps
         ]
-        optimizers["adamw"] = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        optimizers["adamw"] = torch.optim.AdamW(groups, lr=base, betas=betas, eps=eps)
     return MultiOptimizer(optimizers)

@@ -132,7 +132,14 @@ def train(
     state = state or TrainState()
     par = parallel or Parallel(rank=rank, device=torch.device(device))
     rank = par.rank
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(
+        model,
+        cfg.optimizer,
+        cfg.lr,
+        weight_decay=cfg.weight_decay,
+        muon_lr=cfg.muon_lr,
+        adam_lr=cfg.adam_lr,
+    )
     if checkpointer is not None:
         # A checkpoint's weights, optimizer moments, RNG and step replace the fresh ones.
         state = checkpointer.restore(model, optimizer, TrainState) or state
@@ -155,6 +162,10 @@ def train(
     # Phase boundaries in global optimizer steps.
     starts = [sum(p.steps for p in plan.phases[:i]) for i in range(len(plan.phases))]
     warmup_steps = min(int(cfg.warmup * plan.total_steps), plan.total_steps - 1)
+    # Logged rates: "lr" is AdamW's (--adam_lr, else --lr), "muon_lr" Muon's when it has its own.
+    base_lrs = {"lr": cfg.lr if cfg.adam_lr is None else cfg.adam_lr}
+    if cfg.muon_lr is not None:
+        base_lrs["muon_lr"] = cfg.muon_lr
     while state.step < plan.total_steps:
         phase_idx = max(i for i, s in enumerate(starts) if s <= state.step)
         phase = plan.phases[phase_idx]
@@ -198,7 +209,7 @@ def train(
             **sums,
             **{f"coef_{n}": w for n, w in weights.items()},
             "loss": sum(weights.get(n, 0.0) * v for n, v in sums.items()),
-            "lr": cfg.lr * lr_mult,
+            **{name: base * lr_mult for name, base in base_lrs.items()},
             "grad_norm": par.item(grad_norm),
         }
         state.last = values

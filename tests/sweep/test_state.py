@@ -29,3 +29,20 @@ def test_status_shows_a_running_attacks_status_not_its_partial_curve(tiny_world,
     assert cells[4:] == ["running", "running"] and "0.875" not in out
     cells = [c.strip() for c in rows[second.id].split("|")[1:-1]]
     assert cells[4:] == ["pending", "pending"]
+
+
+def test_an_attack_recorded_before_a_field_existed_is_not_stale(tiny_world, tmp_path):
+    """muon_lr / adam_lr came later: an attack whose record lacks them (default None) stays
+    done; one that recorded another value is stale."""
+    spec = write_spec(tmp_path, base_spec(tiny_world, attack={"max_steps": 4}))
+    first = load_sweep(spec).points[0]
+    fake_run([])(first.run_config)
+    config = first.attack_config.to_dict()
+    assert config["muon_lr"] is None and config["adam_lr"] is None
+    old = {k: v for k, v in config.items() if k not in ("muon_lr", "adam_lr")}
+    attack = RunDir(first.attack_dir)
+    attack.write_run(RunMeta(f"{first.id}-attack", "attack", config=old, status="done"))
+    attack.append_eval(4, "forget", {"acc": 0.5})
+    assert inspect_point(first).attack == "done"
+    attack.update(config={**old, "adam_lr": 1e-4})
+    assert inspect_point(first).attack == "stale"

@@ -81,6 +81,10 @@ class MethodConfig:
             if bad:
                 raise UsageError(f"--{name} {bad} outside the model's blocks 0..{n_layers - 1}")
 
+    def check_inputs(self, model: ModelRef, n_layers: int) -> None:
+        """Checks of the method's own inputs (helper files, hub ids) that need no weights; run
+        by the recipe's validation, after `check_layers`. Nothing to check by default."""
+
 
 def default_layers(n_layers: int) -> list[int]:
     """Every 5th block on deep models (the seeds' [5, 10, ..., 30] of 32); all inner blocks on

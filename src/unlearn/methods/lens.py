@@ -18,23 +18,25 @@ so the loss cannot be satisfied by changing the read-out instead of the represen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from unlearn.errors import UsageError
 from unlearn.fitting import fitted_lens
-from unlearn.lens import load_lens
+from unlearn.lens import check_lens_config, load_lens
+from unlearn.lens_hub import resolve_lens
 from unlearn.methods.base import (
     Method,
     MethodConfig,
     MethodEnv,
     StepContext,
+    default_layers,
     forget_on_logits,
     run_forward,
 )
 from unlearn.methods.registry import register
+from unlearn.models import ModelRef
 
 
 @dataclass
@@ -43,7 +45,8 @@ class LensConfig(MethodConfig):
     """Weight of the forget term (decays linearly to forget_end_fraction x remove_coef)."""
     retain_loss: str = "l2"
     lens: str | None = None
-    """Tuned-lens directory (tuned-lens format); default: fitted once, cached in the world dir."""
+    """Tuned lens (tuned-lens format): a directory, or a hub id OWNER/NAME[:FOLDER][@REVISION]
+    (e.g. EleutherAI/deep-ignorance-unfiltered-lens); default: fitted once, cached."""
     lens_steps: int = 300
     """Training steps when the lens has to be fitted."""
 
@@ -51,6 +54,13 @@ class LensConfig(MethodConfig):
         super().__post_init__()
         if self.lens_steps < 1:
             raise UsageError(f"--lens_steps must be >= 1, got {self.lens_steps}")
+
+    def check_inputs(self, model: ModelRef, n_layers: int) -> None:
+        # setup() loads the lens after the model's weights: find it (a hub lens's config.json is
+        # fetched, its params.pt only looked for) and check its depth and layers now.
+        if self.lens:
+            path = resolve_lens(self.lens, model, download=False)
+            check_lens_config(path, n_layers, self.layers or default_layers(n_layers), self.lens)
 
 
 @register
@@ -65,7 +75,7 @@ class LensUnlearning(Method):
         super().setup(model, env)
         cfg: LensConfig = self.cfg  # type: ignore[assignment]
         if cfg.lens:
-            self.lens = load_lens(Path(cfg.lens))
+            self.lens = load_lens(resolve_lens(cfg.lens, env.model_ref))
             self.lens.check_model(model)
         else:
             self.lens = fitted_lens(model, env, self.layers, cfg.lens_steps)

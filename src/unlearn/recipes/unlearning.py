@@ -189,7 +189,9 @@ def validate(cfg: RunConfig) -> Validated:
     get_method(args.method)
     world = load_world(args.world) if args.world else None
     ref = args.model_args.resolve(world, default=world.target if world else None)
-    cfg.method.check_layers(model_num_layers(ref))
+    n_layers = model_num_layers(ref)
+    cfg.method.check_layers(n_layers)
+    cfg.method.check_inputs(ref, n_layers)  # e.g. a --lens hub id, found before weights load
     # The output directory and the store before anything is written or loaded: OUT must not
     # hold the model (reset deletes OUT/model) and must be ours to replace.
     inputs = {"input model": ref.name, "source checkpoint": getattr(cfg.method, "source", None)}

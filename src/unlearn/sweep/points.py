@@ -204,6 +204,7 @@ def validate_models(points: list[Point], check_hub: bool = True) -> None:
             [a.method, a.model_args.model, a.model_args.revision, a.forget_corpus,
              a.retain_corpus, a.retain_mix,
              p.run_config.method.layers, p.run_config.method.retain_layers,
+             getattr(p.run_config.method, "lens", None),
              lora.lora and lora.lora_target_modules]
         )  # fmt: skip
         try:
