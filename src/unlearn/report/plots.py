@@ -105,7 +105,11 @@ def _scatter_layers(
 
 
 def plot_forget_vs_retain(
-    series: Sequence[tuple[str, Points]], baselines: Sequence[BaselinePoint], path: Path
+    series: Sequence[tuple[str, Points]],
+    baselines: Sequence[BaselinePoint],
+    path: Path,
+    forget: str = "forget accuracy",
+    retain: str = "retain accuracy",
 ) -> None:
     """Scatter of the runs, one series (colour, marker) per method: [(method, [(forget, retain),
     ...]), ...], with the Pareto front over all of them.
@@ -136,8 +140,9 @@ def plot_forget_vs_retain(
     if not points:
         message = "no finished run has both a forget and a retain result"
         ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color="0.4")
-    ax.set_xlabel("forget accuracy (lower is better)")
-    ax.set_ylabel("retain accuracy (higher is better)")
+    # The axes name the suite's tasks (`WMDP Bio Robust (↓)`, or the world's "forget acc (↓)").
+    ax.set_xlabel(f"{forget}: lower is better")
+    ax.set_ylabel(f"{retain}: higher is better")
     ax.set_title("Unlearning runs: forget vs retain accuracy")
     ax.grid(alpha=0.3)
     _zoom_inset(ax, points, series, front, stars, lines)

@@ -12,8 +12,13 @@ Design choices:
   hyperparameters that vary among that method's runs (the fixed ones are listed above it), the
   final value of each loss term, accuracies and status.
 - Baseline runs are named by their config "name" and ordered by their config "role" (target,
-  ignorant, filtered); the original model of the tamper comparison is the baseline whose role is
-  "target" (else the first baseline).
+  checkpoint, ignorant, filtered); the original model of the tamper comparison is the baseline
+  whose role is "target" (else the first baseline).
+- Task columns come from the evaluation suites the runs recorded (run.json "suite": forget,
+  retain and other tasks): forget tasks first with (↓), then retain tasks with (↑), then the
+  others, each named as papers name the benchmark (`WMDP Bio Robust (↓) | MMLU (↑)`). The
+  tamper table follows the world's held-out forget facts when measured, else the suite's first
+  forget task, and reports the other forget and retain tasks at the end of the attack.
 - The numbers come from pure functions (analysis.py) and the pictures from plots.py, which gets
   plain numbers: this module is the only one that reads the store.
 """
@@ -45,10 +50,11 @@ from unlearn.runs.rows import STATUSES, EvalRow
 from unlearn.runs.store import Store, StoredRun
 
 ACC = "acc"
-FORGET_TASKS = ("forget", "forget_heldout")
-BASELINE_ROLES = ("target", "ignorant", "filtered")
+BASELINE_ROLES = ("target", "checkpoint", "ignorant", "filtered")
 """Baseline rows come in this order of their config "role" (others after them)."""
-TASK_ORDER = ("forget", "forget_heldout", "retain")
+WORLD_SUITE = {"forget": ["forget", "forget_heldout"], "retain": ["retain"], "other": []}
+"""The roles of the world's tasks, for runs that recorded no suite (older run directories)."""
+ROLE_ORDER = ("forget", "retain", "other")
 NOT_LOSS_TERMS = frozenset({"lr", "grad_norm"})
 """Training-state values some runs keep beside their loss terms; not loss columns."""
 SCATTER_PNG, TAMPER_PNG = "forget_vs_retain.png", "tamper_curves.png"
@@ -65,20 +71,37 @@ class _Data:
     attacks: list[StoredRun]
     final: dict[str, dict[str, dict[str, EvalRow]]]
     """run id -> task -> metric -> latest row."""
+    roles: dict[str, str]
+    """task -> forget, retain or other, from the suites the runs recorded, in suite order."""
 
     @classmethod
     def load(cls, store: Store) -> _Data:
         runs = store.runs()
         baselines = [r for r in runs if r.kind == "baseline"]
+        roles: dict[str, str] = {}
+        for r in runs:
+            suite = r.config.get("suite") if isinstance(r.config.get("suite"), dict) else None
+            for role in ROLE_ORDER:
+                for task in (suite or WORLD_SUITE).get(role) or []:
+                    roles.setdefault(task, role)
         return cls(
             baselines=sorted(baselines, key=lambda b: _role_rank(b.config.get("role"))),
             unlearn=[r for r in runs if r.kind == "unlearn"],
             attacks=[r for r in runs if r.kind == "attack"],
             final={r.id: store.final_evals(r.id) for r in runs},
+            roles=roles,
         )
 
     def tasks(self, runs: Sequence[StoredRun]) -> list[str]:
-        return ordered_tasks({t for r in runs for t, m in self.final[r.id].items() if ACC in m})
+        measured = {t for r in runs for t, m in self.final[r.id].items() if ACC in m}
+        return ordered_tasks(measured, self.roles)
+
+    def header(self, task: str) -> str:
+        return task_header(task, self.roles.get(task))
+
+    def first(self, role: str) -> str | None:
+        """The suite's first task of a role (the world's `forget` / `retain`)."""
+        return next((t for t, r in self.roles.items() if r == role), None)
 
     def target(self) -> StoredRun | None:
         roles = [b for b in self.baselines if b.config.get("role") == "target"]
@@ -95,9 +118,11 @@ def _role_rank(role: Any) -> int:
     return BASELINE_ROLES.index(role) if role in BASELINE_ROLES else len(BASELINE_ROLES)
 
 
-def ordered_tasks(tasks: set[str]) -> list[str]:
-    known = [t for t in TASK_ORDER if t in tasks]
-    return known + sorted(tasks - set(TASK_ORDER))
+def ordered_tasks(tasks: set[str], roles: dict[str, str] | None = None) -> list[str]:
+    """Forget tasks, then retain, then the others, each in suite order; unknown ones last."""
+    roles = roles or {}
+    known = [t for role in ROLE_ORDER for t, r in roles.items() if r == role and t in tasks]
+    return known + sorted(tasks - set(known))
 
 
 def baseline_name(run: StoredRun) -> str:
@@ -114,10 +139,12 @@ def _attacked_label(attack: StoredRun, by_id: dict[str, StoredRun]) -> str:
 
 
 def _primary_task(data: _Data) -> str | None:
-    """The forget task whose curve the tamper table follows: held-out facts when measured
-    (recovery there is latent knowledge, not re-learning), else the unlearned facts."""
+    """The forget task whose curve the tamper table follows: the world's held-out facts when
+    measured (recovery there is latent knowledge, not re-learning), else the first forget task
+    of the suite that the attacks measured."""
     tasks = {t for a in data.attacks for t in data.final[a.id]}
-    return next((t for t in reversed(FORGET_TASKS) if t in tasks), None)
+    forget = [t for t, r in data.roles.items() if r == "forget"]
+    return next((t for t in ["forget_heldout", *forget] if t in tasks), None)
 
 
 # -- cells -------------------------------------------------------------------------------------
@@ -162,7 +189,7 @@ def baselines_section(data: _Data) -> str:
     if not data.baselines:
         return "## Baselines\n\n_No baseline models evaluated._"
     tasks = data.tasks(data.baselines)
-    headers = ["Model", *(task_header(t) for t in tasks), "status"]
+    headers = ["Model", *(data.header(t) for t in tasks), "status"]
     rows = [
         [baseline_name(b), *(acc_cell(b, data.final[b.id], t) for t in tasks), b.status]
         for b in data.baselines
@@ -180,7 +207,7 @@ def method_section(method: str, runs: list[StoredRun], data: _Data) -> str:
     show_notes = any(notes.values())
 
     headers = ["run", *(["job"] if show_job else []), *column_headers(varying)]
-    headers += [_loss_header(t) for t in terms] + [task_header(t) for t in tasks] + ["status"]
+    headers += [_loss_header(t) for t in terms] + [data.header(t) for t in tasks] + ["status"]
     headers += ["notes"] if show_notes else []
     rows = []
     for b in data.baselines:
@@ -220,13 +247,13 @@ def tamper_section(data: _Data, store: Store) -> str:
     original = data.done_acc(target, task) if target else None
     others = [
         t
-        for t in (*FORGET_TASKS, "retain")
-        if t != task and any(t in data.final[a.id] for a in data.attacks)
+        for t in data.tasks(data.attacks)
+        if t != task and data.roles.get(t) in ("forget", "retain")
     ]
 
     headers = ["attacked model", "attack run", "step 0", *([f"step {n}"] if n is not None else [])]
     headers += ["final", "recovery", "steps to half recovery", "AUC"]
-    headers += [f"{t} final" for t in others] + ["status", "notes"]
+    headers += [f"{data.header(t)} final" for t in others] + ["status", "notes"]
     rows = []
     for a in data.attacks:
         cells = _tamper_cells(a, curves[a.id], n, original)
@@ -271,11 +298,13 @@ def _tamper_cells(
 
 
 def _plot_forget_vs_retain(data: _Data, path: Path) -> int:
-    """Scatter of every finished unlearn run; returns the number of runs plotted."""
+    """Scatter of every finished unlearn run on the suite's first forget and retain tasks;
+    returns the number of runs plotted."""
+    forget, retain = data.first("forget") or "forget", data.first("retain") or "retain"
     series = []
     for method in sorted({r.method or "?" for r in data.unlearn}):
         xy = [
-            (data.done_acc(r, "forget"), data.done_acc(r, "retain"))
+            (data.done_acc(r, forget), data.done_acc(r, retain))
             for r in data.unlearn
             if (r.method or "?") == method
         ]
@@ -285,10 +314,10 @@ def _plot_forget_vs_retain(data: _Data, path: Path) -> int:
     baselines = [
         BaselinePoint(baseline_name(b), x, y, b.config.get("role"))
         for b in data.baselines
-        if (x := data.done_acc(b, "forget")) is not None
-        and (y := data.done_acc(b, "retain")) is not None
+        if (x := data.done_acc(b, forget)) is not None
+        and (y := data.done_acc(b, retain)) is not None
     ]
-    plot_forget_vs_retain(series, baselines, path)
+    plot_forget_vs_retain(series, baselines, path, data.header(forget), data.header(retain))
     return sum(len(xy) for _, xy in series)
 
 

@@ -34,12 +34,26 @@ TASK_HEADERS = {
     "forget_attack": "forget attack acc",
     "retain": "retain acc (↑)",
 }
+"""The world tasks' headers (their roles are fixed)."""
+TASK_TITLES = {
+    "wmdp_bio_robust": "WMDP Bio Robust", "wmdp_bio": "WMDP Bio",
+    "wmdp_bio_cloze": "WMDP Bio Cloze", "wmdp_chem": "WMDP Chem", "wmdp_cyber": "WMDP Cyber",
+    "mmlu": "MMLU", "mmlu_stem": "MMLU STEM",
+}  # fmt: skip
+"""Benchmarks' names as papers and the seeds' tables write them; other tasks are title-cased
+from their names, with these words in capitals:"""
+ACRONYMS = frozenset({"mmlu", "wmdp", "stem", "mcqa", "bbh", "gsm8k", "arc", "qa"})
+ARROWS = {"forget": " (↓)", "retain": " (↑)"}
+"""A task's role in its suite (unlearn.eval.suite) says which way is better."""
 PREFERRED_ORDER = (
     "retain_coef", "remove_coef", "lr", "muon_lr", "adam_lr", "num_train_examples", "epochs",
     "steps", "batch_size", "lora_r", "optimizer", "retain_loss", "layers",
 )  # fmt: skip
 """Hyperparameter columns in this order, then the rest alphabetically."""
-BOOKKEEPING_KEYS = frozenset({"name", "role", "output", "output_dir", "out", "out_dir", "run_dir"})
+BOOKKEEPING_KEYS = frozenset(
+    {"name", "role", "output", "output_dir", "out", "out_dir", "run_dir",
+     "forget_tasks", "retain_tasks", "other_tasks", "task_dirs"}
+)  # fmt: skip
 """Config keys that name or place a run rather than configure it: never a table column."""
 
 Result = EvalRow | Mapping[str, Any] | float | str | None
@@ -105,8 +119,20 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def task_header(task: str) -> str:
-    return TASK_HEADERS.get(task, f"{task} acc")
+def task_title(task: str) -> str:
+    """`wmdp_bio_robust` -> "WMDP Bio Robust"; `my_local_qs` -> "My Local Qs"."""
+    if task in TASK_TITLES:
+        return TASK_TITLES[task]
+    words = task.replace("-", "_").split("_")
+    return " ".join(w.upper() if w.lower() in ACRONYMS else w.capitalize() for w in words if w)
+
+
+def task_header(task: str, role: str | None = None) -> str:
+    """A task's column header: a world task's own, else its title and the role's arrow
+    (`WMDP Bio Robust (↓)`, `MMLU (↑)`)."""
+    if task in TASK_HEADERS:
+        return TASK_HEADERS[task]
+    return task_title(task) + ARROWS.get(role or "", "")
 
 
 def results_table(rows: Mapping[str, Mapping[str, Mapping]], tasks: list[str]) -> str:
@@ -173,7 +199,13 @@ def split_config_keys(configs: Sequence[dict[str, Any]]) -> tuple[list[str], dic
     A key missing from some configs counts as varying. Bookkeeping keys are dropped.
     """
     flat = [flatten(c) for c in configs]
-    keys = {k for f in flat for k in f if _leaf(k) not in BOOKKEEPING_KEYS}
+    # The suite's roles (run.json "suite") name the columns; they are not a setting.
+    keys = {
+        k
+        for f in flat
+        for k in f
+        if _leaf(k) not in BOOKKEEPING_KEYS and not k.startswith("suite.")
+    }
     varying, fixed = [], {}
     for key in keys:
         seen = {json.dumps(f.get(key, "<missing>"), sort_keys=True) for f in flat}

@@ -137,7 +137,9 @@ def build_baseline(baseline: Baseline, world: World | None, out: Path) -> Point:
         "role": baseline.role,
         "suite": dataclasses.asdict(baseline.suite),
     }
-    pid = point_id(BASELINE, fields, {"name": baseline.label}, world_tag(world))
+    # `baseline-target-3fa2c1`: the role (else the label) and a hash of what defines it.
+    digest = point_id(BASELINE, fields, {}, world_tag(world)).rsplit("-", 1)[1]
+    pid = f"{BASELINE}-{_id_value(baseline.role or baseline.label)}-{digest}"
     suite = resolve_suite(baseline.suite, world)
     return Point(
         pid, BASELINE, fields, {}, out / pid, None,

@@ -85,9 +85,12 @@ def format_table(states: Sequence[PointState], jobs: dict[str, str] | None = Non
 
 def describe_points(sweep: Sweep) -> str:
     """The --dry-run listing: every point's id, method and varied values."""
-    methods = sorted({p.method for p in sweep.points})
+    runs = [p for p in sweep.points if p.baseline is None]
+    methods = sorted({p.method for p in runs})
+    baselines = len(sweep.points) - len(runs)
+    extra = f" + {baselines} baseline(s)" if baselines else ""
     lines = [
-        f"sweep {sweep.name}: {len(sweep.points)} point(s), method(s) {', '.join(methods)}",
+        f"sweep {sweep.name}: {len(runs)} point(s){extra}, method(s) {', '.join(methods)}",
         f"run dirs under {sweep.out}, store {sweep.store}",
     ]
     width = max(len(p.id) for p in sweep.points)
