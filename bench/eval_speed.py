@@ -1,19 +1,33 @@
-"""Native evaluator vs lm-eval on the mini world's tasks: same accuracies, and how much faster.
+"""Native evaluator vs lm-eval: the same accuracies, and how much faster the native path is.
 
     .venv/bin/python bench/eval_speed.py --world /tmp/w [--model PATH] [--repeats 3]
+    .venv/bin/python bench/eval_speed.py --mmlu 1000 [--repeats 3]
 
-Loads the model once (the world's target by default), then evaluates every world task with each
-backend `--repeats` times and keeps the fastest run of each (the first lm-eval run also fills the
-datasets cache). lm-eval's time is split into preparing the tasks (index, reading the question
-JSONL into a dataset) and evaluating them; the ratio is given for both the total and the
-evaluation alone. Prints both backends' accuracies per task and exits 1 if any differ.
+Two workloads, each timed with both backends `--repeats` times (fastest run kept; the first
+lm-eval run also fills the datasets cache):
+
+- `--world W`: every world task (cloze) on the world's target (or `--model`);
+- `--mmlu N` (default 1000): N synthetic MMLU-format questions (`{question, choices, answer}`,
+  four options, scored as letter multiple choice: "Answer:" then " A".." D") in a local question
+  file, on a random 4-layer Llama (hidden 64) with a tokenizer trained on the questions.
+
+lm-eval's time is split into preparing the tasks (index, reading the question file into a
+dataset) and evaluating them; the ratio is given for both the total and the evaluation alone.
+Prints both backends' accuracies per task and exits 1 if any differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+TOPICS = ("cell", "virus", "river", "market", "planet", "engine", "protein", "harbor", "crystal")
+WORDS = ("red", "small", "ancient", "northern", "rapid", "quiet", "dense", "bright", "hollow")
 
 
 def timed(fn, *args):
@@ -22,53 +36,76 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", required=True, help="mini world directory")
-    parser.add_argument("--model", help="model directory (default: the world's target)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per backend (fastest kept)")
-    parser.add_argument("--batch_size", type=int, default=64, help="choices per forward pass")
-    args = parser.parse_args(argv)
+def mmlu_questions(n: int, seed: int = 0) -> list[dict]:
+    """Synthetic questions in the MMLU schema (nothing from the benchmark itself)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic, word = rng.choice(TOPICS), rng.choice(WORDS)
+        options = rng.sample([f"the {w} {t}" for w in WORDS for t in TOPICS], 4)
+        question = f"Question {i}: which of these is most like a {word} {topic}?"
+        rows.append({"question": question, "choices": options, "answer": rng.randrange(4)})
+    return rows
 
+
+def tiny_llama(texts: list[str], out: Path) -> Path:
+    """A random 4-layer Llama (hidden 64) and a BPE tokenizer trained on `texts`, saved."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unlearn.world.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(texts, vocab_size=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def compare(name: str, model, tokenizer, suite_args, world, repeats: int, batch_size: int) -> bool:
+    """Time and compare both backends on one suite; prints a table and the ratios."""
     from unlearn.eval import harness
-    from unlearn.models import load_model, load_tokenizer, resolve_model
-    from unlearn.world import evaluate_world, load_world
+    from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
 
-    world = load_world(args.world)
-    ref = resolve_model(args.model or world.target, world_dir=world.root)
-    model, tokenizer = load_model(ref), load_tokenizer(ref)
-    tasks = list(world.questions)
-    options = harness.HarnessOptions(batch_size=args.batch_size)
-
+    args = {**suite_args, "eval_backend": "auto"}
+    native_suite = prepare_suite(resolve_suite(SuiteArgs(**args), world))
+    lm_suite = resolve_suite(SuiteArgs(**{**args, "eval_backend": "lm-eval"}), world)
+    keys = native_suite.suite.task_keys()
+    local = {t.key: ("cloze" if t.kind == "world" else t.kind, t.path) for t in lm_suite.tasks}
+    options = harness.HarnessOptions(batch_size=batch_size)
     native_s, prepare_s, lm_eval_s = [], [], []
-    for _ in range(args.repeats):
-        native, t = timed(evaluate_world, model, tokenizer, world, tasks, args.batch_size)
+    for _ in range(repeats):
+        native, t = timed(native_suite.evaluate, model, tokenizer, batch_size)
         native_s.append(t)
-        prepared, t = timed(harness.prepare_tasks, tasks, world)
+        prepared, t = timed(harness.prepare_tasks, keys, None, (), local)
         prepare_s.append(t)
         lm, t = timed(harness.evaluate_prepared, model, tokenizer, prepared, options)
         lm_eval_s.append(t)
-
-    failed = harness.failed_tasks(lm)
+    failed = harness.failed_tasks(lm) or harness.failed_tasks(native)
     if failed:
-        print(f"lm-eval failed: {failed}", file=sys.stderr)
-        return 1
-    n_questions = sum(native[t]["n"] for t in tasks)
-    print(f"model {ref} on {world.root} ({n_questions} questions, 4 choices each)\n")
+        print(f"{name}: evaluation failed: {failed}", file=sys.stderr)
+        return False
+    n_questions = sum(native[k]["n"] for k in keys)
+    print(f"\n## {name} ({n_questions} questions)\n")
     print("| task | n | native acc | lm-eval acc | same | native p(correct) | lm-eval p(correct) |")
     print("|---|---|---|---|---|---|---|")
     equal = True
-    for t in tasks:
-        a, b = native[t], lm[t]
-        same = a["acc"] == b["acc"] and a["acc_norm"] == b["acc_norm"]
+    for k in keys:
+        a, b = native[k], lm[k]
+        same = a["acc"] == b["acc"] and a.get("acc_norm") == b.get("acc_norm")
         equal &= same
         print(
-            f"| {t} | {a['n']} | {a['acc']:.4f} | {b['acc']:.4f} | {'yes' if same else 'NO'} "
+            f"| {k} | {a['n']} | {a['acc']:.4f} | {b['acc']:.4f} | {'yes' if same else 'NO'} "
             f"| {a['correct_prob']:.6f} | {b['correct_prob']:.6f} |"
         )
     best_native, best_prep, best_eval = min(native_s), min(prepare_s), min(lm_eval_s)
     print(
-        f"\nwall time, fastest of {args.repeats}: native {best_native:.3f} s; lm-eval "
+        f"\nwall time, fastest of {repeats}: native {best_native:.3f} s; lm-eval "
         f"{best_prep + best_eval:.3f} s ({best_prep:.3f} s preparing tasks + {best_eval:.3f} s "
         "evaluating)"
     )
@@ -76,7 +113,44 @@ def main(argv: list[str] | None = None) -> int:
         f"speed ratio native/lm-eval: {(best_prep + best_eval) / best_native:.1f}x faster "
         f"in total, {best_eval / best_native:.1f}x on evaluation alone"
     )
-    return 0 if equal else 1
+    return equal
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", help="mini world directory (its tasks are one workload)")
+    parser.add_argument("--model", help="model directory for the world (default: its target)")
+    parser.add_argument("--mmlu", type=int, default=1000, help="MMLU-format questions (0: skip)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per backend (fastest kept)")
+    parser.add_argument("--batch_size", type=int, default=64, help="rows per forward pass")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from unlearn.models import load_model, load_tokenizer, resolve_model
+    from unlearn.world import load_world
+
+    print(f"torch threads: {torch.get_num_threads()}")
+    ok = True
+    if args.world:
+        world = load_world(args.world)
+        ref = resolve_model(args.model or world.target, world_dir=world.root)
+        model, tokenizer = load_model(ref), load_tokenizer(ref)
+        tasks = {"other_tasks": list(world.questions)}
+        ok &= compare(f"world tasks, {ref}", model, tokenizer, tasks, world, args.repeats,
+                      args.batch_size)  # fmt: skip
+    if args.mmlu:
+        with tempfile.TemporaryDirectory(prefix="eval-speed-") as tmp:
+            rows = mmlu_questions(args.mmlu)
+            path = Path(tmp, "mmlu_format.jsonl")
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            texts = [r["question"] + " " + " ".join(r["choices"]) for r in rows]
+            ref = resolve_model(str(tiny_llama([*texts, "A B C D Answer:"], Path(tmp, "llama"))))
+            model, tokenizer = load_model(ref), load_tokenizer(ref)
+            tasks = {"other_tasks": [str(path)]}
+            ok &= compare("MMLU format, random 4-layer Llama", model, tokenizer, tasks, None,
+                          args.repeats, args.batch_size)  # fmt: skip
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

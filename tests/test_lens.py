@@ -483,7 +483,7 @@ def test_run_with_a_hub_lens_offline(tiny_hf_models, tmp_path, offline_hub, monk
     cache_lens(offline_hub, "someone/tiny-lens", tmp_path / "lens")
     argv = ["run", "--method", "lens", "--model", str(model_dir), *_corpora(tmp_path)]
     argv += ["--layers", "1", "--max_steps", "2", "--num_train_examples", "4", "--pdbs", "2"]
-    argv += ["--grad_accum", "1", "--max_length", "16", "--progress", "false"]
+    argv += ["--grad_accum", "1", "--max_length", "16", "--progress", "false", "--eval", "false"]
 
     assert main([*argv, "--lens", "someone/tiny-lens", "--out", str(tmp_path / "run")]) == 0
     record = RunDir(tmp_path / "run").read()

@@ -144,12 +144,25 @@ def test_few_step_run_on_llama_with_local_corpora(tiny_hf_models, tmp_path, caps
     argv += ["--forget_corpus", str(forget), "--retain_corpus", str(retain), "--out", str(out)]
     argv += ["--max_steps", "2", "--num_train_examples", "4", "--pdbs", "2", "--grad_accum", "1"]
     argv += ["--max_length", "16", "--num_phases", "1", "--progress", "false"]
-    assert main(argv) == 0
+    # The evaluation suite without a world: a local WMDP-format (letter) question file.
+    questions = tmp_path / "bio.jsonl"
+    questions.write_text(
+        "".join(
+            json.dumps({"question": f"Where does strain {i} spread?",
+                        "choices": ["air", "water", "soil", "food"], "answer": i % 4}) + "\n"
+            for i in range(8)
+        )
+    )  # fmt: skip
+    assert main([*argv, "--forget_tasks", str(questions)]) == 0
     record = RunDir(out).read()
-    assert record.meta.status == "done"
+    # A random model answers one letter to nearly every question: flagged, still a result.
+    assert record.meta.status in ("done", "collapsed")
     assert record.meta.config["forget_corpus"] == str(forget)
+    assert record.meta.config["suite"] == {"forget": ["bio"], "retain": [], "other": []}
     assert (out / "model" / "config.json").is_file()
-    assert "no --world" in capsys.readouterr().err
+    acc = [e for e in record.evals if e.task == "bio" and e.metric == "acc"]
+    assert len(acc) == 1 and 0 <= acc[0].value <= 1
+    capsys.readouterr()
 
 
 def test_check_lora_targets_reads_module_names_without_weights(tiny_hf_models, monkeypatch):

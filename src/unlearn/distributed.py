@@ -328,7 +328,7 @@ def join_for_evaluation(backend: str = "native") -> None:
     native evaluator then shards its batches over the ranks (`map_sharded`)."""
     if env_world_size() == 1:
         return
-    if backend != "native":
+    if backend == "lm-eval":
         raise UsageError(
             f"data-parallel evaluation under torchrun supports the native backend, not {backend}"
         )

@@ -15,6 +15,7 @@ from unlearn.recipes.checkpoints import (
     Checkpoint,
     CheckpointsConfig,
     chance_level,
+    checkpoint_suite,
     default_margin,
     mark_viable,
     table,
@@ -58,11 +59,11 @@ def test_default_margin_is_two_standard_errors_atchance_level():
 def test_config_validation():
     with pytest.raises(UsageError, match="needs --model"):
         CheckpointsConfig(revisions=["a"])
-    with pytest.raises(UsageError, match="give --world"):
-        CheckpointsConfig(paths=["x"], backend="native")
+    with pytest.raises(UsageError, match="--backend must be one of"):
+        CheckpointsConfig(paths=["x"], backend="fast")
     cfg = CheckpointsConfig(model="org/m", revisions=["global_step1,global_step2", "global_step3"])
     assert cfg.revisions == ["global_step1", "global_step2", "global_step3"]
-    assert (cfg.backend, cfg.forget_task, cfg.retain_task) == ("lm-eval", "wmdp_bio_robust", "mmlu")
+    assert (cfg.backend, cfg.forget_task, cfg.retain_task) == ("auto", "wmdp_bio_robust", "mmlu")
 
 
 def test_chance_comes_from_the_world_questions_with_either_backend(tmp_path):
@@ -74,11 +75,11 @@ def test_chance_comes_from_the_world_questions_with_either_backend(tmp_path):
     forget = tmp_path / "forget.jsonl"
     forget.write_text("".join(json.dumps(r) + "\n" for r in rows))
     world = SimpleNamespace(questions={"forget": forget, "retain": forget})
-    world.read_questions = lambda task: rows  # what World.read_questions returns here
     for backend in ("native", "lm-eval"):
         cfg = CheckpointsConfig(world="w", backend=backend, forget_task="forget")
-        assert chance_level(cfg, world) == pytest.approx(1 / 3), backend
-    assert chance_level(CheckpointsConfig(world="w", backend="lm-eval"), world) == 0.25  # wmdp
+        assert chance_level(cfg, checkpoint_suite(cfg, world)) == pytest.approx(1 / 3), backend
+    cfg = CheckpointsConfig(world="w", forget_task="wmdp_bio_robust")
+    assert chance_level(cfg, checkpoint_suite(cfg, world)) == 0.25  # a benchmark
 
 
 def test_checkpoints_on_the_tiny_world_pick_the_ignorant_checkpoint(tiny_world, tmp_path, capsys):

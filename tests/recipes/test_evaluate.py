@@ -28,7 +28,8 @@ def test_evaluate_one_model_writes_what_the_world_evaluator_gives(tiny_world, tm
     ref = resolve_model(tiny_world.target)
     direct = evaluate_world(load_model(ref), load_tokenizer(ref), tiny_world, ["forget"], limit=4)
     assert out["results"]["forget"]["acc"] == direct["forget"]["acc"]
-    assert out["results"]["forget"]["n"] == 4 and out["backend"] == "native"
+    assert out["results"]["forget"]["n"] == 4 and out["backend"] == "auto"
+    assert out["results"]["forget"]["backend"] == "native"  # a world task: scored natively
     assert evaluation.output == tmp_path / "r.json"
     assert json.loads(evaluation.output.read_text())["results"]["forget"]["n"] == 4
     assert evaluation.failed == [] and evaluation.collapsed == []

@@ -87,7 +87,7 @@ def test_results_table_uses_the_rule():
         "c": {},
     }
     assert results_table(rows, ["forget", "retain", "zzz"]).splitlines() == [
-        "| Model | forget acc (↓) | retain acc (↑) | zzz acc |",
+        "| Model | forget acc (↓) | retain acc (↑) | Zzz |",
         "|---|---|---|---|",
         "| a | 30.00% (collapsed) | failed | - |",
         "| b | failed | - | - |",

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = evaluate(cfg)
     if not is_main():  # data parallel: rank 0 holds the gathered results and reports them
         return 0
-    print(results_table({k: o["results"] for k, o in evaluation.outputs.items()}, evaluation.tasks))
+    rows = {k: o["results"] for k, o in evaluation.outputs.items()}
+    print(results_table(rows, evaluation.tasks, evaluation.roles))
     for label in evaluation.collapsed:
         print(
             f"warning: {label} looks collapsed (one answer for nearly all questions)",

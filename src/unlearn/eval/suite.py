@@ -161,7 +161,9 @@ class Suite:
         return sum(1 / len(q["choices"]) for q in rows) / len(rows)
 
 
-def resolve_suite(args: SuiteArgs, world=None, base: str | Path | None = None) -> Suite:
+def resolve_suite(
+    args: SuiteArgs, world=None, base: str | Path | None = None, require_forget: bool = True
+) -> Suite:
     """The suite `args` names, every task checked without loading a dataset or weights.
 
     `world` supplies the world tasks and the defaults; `base` is where relative question-file
@@ -195,7 +197,7 @@ def resolve_suite(args: SuiteArgs, world=None, base: str | Path | None = None) -
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
         raise UsageError(f"the evaluation suite names task(s) {repeated} more than once")
-    if not any(t.role == "forget" for t in tasks):
+    if require_forget and not any(t.role == "forget" for t in tasks):
         raise UsageError("the evaluation suite has no forget task (give --forget_tasks)")
     return Suite(tuple(tasks), args.eval_backend, task_dirs)
 
@@ -238,6 +240,8 @@ class PreparedSuite:
     native: frozenset[str]
     """Keys of the lm-eval tasks scored natively (question files always are, unless the backend
     is lm-eval)."""
+    num_fewshot: int | None = None
+    """Few-shot examples for lm-eval tasks whose config does not fix them (scored by lm-eval)."""
 
     def via_lm_eval(self, key: str) -> bool:
         t = self.suite.task(key)
@@ -253,12 +257,12 @@ class PreparedSuite:
         the evaluation fails, so callers record a failed row."""
         t = self.suite.task(key)
         if self.via_lm_eval(key):
-            options = harness.HarnessOptions(batch_size, t.limit)
+            options = harness.HarnessOptions(batch_size, t.limit, self.num_fewshot)
             results = harness.evaluate_prepared(model, tokenizer, self._only(key), options)
             result = results[key]
             if result.get("status") == "failed":
                 raise harness.HarnessError(result["error"])
-            return result
+            return {**result, "backend": "lm-eval"}
         if t.kind in ("world", CLOZE, LETTER):
             rows = read_question_file(t.path)[1][: t.limit]
             questions = as_cloze(rows) if t.kind == LETTER else rows
@@ -268,11 +272,12 @@ class PreparedSuite:
             )
             if t.kind == LETTER:  # every continuation is one letter: acc_norm is acc
                 result = {k: v for k, v in result.items() if not k.startswith("acc_norm")}
-            return result
+            return {**result, "backend": "native"}
         if key in self.prepared.failed:
             raise harness.HarnessError(self.prepared.failed[key])
         obj = self.prepared.objects[key]
-        return score_lm_task(model, tokenizer, obj, t.limit, batch_size, None, progress)
+        result = score_lm_task(model, tokenizer, obj, t.limit, batch_size, None, progress)
+        return {**result, "backend": "native"}
 
     def _only(self, key: str) -> harness.PreparedTasks:
         p = self.prepared
@@ -308,9 +313,10 @@ class PreparedSuite:
         return results
 
 
-def prepare_suite(suite: Suite) -> PreparedSuite:
+def prepare_suite(suite: Suite, num_fewshot: int | None = None) -> PreparedSuite:
     """Build the suite's lm-eval tasks and load their data (UsageError when a dataset is not
-    available offline), decide which are scored natively; no weights are loaded."""
+    available offline), decide which are scored natively; no weights are loaded. With
+    `num_fewshot` lm-eval tasks are scored by lm-eval (few-shot contexts are its own)."""
     lm_eval_keys = [t.key for t in suite.tasks if t.kind == "lm-eval" or suite.backend == "lm-eval"]
     prepared = None
     native: set[str] = set()
@@ -325,11 +331,13 @@ def prepare_suite(suite: Suite) -> PreparedSuite:
             if suite.task(key).kind != "lm-eval" or key not in prepared.objects:
                 continue
             problem = native_problem(prepared.objects[key])
+            if problem is None and num_fewshot:
+                problem = f"{num_fewshot}-shot requested"
             if problem is None and suite.backend != "lm-eval":
                 native.add(key)
             elif suite.backend == "native":
                 raise UsageError(f"task {key} cannot be scored natively ({problem}); use auto")
-    result = PreparedSuite(suite, prepared, frozenset(native))
+    result = PreparedSuite(suite, prepared, frozenset(native), num_fewshot)
     through_lm_eval = [k for k in suite.task_keys() if result.via_lm_eval(k)]
     if through_lm_eval and env_world_size() > 1:
         raise UsageError(

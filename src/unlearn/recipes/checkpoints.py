@@ -20,16 +20,15 @@ from pathlib import Path
 
 from unlearn.config import DTYPE_NAMES, ModelArgs
 from unlearn.errors import UsageError
-from unlearn.eval import harness
-from unlearn.eval.native import NUMERIC_METRICS
+from unlearn.eval.native import numeric_metrics
+from unlearn.eval.suite import BACKENDS, Suite, SuiteArgs, prepare_suite, resolve_suite
 from unlearn.fsutil import atomic_write_json, atomic_write_text, check_writable_parent
 from unlearn.models import ModelRef, default_device, load_model, load_tokenizer
-from unlearn.report.tables import markdown_table, result_cell
+from unlearn.report.tables import TASK_HEADERS, markdown_table, result_cell, task_title
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.store import Store, check_store
-from unlearn.world import World, evaluate_world, load_world
+from unlearn.world import World, load_world
 
-BACKENDS = ("native", "lm-eval")
 NOTE_RANDOM = "~Random"
 NOTE_VIABLE = "~Random (latest viable)"
 NOTE_LEARNING = "Learning starts"
@@ -49,12 +48,13 @@ class CheckpointsConfig:
     """Checkpoint directories in training order (instead of --model/--revisions)."""
     world: str | None = None
     """Mini world: its checkpoint list (when no models are given) and its question tasks."""
-    backend: str | None = None
-    """native (world tasks) or lm-eval (benchmarks); default: native with --world."""
+    backend: str = "auto"
+    """auto (native where it reproduces lm-eval exactly, else lm-eval), native or lm-eval."""
     forget_task: str | None = None
-    """Default: forget (world) or wmdp_bio_robust (lm-eval)."""
+    """A world task, question file, bundled or lm-eval task; default: forget (world) or
+    wmdp_bio_robust."""
     retain_task: str | None = None
-    """Default: retain (world) or mmlu (lm-eval)."""
+    """Same forms; default: retain (world) or mmlu."""
     chance: float | None = None
     """Chance accuracy on the forget task; default: from a world task's choices, else 0.25."""
     margin: float | None = None
@@ -80,14 +80,11 @@ class CheckpointsConfig:
             raise UsageError("give either --model/--revisions or --paths, not both")
         if not (self.model or self.paths or self.world):
             raise UsageError("give --model ID --revisions ..., --paths DIR ..., or --world W")
-        self.backend = self.backend or ("native" if self.world else "lm-eval")
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend}")
-        if self.backend == "native" and not self.world:
-            raise UsageError("--backend native evaluates a world's questions: give --world")
-        native = self.backend == "native"
-        self.forget_task = self.forget_task or ("forget" if native else "wmdp_bio_robust")
-        self.retain_task = self.retain_task or ("retain" if native else "mmlu")
+        world = self.world is not None
+        self.forget_task = self.forget_task or ("forget" if world else "wmdp_bio_robust")
+        self.retain_task = self.retain_task or ("retain" if world else "mmlu")
         if self.chance is not None and not 0 < self.chance < 1:
             raise UsageError(f"--chance must be in (0, 1), got {self.chance}")
         if self.margin is not None and not 0 <= self.margin < 1:
@@ -186,42 +183,42 @@ def targets(cfg: CheckpointsConfig, world: World | None) -> list[Checkpoint]:
     return out
 
 
-def chance_level(cfg: CheckpointsConfig, world: World | None) -> float:
-    """--chance, else the mean of 1 / choices over a world task's questions, else 0.25."""
-    if cfg.chance is not None:
-        return cfg.chance
-    if world is None or cfg.forget_task not in world.questions:
-        if cfg.backend == "native":
-            raise UsageError(f"world has no question task {cfg.forget_task!r}")
-        return 0.25  # a benchmark: WMDP-Bio-Robust and MMLU questions have four choices
-    # A world task, with either backend: its questions say how many choices each has.
-    questions = world.read_questions(cfg.forget_task)[: cfg.limit]
-    return sum(1 / len(q["choices"]) for q in questions) / len(questions)
+def checkpoint_suite(cfg: CheckpointsConfig, world: World | None) -> Suite:
+    """The two tasks as an evaluation suite (checked: names, files; no dataset, no weights)."""
+    args = SuiteArgs(
+        forget_tasks=[cfg.forget_task],
+        retain_tasks=[cfg.retain_task],
+        eval_limit=cfg.limit,
+        eval_backend=cfg.backend,
+    )
+    return resolve_suite(args, world)
+
+
+def chance_level(cfg: CheckpointsConfig, suite: Suite) -> float:
+    """--chance, else the mean of 1 / choices over a question file's questions, else 0.25 (a
+    benchmark: WMDP-Bio-Robust and MMLU questions have four choices)."""
+    return cfg.chance if cfg.chance is not None else suite.chance(suite.forget[0])
 
 
 Evaluator = Callable[[object, object], dict[str, dict]]
 """(model, tokenizer) -> {task: result}."""
 
 
-def evaluator(cfg: CheckpointsConfig, world: World | None) -> Evaluator:
-    """The configured backend as an Evaluator, with every task checked up front."""
-    tasks = [cfg.forget_task, cfg.retain_task]
-    if cfg.backend == "native":
-        missing = sorted(set(tasks) - set(world.questions))
-        if missing:
-            raise UsageError(f"unknown task(s) {missing}; the world has {sorted(world.questions)}")
-        return lambda model, tok: evaluate_world(
-            model, tok, world, tasks, cfg.batch_size, False, cfg.limit
-        )
-    prepared = harness.prepare_tasks(tasks, world)  # bad names, missing datasets: no weights yet
-    options = harness.HarnessOptions(cfg.batch_size, cfg.limit)
-    return lambda model, tok: harness.evaluate_prepared(model, tok, prepared, options)
+def evaluator(cfg: CheckpointsConfig, suite: Suite) -> Evaluator:
+    """The suite as an Evaluator (benchmarks' datasets loaded now, before any weights)."""
+    prepared = prepare_suite(suite)
+    return lambda model, tok: prepared.evaluate(model, tok, cfg.batch_size)
 
 
 def evaluate_checkpoints(
-    cfg: CheckpointsConfig, checkpoints: list[Checkpoint], evaluate: Evaluator
+    cfg: CheckpointsConfig,
+    checkpoints: list[Checkpoint],
+    evaluate: Evaluator,
+    keys: tuple[str, str] | None = None,
 ) -> None:
-    """Evaluate each checkpoint in turn (one model in memory at a time); fills the results."""
+    """Evaluate each checkpoint in turn (one model in memory at a time); fills the results.
+    `keys`: the forget and retain tasks' keys (default: the configured names)."""
+    keys = keys or (cfg.forget_task, cfg.retain_task)
     device = default_device()
     for c in checkpoints:
         ref = ModelRef(c.model, c.revision, cfg.trust_remote_code)
@@ -230,12 +227,13 @@ def evaluate_checkpoints(
             results = evaluate(load_model(ref, cfg.dtype, device), load_tokenizer(ref))
         except (OSError, RuntimeError, ValueError) as e:  # a broken checkpoint: record, go on
             failed = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-            results = {cfg.forget_task: failed, cfg.retain_task: failed}
-        c.forget, c.retain = results[cfg.forget_task], results[cfg.retain_task]
+            results = {key: failed for key in keys}
+        c.forget, c.retain = results[keys[0]], results[keys[1]]
 
 
-def record(store_path: str, checkpoints: list[Checkpoint], cfg: CheckpointsConfig) -> None:
-    """Each checkpoint as a baseline run with its forget and retain evaluations."""
+def record(store_path: str, checkpoints: list[Checkpoint], keys: tuple[str, str]) -> None:
+    """Each checkpoint as a baseline run with its forget and retain evaluations (`keys`: the
+    two tasks' names in the store)."""
     with Store(store_path) as store:
         for c in checkpoints:
             run_id = "ckpt-" + c.label.replace("/", "_")
@@ -245,13 +243,11 @@ def record(store_path: str, checkpoints: list[Checkpoint], cfg: CheckpointsConfi
                 id=run_id, kind="baseline", config=config, status="running", model_path=c.model
             )
             store.upsert_run(meta)
-            for task, result in ((cfg.forget_task, c.forget), (cfg.retain_task, c.retain)):
+            for task, result in zip(keys, (c.forget, c.retain), strict=True):
                 if result.get("status") == "failed":
                     store.record_eval(run_id, 0, task, None, "failed", result.get("error"))
                     continue
-                keys = [k for m in NUMERIC_METRICS for k in (m, f"{m}_stderr")]
-                metrics = {k: result[k] for k in keys if result.get(k) is not None}
-                store.record_eval(run_id, 0, task, metrics)
+                store.record_eval(run_id, 0, task, numeric_metrics(result))
             failed = c.forget_acc is None
             meta.status, meta.finished = ("failed" if failed else "done"), utc_now()
             store.upsert_run(meta)
@@ -266,13 +262,16 @@ def find_checkpoints(cfg: CheckpointsConfig) -> CheckpointsResult:
         raise UsageError(f"--out {out} exists and is not a directory")
     if cfg.store:
         check_store(cfg.store)  # found now, not after every checkpoint was evaluated
+    suite = checkpoint_suite(cfg, world)
+    keys = (suite.forget[0], suite.retain[0])
     checkpoints = targets(cfg, world)
-    chance = chance_level(cfg, world)
-    evaluate_checkpoints(cfg, checkpoints, evaluator(cfg, world))
+    chance = chance_level(cfg, suite)
+    evaluate_checkpoints(cfg, checkpoints, evaluator(cfg, suite), keys)
     n = next((c.forget["n"] for c in checkpoints if c.forget.get("n")), 1)
     margin = cfg.margin if cfg.margin is not None else default_margin(chance, n)
     latest = mark_viable(checkpoints, chance, margin)
-    text = table(checkpoints, cfg.forget_task, cfg.retain_task)
+    # The seeds' headers: the benchmark's name (`WMDP Bio Robust | MMLU`); world tasks as named.
+    text = table(checkpoints, *(k if k in TASK_HEADERS else task_title(k) for k in keys))
     verdict = (
         f"latest viable source checkpoint: {checkpoints[latest].label}"
         if latest is not None
@@ -283,7 +282,7 @@ def find_checkpoints(cfg: CheckpointsConfig) -> CheckpointsResult:
         write(out, result, cfg)
         result.out = out
     if cfg.store:
-        record(cfg.store, checkpoints, cfg)
+        record(cfg.store, checkpoints, keys)
     return result
 
 

@@ -1,11 +1,13 @@
-"""The evaluation recipe: one model (or the world's baselines) on world tasks or benchmarks.
+"""The evaluation recipe: one model (or the world's baselines) on an evaluation suite.
 
     evaluation = evaluate(EvalConfig(world="/tmp/w", model_args=ModelArgs("/tmp/r1/model")))
 
-Everything is validated (world, task names, output path, every model's config) before any
-weights load. The native backend scores the world's question sets (`unlearn.world.evaluate`);
-the lm-eval backend runs world tasks, bundled tasks or lm-eval built-ins (`unlearn.eval.harness`),
-in a child process killed on --timeout when one is given. A failed task is
+Everything is validated (world, tasks, output path, every model's config) and benchmarks'
+datasets are loaded before any weights load. The tasks are a suite (`unlearn.eval.suite`): world
+tasks, question files, bundled and lm-eval tasks, with roles when given as --forget_tasks /
+--retain_tasks (--tasks: reported only). `--backend auto` scores natively whatever the native
+evaluator reproduces exactly and the rest through lm-eval; `lm-eval` runs everything through
+lm-eval, in a child process killed on --timeout when one is given. A failed task is
 `{"status": "failed", "error": ...}`, never a number.
 """
 
@@ -18,11 +20,12 @@ from unlearn.config import ModelArgs
 from unlearn.distributed import is_main
 from unlearn.errors import UsageError
 from unlearn.eval import harness
+from unlearn.eval.suite import PreparedSuite, Suite, SuiteArgs, prepare_suite, resolve_suite
 from unlearn.fsutil import atomic_write_json, check_writable_parent
 from unlearn.models import ModelRef, default_device, load_model, load_tokenizer
-from unlearn.world import World, evaluate_world, load_world
+from unlearn.world import load_world
 
-BACKENDS = ("native", "lm-eval")
+BACKENDS = ("auto", "native", "lm-eval")
 
 
 @dataclass
@@ -36,12 +39,17 @@ class EvalConfig:
     output: str | None = None
     """Where to write the results JSON."""
     tasks: list[str] = field(default_factory=list)
-    """Tasks to run (default: all of the world's: forget forget_heldout forget_attack retain).
-    With --backend lm-eval also bundled and lm-eval tasks: mmlu, wmdp_bio, wmdp_bio_robust, ..."""
-    backend: str = "native"
-    """native (built-in cloze evaluator, world tasks) or lm-eval (lm-evaluation-harness)."""
+    """Tasks to report (no role): world tasks, question files (.jsonl), wmdp_bio_robust,
+    wmdp_bio_cloze or lm-eval tasks (mmlu, wmdp_bio, ...); NAME@N = the first N documents.
+    Default, with no task at all: the world's tasks, else wmdp_bio_robust and mmlu."""
+    forget_tasks: list[str] = field(default_factory=list)
+    """Tasks whose accuracy should fall (same forms): columns marked (↓)."""
+    retain_tasks: list[str] = field(default_factory=list)
+    """Tasks whose accuracy should stay (same forms): columns marked (↑)."""
+    backend: str = "auto"
+    """auto (native where it reproduces lm-eval exactly, else lm-eval), native or lm-eval."""
     include_path: list[str] = field(default_factory=list)
-    """lm-eval: extra folders of task YAMLs (your own tasks)."""
+    """Extra folders of lm-eval task YAMLs (your own tasks, local copies of benchmarks)."""
     baselines: bool = False
     """Evaluate the world's target, ignorant checkpoint and filtered twin; print a table."""
     batch_size: int = 64
@@ -57,17 +65,13 @@ class EvalConfig:
     failed (never scored) when it runs longer."""
 
     def __post_init__(self) -> None:
-        # `--tasks a,b` and `--tasks a b` both work.
-        self.tasks = [t for arg in self.tasks for t in arg.split(",") if t]
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend}")
-        lm_eval_only = self.num_fewshot is not None or self.timeout is not None or self.include_path
-        if self.backend == "native" and lm_eval_only:
-            raise UsageError(
-                "--num_fewshot, --timeout and --include_path apply to --backend lm-eval only"
-            )
-        if self.world is None and (self.backend == "native" or not self.tasks or self.baselines):
-            raise UsageError("--world is required (or --backend lm-eval with --tasks)")
+        lm_eval_only = self.num_fewshot is not None or self.timeout is not None
+        if self.backend != "lm-eval" and lm_eval_only:
+            raise UsageError("--num_fewshot and --timeout apply to --backend lm-eval only")
+        if self.world is None and self.baselines:
+            raise UsageError("--baselines evaluates the world's models: give --world")
         if not self.baselines and self.model_args.model is None:
             raise UsageError("give --model PATH or --baselines")
         if self.baselines and self.model_args.model is not None:
@@ -78,9 +82,20 @@ class EvalConfig:
             raise UsageError(f"--limit must be >= 1, got {self.limit}")
         if self.backend == "lm-eval":
             self.harness_options()  # validates its fields
+        self.suite_args()  # validates the task entries
 
     def harness_options(self) -> harness.HarnessOptions:
         return harness.HarnessOptions(self.batch_size, self.limit, self.num_fewshot, self.timeout)
+
+    def suite_args(self) -> SuiteArgs:
+        return SuiteArgs(
+            forget_tasks=list(self.forget_tasks),
+            retain_tasks=list(self.retain_tasks),
+            other_tasks=list(self.tasks),
+            eval_limit=self.limit,
+            eval_backend=self.backend,
+            task_dirs=list(self.include_path),
+        )
 
 
 BASELINES = (
@@ -97,6 +112,8 @@ class Evaluation:
 
     tasks: list[str]
     outputs: dict[str, dict]
+    roles: dict[str, str] = field(default_factory=dict)
+    """task -> forget, retain or other (names the table's columns)."""
     """{label: {"model", "backend", "results": {task: result}, "collapsed"}}."""
     output: Path | None = None
     """The results JSON written (None without --output, and on ranks other than 0)."""
@@ -120,15 +137,11 @@ class Evaluation:
 def evaluate(cfg: EvalConfig) -> Evaluation:
     """Validate everything (no weights yet), evaluate each model, write --output (rank 0)."""
     world = load_world(cfg.world) if cfg.world else None
-    unknown = set(cfg.tasks) - set(world.questions) if cfg.backend == "native" else set()
-    if unknown:
-        raise UsageError(
-            f"unknown task(s) {sorted(unknown)}; the world has {sorted(world.questions)}"
-        )
+    suite = resolve_suite(cfg.suite_args(), world, require_forget=False)
     output = check_writable_parent(cfg.output) if cfg.output else None
     if output is not None and output.is_dir():  # else found only when writing, after the eval
         raise UsageError(f"--output {output} is a directory; give a file path for the results JSON")
-    tasks = cfg.tasks or list(world.questions)
+    tasks = suite.task_keys()
     if cfg.baselines:
         names = {label: str(getattr(world, attr)) for label, attr in BASELINES}
     else:
@@ -136,13 +149,16 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
         names = {Path(name).name or name: name}
     # Every model is checked (config only) before any weights load.
     refs = {label: _model_args(cfg, name).resolve(world) for label, name in names.items()}
-    outputs = {label: evaluate_model(cfg, ref, world) for label, ref in refs.items()}
+    # Benchmarks' datasets load now (missing offline: exit 2), still before any weights.
+    prepared = prepare_suite(suite, cfg.num_fewshot) if cfg.timeout is None else None
+    outputs = {label: evaluate_model(cfg, ref, suite, prepared) for label, ref in refs.items()}
     written = None
     if output is not None and is_main():  # data parallel: rank 0 holds the gathered results
         payload = next(iter(outputs.values())) if not cfg.baselines else {"baselines": outputs}
         atomic_write_json(output, payload)
         written = output
-    return Evaluation(tasks, outputs, written)
+    roles = {key: role for role, keys in suite.roles().items() for key in keys}
+    return Evaluation(tasks, outputs, roles, written)
 
 
 def _model_args(cfg: EvalConfig, name: str) -> ModelArgs:
@@ -150,45 +166,38 @@ def _model_args(cfg: EvalConfig, name: str) -> ModelArgs:
     return ModelArgs(name, cfg.model_args.revision, cfg.model_args.trust_remote_code)
 
 
-def evaluate_model(cfg: EvalConfig, ref: ModelRef, world: World | None, progress: bool = True):
-    """Load one (validated) model and evaluate it on the configured tasks."""
-    if cfg.backend == "lm-eval":
-        return _evaluate_lm_eval(cfg, ref, world)
-    tokenizer = load_tokenizer(ref)
-    model = load_model(ref, cfg.dtype, default_device())  # under torchrun: this rank's GPU
-    results = evaluate_world(
-        model, tokenizer, world, cfg.tasks or None, cfg.batch_size, progress, cfg.limit
-    )
-    return {
-        "model": str(ref),
-        "backend": "native",
-        "results": results,
-        "collapsed": any(r["collapse"]["collapsed"] for r in results.values()),
-    }
-
-
-def _evaluate_lm_eval(cfg: EvalConfig, ref: ModelRef, world: World | None) -> dict:
-    """lm-eval backend: in process, or in a child process under --timeout."""
-    tasks = cfg.tasks or list(world.questions)
-    if cfg.timeout is not None:
-        results = harness.run_saved(
-            ref.name,
-            tasks,
-            world,
-            cfg.harness_options(),
-            ref.revision,
-            cfg.dtype,
-            cfg.include_path,
-            ref.trust_remote_code,
-        )
+def evaluate_model(
+    cfg: EvalConfig, ref: ModelRef, suite: Suite, prepared: PreparedSuite | None,
+    progress: bool = True,
+) -> dict:  # fmt: skip
+    """Load one (validated) model and evaluate it on the suite (`prepared`; None: through
+    lm-eval in a child process killed after --timeout)."""
+    if prepared is None:
+        results = _evaluate_saved(cfg, ref, suite)
     else:
-        # Bad names and missing datasets fail here, before any weights load.
-        prepared = harness.prepare_tasks(tasks, world, cfg.include_path)
-        model, tokenizer = load_model(ref, cfg.dtype, default_device()), load_tokenizer(ref)
-        results = harness.evaluate_prepared(model, tokenizer, prepared, cfg.harness_options())
+        tokenizer = load_tokenizer(ref)
+        model = load_model(ref, cfg.dtype, default_device())  # under torchrun: this rank's GPU
+        results = prepared.evaluate(model, tokenizer, cfg.batch_size, progress)
     return {
         "model": str(ref),
-        "backend": "lm-eval",
+        "backend": cfg.backend,
         "results": results,
         "collapsed": any(r.get("collapse", {}).get("collapsed") for r in results.values()),
     }
+
+
+def _evaluate_saved(cfg: EvalConfig, ref: ModelRef, suite: Suite) -> dict[str, dict]:
+    """--timeout: every task through lm-eval in a child process (killed when it runs long)."""
+    local = {t.key: ("cloze" if t.kind == "world" else t.kind, t.path) for t in suite.tasks
+             if t.path is not None}  # fmt: skip
+    return harness.run_saved(
+        ref.name,
+        suite.task_keys(),
+        None,
+        cfg.harness_options(),
+        ref.revision,
+        cfg.dtype,
+        suite.task_dirs,
+        ref.trust_remote_code,
+        local,
+    )

@@ -36,6 +36,7 @@ from unlearn.report.plots import BaselinePoint, plot_forget_vs_retain, plot_tamp
 from unlearn.report.tables import (
     EVAL_FAILED,
     MISSING,
+    TASK_HEADERS,
     column_headers,
     flatten,
     format_loss,
@@ -253,7 +254,8 @@ def tamper_section(data: _Data, store: Store) -> str:
 
     headers = ["attacked model", "attack run", "step 0", *([f"step {n}"] if n is not None else [])]
     headers += ["final", "recovery", "steps to half recovery", "AUC"]
-    headers += [f"{data.header(t)} final" for t in others] + ["status", "notes"]
+    headers += [f"{t if t in TASK_HEADERS else data.header(t)} final" for t in others]
+    headers += ["status", "notes"]
     rows = []
     for a in data.attacks:
         cells = _tamper_cells(a, curves[a.id], n, original)

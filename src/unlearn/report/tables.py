@@ -135,10 +135,15 @@ def task_header(task: str, role: str | None = None) -> str:
     return task_title(task) + ARROWS.get(role or "", "")
 
 
-def results_table(rows: Mapping[str, Mapping[str, Mapping]], tasks: list[str]) -> str:
-    """Rows: {model label: {task: result dict}} -> `| Model | forget acc (↓) | ... |` markdown.
-    A collapsed model's number carries "(collapsed)"."""
-    headers = ["Model", *(task_header(t) for t in tasks)]
+def results_table(
+    rows: Mapping[str, Mapping[str, Mapping]],
+    tasks: list[str],
+    roles: Mapping[str, str] | None = None,
+) -> str:
+    """Rows: {model label: {task: result dict}} -> `| Model | forget acc (↓) | ... |` markdown
+    (`roles`: task -> forget/retain/other, for the arrows). A collapsed model's number carries
+    "(collapsed)"."""
+    headers = ["Model", *(task_header(t, (roles or {}).get(t)) for t in tasks)]
     body = []
     for label, results in rows.items():
         cells = [label]
