@@ -54,3 +54,27 @@ def test_attack_bad_input(tiny_world, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "--model is required" in err[0] and "unknown task" in err[1]
     assert not (tmp_path / "a").exists()
+
+
+def test_attack_without_a_world_draws_its_curve_on_a_question_file(tiny_hf_models, tmp_path):
+    """A hub-shaped attack: --model, --corpus and a suite of local benchmark-format files."""
+    rows = [{"question": f"Where does strain {i} spread?", "choices": ["air", "water", "soil"],
+             "answer": i % 3} for i in range(6)]  # fmt: skip
+    bio = tmp_path / "bio.jsonl"
+    bio.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = tmp_path / "attack.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Strain {i} spreads by air."}) + "\n"
+                              for i in range(8)))  # fmt: skip
+    out = tmp_path / "attack"
+    base = ["attack", "--model", str(tiny_hf_models["llama"]), "--out", str(out)]
+    assert cli([*base, "--forget_tasks", str(bio)]) == 2  # no world and no --corpus
+    assert not out.exists()
+    rc = cli([*base, "--corpus", str(corpus), "--forget_tasks", f"{bio}@4",
+              "--max_steps", "2", "--eval_every", "1", "--pdbs", "4", "--max_length", "16",
+              "--progress", "false"])  # fmt: skip
+    assert rc == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] in ("done", "collapsed") and meta["config"]["suite"]["forget"] == ["bio"]
+    acc = [r for r in read_jsonl(out / "evals.jsonl") if r["metric"] == "acc"]
+    assert [(r["step"], r["task"]) for r in acc] == [(0, "bio"), (1, "bio"), (2, "bio")]
+    assert all(r["status"] == "done" and r["value"] in (0, 0.25, 0.5, 0.75, 1) for r in acc)

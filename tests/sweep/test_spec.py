@@ -18,6 +18,13 @@ from .helpers import TINY, base_spec, write_spec
 
 
 BAD_SPECS = [
+    ({"eval": {"forget_tasks": ["no_such_task_anywhere"]}}, "unknown task(s)"),
+    ({"eval": {"forget_tasks": ["forget@0"]}}, "the limit after @ must be >= 1"),
+    ({"eval": {"retain_tasks": ["retain"]}}, "no forget task"),
+    ({"eval": {"forget_taks": ["forget"]}}, "eval: unknown key(s) forget_taks"),
+    ({"eval": {"forget_tasks": ["missing.jsonl"]}}, "missing.jsonl not found"),
+    ({"baselines": {"T": {"revision": "x"}}}, "model (a directory or hub id) is required"),
+    ({"baselines": {"T": {"model": "m", "colour": 1}}}, "unknown key(s) colour"),
     ({"grdi": {"lr": [1]}}, "unknown key(s) grdi"),
     ({"method": "nope"}, "unknown method 'nope'"),
     ({"base": {**TINY, "retain_coeff": 1}}, "retain_coeff"),
@@ -45,11 +52,12 @@ def test_bad_spec_is_rejected_before_anything_is_written(tiny_world, tmp_path, c
     assert not (tmp_path / "s").exists()
 
 
-def test_world_is_required_and_must_be_a_world(tiny_world, tmp_path):
+def test_without_a_world_the_model_and_corpora_are_required(tiny_world, tmp_path):
     spec = base_spec(tiny_world)
     del spec["world"]
-    with pytest.raises(UsageError, match="world"):
+    with pytest.raises(UsageError, match="give --model, --forget_corpus and --retain_corpus"):
         load_sweep(write_spec(tmp_path, spec))
+    assert not (tmp_path / "s").exists()
     (tmp_path / "notaworld").mkdir()
     with pytest.raises(UsageError, match="not a world directory"):
         load_sweep(write_spec(tmp_path, {**spec, "world": "notaworld"}))  # relative to the spec
