@@ -73,8 +73,10 @@ def compare(name: str, model, tokenizer, suite_args, world, repeats: int, batch_
     from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
 
     args = {**suite_args, "eval_backend": "auto"}
-    native_suite = prepare_suite(resolve_suite(SuiteArgs(**args), world))
-    lm_suite = resolve_suite(SuiteArgs(**{**args, "eval_backend": "lm-eval"}), world)
+    native_suite = prepare_suite(resolve_suite(SuiteArgs(**args), world, require_forget=False))
+    lm_suite = resolve_suite(
+        SuiteArgs(**{**args, "eval_backend": "lm-eval"}), world, require_forget=False
+    )
     keys = native_suite.suite.task_keys()
     local = {t.key: ("cloze" if t.kind == "world" else t.kind, t.path) for t in lm_suite.tasks}
     options = harness.HarnessOptions(batch_size=batch_size)
@@ -145,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp, "mmlu_format.jsonl")
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
             texts = [r["question"] + " " + " ".join(r["choices"]) for r in rows]
-            ref = resolve_model(str(tiny_llama([*texts, "A B C D Answer:"], Path(tmp, "llama"))))
+            # Answer lines in the training text make " A".." D" single tokens, as in real
+            # tokenizers (so every question is one row, all four letters read from it).
+            answers = [f"Answer: {letter}" for letter in "ABCD"] * 200
+            ref = resolve_model(str(tiny_llama([*texts, *answers], Path(tmp, "llama"))))
             model, tokenizer = load_model(ref), load_tokenizer(ref)
             tasks = {"other_tasks": [str(path)]}
             ok &= compare("MMLU format, random 4-layer Llama", model, tokenizer, tasks, None,

@@ -30,6 +30,7 @@ questions) are shared out over the ranks, so every rank runs the same number of 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,17 +117,18 @@ def encode_requests(
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         pairs.append((context, continuation))
     encode = _encoder(tokenizer, special_tokens)
-    with_context = [(c, x) for c, x in pairs if c]
-    texts = [c for c, _ in with_context] + [c + x for c, x in with_context]
-    encoded = encode(texts) if texts else []
-    contexts = iter(encoded[: len(with_context)])
-    wholes = iter(encoded[len(with_context) :])
+    # A question's choices share its context: each distinct context is encoded once.
+    unique = list(dict.fromkeys(c for c, _ in pairs if c))
+    wholes_text = [c + x for c, x in pairs if c]
+    encoded = encode(unique + wholes_text) if unique else []
+    contexts = dict(zip(unique, encoded[: len(unique)], strict=True))
+    wholes = iter(encoded[len(unique) :])
     out = []
     for context, continuation in pairs:
         if not context:  # lm-eval: the prefix token is the context
             out.append(([_prefix_token(tokenizer)], encode([continuation])[0]))
             continue
-        ctx, whole = next(contexts), next(wholes)
+        ctx, whole = contexts[context], next(wholes)
         out.append((ctx, whole[len(ctx) :]))
     return out
 
@@ -165,6 +167,14 @@ def context_window(model: torch.nn.Module, tokenizer) -> int:
     from lm_eval.models.utils import resolve_max_length  # the same rule, so truncation agrees
 
     return resolve_max_length(getattr(model, "config", None), tokenizer, default=2048)
+
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do; a DDP
+    or peft wrapper passes it through to the model it wraps)."""
+    inner = getattr(model, "module", model)  # DDP
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 @torch.no_grad()
@@ -217,8 +227,6 @@ def _score_batch(
     for b, row in enumerate(rows):
         ids[b, : len(row.ids)] = torch.tensor(row.ids)
         mask[b, : len(row.ids)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    # Normalise only the positions that are read (token t is predicted at position t-1).
     keys, rows_at, positions, targets = [], [], [], []
     for b, row in enumerate(rows):
         for request, first, tokens in row.reads:
@@ -227,7 +235,17 @@ def _score_batch(
                 rows_at.append(b)
                 positions.append(first + k)
                 targets.append(token)
-    picked = logits[torch.tensor(rows_at), torch.tensor(positions)].float()
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    # Unembed only the positions that are read (token t is predicted at position t-1): the
+    # model's own head runs on them (its scaling or soft-capping included), not on every token.
+    kept = sorted(set(positions))
+    column = {p: i for i, p in enumerate(kept)}
+    if _keeps_logits(model):
+        inputs["logits_to_keep"] = torch.tensor(kept, device=device)
+    else:
+        column = {p: p for p in kept}
+    logits = model(**inputs).logits
+    picked = logits[torch.tensor(rows_at), torch.tensor([column[p] for p in positions])].float()
     logprobs = torch.log_softmax(picked, dim=-1)
     wanted = torch.tensor(targets, device=logprobs.device)[:, None]
     token_lp = logprobs.gather(1, wanted)[:, 0].cpu().tolist()
