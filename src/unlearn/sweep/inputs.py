@@ -8,6 +8,7 @@ written, since it may be a hub id.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ PATH_FIELDS = ("model", "forget_corpus", "retain_corpus", "retain_mix", "source"
 """Fields whose value may be a path relative to the spec file."""
 
 
-def check_keys(d: dict, allowed: tuple[str, ...], where: str) -> None:
+def check_keys(d: dict, allowed: Sequence[str], where: str) -> None:
+    """UsageError naming the keys of `d` that are not `allowed`."""
     unknown = sorted(str(k) for k in set(d) - set(allowed))
     if unknown:
         raise UsageError(
@@ -34,6 +36,7 @@ def check_keys(d: dict, allowed: tuple[str, ...], where: str) -> None:
 
 
 def mapping(value: Any, where: str) -> dict:
+    """A spec value that must be a mapping (None: empty)."""
     if value is None:
         return {}
     if not isinstance(value, dict):

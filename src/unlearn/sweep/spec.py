@@ -43,7 +43,7 @@ from unlearn.methods import get_method
 from unlearn.recipes.attack import ATTACK_SECTIONS
 from unlearn.recipes.unlearning import run_sections
 from unlearn.runs.store import check_store
-from unlearn.sweep.inputs import eval_block, read_baselines, with_paths
+from unlearn.sweep.inputs import check_keys, eval_block, mapping, read_baselines, with_paths
 from unlearn.sweep.points import (
     Point,
     build_baseline,
@@ -75,7 +75,7 @@ class _SpecLoader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); learning rates are written that
     way, so exponent floats resolve to float here. Duplicate keys are an error, not last-wins."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def constructmapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         keys = [
             k.value
             for k, _ in node.value
@@ -86,7 +86,7 @@ class _SpecLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key(s) {', '.join(duplicates)}", node.start_mark
             )
-        return super().construct_mapping(node, deep=deep)
+        return super().constructmapping(node, deep=deep)
 
 
 _SpecLoader.add_implicit_resolver(
@@ -130,7 +130,7 @@ def load_sweep(path: str | Path, max_points: int = MAX_POINTS, check_hub: bool =
         raise UsageError(f"--max_points must be >= 1, got {max_points!r}")
     spec = Path(path).expanduser().absolute()
     raw = _read_yaml(spec)
-    _check_keys(raw, TOP_KEYS, "spec")
+    check_keys(raw, TOP_KEYS, "spec")
     name = raw.get("name", spec.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UsageError(
@@ -187,14 +187,6 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _check_keys(d: dict, allowed: Sequence[str], where: str) -> None:
-    unknown = sorted(str(k) for k in set(d) - set(allowed))
-    if unknown:
-        raise UsageError(
-            f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})"
-        )
-
-
 def _spec_path(spec: Path, value: Any, key: str) -> Path:
     """A path from the spec; relative paths resolve against the spec file's directory."""
     if not isinstance(value, str) or not value:
@@ -216,27 +208,19 @@ def _check_can_create(path: Path, key: str) -> None:
         raise UsageError(f"spec: {key} {path} cannot be created ({parent} is not writable)")
 
 
-def _mapping(value: Any, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UsageError(f"{where} must be a mapping of field: value, got {value!r}")
-    return dict(value)
-
-
 def _attack_block(value: Any, where: str) -> dict[str, Any] | None:
     """`attack:` is a mapping of attack fields, true (the default attack) or false/absent."""
     if value is None or value is False:
         return None
     if value is True:
         return {}
-    return _mapping(value, where)
+    return mapping(value, where)
 
 
 def _blocks(raw: dict, here: Path, suite: dict) -> list[_Block]:
     """The spec's method blocks; top-level base and attack are defaults for every block, and the
     `eval:` block's suite fields are added to every run and attack (paths made absolute)."""
-    base = _mapping(raw.get("base"), "base")
+    base = mapping(raw.get("base"), "base")
     attack = _attack_block(raw.get("attack"), "attack")
     if "sweeps" not in raw:
         if raw.get("method") is None:
@@ -253,7 +237,7 @@ def _blocks(raw: dict, here: Path, suite: dict) -> list[_Block]:
         where = f"sweeps[{i}]"
         if not isinstance(entry, dict):
             raise UsageError(f"{where} must be a mapping (method:, base:, grid:, ...)")
-        _check_keys(entry, BLOCK_KEYS, where)
+        check_keys(entry, BLOCK_KEYS, where)
         if entry.get("method") is None:
             raise UsageError(f"{where}: method is required")
         blocks.append(with_paths(_block(entry, where, base, attack), here, suite))
@@ -266,7 +250,7 @@ def _block(d: dict, where: str, base: dict, attack: dict | None) -> _Block:
         raise UsageError(f"{where}: method must be a name, got {method!r}")
     get_method(method)  # UsageError listing the known methods
     label = f"{where} ({method})"
-    grid = _mapping(d.get("grid"), f"{label}: grid")
+    grid = mapping(d.get("grid"), f"{label}: grid")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UsageError(
@@ -283,7 +267,7 @@ def _block(d: dict, where: str, base: dict, attack: dict | None) -> _Block:
         block_attack = _attack_block(d["attack"], f"{label}: attack")
         attack = None if block_attack is None else {**(attack or {}), **block_attack}
     return _Block(
-        label, method, {**base, **_mapping(d.get("base"), f"{label}: base")}, grid, points, attack
+        label, method, {**base, **mapping(d.get("base"), f"{label}: base")}, grid, points, attack
     )
 
 
