@@ -75,7 +75,7 @@ class _SpecLoader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); learning rates are written that
     way, so exponent floats resolve to float here. Duplicate keys are an error, not last-wins."""
 
-    def constructmapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         keys = [
             k.value
             for k, _ in node.value
@@ -86,7 +86,7 @@ class _SpecLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key(s) {', '.join(duplicates)}", node.start_mark
             )
-        return super().constructmapping(node, deep=deep)
+        return super().construct_mapping(node, deep=deep)
 
 
 _SpecLoader.add_implicit_resolver(
