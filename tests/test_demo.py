@@ -18,6 +18,13 @@ def test_demo_smoke_on_tiny_world(tiny_world, tmp_path, capsys):
     for p in out.glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "store.sqlite").exists() and (out / "sweep.yaml").exists()
+    # The terminal gets a summary (baselines and best runs, the tamper table), not the report;
+    # its last line is where the report is.
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == f"report: {out / 'report.md'}"
+    text = "\n".join(printed)
+    assert "## Baselines and the best run of each method" in text and "## Tamper attacks" in text
+    assert "## Method `lens`" not in text  # the per-method tables stay in report.md
     # Re-running resumes: nothing is trained again.
     capsys.readouterr()
     assert (

@@ -13,7 +13,7 @@ import pytest
 import unlearn
 
 PACKAGE = Path(unlearn.__file__).parent / "sweep"
-MODULES = ("spec", "inputs", "points", "state", "table", "execute", "slurm")
+MODULES = ("spec", "inputs", "points", "state", "table", "execute", "workers", "slurm")
 
 
 def _tree(name: str) -> ast.Module:

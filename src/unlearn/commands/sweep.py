@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         " the spec's slurm: block), or submitit's local executor (docs/resume-and-slurm.md)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local executor: run this many points at once, each in its own process, the CPU"
+        " cores split between them (docs/sweeps.md)",
+    )
+    parser.add_argument(
         "--max_points",
         "--max-points",
         type=int,
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ns = parser.parse_args(argv)
 
+    if ns.workers < 1:  # before the spec is read: nothing runs, nothing is written
+        parser.error(f"--workers must be >= 1, got {ns.workers}")
     # Listing or reading statuses needs nothing from the hub: a dry run works offline.
     sweep = load_sweep(ns.spec, ns.max_points, check_hub=not (ns.dry_run or ns.status))
     if ns.dry_run:
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(count_statuses(states))
         return 0
     try:
-        states = run_sweep(sweep, make_executor(ns.executor, sweep))
+        states = run_sweep(sweep, make_executor(ns.executor, sweep, workers=ns.workers))
     except SweepPreempted as e:
         print()
         print(format_table(e.states))

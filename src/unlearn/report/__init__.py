@@ -4,11 +4,12 @@ tables.py    markdown tables and the one result-cell rule ("a missing or failed 
              word, never a number"), used by every table in the project
 analysis.py  pure numbers: tamper summary, middle step, Pareto front
 plots.py     matplotlib only, from plain numbers
-render.py    loads the store, writes report.md and its PNGs (`render_report`)
+render.py    loads the store, writes report.md and its PNGs (`render_report`); a terminal
+             summary of a campaign (`summary`)
 """
 
 from unlearn.report.analysis import TamperSummary, middle_step, pareto_front, tamper_summary
-from unlearn.report.render import SCATTER_PNG, TAMPER_PNG, render_report
+from unlearn.report.render import SCATTER_PNG, TAMPER_PNG, render_report, summary
 from unlearn.report.tables import markdown_table, pct, result_cell, split_config_keys
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "render_report",
     "result_cell",
     "split_config_keys",
+    "summary",
     "tamper_summary",
 ]

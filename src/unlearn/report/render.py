@@ -356,6 +356,32 @@ def _summary_line(data: _Data) -> str:
     )
 
 
+def summary(store: Store, out_dir: str | Path, best: Sequence[str] = ()) -> str:
+    """The campaign in a screenful, for a terminal: the baselines with the `best` unlearning
+    runs (ids) under them, the tamper table, and where the report and its plots are (the path
+    of report.md on the last line)."""
+    out_dir = Path(out_dir)
+    data = _Data.load(store)
+    by_id = {r.id: r for r in data.unlearn}
+    runs = [*data.baselines, *(by_id[i] for i in best if i in by_id)]
+    tasks = data.tasks(runs)
+    headers = ["model", *(data.header(t) for t in tasks), "status"]
+    rows = [
+        [baseline_name(r) if r.kind == "baseline" else f"{r.id} ({r.method})",
+         *(acc_cell(r, data.final[r.id], t) for t in tasks), r.status]
+        for r in runs
+    ]  # fmt: skip
+    parts = [
+        "## Baselines and the best run of each method\n\n" + markdown_table(headers, rows),
+        tamper_section(data, store),
+    ]
+    plots = [name for name in (SCATTER_PNG, TAMPER_PNG) if (out_dir / name).exists()]
+    if plots:
+        parts.append("plots: " + ", ".join(str(out_dir / name) for name in plots))
+    parts.append(f"report: {out_dir / 'report.md'}")
+    return "\n\n".join(parts)
+
+
 def render_report(store: Store, out_dir: str | Path) -> Path:
     """Write out_dir/report.md (and its PNGs beside it); returns the report's path."""
     out_dir = Path(out_dir)

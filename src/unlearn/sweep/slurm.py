@@ -58,6 +58,7 @@ from unlearn.sweep.execute import Executor, OnDone, OnStart, record_failure, run
 from unlearn.sweep.points import Point
 from unlearn.sweep.spec import SlurmSettings, Sweep
 from unlearn.sweep.state import PointState, inspect_point
+from unlearn.sweep.workers import WorkerPoolExecutor
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 CLUSTERS = {"slurm": "slurm", "submitit-local": "local"}
@@ -251,13 +252,22 @@ class SubmititExecutor(Executor):
             return inspect_point(t.point)
 
 
-def make_executor(name: str, sweep: Sweep, log: Callable[[str], None] = print) -> Executor | None:
-    """The executor for --executor NAME (None: the sweep's default, local)."""
+def make_executor(
+    name: str, sweep: Sweep, log: Callable[[str], None] = print, workers: int = 1
+) -> Executor | None:
+    """The executor for --executor NAME (None: the sweep's default, local, one point at a time;
+    `workers` > 1: that many local worker processes)."""
     if name not in EXECUTORS:
         raise UsageError(f"unknown --executor {name!r} (choose from {', '.join(EXECUTORS)})")
-    if name == "local":
-        return None
-    return SubmititExecutor(sweep, CLUSTERS[name], sweep.slurm, log=log)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"--workers must be an integer >= 1, got {workers!r}")
+    if name != "local":
+        if workers != 1:
+            raise UsageError(
+                "--workers applies to the local executor (a cluster runs one job per point)"
+            )
+        return SubmititExecutor(sweep, CLUSTERS[name], sweep.slurm, log=log)
+    return WorkerPoolExecutor(workers, log) if workers > 1 else None
 
 
 def states_with_jobs(

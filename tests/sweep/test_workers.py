@@ -1,0 +1,59 @@
+"""Local parallel workers: every point once, the store complete, the cores split, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from unlearn import cli
+from unlearn.errors import UsageError
+from unlearn.runs.store import Store
+from unlearn.sweep.execute import run_sweep
+from unlearn.sweep.slurm import make_executor
+from unlearn.sweep.spec import load_sweep
+from unlearn.sweep.workers import WorkerPoolExecutor, threads_per_worker
+
+from .helpers import base_spec, write_spec
+
+
+def test_threads_are_split_between_the_workers():
+    assert threads_per_worker(2, cores=2) == 1
+    assert threads_per_worker(1, cores=2) == 2
+    assert threads_per_worker(3, cores=16) == 5
+    assert threads_per_worker(4, cores=2) == 1  # never 0
+
+
+def test_bad_worker_counts_are_one_line(tiny_world, tmp_path, capsys):
+    spec = write_spec(tmp_path, base_spec(tiny_world))
+    assert cli.main(["sweep", str(spec), "--workers", "0"]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    sweep = load_sweep(spec)
+    with pytest.raises(UsageError, match="local executor"):
+        make_executor("submitit-local", sweep, workers=2)
+    with pytest.raises(UsageError, match="--workers"):
+        WorkerPoolExecutor(0)
+
+
+def test_two_workers_run_every_point_once_and_index_every_row(tiny_world, tmp_path):
+    spec = write_spec(tmp_path, base_spec(tiny_world, grid={"retain_coef": [1, 5, 20]}))
+    sweep = load_sweep(spec)
+    lines: list[str] = []
+    states = run_sweep(sweep, WorkerPoolExecutor(2, log=lines.append), log=lines.append)
+    assert [s.status for s in states] == ["done"] * 3
+    starts = [line for line in lines if "starting" in line]
+    assert len(starts) == 3 and len({s.split()[1] for s in starts}) == 3  # each point once
+    with Store(sweep.store) as store:
+        for p in sweep.points:
+            assert store.run(p.id).status == "done"
+            assert set(store.final_evals(p.id)) == set(tiny_world.questions)
+    # More workers than points left: fewer workers, said in one line; nothing left to run here.
+    again = run_sweep(load_sweep(spec), WorkerPoolExecutor(8, log=lines.append), log=lines.append)
+    assert [s.status for s in again] == ["done"] * 3
+
+
+def test_more_workers_than_points_uses_fewer(tiny_world, tmp_path):
+    spec = write_spec(tmp_path, base_spec(tiny_world, grid={"retain_coef": [1]}))
+    lines: list[str] = []
+    states = run_sweep(load_sweep(spec), WorkerPoolExecutor(2, log=lines.append), log=lines.append)
+    assert [s.status for s in states] == ["done"]
+    assert any("1 point(s) to run, 1 worker(s)" in line for line in lines)
