@@ -1,12 +1,24 @@
 """Cost of one unlearning optimizer step relative to one plain fine-tuning step.
 
-    .venv/bin/python bench/step_cost.py --world /tmp/w [--methods lens,sequential] [--steps 5]
+    .venv/bin/python bench/step_cost.py --world /tmp/w [--methods lens,sequential] [--rounds 7]
 
-For each method and mode (LoRA / full), time one optimizer step of the method and one plain
-fine-tuning step (next-token CE on the same forget + retain micro-batches, same optimizer, same
-mode), and report the ratio and the peak memory. Each measurement runs in its own process so peak
-memory is its own (CUDA: max allocated; CPU: peak resident set size, which includes the model
-load). The setup (loading, fitting lenses/affine maps, cached in the world dir) is not timed.
+For each method and mode (LoRA / full), one process times three kinds of optimizer steps on the
+same forget + retain micro-batches, same optimizer, same mode:
+- method: the method's step, frozen work (source activations, reference outputs) computed;
+- cached: the method's step with the frozen cache warm (unlearn.frozen_cache), as in every epoch
+  after the first and every sweep point after the first on the same examples;
+- plain: next-token CE on the forget and the retain micro-batch (plain fine-tuning).
+
+Built to be trusted on a noisy shared machine: after a warm-up, the kinds are *interleaved*
+(each round times `--steps` steps of each, in a rotating order) so that a slow spell hits all of
+them alike, and each round gives one ratio per kind; the table shows the median ratio over the
+rounds and its spread (min-max). The setup (loading, fitting lenses/affine maps, cached in the
+world dir) is not timed. Peak memory: CUDA max allocated per kind; on the CPU the process's peak
+RSS (one process serves all three kinds, so one number).
+
+A ratio below 1 is possible and not an error: a method's forget forward stops after its deepest
+target layer and reads no logits (checkpoint transfer, L2 retain), while the plain step runs the
+whole model and the unembedding on both micro-batches.
 """
 
 from __future__ import annotations
@@ -14,18 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 METHODS = ("checkpoint_transfer", "lens", "sequential")
 MODES = ("lora", "full")
+KINDS = ("method", "cached", "plain")
 
 
-def measure(world: str, method: str, mode: str, kind: str, steps: int, pdbs: int) -> dict:
+def measure(world: str, method: str, mode: str, steps: int, rounds: int, pdbs: int) -> dict:
     import torch
 
+    from unlearn import frozen_cache
     from unlearn.finetune import LanguageModeling
     from unlearn.recipes.unlearning import build_run_config, prepare, validate
     from unlearn.train import Plan, train
@@ -37,45 +53,57 @@ def measure(world: str, method: str, mode: str, kind: str, steps: int, pdbs: int
             "lora": mode == "lora",
             "pdbs": pdbs,
             "grad_accum": 1,
-            "max_steps": steps + 1,
+            "max_steps": steps,
             "progress": False,
+            "frozen_cache": False,
         }
         cfg = build_run_config(method, overrides)
-        p = prepare(cfg, validate(cfg), __import__("pathlib").Path(out))
-        objective = p.method if kind == "method" else LanguageModeling(with_retain=True)
+        p = prepare(cfg, validate(cfg), Path(out))
         phase = p.method.phases(1)[0]
+        plain = LanguageModeling(with_retain=True)
+        cache = frozen_cache.FrozenCache(Path(out) / "frozen-cache")
+        cuda = p.device.type == "cuda"
 
-        def run(n: int) -> float:
-            plan = Plan(
-                len(p.forget.examples), n, [type(phase)(phase.name, n, phase.layer)], pdbs, 1
-            )
-            if p.device.type == "cuda":
+        def run(kind: str) -> tuple[float, float]:
+            objective = plain if kind == "plain" else p.method
+            phases = [type(phase)(phase.name, steps, phase.layer)]
+            plan = Plan(len(p.forget.examples), steps, phases, pdbs, 1)
+            if cuda:
                 torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            train(
-                p.model,
-                objective,
-                p.reference,
-                p.forget,
-                p.retain,
-                cfg.train,
-                plan,
-                progress=False,
-                device=p.device,
-            )
-            if p.device.type == "cuda":
+            train(p.model, objective, p.reference, p.forget, p.retain, cfg.train, plan,
+                  progress=False, device=p.device,
+                  frozen_cache=cache if kind == "cached" else None)  # fmt: skip
+            if cuda:
                 torch.cuda.synchronize()
-            return time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+            return (time.perf_counter() - t0) / steps, peak
 
-        run(1)  # warm-up (allocator, kernels, lazy init)
-        if p.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = run(steps) / steps
-        if p.device.type == "cuda":
-            peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"seconds": seconds, "peak_mb": peak_mb, "device": p.device.type}
+        for kind in KINDS:  # warm-up: allocator, kernels, lazy init; fills the frozen cache
+            run(kind)
+        cold_misses = cache.misses
+        times: dict[str, list[float]] = {k: [] for k in KINDS}
+        peaks: dict[str, float] = dict.fromkeys(KINDS, 0.0)
+        for r in range(rounds):
+            order = KINDS[r % 3 :] + KINDS[: r % 3]  # no kind always runs first or last
+            for kind in order:
+                seconds, peak = run(kind)
+                times[kind].append(seconds)
+                peaks[kind] = max(peaks[kind], peak)
+        # The timed "cached" steps found every frozen output in the cache.
+        assert cache.misses == cold_misses, "the frozen cache missed after the warm-up"
+        if not cuda:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            peaks = dict.fromkeys(KINDS, rss)
+        return {"times": times, "peak_mb": peaks, "device": p.device.type,
+                "cache_hits": cache.hits, "cache_misses": cache.misses}  # fmt: skip
+
+
+def summary(times: dict[str, list[float]], kind: str) -> tuple[float, float, float]:
+    """Median, min and max over rounds of kind's step time / the plain step time that round."""
+    ratios = [t / pl for t, pl in zip(times[kind], times["plain"], strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,57 +111,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", required=True)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timing")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (odd: a median)")
     parser.add_argument("--pdbs", type=int, default=8)
-    parser.add_argument(
-        "--one", nargs=3, metavar=("METHOD", "MODE", "KIND"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.pdbs < 1:
+        parser.error("--steps, --rounds and --pdbs must be >= 1")
     if args.one:
-        print(json.dumps(measure(args.world, *args.one, args.steps, args.pdbs)))
+        res = measure(args.world, *args.one, args.steps, args.rounds, args.pdbs)
+        print(json.dumps(res))
         return 0
 
     rows = []
     for method in args.methods.split(","):
         for mode in args.modes.split(","):
-            res = {}
-            for kind in ("method", "plain"):
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--world",
-                    args.world,
-                    "--steps",
-                    str(args.steps),
-                    "--pdbs",
-                    str(args.pdbs),
-                    "--one",
-                    method,
-                    mode,
-                    kind,
-                ]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(proc.stderr[-2000:], file=sys.stderr)
-                    return 1
-                res[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append((method, mode, res["method"], res["plain"]))
+            flags = {"--world": args.world, "--steps": args.steps, "--rounds": args.rounds,
+                     "--pdbs": args.pdbs}  # fmt: skip
+            cmd = [sys.executable, __file__, *(str(x) for kv in flags.items() for x in kv),
+                   "--one", method, mode]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-2000:], file=sys.stderr)
+                return 1
+            rows.append((method, mode, json.loads(proc.stdout.strip().splitlines()[-1])))
             print(f"measured {method} {mode}", file=sys.stderr)
     device = rows[0][2]["device"]
     print(
         f"\nstep cost on {device}, micro-batch {args.pdbs} forget + {args.pdbs} retain examples,"
-        f" mean of {args.steps} steps\n"
+        f" {args.rounds} interleaved rounds of {args.steps} steps per kind; ratio = median over"
+        " rounds of (step / plain step of the same round) [min-max]\n"
     )
-    print(
-        "| method | mode | step (s) | plain FT step (s) | ratio | peak mem method (MB) |"
-        " peak mem plain (MB) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for method, mode, m, pl in rows:
-        print(
-            f"| {method} | {mode} | {m['seconds']:.4f} | {pl['seconds']:.4f} |"
-            f" {m['seconds'] / pl['seconds']:.2f} | {m['peak_mb']:.0f} | {pl['peak_mb']:.0f} |"
-        )
+    print("| method | mode | plain FT step (s) | method / plain | cached / plain |"
+          " peak mem method / cached / plain (MB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for method, mode, res in rows:
+        t, peak = res["times"], res["peak_mb"]
+        cells = []
+        for kind in ("method", "cached"):
+            med, lo, hi = summary(t, kind)
+            cells.append(f"{med:.2f} [{lo:.2f}-{hi:.2f}]")
+        mem = " / ".join(f"{peak[k]:.0f}" for k in KINDS)
+        print(f"| {method} | {mode} | {statistics.median(t['plain']):.4f} | {cells[0]} |"
+              f" {cells[1]} | {mem} |")  # fmt: skip
     return 0
 
 

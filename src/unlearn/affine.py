@@ -27,6 +27,7 @@ Design choices:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -168,6 +169,16 @@ class AffineMaps:
             else float("inf")
             for layer in self.layers
         }
+
+    def digest(self, layers: Sequence[int]) -> str:
+        """A digest of the maps' weights and biases at `layers`: what transferred targets cached
+        by unlearn.frozen_cache are keyed by (the same file path may hold refitted maps)."""
+        h = hashlib.sha256()
+        for layer in layers:
+            for t in (self.weights[layer], self.biases[layer]):
+                h.update(f"{layer}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:32]
 
     def apply(self, layer: int, x: Tensor) -> Tensor:
         """A_layer(x) = x @ W + b, computed in x's dtype on x's device."""

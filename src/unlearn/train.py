@@ -26,6 +26,7 @@ from unlearn.config import TrainConfig
 from unlearn.data.batching import ExampleStream
 from unlearn.distributed import Parallel
 from unlearn.errors import DivergedError, RetainZeroError
+from unlearn.frozen_cache import FrozenCache
 from unlearn.methods.base import Phase, Reference, StepContext
 from unlearn.optim import build_optimizer
 from unlearn.resume import Checkpointer
@@ -118,6 +119,7 @@ def train(
     device: torch.device | str = "cpu",
     parallel: Parallel | None = None,
     checkpointer: Checkpointer | None = None,
+    frozen_cache: FrozenCache | None = None,
 ) -> TrainState:
     """Run the plan from `state.step` to the end; returns the final state.
 
@@ -128,6 +130,8 @@ def train(
     values over ranks; without it the loop is one plain process.
     `checkpointer` (unlearn.resume) restores a saved checkpoint before the first step and saves
     after steps (periodically, or on SIGTERM, then raising Preempted).
+    `frozen_cache` (unlearn.frozen_cache) keeps frozen-model outputs per example across epochs
+    and runs; the losses are the same with or without it, up to float rounding.
     """
     state = state or TrainState()
     par = parallel or Parallel(rank=rank, device=torch.device(device))
@@ -188,6 +192,9 @@ def train(
                 total_steps=phase.steps,
                 phase=phase_idx,
                 generator=torch.Generator(device=device).manual_seed(_micro_seed(cfg.seed, k)),
+                frozen_cache=frozen_cache,
+                forget_ids=forget.example_ids(k) if frozen_cache is not None else None,
+                retain_ids=(retain.example_ids(k) if frozen_cache is not None and retain else None),
             )
             with par.micro_batch(last=a == cfg.grad_accum - 1):
                 terms = par.loss(lambda ctx=ctx: objective.loss(ctx))

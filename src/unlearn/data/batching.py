@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from unlearn.frozen_cache import example_digest
+
 
 @dataclass
 class Batch:
@@ -67,6 +69,7 @@ class ExampleStream:
         self.pad_id = pad_id
         self.seed = seed
         self._perms: dict[int, list[int]] = {}
+        self._digests: dict[int, str] = {}
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
@@ -81,6 +84,16 @@ class ExampleStream:
         for pos in range(k * self.batch_size, (k + 1) * self.batch_size):
             epoch, i = divmod(pos, n)
             out.append(self._perm(epoch)[i])
+        return out
+
+    def example_ids(self, k: int) -> list[str]:
+        """Identities of the examples in micro-batch k, row by row: digests of their token ids,
+        so a frozen output cached for an example is found whatever batch or run it is drawn in."""
+        out = []
+        for i in self.indices(k):
+            if i not in self._digests:
+                self._digests[i] = example_digest(self.examples[i])
+            out.append(self._digests[i])
         return out
 
     def batch(self, k: int) -> Batch:

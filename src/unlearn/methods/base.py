@@ -6,13 +6,16 @@ trainer weights the terms by their scheduled coefficients (forget: `remove_coef`
 
 The step context owns every forward pass so frozen-model work is done once per micro-batch: the
 reference's retain outputs and a source model's forget activations are computed under no_grad the
-first time a loss asks for them and reused by every term of that micro-batch.
+first time a loss asks for them and reused by every term of that micro-batch. With a frozen cache
+(unlearn.frozen_cache) they are also kept per example and reused across epochs, runs and
+processes: `StepContext.frozen` looks them up and computes only what is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -22,6 +25,7 @@ from torch import nn
 from unlearn import losses
 from unlearn.data.batching import Batch
 from unlearn.errors import UsageError
+from unlearn.frozen_cache import LOGITS_MAX_BYTES_PER_EXAMPLE, FrozenCache
 from unlearn.hooks import capture, forward_hiddens, num_layers
 from unlearn.models import ModelRef, eval_mode
 from unlearn.schedules import forget_coef_at, retain_coef_at
@@ -121,9 +125,15 @@ class Reference:
     quantisation noise swamps a KL retain loss, as the seeds' 4-bit reference showed).
     """
 
-    def __init__(self, model: nn.Module, frozen_copy: nn.Module | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, frozen_copy: nn.Module | None = None, key: dict | None = None
+    ) -> None:
         self.model = model
         self.copy = frozen_copy
+        self.key = key
+        """The original weights' identity (model cache key, dtype, device) for the frozen cache;
+        None: its outputs are never cached. Constant either way: LoRA freezes the base weights
+        and the full fine-tuning reference is a frozen copy."""
         if frozen_copy is not None:
             frozen_copy.eval().requires_grad_(False)
         elif not hasattr(model, "disable_adapter"):
@@ -137,6 +147,12 @@ class Reference:
             return
         with eval_mode(self.model), self.model.disable_adapter():
             yield self.model
+
+    def outputs_key(self, kind: str, layers: Sequence[int]) -> dict | None:
+        """What identifies the reference's `kind` outputs at `layers` in the frozen cache."""
+        if self.key is None:
+            return None
+        return {"frozen": "reference", **self.key, "outputs": kind, "layers": list(layers)}
 
     @torch.no_grad()
     def forward(self, batch: Batch, layers: Sequence[int] = (), logits: bool = True) -> Forward:
@@ -160,12 +176,36 @@ class StepContext:
     phase: int = 0
     generator: torch.Generator | None = None
     """RNG for random targets (seeded per run, so runs are reproducible)."""
+    frozen_cache: FrozenCache | None = None
+    """Per-example cache of frozen outputs (None: computed every micro-batch)."""
+    forget_ids: list[str] | None = None
+    """Identities of the forget batch's rows (ExampleStream.example_ids), for the frozen cache."""
+    retain_ids: list[str] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def cached(self, key: str, compute) -> object:
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
+
+    def frozen(
+        self, side: str, what: dict | None, names: Sequence[str], compute: Callable[[], dict]
+    ) -> dict[str, torch.Tensor]:
+        """Frozen outputs on the `side` ("forget"/"retain") batch: `compute()` returns them as
+        {name: [batch, seq, ...]} tensors; `what` says what they are (frozen model identity,
+        output kind, layers) or is None when they cannot be cached. Once per micro-batch, and
+        from the per-example frozen cache when every row is there."""
+        batch = self.forget if side == "forget" else self.retain
+        ids = self.forget_ids if side == "forget" else self.retain_ids
+
+        def lookup() -> dict[str, torch.Tensor]:
+            if self.frozen_cache is None or ids is None or what is None:
+                return compute()
+            lengths = batch.attention_mask.sum(dim=1).tolist()
+            device = batch.input_ids.device
+            return self.frozen_cache.rows(what, names, ids, lengths, compute, device)
+
+        return self.cached(f"{side}:{json.dumps(what, sort_keys=True)}:{list(names)}", lookup)  # type: ignore[return-value]
 
 
 def retain_term(ctx: StepContext, kind: str, layers: Sequence[int]) -> torch.Tensor:
@@ -175,15 +215,28 @@ def retain_term(ctx: StepContext, kind: str, layers: Sequence[int]) -> torch.Ten
     if kind == "ce":
         return losses.lm_ce(run_forward(ctx.model, batch).logits, batch.input_ids, mask)
     if kind == "kl":
-        ref = ctx.cached("ref_retain_logits", lambda: ctx.reference.forward(batch).logits)
-        return losses.kl_retain(ref, run_forward(ctx.model, batch).logits, mask)
+        cur = run_forward(ctx.model, batch).logits
+        # Large vocabularies: one example's logits would not fit the cache (docs/methods.md).
+        per_example = cur.shape[-1] * cur.shape[1] * cur.element_size()
+        what = ctx.reference.outputs_key("logits", [])
+        if per_example > LOGITS_MAX_BYTES_PER_EXAMPLE:
+            what = None
+        ref = ctx.frozen(
+            "retain", what, ["logits"], lambda: {"logits": ctx.reference.forward(batch).logits}
+        )
+        return losses.kl_retain(ref["logits"], cur, mask)
     layers = list(layers)
-    ref = ctx.cached(
-        f"ref_retain_hiddens{layers}",  # keyed by the layers: a forward stops at the deepest
-        lambda: ctx.reference.forward(batch, layers, logits=False).hiddens,
+    names = [str(i) for i in layers]
+    ref = ctx.frozen(
+        "retain",
+        ctx.reference.outputs_key("hiddens", layers),  # the layers: a forward stops at the deepest
+        names,
+        lambda: {
+            str(i): h for i, h in ctx.reference.forward(batch, layers, logits=False).hiddens.items()
+        },
     )
     cur = run_forward(ctx.model, batch, layers, logits=False).hiddens
-    return losses.l2_retain([ref[i] for i in layers], [cur[i] for i in layers], mask)
+    return losses.l2_retain([ref[n] for n in names], [cur[i] for i in layers], mask)
 
 
 def forget_on_logits(

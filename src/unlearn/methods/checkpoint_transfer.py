@@ -9,7 +9,9 @@ affine map per layer (fitted in closed form on general text, see unlearn.affine)
     forget = mean_l  masked-token-mean  || h_l(cur, F) - A_l(h_l(source, F)) ||^2 / d
     retain = KL(p_ref || p_cur) on R (default), or L2 (every block, or `--retain_layers`) / CE
 
-The source activations and the reference outputs are frozen, computed once per micro-batch.
+The source activations and the reference outputs are frozen, computed once per micro-batch, and
+with the frozen cache once per example (the transferred targets are cached directly, keyed by the
+source model and the maps' content, so applying the maps is not repeated either).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from unlearn import losses
 from unlearn.affine import load_affine
 from unlearn.errors import UsageError
 from unlearn.fitting import fitted_affine, source_model_name
+from unlearn.frozen_cache import frozen_key
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, StepContext, run_forward
 from unlearn.methods.registry import register
 from unlearn.models import load_model, resolve_model
@@ -70,6 +73,7 @@ class CheckpointTransfer(Method):
             source, cfg.source_revision, trust_remote_code=env.trust_remote_code
         )
         self.source = load_model(source_ref, env.dtype, env.device).requires_grad_(False)
+        self.source_key = frozen_key(source_ref, env.dtype, env.device)
         if cfg.affine:
             self.maps = load_affine(Path(cfg.affine))
             missing = sorted(set(self.layers) - set(self.maps.layers))
@@ -78,18 +82,31 @@ class CheckpointTransfer(Method):
         else:
             self.maps = fitted_affine(self.source, model, source_ref, env, self.layers, cfg)
 
+    def targets_key(self) -> dict | None:
+        """What identifies the transferred targets in the frozen cache: the source model and
+        the maps' content (refitted or other maps are other targets)."""
+        key = getattr(self, "source_key", None)  # None when set up by hand (tests)
+        if key is None:
+            return None
+        if getattr(self, "_maps_digest", None) is None:  # hashing big maps every step would cost
+            self._maps_digest = self.maps.digest(self.layers)
+        return {"frozen": "transfer_targets", **key, "maps": self._maps_digest}
+
     def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         forget, layers = ctx.forget, self.layers
+        names = [str(i) for i in layers]
 
-        def source_targets() -> list[torch.Tensor]:
+        def source_targets() -> dict[str, torch.Tensor]:
             with torch.no_grad():
                 src = run_forward(self.source, forget, layers, logits=False).hiddens
-                return [self.maps.apply(layer, src[layer]) for layer in layers]
+                return {str(i): self.maps.apply(i, src[i]) for i in layers}
 
-        targets = ctx.cached("source_targets", source_targets)
+        targets = ctx.frozen("forget", self.targets_key(), names, source_targets)
         cur = run_forward(ctx.model, forget, layers, logits=False).hiddens
         return {
-            "forget": losses.activation_mse([cur[i] for i in layers], targets, forget.mask),
+            "forget": losses.activation_mse(
+                [cur[i] for i in layers], [targets[n] for n in names], forget.mask
+            ),
             "retain": self.retain(ctx),
         }
 

@@ -24,6 +24,8 @@ from unlearn.distributed import Parallel, setup
 from unlearn.errors import UsageError
 from unlearn.eval.suite import Suite, SuiteArgs, prepare_suite, resolve_suite
 from unlearn.fitting import general_texts
+from unlearn.frozen_cache import FrozenCache, FrozenCacheArgs, frozen_key
+from unlearn.frozen_cache import from_args as frozen_from_args
 from unlearn.methods import get_method
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, Reference
 from unlearn.models import (
@@ -78,6 +80,10 @@ class RunArgs:
     """SQLite results store to index the run in."""
     progress: bool = True
     """Show progress bars."""
+    cache: FrozenCacheArgs = field(default_factory=FrozenCacheArgs)
+    """The frozen-output cache (--frozen_cache, --frozen_cache_dir, --frozen_cache_gb,
+    --frozen_cache_memory_gb): where it lives does not change a run's results, so it is not
+    part of its config."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -166,6 +172,7 @@ class Prepared:
     device: torch.device
     world: object | None
     parallel: Parallel = field(default_factory=Parallel)
+    frozen_cache: FrozenCache | None = None
 
 
 @dataclass
@@ -248,11 +255,13 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
     retain = ExampleStream(retain_ex, tcfg.pdbs, pad, tcfg.seed + 1)
 
     model = load_model(v.model_ref, tcfg.dtype, device)
+    # The original weights: constant during the run (LoRA freezes them; full fine-tuning copies).
+    ref_key = frozen_key(v.model_ref, tcfg.dtype, device)
     if cfg.lora.lora:
         model = attach_lora(model, cfg.lora)
-        reference = Reference(model)
+        reference = Reference(model, key=ref_key)
     else:
-        reference = Reference(model, frozen_copy=copy.deepcopy(model))
+        reference = Reference(model, frozen_copy=copy.deepcopy(model), key=ref_key)
         model.requires_grad_(True)
     method = get_method(cfg.args.method)(cfg.method)
     # Lenses / affine maps are fitted on the world's general text, or else on the retain sample
@@ -263,7 +272,11 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
         method.setup(model, env)
     par.wrap(model)
     plan = make_plan(tcfg, len(forget_ex), method.phases, par.world_size)
-    return Prepared(model, reference, method, tokenizer, forget, retain, plan, device, v.world, par)
+    world_root = v.world.root if v.world is not None else None  # type: ignore[attr-defined]
+    frozen = frozen_from_args(cfg.args.cache, world_root, out)
+    return Prepared(
+        model, reference, method, tokenizer, forget, retain, plan, device, v.world, par, frozen
+    )
 
 
 def run_unlearning(cfg: RunConfig) -> RunMeta:
@@ -304,6 +317,7 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
                 device=p.device,
                 parallel=par,
                 checkpointer=checkpoint,
+                frozen_cache=p.frozen_cache,
             )
         # The loss terms and their weighted total; coefficients, lr and grad norm are in
         # metrics.jsonl.

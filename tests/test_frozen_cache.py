@@ -1,0 +1,218 @@
+"""The frozen-output cache: hits and misses by key, bad entries recomputed, and runs that reach the
+same weights with and without it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from unlearn import frozen_cache as fc
+from unlearn.errors import UsageError
+from unlearn.frozen_cache import FrozenCache, FrozenCacheArgs
+
+WHAT = {"frozen": "reference", "model": {"name": "m", "revision": "r1"}, "dtype": "float32",
+        "device": "cpu", "outputs": "hiddens", "layers": [1, 2]}  # fmt: skip
+NAMES = ["1", "2"]
+
+
+@pytest.fixture(autouse=True)
+def empty_memory():
+    fc.MEMORY.clear()
+    yield
+    fc.MEMORY.clear()
+
+
+class Frozen:
+    """A stand-in frozen model: outputs that depend on the row, counting its forwards."""
+
+    def __init__(self, lengths: list[int], width: int = 3) -> None:
+        self.lengths, self.width, self.calls = lengths, width, 0
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        seq = max(self.lengths)
+        base = torch.arange(len(self.lengths) * seq * self.width, dtype=torch.float32)
+        h = base.view(len(self.lengths), seq, self.width)
+        return {"1": h, "2": -h}
+
+
+def rows(cache: FrozenCache, what=WHAT, ids=("a", "b"), lengths=(4, 2), frozen=None):
+    frozen = frozen or Frozen(list(lengths))
+    return cache.rows(what, NAMES, list(ids), list(lengths), frozen, "cpu"), frozen
+
+
+def assert_valid_equal(got, want, lengths):
+    for name in NAMES:
+        for i, n in enumerate(lengths):
+            torch.testing.assert_close(got[name][i, :n], want[name][i, :n], rtol=0, atol=0)
+
+
+def test_second_lookup_hits_and_pads_into_the_batch_layout(tmp_path):
+    cache = FrozenCache(tmp_path)
+    first, frozen = rows(cache)
+    again, _ = rows(cache, frozen=frozen)
+    assert frozen.calls == 1 and (cache.hits, cache.misses) == (2, 2)
+    assert_valid_equal(again, first, [4, 2])
+    assert again["1"].shape == (2, 4, 3) and bool((again["1"][1, 2:] == 0).all())  # padding
+    # A batch drawn in another order and with other neighbours reads the same entries.
+    swapped, frozen2 = rows(cache, ids=("b", "a"), lengths=(2, 4), frozen=Frozen([2, 4]))
+    assert frozen2.calls == 0
+    torch.testing.assert_close(swapped["2"][1], first["2"][0])
+
+
+def test_disk_entries_serve_another_process(tmp_path):
+    first, _ = rows(FrozenCache(tmp_path))
+    fc.MEMORY.clear()  # what a new process starts with
+    cache = FrozenCache(tmp_path)
+    again, frozen = rows(cache)
+    assert frozen.calls == 0 and cache.hits == 2
+    assert_valid_equal(again, first, [4, 2])
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": {"name": "m", "revision": "r2"}},  # another revision
+        {"dtype": "bfloat16"},
+        {"layers": [1, 3]},
+        {"outputs": "logits"},
+    ],
+)
+def test_another_key_misses(tmp_path, change):
+    cache = FrozenCache(tmp_path)
+    rows(cache)
+    _, frozen = rows(cache, what={**WHAT, **change})
+    assert frozen.calls == 1
+
+
+def test_another_example_misses_and_the_batch_is_recomputed(tmp_path):
+    cache = FrozenCache(tmp_path)
+    rows(cache)
+    _, frozen = rows(cache, ids=("a", "c"))  # "c" is new: one forward of the whole batch
+    assert frozen.calls == 1
+    _, frozen = rows(cache, ids=("c", "a"), lengths=(2, 4), frozen=Frozen([2, 4]))
+    assert frozen.calls == 0
+
+
+def test_example_identity_is_the_token_ids():
+    assert fc.example_digest([1, 2, 3]) == fc.example_digest((1, 2, 3))
+    assert fc.example_digest([1, 2, 3]) != fc.example_digest([1, 2, 4])
+
+
+def _only_file(tmp_path, example="a"):
+    (path,) = tmp_path.glob(f"*/{example}{fc.SUFFIX}")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "other_key", "other_length"])
+def test_a_bad_entry_is_recomputed_never_used(tmp_path, damage):
+    first, _ = rows(FrozenCache(tmp_path), ids=("a",), lengths=(4,))
+    path = _only_file(tmp_path)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-7])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    else:
+        # A whole, readable file that holds something else under this name.
+        from safetensors.torch import save_file
+
+        key = fc.json.dumps({**WHAT, "layers": [9]}, sort_keys=True)
+        t = torch.ones(3 if damage == "other_length" else 4, 3)
+        meta = {"key": key if damage == "other_key" else fc.json.dumps(WHAT, sort_keys=True),
+                "example": "a", "length": str(t.shape[0])}  # fmt: skip
+        save_file({"1": t, "2": t.clone()}, str(path), metadata=meta)
+    fc.MEMORY.clear()
+    cache = FrozenCache(tmp_path)
+    again, frozen = rows(cache, ids=("a",), lengths=(4,))
+    assert frozen.calls == 1 and cache.hits == 0
+    assert_valid_equal(again, first, [4])
+    fc.MEMORY.clear()  # the recomputed entry was written back, whole
+    _, frozen = rows(FrozenCache(tmp_path), ids=("a",), lengths=(4,))
+    assert frozen.calls == 0
+
+
+def test_unwritable_dir_warns_once_and_caches_in_memory(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory cannot be made under a file (not even by root)
+    cache = FrozenCache(blocker / "cache")
+    rows(cache)
+    _, frozen = rows(cache)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "not writable" in err
+    assert cache.dir is None and frozen.calls == 0  # the memory cache still serves
+
+
+def test_disk_cap_evicts_the_oldest_files(tmp_path):
+    rows(FrozenCache(tmp_path), ids=("old",), lengths=(4,))
+    old = _only_file(tmp_path, "old")
+    os.utime(old, (1, 1))  # written long ago
+    size = old.stat().st_size
+    fc.MEMORY.clear()
+    fc._DISK_BYTES.clear()  # a new process: it counts the directory once
+    cache = FrozenCache(tmp_path, disk_gb=1.5 * size / 1e9)  # room for one entry
+    rows(cache, ids=("new",), lengths=(4,))
+    assert not old.exists() and _only_file(tmp_path, "new").exists()
+
+
+def test_memory_cap_drops_least_recently_used(tmp_path):
+    cache = FrozenCache(None, disk_gb=0, memory_gb=300e-9)  # 300 bytes
+    # One entry is 2 tensors x 4 x 3 float32 = 96 bytes: three fit.
+    for ex in "abcdef":
+        rows(cache, ids=(ex,), lengths=(4,))
+    assert fc.MEMORY.bytes <= 300 and len(fc.MEMORY.entries) == 3
+
+
+def test_bad_flags():
+    with pytest.raises(UsageError, match="frozen_cache_gb"):
+        FrozenCacheArgs(frozen_cache_gb=-1)
+
+
+# -- runs on the tiny world ------------------------------------------------------------------
+
+
+def _train(tiny_world, tmp_path, method, name, cache: bool, cache_dir):
+    from unlearn.recipes.unlearning import build_run_config, prepare, validate
+    from unlearn.train import train
+
+    out = tmp_path / name
+    cfg = build_run_config(
+        method,
+        {"world": str(tiny_world.root), "out": str(out), "max_steps": 6, "pdbs": 4,
+         "grad_accum": 1, "num_train_examples": 8, "progress": False, "eval": False,
+         "frozen_cache": cache, "frozen_cache_dir": str(cache_dir)},
+    )  # fmt: skip
+    p = prepare(cfg, validate(cfg), out)
+    rows_seen: list[dict] = []
+    train(p.model, p.method, p.reference, p.forget, p.retain, cfg.train, p.plan, progress=False,
+          on_log=lambda step, values: rows_seen.append(values),
+          frozen_cache=p.frozen_cache)  # fmt: skip
+    weights = {k: v.detach().clone() for k, v in p.model.state_dict().items()}
+    return weights, rows_seen, p.frozen_cache
+
+
+@pytest.mark.parametrize("method", ["checkpoint_transfer", "lens"])
+def test_cached_run_reaches_the_uncached_weights(tiny_world, tmp_path, method):
+    """8 examples, 4 per batch, 6 steps: three epochs, so epochs 2 and 3 read the cache (a second
+    run reads it from disk). Weights equal up to float rounding (the frozen forward sees other
+    batch neighbours and paddings)."""
+    cache_dir = tmp_path / "cache"
+    plain, plain_rows, none = _train(tiny_world, tmp_path, method, "plain", False, cache_dir)
+    assert none is None and not cache_dir.exists()
+    cached, cached_rows, cache = _train(tiny_world, tmp_path, method, "cold", True, cache_dir)
+    sides = 2 if method == "checkpoint_transfer" else 1  # source targets; reference on retain
+    assert (cache.misses, cache.hits) == (8 * sides, 16 * sides)  # epoch 1, then epochs 2-3
+    fc.MEMORY.clear()
+    warm, warm_rows, cache = _train(tiny_world, tmp_path, method, "warm", True, cache_dir)
+    assert cache.misses == 0
+    for got, got_rows in ((cached, cached_rows), (warm, warm_rows)):
+        for name in ("forget", "retain"):
+            torch.testing.assert_close(
+                [r[name] for r in got_rows], [r[name] for r in plain_rows], rtol=1e-5, atol=1e-6
+            )
+        for k, v in plain.items():
+            # Adam turns rounding-level gradient differences on near-zero gradients into a
+            # fraction of one lr-sized step, hence atol ~ lr / 10.
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
