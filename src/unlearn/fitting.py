@@ -135,7 +135,7 @@ def fitted_affine(source, model, source_ref, env, layers: list[int], cfg):
     with eval_mode(model):
         maps = fit_affine(source, model, fit, heldout, sorted(layers), cfg.affine_alpha)
     save_affine(maps, cache)
-    print(f"fitted affine maps -> {cache} (held-out MSE {maps.heldout_mse})")
+    print(f"fitted affine maps -> {cache} (held-out MSE {maps.heldout_mse})", file=sys.stderr)
     return maps
 
 
@@ -165,5 +165,5 @@ def fitted_lens(model, env, layers: list[int], steps: int):
     with eval_mode(model):
         lens, stats = train_lens(model, batches, fit_layers, steps, heldout=heldout)
     save_lens(lens, cache, model_name=env.model_name, revision=env.revision, stats=stats)
-    print(f"fitted tuned lens -> {cache}")
+    print(f"fitted tuned lens -> {cache}", file=sys.stderr)
     return lens
