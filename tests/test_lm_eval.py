@@ -20,6 +20,7 @@ from unlearn.errors import UsageError
 from unlearn.eval import harness
 from unlearn.eval.harness import HarnessError, HarnessOptions
 from unlearn.eval.native import evaluate_questions, score_questions
+from unlearn.eval.saved import run_saved
 from unlearn.eval.tasks import TASKS_DIR
 from unlearn.eval.tasks.utils import cloze_results, correct_prob, mcq_results
 from unlearn.world import evaluate_world
@@ -249,7 +250,7 @@ def test_world_task_question_files_are_validated_before_weights_load(tiny, tmp_p
 
 
 def test_saved_model_timeout_is_failed(tiny):
-    out = harness.run_saved(
+    out = run_saved(
         str(tiny.root / "model"), ["forget", "retain"], tiny.world, HarnessOptions(timeout=0.2)
     )
     assert out == {

@@ -20,6 +20,7 @@ from unlearn.config import ModelArgs
 from unlearn.distributed import is_main
 from unlearn.errors import UsageError
 from unlearn.eval import harness
+from unlearn.eval.saved import run_saved
 from unlearn.eval.suite import PreparedSuite, Suite, SuiteArgs, prepare_suite, resolve_suite
 from unlearn.fsutil import atomic_write_json, check_writable_parent
 from unlearn.models import ModelRef, default_device, load_model, load_tokenizer
@@ -190,7 +191,7 @@ def _evaluate_saved(cfg: EvalConfig, ref: ModelRef, suite: Suite) -> dict[str, d
     """--timeout: every task through lm-eval in a child process (killed when it runs long)."""
     local = {t.key: ("cloze" if t.kind == "world" else t.kind, t.path) for t in suite.tasks
              if t.path is not None}  # fmt: skip
-    return harness.run_saved(
+    return run_saved(
         ref.name,
         suite.task_keys(),
         None,
