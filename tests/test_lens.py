@@ -122,6 +122,24 @@ def test_training_reduces_kl_and_leaves_model_untouched():
         assert torch.equal(p, before[n]) and p.grad is None, n
 
 
+def test_frozen_forwards_reused_across_passes_give_the_same_lens(monkeypatch):
+    import unlearn.lens as lens_module
+
+    model = tiny_model(initializer_range=0.2)
+    calls = []
+    forward = lens_module._final_logits_and_hiddens
+    monkeypatch.setattr(
+        lens_module, "_final_logits_and_hiddens", lambda *a: calls.append(1) or forward(*a)
+    )
+    kept, _ = train_lens(model, token_batches(4, 1), [1], steps=12, progress=False)
+    assert len(calls) == 4  # 3 passes over 4 batches, each forward computed once
+    monkeypatch.setattr(lens_module, "FROZEN_FORWARD_BYTES", 0)  # nothing fits: recompute
+    recomputed, _ = train_lens(model, token_batches(4, 1), [1], steps=12, progress=False)
+    assert len(calls) == 4 + 12
+    for name, value in kept.state_dict().items():
+        assert torch.equal(value, recomputed.state_dict()[name]), name
+
+
 def test_one_shot_iterator_stops_training_early():
     model = tiny_model()
     _, stats = train_lens(model, iter(token_batches(3, 1)), [1], steps=10, progress=False)

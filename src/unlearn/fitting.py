@@ -13,12 +13,14 @@ revision, dtype or corpus is never served to another.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import random
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from unlearn.affine import fit_affine, load_affine, save_affine
@@ -114,6 +116,18 @@ def _cache_dir(env, kind: str, key: dict, found: Callable[[Path], bool]) -> Path
     return run_cache
 
 
+@contextlib.contextmanager
+def _fitting(cache: Path) -> Iterator[None]:
+    """Hold the cache entry's lock while checking for it and fitting it: sweep workers (or
+    cluster jobs) that need the same lens at the same time fit it once, the others wait and
+    load it. Without file locks (some network filesystems) each fits; saves stay atomic."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f".{cache.name}.lock", "a") as f:
+        with contextlib.suppress(OSError):  # no lock support: fit anyway
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def fitted_affine(source, model, source_ref, env, layers: list[int], cfg):
     """Affine maps source -> model at `layers`, loaded from the cache or fitted (closed form)."""
     n = cfg.affine_examples
@@ -128,13 +142,14 @@ def fitted_affine(source, model, source_ref, env, layers: list[int], cfg):
         "texts": _text_digest(fit_texts, heldout_texts),
     }
     cache = _cache_dir(env, "affine", key, lambda d: (d / "metadata.json").exists())
-    if (cache / "metadata.json").exists():
-        return load_affine(cache)
-    fit = text_batches(fit_texts, env.tokenizer, env.device)
-    heldout = text_batches(heldout_texts, env.tokenizer, env.device)
-    with eval_mode(model):
-        maps = fit_affine(source, model, fit, heldout, sorted(layers), cfg.affine_alpha)
-    save_affine(maps, cache)
+    with _fitting(cache):
+        if (cache / "metadata.json").exists():
+            return load_affine(cache)
+        fit = text_batches(fit_texts, env.tokenizer, env.device)
+        heldout = text_batches(heldout_texts, env.tokenizer, env.device)
+        with eval_mode(model):
+            maps = fit_affine(source, model, fit, heldout, sorted(layers), cfg.affine_alpha)
+        save_affine(maps, cache)
     print(f"fitted affine maps -> {cache} (held-out MSE {maps.heldout_mse})", file=sys.stderr)
     return maps
 
@@ -156,14 +171,15 @@ def fitted_lens(model, env, layers: list[int], steps: int):
         return lens if set(layers) <= set(lens.layers) else None
 
     cache = _cache_dir(env, "lenses", key, lambda d: covering(d) is not None)
-    lens = covering(cache)
-    if lens is not None:
-        return lens
-    batches = text_batches(env.fit_texts, env.tokenizer, env.device)
-    heldout = text_batches(env.heldout_texts, env.tokenizer, env.device)
-    fit_layers = list(range(max(layers) + 1))
-    with eval_mode(model):
-        lens, stats = train_lens(model, batches, fit_layers, steps, heldout=heldout)
-    save_lens(lens, cache, model_name=env.model_name, revision=env.revision, stats=stats)
+    with _fitting(cache):
+        lens = covering(cache)
+        if lens is not None:
+            return lens
+        batches = text_batches(env.fit_texts, env.tokenizer, env.device)
+        heldout = text_batches(env.heldout_texts, env.tokenizer, env.device)
+        fit_layers = list(range(max(layers) + 1))
+        with eval_mode(model):
+            lens, stats = train_lens(model, batches, fit_layers, steps, heldout=heldout)
+        save_lens(lens, cache, model_name=env.model_name, revision=env.revision, stats=stats)
     print(f"fitted tuned lens -> {cache}", file=sys.stderr)
     return lens

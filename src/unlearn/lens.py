@@ -227,25 +227,59 @@ class LensTrainStats:
         return asdict(self)
 
 
-def _cycle(batches: Iterable[Any], counter: list[int]) -> Iterator[Any]:
-    """Iterate `batches` again and again; stop when a pass yields nothing (one-shot iterator)."""
+def _cycle(batches: Iterable[Any], counter: list[int]) -> Iterator[tuple[int | None, Any]]:
+    """Iterate `batches` again and again as (key, batch); stop when a pass yields nothing (a
+    one-shot iterator). The key is the batch's index when `batches` is a sequence (the same
+    batch every pass), else None: a generator's batches cannot be recognised again."""
+    keyed = isinstance(batches, Sequence)
     while True:
         counter[0] += 1
         empty = True
-        for batch in batches:
+        for i, batch in enumerate(batches):
             empty = False
-            yield batch
+            yield (i if keyed else None), batch
         if empty:
             counter[0] -= 1
             return
 
 
+FROZEN_FORWARD_BYTES = 1 << 30
+"""Memory for the frozen model's outputs (final logits and block outputs) kept while fitting a
+lens: the model never changes, so a batch seen again in a later pass reuses its forward instead
+of recomputing it (the same numbers, so the same lens). Batches past the budget (a large
+vocabulary's logits) are recomputed each pass."""
+
+
+class _FrozenForwards:
+    """The frozen model's outputs per batch key, within a byte budget (see above)."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], budget: int) -> None:
+        self.model, self.layers, self.budget = model, layers, budget
+        self.kept: dict[int, tuple[Tensor, dict[int, Tensor]]] = {}
+        self.used = 0
+
+    def __call__(
+        self, key: int | None, ids: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        if key in self.kept:
+            return self.kept[key]
+        final, hiddens = _final_logits_and_hiddens(self.model, self.layers, ids, mask)
+        size = sum(t.numel() * t.element_size() for t in (final, *hiddens.values()))
+        if key is not None and self.used + size <= self.budget:
+            self.kept[key] = (final, hiddens)
+            self.used += size
+        return final, hiddens
+
+
 def _train_step(
-    model: nn.Module, lens: TunedLens, opt: torch.optim.Optimizer, batch: tuple[Tensor, Tensor]
+    lens: TunedLens,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    frozen: tuple[Tensor, dict[int, Tensor]],
+    mask: Tensor,
 ) -> dict[int, float]:
-    """One optimizer step on one batch; returns each layer's KL before the step."""
-    ids, mask = batch
-    final, hiddens = _final_logits_and_hiddens(model, lens.layers, ids, mask)
+    """One optimizer step on one batch's frozen outputs; returns each layer's KL before it."""
+    final, hiddens = frozen
     opt.zero_grad(set_to_none=True)
     kls = {}
     # One backward per layer keeps a single layer's lens logits alive at a time.
@@ -294,14 +328,16 @@ def train_lens(
     )
     device = _device(model)
     history: dict[int, list[float]] = {layer: [] for layer in lens.layers}
+    frozen = _FrozenForwards(model, lens.layers, FROZEN_FORWARD_BYTES)
     first_kl: dict[int, float] = {}
     passes = [0]
     taken = 0
     with eval_mode(model), tqdm(total=steps, desc="tuned lens", disable=not progress) as bar:
-        for step, batch in zip(range(steps), _cycle(batches, passes), strict=False):
+        for step, (key, batch) in zip(range(steps), _cycle(batches, passes), strict=False):
             for group in opt.param_groups:
                 group["lr"] = base_lr * lr_mult_at(step, steps, 0, "linear")
-            kls = _train_step(model, lens, opt, _ids_and_mask(batch, device))
+            ids, mask = _ids_and_mask(batch, device)
+            kls = _train_step(lens, model, opt, frozen(key, ids, mask), mask)
             for layer, kl in kls.items():
                 history[layer].append(kl)
             if step == 0:

@@ -26,3 +26,23 @@ def test_fit_inputs_resolve_the_model_default_the_layers_and_read_the_texts(
         fit_inputs(None, model, str(texts), [3], list)
     with pytest.raises(UsageError, match="--model is required"):
         fit_inputs(None, ModelArgs(), str(texts), [], list)
+
+
+def test_a_cache_entry_is_fitted_under_a_lock_other_fitters_wait_for(tmp_path):
+    import fcntl
+
+    from unlearn.fitting import _fitting
+
+    cache = tmp_path / "lenses" / "abc123"
+
+    def lock_is_free() -> bool:
+        with open(tmp_path / "lenses" / ".abc123.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+    with _fitting(cache):
+        assert not lock_is_free()  # a second worker fitting the same entry would wait here
+    assert lock_is_free()

@@ -57,3 +57,26 @@ def test_more_workers_than_points_uses_fewer(tiny_world, tmp_path):
     states = run_sweep(load_sweep(spec), WorkerPoolExecutor(2, log=lines.append), log=lines.append)
     assert [s.status for s in states] == ["done"]
     assert any("1 point(s) to run, 1 worker(s)" in line for line in lines)
+
+
+def test_pool_starts_background_jobs_last_and_returns_failures_as_results():
+    import math
+
+    from unlearn.sweep.workers import WorkerPool
+
+    started: list[str] = []
+    ended: list[str] = []
+    with WorkerPool(1) as pool:
+        jobs = {
+            pool.submit(math.sqrt, 4.0, on_start=lambda: started.append("a")): "a",
+            pool.submit(
+                math.sqrt, 9.0, background=True, on_start=lambda: started.append("bg")
+            ): "bg",
+            pool.submit(math.sqrt, -1.0, on_start=lambda: started.append("bad")): "bad",
+        }
+        pool.wait(jobs, lambda f: ended.append(jobs[f]))
+    assert started == ["a", "bad", "bg"]  # the background job waited for the queue to empty
+    assert sorted(ended) == ["a", "bad", "bg"]
+    results = {name: f for f, name in jobs.items()}
+    assert results["a"].result() == 2.0 and results["bg"].result() == 3.0
+    assert isinstance(results["bad"].exception(), ValueError)  # a failure, never a number

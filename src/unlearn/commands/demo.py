@@ -18,9 +18,8 @@ from unlearn.cliutil import ArgumentParser
 from unlearn.errors import UsageError
 from unlearn.fsutil import check_writable_parent
 from unlearn.recipes.campaign import (
-    attack_runs,
+    CampaignAttacks,
     baseline_runs,
-    best_point,
     final_acc,
     print_err,
     write_spec,
@@ -29,9 +28,8 @@ from unlearn.report import render_report, summary
 from unlearn.resume import EXIT_PREEMPTED
 from unlearn.runs.store import Store, check_store
 from unlearn.sweep.execute import SweepPreempted, run_sweep
-from unlearn.sweep.slurm import make_executor
 from unlearn.sweep.spec import load_sweep
-from unlearn.sweep.workers import available_cores
+from unlearn.sweep.workers import WorkerPool, WorkerPoolExecutor, available_cores
 from unlearn.world import build_world, load_world
 from unlearn.world.presets import get_preset
 
@@ -107,33 +105,34 @@ def main(argv: list[str] | None = None) -> int:
     baseline_runs(world, runs, store_path, print_err)
     target_retain = final_acc(runs / "baseline-target", "retain") or 0.0
 
-    print_err("[demo] unlearning sweeps")
+    print_err("[demo] unlearning sweeps, then tamper attacks on the best run of each method")
     spec = write_spec(out / "sweep.yaml", world.root, DEMO_SWEEPS[preset], "demo")
     sweep = load_sweep(spec)
     workers = cfg.workers or (2 if available_cores() >= 2 else 1)
-    try:
-        states = run_sweep(sweep, make_executor("local", sweep, print_err, workers), print_err)
-    except SweepPreempted as e:  # a signal: the point in progress checkpointed; rerun resumes
-        print_err(f"[demo] stopped: {e}; run the same command again to resume")
-        return EXIT_PREEMPTED
-    points = {p.id: p for p in sweep.points}
-
-    print_err("[demo] tamper attacks on the best run of each method and on the references")
-    targets: dict[str, tuple[str, str | None]] = {
-        "target": (str(world.target), "baseline-target"),
-        "filtered": (str(world.filtered), "baseline-filtered"),
-    }
-    for method in dict.fromkeys(p.method for p in sweep.points):
-        best = best_point([s for s in states if points[s.id].method == method],
-                          target_retain - RETAIN_MARGIN)  # fmt: skip
-        if best is None:
-            print_err(f"[demo] {method}: no run kept retain within {RETAIN_MARGIN}; not attacked")
-            continue
-        targets[best.id] = (str(points[best.id].run_dir / "model"), best.id)
-    attack_runs(targets, world, runs, store_path, DEMO_ATTACK[preset], print_err)
+    with WorkerPool(workers, print_err) as pool:
+        floor = target_retain - RETAIN_MARGIN
+        campaign = CampaignAttacks(
+            pool, world, runs, store_path, DEMO_ATTACK[preset], sweep.points, floor, print_err
+        )
+        # The reference models' attacks need no sweep result: they fill idle workers.
+        campaign.attack("target", str(world.target), "baseline-target", background=True)
+        campaign.attack("filtered", str(world.filtered), "baseline-filtered", background=True)
+        try:
+            states = run_sweep(
+                sweep, WorkerPoolExecutor(workers, print_err, pool), print_err, campaign.point_done
+            )
+        except SweepPreempted as e:  # a signal: runs in progress checkpointed; rerun resumes
+            print_err(f"[demo] stopped: {e}; run the same command again to resume")
+            return EXIT_PREEMPTED
+        for state in states:  # methods whose points all finished in an earlier demo
+            campaign.point_done(None, state)
+        pool.wait(campaign.jobs, campaign.ended)
+        if pool.signum is not None:
+            print_err("[demo] stopped by a signal; run the same command again to resume")
+            return EXIT_PREEMPTED
 
     # The terminal gets a summary; the whole report (every run, every setting) is report.md.
-    best_ids = [run_id for run_id in targets if run_id not in ("target", "filtered")]
+    best_ids = campaign.best_ids()
     with Store(store_path) as store:
         render_report(store, out)
         text = summary(store, out, best_ids)

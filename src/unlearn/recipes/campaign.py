@@ -6,16 +6,25 @@ report. `unlearn demo` runs it on the mini world; every stage resumes from its r
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from unlearn.config import ModelArgs
 from unlearn.eval.suite import SuiteArgs
-from unlearn.recipes.attack import build_attack_config, run_attack
+from unlearn.recipes.attack import AttackConfig, build_attack_config, run_attack
 from unlearn.recipes.baseline import run_baseline
+from unlearn.runs.lifecycle import mark_failed
 from unlearn.runs.rundir import RunDir
+from unlearn.runs.store import Store
+
+if TYPE_CHECKING:
+    from unlearn.sweep.points import Point
+    from unlearn.sweep.state import PointState
+    from unlearn.sweep.workers import WorkerPool
 
 BASELINES = (("target", "Target (to unlearn)"), ("ignorant", "Ignorant checkpoint (source)"),
              ("filtered", "Filtered twin (gold standard)"))  # fmt: skip
@@ -68,28 +77,105 @@ def write_spec(path: Path, world: Path, sweeps: list[dict], name: str) -> Path:
     return path
 
 
-def attack_runs(
-    targets: dict[str, tuple[str, str | None]],
+def attack_config(
+    label: str,
+    model: str,
+    parent: str | None,
     world,
     runs_dir: Path,
     store_path: Path,
-    attack_overrides: dict,
-    log: Callable[[str], None],
-) -> None:
-    """Attack each model {label: (model path, parent run id)} unless its attack is already done."""
+    overrides: dict,
+) -> AttackConfig | None:
+    """The config of the attack on `model` (runs/attack-LABEL), None if it already finished."""
+    out = runs_dir / f"attack-{label}"
+    if RunDir(out).exists() and RunDir(out).read_meta().status == "done":
+        return None
+    return build_attack_config({
+        **overrides, "model": model, "world": str(world.root), "out": str(out),
+        "parent": parent, "run_id": f"attack-{label}", "store": str(store_path),
+        "progress": False,
+    })  # fmt: skip
 
-    for label, (model, parent) in targets.items():
-        out = runs_dir / f"attack-{label}"
-        if RunDir(out).exists() and RunDir(out).read_meta().status == "done":
-            log(f"attack {label}: done earlier")
-            continue
-        cfg = build_attack_config({
-            **attack_overrides, "model": model, "world": str(world.root), "out": str(out),
-            "parent": parent, "run_id": f"attack-{label}", "store": str(store_path),
-            "progress": False,
-        })  # fmt: skip
-        meta = run_attack(cfg)
-        log(f"attack {label}: {meta.status}")
+
+def run_attack_job(cfg: AttackConfig) -> str:
+    """One attack, as a worker-pool job (module level: picklable); returns its status."""
+    return run_attack(cfg).status
+
+
+class CampaignAttacks:
+    """The campaign's tamper attacks as worker-pool jobs: the reference models' whenever a
+    worker is idle, each method's best run as soon as all of that method's points have ended
+    (instead of after the whole sweep), so attacks overlap the remaining points."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        world,
+        runs_dir: Path,
+        store_path: Path,
+        overrides: dict,
+        points: Sequence[Point],
+        retain_floor: float,
+        log: Callable[[str], None],
+    ) -> None:
+        self.pool, self.world, self.log = pool, world, log
+        self.runs_dir, self.store_path, self.overrides = runs_dir, store_path, overrides
+        self.points = {p.id: p for p in points}
+        self.retain_floor = retain_floor
+        self.states: dict[str, PointState] = {}
+        self.best: dict[str, str | None] = {}
+        """Method -> its best run id (None: no run kept retain), once its points have ended."""
+        self.jobs: dict[Future, str] = {}
+
+    def attack(self, label: str, model: str, parent: str | None, background: bool = False) -> None:
+        """Queue the attack on `model` (runs/attack-LABEL) unless it finished earlier."""
+        cfg = attack_config(
+            label, model, parent, self.world, self.runs_dir, self.store_path, self.overrides
+        )
+        if cfg is None:
+            self.log(f"attack {label}: done earlier")
+            return
+
+        def started() -> None:
+            self.log(f"attack {label}: starting")
+
+        future = self.pool.submit(run_attack_job, cfg, background=background, on_start=started)
+        self.jobs[future] = label
+
+    def point_done(self, _point: Point | None, state: PointState) -> None:
+        """Record a point's final state; attack its method's best run once all have ended."""
+        self.states[state.id] = state
+        method = self.points[state.id].method
+        ids = [i for i, p in self.points.items() if p.method == method]
+        if method in self.best or any(i not in self.states for i in ids):
+            return
+        best = best_point([self.states[i] for i in ids], self.retain_floor)
+        self.best[method] = best.id if best else None
+        if best is None:
+            self.log(f"{method}: no run kept retain within the margin; not attacked")
+            return
+        self.attack(best.id, str(self.points[best.id].run_dir / "model"), best.id)
+
+    def ended(self, future: Future) -> None:
+        """Log an attack's outcome; a worker that died leaves its attack failed, not running."""
+        if future.cancelled():
+            return
+        label = self.jobs[future]
+        try:
+            status = future.result()
+        except Exception as e:  # the run records its own failures; this is a dead worker
+            status = f"failed ({type(e).__name__}: {e})"
+            run_dir = self.runs_dir / f"attack-{label}"
+            mark_failed(run_dir, f"worker process ended: {type(e).__name__}: {e}")
+            with Store(self.store_path) as store:
+                if RunDir(run_dir).exists():
+                    store.ingest(run_dir)
+        self.log(f"attack {label}: {status}")
+
+    def best_ids(self) -> list[str]:
+        """The attacked best runs, in the sweep's method order."""
+        methods = dict.fromkeys(p.method for p in self.points.values())
+        return [run_id for m in methods if (run_id := self.best.get(m))]
 
 
 def print_err(line: str) -> None:

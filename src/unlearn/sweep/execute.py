@@ -199,9 +199,15 @@ def _mark_interrupted(sweep: Sweep) -> list[str]:
 
 
 def run_sweep(
-    sweep: Sweep, executor: Executor | None = None, log: Callable[[str], None] = print
+    sweep: Sweep,
+    executor: Executor | None = None,
+    log: Callable[[str], None] = print,
+    after_point: OnDone | None = None,
 ) -> list[PointState]:
-    """Run every point not finished yet; returns each point's final state in spec order."""
+    """Run every point not finished yet; returns each point's final state in spec order.
+
+    `after_point(point, state)` is called as each point run here ends, after it is indexed (the
+    demo queues the attack on a method's best run as soon as its points have ended)."""
     executor = executor or LocalExecutor()
     index = {p.id: i for i, p in enumerate(sweep.points)}
     states: dict[str, PointState] = {}
@@ -227,6 +233,8 @@ def run_sweep(
             _ingest(sweep.store, point.run_dir, point.attack_dir)
             states[point.id] = state
             log(f"{counter(index[point.id], sweep)} {state_line(state)}")
+            if after_point is not None:
+                after_point(point, state)
 
         try:
             executor.submit(todo, on_start, on_done)
