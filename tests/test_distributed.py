@@ -268,15 +268,21 @@ def _torchrun(*argv: str, nproc: int = 2) -> None:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_cli_run_under_torchrun_equals_one_process(tiny_world, tmp_path, mode):
     """`torchrun -m unlearn run --distributed MODE` on the tiny world (LoRA, merged save,
-    sharded evaluation) against one process with twice the accumulation."""
+    sharded evaluation) against one process with twice the accumulation. The one process
+    computes every frozen output; the two read theirs from the frozen cache from the second
+    micro-batch on (8 examples, 16 per step): cached on 2 processes = uncached on 1."""
     from unlearn.commands.run import main as run_main
     from unlearn.runs.rundir import RunDir
 
     common = ["--method", "sequential", "--world", str(tiny_world.root), "--max_steps", "2"]
     common += ["--num_phases", "1", "--lora_dropout", "0", "--progress", "false"]
-    assert run_main([*common, "--out", str(tmp_path / "one"), "--grad_accum", "4"]) == 0
+    common += ["--num_train_examples", "8"]
+    assert run_main([*common, "--out", str(tmp_path / "one"), "--grad_accum", "4",
+                     "--frozen_cache", "false"]) == 0  # fmt: skip
+    cache = tmp_path / "cache"
     _torchrun("run", *common, "--out", str(tmp_path / "two"), "--grad_accum", "2",
-              "--distributed", mode)  # fmt: skip
+              "--distributed", mode, "--frozen_cache_dir", str(cache))  # fmt: skip
+    assert any(cache.rglob("*.safetensors"))  # the reference's retain outputs were cached
     one, two = RunDir(tmp_path / "one").read(), RunDir(tmp_path / "two").read()
     assert two.meta.status == "done" and two.meta.config["distributed"] == mode
     for a, b in zip(one.metrics, two.metrics, strict=True):

@@ -31,7 +31,10 @@ Design choices:
   (a top-k approximation would change the loss; see docs/methods.md).
 - The cached values are those the uncached code computes, up to float rounding: the frozen forward
   runs on the whole micro-batch either way, in eval mode (no dropout), and padded positions, which
-  every loss masks out, are zeros instead of whatever the model computed there.
+  every loss masks out, are zeros instead of whatever the model computed there. Rounding
+  matters once: at a run's first step (StepContext.first_step) a live retain term is exactly 0
+  with zero gradient and a cached one is not, and Adam turns that gradient into whole steps, so
+  the first step never reads the cache (`rows(..., reuse=False)`).
 """
 
 from __future__ import annotations
@@ -174,16 +177,18 @@ class FrozenCache:
         lengths: Sequence[int],
         compute: Callable[[], Entry],
         device: torch.device | str,
+        reuse: bool = True,
     ) -> Entry:
         """The frozen outputs `names` of a micro-batch whose row i is example `examples[i]` with
-        `lengths[i]` valid tokens (right-padded): from the cache when every row has an entry,
-        else `compute()` (tensors `[batch, seq, ...]`), whose rows are then stored."""
+        `lengths[i]` valid tokens (right-padded): from the cache when every row has an entry
+        (and `reuse`), else `compute()` (tensors `[batch, seq, ...]`), whose rows missing from
+        the cache are then stored."""
         key = json.dumps(what, sort_keys=True)
         space = digest(key)
         entries = [
             self._get(space, key, ex, names, n) for ex, n in zip(examples, lengths, strict=True)
         ]
-        batch = _assemble(entries, names, lengths, device) if all(entries) else None
+        batch = _assemble(entries, names, lengths, device) if reuse and all(entries) else None
         if batch is not None:
             self.hits += len(examples)
             return batch

@@ -195,6 +195,7 @@ def train(
                 frozen_cache=frozen_cache,
                 forget_ids=forget.example_ids(k) if frozen_cache is not None else None,
                 retain_ids=(retain.example_ids(k) if frozen_cache is not None and retain else None),
+                first_step=state.step == 0,
             )
             with par.micro_batch(last=a == cfg.grad_accum - 1):
                 terms = par.loss(lambda ctx=ctx: objective.loss(ctx))

@@ -181,6 +181,9 @@ class StepContext:
     forget_ids: list[str] | None = None
     """Identities of the forget batch's rows (ExampleStream.example_ids), for the frozen cache."""
     retain_ids: list[str] | None = None
+    first_step: bool = False
+    """The run's first optimizer step: the trained model still equals the frozen original, so
+    frozen outputs are computed live, never read from the frozen cache (see `frozen`)."""
     _cache: dict = field(default_factory=dict, repr=False)
 
     def cached(self, key: str, compute) -> object:
@@ -203,7 +206,13 @@ class StepContext:
                 return compute()
             lengths = batch.attention_mask.sum(dim=1).tolist()
             device = batch.input_ids.device
-            return self.frozen_cache.rows(what, names, ids, lengths, compute, device)
+            # At the first step a retain term is exactly zero with live reference outputs (same
+            # model, same batch), with zero gradient. Cached ones, computed next to other
+            # examples, differ by float rounding, and Adam scales such a rounding-level gradient
+            # up to a full lr-sized step on every parameter no other term reaches: the cache
+            # would change results. Later the distances are real and rounding stays rounding.
+            reuse = not self.first_step
+            return self.frozen_cache.rows(what, names, ids, lengths, compute, device, reuse)
 
         return self.cached(f"{side}:{json.dumps(what, sort_keys=True)}:{list(names)}", lookup)  # type: ignore[return-value]
 
