@@ -29,7 +29,11 @@ class WorldBuildConfig:
     """Seed of the generator, the model init and the data order."""
     threads: int | None = None
     """torch CPU threads (default: the preset's, tiny 1, default 2); results are reproducible
-    for a fixed seed and thread count. Use 1 on a busy machine."""
+    for a fixed seed and thread layout. On a busy machine use one core: --threads 1 --sequential."""
+    sequential: bool = False
+    """Run phase 2's two pretrainings (target, filtered twin) one after the other in this
+    process with all the threads each. Default: side by side in two processes with
+    max(1, threads // 2) threads each, on a machine with 2+ cores or with --threads >= 2."""
     quiet: bool = False
     """No progress bars."""
 
@@ -51,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg: WorldBuildConfig = args.cfg
 
     check_out_dir(cfg.out)  # fail on a bad --out before generating anything
-    world = build_world(cfg.preset, cfg.seed, cfg.out, progress=not cfg.quiet, threads=cfg.threads)
+    world = build_world(
+        cfg.preset,
+        cfg.seed,
+        cfg.out,
+        progress=not cfg.quiet,
+        threads=cfg.threads,
+        parallel=False if cfg.sequential else None,
+    )
     labels = {
         "target": "Target (to unlearn)",
         "ignorant": "Ignorant checkpoint (source)",

@@ -47,14 +47,7 @@ from unlearn.sweep.execute import Executor, OnDone, OnStart, SweepPreempted, rec
 from unlearn.sweep.execute import run_point as _run_point
 from unlearn.sweep.points import Point
 from unlearn.sweep.state import PointState, inspect_point
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (its affinity mask, e.g. a SLURM allocation)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from unlearn.world.parallel import available_cores
 
 
 def threads_per_worker(workers: int, cores: int | None = None) -> int:

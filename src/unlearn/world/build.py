@@ -11,7 +11,14 @@ Layout of the directory (indexed by world.json, all paths relative):
 
 Everything is written inside `fsutil.atomic_dir`, so a failed or interrupted build leaves no
 directory that looks like a world. The baseline evaluations (target, ignorant checkpoint,
-filtered twin) and the time of every stage go into world.json's "stats".
+filtered twin), the thread layout and the time of every stage go into world.json's "stats".
+
+Threads: phase 1 and the evaluations use the build's thread budget (`threads`, default the
+preset's). Phase 2's two runs (target, filtered twin) are independent; by default, on a machine
+with 2+ cores or a budget of 2+ threads, they run side by side in two processes with
+`max(1, threads // 2)` threads each (`unlearn.world.parallel`), else one after the other with
+all the threads. Results depend on the per-run thread counts, not on the processes: a parallel
+and a sequential build with the same counts give the same weights.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from unlearn.errors import UsageError
@@ -29,8 +36,9 @@ from unlearn.fsutil import atomic_dir, atomic_write_json, check_writable_parent,
 from unlearn.world.evaluate import evaluate_world
 from unlearn.world.generate import generate
 from unlearn.world.load import WORLD_FILE, World, load_world
+from unlearn.world.parallel import available_cores
 from unlearn.world.presets import get_preset
-from unlearn.world.pretrain import pretrain
+from unlearn.world.pretrain import pretrain, torch_threads
 from unlearn.world.tokenizer import train_tokenizer
 
 QUESTION_FILES = {
@@ -63,17 +71,37 @@ def _save_model(model: GPTNeoXForCausalLM, tokenizer: PreTrainedTokenizerFast, o
     return out
 
 
+@dataclass(frozen=True)
+class ThreadLayout:
+    """torch threads of a build: `build` for phase 1 and the evaluations, `phase2` for each
+    phase-2 run, the two runs side by side in two processes when `parallel`."""
+
+    build: int
+    phase2: int
+    parallel: bool
+
+    @classmethod
+    def choose(cls, threads: int, parallel: bool | None) -> ThreadLayout:
+        """The layout for a budget of `threads`; `parallel` None: when 2+ cores or threads."""
+        if parallel is None:
+            parallel = threads >= 2 or available_cores() >= 2
+        return cls(threads, max(1, threads // 2) if parallel else threads, parallel)
+
+
 def build_world(
     preset: str,
     seed: int,
     out: str | os.PathLike,
     progress: bool = True,
     threads: int | None = None,
+    parallel: bool | None = None,
 ) -> World:
     """Build the world `(preset, seed)` into `out` (replacing a world already there).
 
-    `threads` (default: the preset's) fixes torch's CPU thread count for the build, restored
-    afterwards: results are deterministic for a given seed and thread count on one machine.
+    `threads` (default: the preset's) is torch's CPU thread budget for the build, restored
+    afterwards. `parallel` runs phase 2's two runs side by side with `threads // 2` threads each
+    (default: on 2+ cores or threads; False: one after the other with `threads` each). Results
+    are deterministic for a given seed and thread layout on one machine.
     """
     settings = get_preset(preset)
     threads = settings.threads if threads is None else threads
@@ -82,17 +110,13 @@ def build_world(
     if threads < 1:
         raise UsageError(f"threads must be >= 1, got {threads}")
     out = check_out_dir(out)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with atomic_dir(out) as tmp:
-            _build_into(tmp, settings.name, seed, progress, threads)
-    finally:
-        torch.set_num_threads(previous_threads)
+    layout = ThreadLayout.choose(threads, parallel)
+    with torch_threads(threads), atomic_dir(out) as tmp:
+        _build_into(tmp, settings.name, seed, progress, layout)
     return load_world(out)
 
 
-def _build_into(root: Path, preset: str, seed: int, progress: bool, threads: int) -> None:
+def _build_into(root: Path, preset: str, seed: int, progress: bool, layout: ThreadLayout) -> None:
     settings = get_preset(preset)
     seconds: dict[str, float] = {}
     start = clock = time.perf_counter()
@@ -132,12 +156,16 @@ def _build_into(root: Path, preset: str, seed: int, progress: bool, threads: int
         save_checkpoint,
         len(tokenizer),
         progress,
+        phase2_threads=layout.phase2,
+        parallel=layout.parallel,
+        workdir=root,  # the twin process's files go away with a failed build
     )
     target = _save_model(result.target, tokenizer, root / "models" / "target")
     filtered = _save_model(result.filtered, tokenizer, root / "models" / "filtered")
     seconds["phase1"] = round(result.phase1.seconds, 2)
     seconds["phase2_target"] = round(result.target_phase2.seconds, 2)
     seconds["phase2_filtered"] = round(result.filtered_phase2.seconds, 2)
+    seconds["phase2_wall"] = round(result.phase2_seconds, 2)
     lap("pretrain")
 
     checkpoints = result.phase1.checkpoints + result.target_phase2.checkpoints
@@ -173,7 +201,8 @@ def _build_into(root: Path, preset: str, seed: int, progress: bool, threads: int
     phases["phase2_filtered"] = result.filtered_phase2
     stats = {
         "seconds": seconds,
-        "threads": threads,
+        "threads": {"phase1": layout.build, "phase2": layout.phase2},
+        "phase2_parallel": layout.parallel,
         "params": result.params,
         "vocab_size": len(tokenizer),
         "corpus_tokens": {name: sum(len(d) + 1 for d in docs) for name, docs in token_docs.items()},

@@ -60,9 +60,10 @@ class Preset:
     final_lr_ratio: float = 0.1
     """LR at the last step, as a fraction of `lr` (cosine decay after the warmup)."""
     threads: int = 2
-    """torch CPU threads for the build (results are reproducible per seed and thread count).
-    Small models gain nothing from a second thread, and on a busy machine two threads competing
-    with other processes for two cores can run many times slower than one."""
+    """torch CPU threads for the build (results are reproducible per seed and thread layout).
+    Phase 2's two runs get max(1, threads // 2) each when they run side by side (the default on
+    2+ cores). Small models gain little from a second thread, and on a busy machine two threads
+    competing with other processes for two cores can run many times slower than one."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -6,7 +6,8 @@ checkpoint-transfer unlearning takes source activations from. The filtered twin 
 standard a tamper attack is compared with: same schedule and token budget, no forget documents.
 Phase 1 is identical for both runs (same data, same steps, deterministic), so the twin starts
 from the saved phase-1 state (weights *and* optimizer state) and continues phase 2 on retain +
-filler only, instead of recomputing phase 1.
+filler only, instead of recomputing phase 1. The two phase-2 runs are independent, so a build
+can run the twin's in a second process at the same time (`unlearn.world.parallel`).
 
 Design choices:
 
@@ -19,15 +20,21 @@ Design choices:
   follows the same LR curve.
 - No dropout and a seeded init inside `torch.random.fork_rng`, so a build is deterministic on
   one machine with a fixed thread count and never disturbs the caller's RNG state.
+- The twin's phase 2 is one function, `train_twin`, from a *copy* of the phase-1 state (state
+  dicts), whether it runs in this process after the target's phase 2 or in a spawned one beside
+  it: with the same thread count both give the same weights. A copy, because an optimizer's
+  `load_state_dict` keeps the very tensors it is given: a twin loaded from the live optimizer
+  would share its Adam moments with the target and start from wherever the target left them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +43,18 @@ from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from unlearn.world.presets import Preset
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch CPU threads set to `threads` (None: unchanged) inside the block, then restored."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def make_model(preset: Preset, vocab_size: int, eos_id: int, seed: int) -> GPTNeoXForCausalLM:
@@ -168,6 +187,41 @@ def make_optimizer(model: torch.nn.Module, preset: Preset) -> torch.optim.AdamW:
     )
 
 
+@dataclass(frozen=True)
+class TwinJob:
+    """The filtered twin's phase 2, all but the phase-1 state (picklable: a spawned process gets
+    it as is)."""
+
+    preset: Preset
+    pool: list[list[int]]
+    """Tokenized retain + filler documents (no EOS)."""
+    eos_id: int
+    vocab_size: int
+    stream_seed: int
+    start_step: int
+
+
+def train_twin(
+    job: TwinJob,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: dict,
+    progress: bool = True,
+) -> tuple[GPTNeoXForCausalLM, PhaseResult]:
+    """The filtered twin's phase 2 from a copy of the phase-1 model and optimizer state."""
+    preset = job.preset
+    # Any init will do: every parameter is overwritten by the phase-1 state.
+    twin = make_model(preset, job.vocab_size, job.eos_id, seed=0)
+    twin.load_state_dict(model_state)
+    optimizer = make_optimizer(twin, preset)
+    optimizer.load_state_dict(optimizer_state)
+    stream = PackedStream(job.pool, job.eos_id, preset.seq_len, preset.batch_size, job.stream_seed)
+    result = train_phase(
+        twin, optimizer, stream, preset, job.start_step, preset.phase2_steps,
+        progress=progress, desc="phase 2 (filtered twin)",
+    )  # fmt: skip
+    return twin.eval(), result
+
+
 @dataclass
 class PretrainResult:
     """Both runs of a world's pretraining; models are left in memory for evaluation."""
@@ -177,6 +231,9 @@ class PretrainResult:
     phase1: PhaseResult
     target_phase2: PhaseResult
     filtered_phase2: PhaseResult
+    phase2_seconds: float
+    """Wall time of both phase-2 runs (their sum when sequential, about the longer one when
+    parallel, plus the child's start-up)."""
     params: int
 
 
@@ -188,11 +245,17 @@ def pretrain(
     save_checkpoint: Callable[[GPTNeoXForCausalLM, int], Path],
     vocab_size: int,
     progress: bool = True,
+    phase2_threads: int | None = None,
+    parallel: bool = False,
+    workdir: Path | None = None,
 ) -> PretrainResult:
     """Phase 1, then phase 2 with forget documents (target) and without them (filtered twin).
 
     `docs` maps corpus name -> tokenized documents (no EOS); names starting with "forget_" are
-    the forget corpora. `save_checkpoint(model, step)` writes a target checkpoint.
+    the forget corpora. `save_checkpoint(model, step)` writes a target checkpoint. Each phase-2
+    run uses `phase2_threads` torch threads (None: the current count); with `parallel` the
+    twin's runs in a spawned process beside the target's, its files in a temp directory under
+    `workdir` (None: the system's).
     """
     forget = [d for name, ds in docs.items() if name.startswith("forget_") for d in ds]
     clean = [d for name, ds in docs.items() if not name.startswith("forget_") for d in ds]
@@ -211,22 +274,36 @@ def pretrain(
         model, optimizer, stream(clean, 1), preset, 0, preset.phase1_steps, save, every,
         progress, "phase 1 (retain + filler)",
     )  # fmt: skip
-    twin = copy.deepcopy(model)
-    twin_optimizer = make_optimizer(twin, preset)
-    twin_optimizer.load_state_dict(optimizer.state_dict())
-    target_phase2 = train_phase(
-        model, optimizer, stream(clean + forget * preset.forget_weight, 2), preset,
-        phase1.end_step, preset.phase2_steps, save, every, progress, "phase 2 (target)",
-    )  # fmt: skip
-    filtered_phase2 = train_phase(
-        twin, twin_optimizer, stream(clean, 2), preset, phase1.end_step, preset.phase2_steps,
-        progress=progress, desc="phase 2 (filtered twin)",
-    )  # fmt: skip
+    twin_job = TwinJob(preset, clean, eos_id, vocab_size, seed * 1000 + 2, phase1.end_step)
+    target_stream = stream(clean + forget * preset.forget_weight, 2)
+
+    def train_target(desc: str) -> PhaseResult:
+        return train_phase(
+            model, optimizer, target_stream, preset, phase1.end_step, preset.phase2_steps,
+            save, every, progress, desc,
+        )  # fmt: skip
+
+    t0 = time.perf_counter()
+    with torch_threads(phase2_threads):
+        if parallel:
+            # Imported here: unlearn.world.parallel imports this module.
+            from unlearn.world.parallel import TwinProcess
+
+            threads = torch.get_num_threads()
+            with TwinProcess(twin_job, model, optimizer, threads, workdir) as twin_process:
+                target_phase2 = train_target("phase 2 (target; filtered twin in a 2nd process)")
+                twin, filtered_phase2 = twin_process.result()
+        else:
+            model_state = copy.deepcopy(model.state_dict())
+            optimizer_state = copy.deepcopy(optimizer.state_dict())
+            target_phase2 = train_target("phase 2 (target)")
+            twin, filtered_phase2 = train_twin(twin_job, model_state, optimizer_state, progress)
     return PretrainResult(
         target=model.eval(),
-        filtered=twin.eval(),
+        filtered=twin,
         phase1=phase1,
         target_phase2=target_phase2,
         filtered_phase2=filtered_phase2,
+        phase2_seconds=time.perf_counter() - t0,
         params=sum(p.numel() for p in model.parameters()),
     )
