@@ -19,11 +19,17 @@ import pytest
 import torch
 
 from tiny_methods import lens_method, transfer_method
-from tiny_models import tiny_gpt_neox
+from tiny_models import tiny_gpt_neox, tiny_llama
 from unlearn.config import LoraSettings, TrainConfig
 from unlearn.data.batching import Batch, ExampleStream, collate
-from unlearn.hooks import get_blocks
-from unlearn.methods.base import Phase, Reference, StepContext
+from unlearn.hooks import get_blocks, replace_output
+from unlearn.methods.base import (
+    Phase,
+    Reference,
+    StepContext,
+    forget_on_logits,
+    run_forward,
+)
 from unlearn.methods.checkpoint_transfer import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.methods.lens import LensConfig, LensUnlearning
 from unlearn.methods.sequential import Sequential, SequentialConfig
@@ -232,6 +238,63 @@ def test_sequential_pushes_h_layer_through_the_frozen_upper_blocks(mode, layer):
         assert all(p.grad is None for b in blocks[layer + 1 :] for p in b.parameters())
         assert model.get_output_embeddings().weight.grad is None
         assert all(p.grad is None for p in original.parameters())
+
+
+def _family_pair(family: str, mode: str) -> tuple[torch.nn.Module, Reference]:
+    """(trained model, reference) on a tiny model of `family`: full fine-tuning (moved weights,
+    frozen copy) or LoRA with non-zero adapters (the same model, adapters disabled)."""
+    build = {"gpt_neox": tiny_gpt_neox, "llama": tiny_llama}[family]
+    original = build(N, VOCAB, 0, initializer_range=0.2)
+    if mode == "full":
+        return _full_finetuning(original)
+    model = attach_lora(original, LoraSettings(lora_r=4, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model, Reference(model)
+
+
+def _replaced_output_forget(method: Sequential, ctx: StepContext) -> torch.Tensor:
+    """The sequential forget term as first written: a full forward of the original model whose
+    block L output is replaced by the current h_L (blocks 0..L computed, then thrown away)."""
+    layer, forget = method.phase.layer, ctx.forget
+    h = run_forward(ctx.model, forget, [layer], logits=False).hiddens[layer]
+    with ctx.reference.use() as original, replace_output(original, layer, h):
+        logits = original(
+            input_ids=forget.input_ids, attention_mask=forget.attention_mask, use_cache=False
+        ).logits
+    return forget_on_logits(logits, forget.mask, method.cfg.forget_loss, ctx.generator)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("forget_loss", ["random_ce", "max_entropy"])
+def test_sequential_forget_skipping_lower_blocks_equals_the_replaced_full_forward(
+    family, mode, forget_loss
+):
+    """The method runs only the original's blocks above L (hooks.run_above): its forget term and
+    gradients equal the full forward with block L's output replaced, up to float rounding."""
+    model, reference = _family_pair(family, mode)
+    method = _sequential(model, 1)
+    method.cfg.forget_loss = forget_loss
+    forget, retain = _batch(1), _batch(2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for term in (
+        lambda ctx: method.loss(ctx)["forget"],
+        lambda ctx: _replaced_output_forget(method, ctx),
+    ):
+        value = term(_context(model, reference, forget, retain))  # same seed: same random targets
+        results.append((value.detach(), torch.autograd.grad(value, trainable, allow_unused=True)))
+    (new, new_grads), (old, old_grads) = results
+    torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)
+    assert any(g is not None and g.any() for g in new_grads)
+    for g_new, g_old in zip(new_grads, old_grads, strict=True):
+        assert (g_new is None) == (g_old is None)
+        if g_new is not None:
+            torch.testing.assert_close(g_new, g_old, rtol=1e-5, atol=1e-7)
 
 
 # -- one optimizer step through the training loop lowers the forget objective -------------------

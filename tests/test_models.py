@@ -1,7 +1,9 @@
-"""Models by --model: local dirs of two families, revisions, dtype, remote code, offline errors."""
+"""Models by --model: local dirs of two families, revisions, dtype, remote code, offline errors;
+the reference model's switches (eval mode, adapters off) and what they leave as they found it."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -9,10 +11,21 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
+from tiny_models import tiny_gpt_neox
+from unlearn.config import LoraSettings
 from unlearn.errors import UsageError
 from unlearn.hooks import forward_hiddens, get_blocks
-from unlearn.models import eval_mode, load_model, load_tokenizer, model_num_layers, resolve_model
+from unlearn.models import (
+    adapters_disabled,
+    attach_lora,
+    eval_mode,
+    load_model,
+    load_tokenizer,
+    model_num_layers,
+    resolve_model,
+)
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "llama"])
@@ -216,3 +229,108 @@ def test_eval_mode_turns_dropout_off_and_restores_the_mode_it_found():
     with eval_mode(model):
         pass
     assert not model.training  # an evaluating model stays in eval mode
+
+
+def _flags(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+def test_eval_mode_restores_each_modules_own_mode():
+    model = tiny_gpt_neox(2).train()
+    model.gpt_neox.layers[0].eval()  # a part kept in eval mode inside a training model
+    before = _flags(model)
+    with eval_mode(model):
+        assert not any(_flags(model))
+    assert _flags(model) == before
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("a failed evaluation")
+    assert _flags(model) == before
+
+
+def test_eval_mode_of_a_lora_model_sets_flags_without_train(monkeypatch):
+    """The fast path: no module of an HF model with LoRA needs train() (its recursion is what
+    eval_mode avoids), so a train() that fails is never called."""
+    model = attach_lora(tiny_gpt_neox(2), LoraSettings(lora_r=2)).train()
+
+    def no_train(self, mode=True):
+        raise AssertionError("train() called")
+
+    monkeypatch.setattr(nn.Module, "train", no_train)
+    with eval_mode(model):
+        assert not any(_flags(model))
+    assert all(_flags(model))
+
+
+class _TrainSideEffect(nn.Linear):
+    """A module whose train() does more than set flags (as DoRA's clears a cache)."""
+
+    def train(self, mode: bool = True) -> _TrainSideEffect:
+        self.switches = getattr(self, "switches", 0) + 1
+        return super().train(mode)
+
+
+def test_eval_mode_goes_through_train_for_a_module_that_overrides_it():
+    model = nn.Sequential(nn.Linear(2, 2), _TrainSideEffect(2, 2), nn.Dropout(0.5))
+    model[2].eval()
+    before = _flags(model)
+    with eval_mode(model):
+        assert not any(_flags(model)) and model[1].switches == 1
+    assert model[1].switches == 2 and _flags(model) == before
+
+
+def _lora_pair() -> tuple[nn.Module, nn.Module]:
+    """(base model, a LoRA-wrapped copy whose adapters change its outputs)."""
+    base = tiny_gpt_neox(3, initializer_range=0.2)
+    model = attach_lora(copy.deepcopy(base), LoraSettings(lora_r=2, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return base, model.eval()
+
+
+def test_adapters_disabled_computes_the_base_model_and_enables_them_again():
+    base, model = _lora_pair()
+    ids = torch.randint(64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with adapters_disabled(model) as inside:
+            assert inside is model
+            disabled = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+        with model.disable_adapter():
+            peft_disabled = model(input_ids=ids).logits
+        expected = base(input_ids=ids).logits
+    assert not torch.allclose(adapted, expected, atol=1e-3)  # the adapters do something
+    torch.testing.assert_close(disabled, expected)
+    torch.testing.assert_close(disabled, peft_disabled, rtol=0, atol=0)
+    torch.testing.assert_close(after, adapted, rtol=0, atol=0)
+
+
+def test_adapters_disabled_leaves_requires_grad_and_layer_states_as_found():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    _, model = _lora_pair()
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers[0].enable_adapters(False)  # one layer already off (and its adapter frozen by peft)
+    for name, p in model.named_parameters():
+        if "layers.1." in name and "lora_A" in name:
+            p.requires_grad_(False)  # an adapter frozen by hand
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+
+    def state() -> list:
+        own = [vars(m).get("_disable_adapters", "class default") for m in layers]
+        return [*own, vars(model).get("_adapters_disabled")]
+
+    before = state()
+    assert before[0] is True and before[1] is False and grads != dict.fromkeys(grads, False)
+    with adapters_disabled(model):
+        assert all(m.disable_adapters for m in layers) and model._adapters_disabled
+        assert {name: p.requires_grad for name, p in model.named_parameters()} == grads
+    assert state() == before
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == grads
+    with pytest.raises(RuntimeError), adapters_disabled(model):
+        raise RuntimeError("a failed forward")
+    assert state() == before
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == grads

@@ -1,11 +1,12 @@
-"""Tiny random GPT-NeoX models for unit tests (built from a config: nothing is downloaded)."""
+"""Tiny random GPT-NeoX and Llama models for unit tests (built from a config: nothing is
+downloaded)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
 def tiny_gpt_neox(
@@ -22,6 +23,24 @@ def tiny_gpt_neox(
         "max_position_embeddings": 64,
     }
     return GPTNeoXForCausalLM(GPTNeoXConfig(**(settings | config))).eval()
+
+
+def tiny_llama(
+    layers: int = 4, vocab: int = 64, seed: int = 0, **config: float | int
+) -> LlamaForCausalLM:
+    """A d=32 Llama (4 query heads, 2 key/value heads) with `layers` blocks, seeded, in eval
+    mode; `config` overrides."""
+    torch.manual_seed(seed)
+    settings = {
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
+    return LlamaForCausalLM(LlamaConfig(**(settings | config))).eval()
 
 
 def linked_world_copy(world, dest: Path) -> Path:

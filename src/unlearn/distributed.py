@@ -33,7 +33,8 @@ Design choices:
   of a micro-batch until its backward (`reshard_after_forward=False` plus an explicit `unshard`),
   because the lens method calls the final norm and the unembedding directly, outside any root
   forward. Block hooks (capture, replace_output, early stop) are ordinary forward hooks that run
-  after FSDP's own. Muon needs whole matrices, so it is refused with FSDP2.
+  after FSDP's own; run_above's temporary block forwards run inside FSDP's hooks. Muon needs
+  whole matrices, so it is refused with FSDP2.
 - Frozen models (full fine-tuning's reference copy, checkpoint transfer's source, lenses) are
   plain per-rank copies, never wrapped: they take no gradients. With LoRA the reference is the
   wrapped model with its adapters disabled, as in one process.

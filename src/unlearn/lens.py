@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from unlearn.errors import DivergedError, UsageError
 from unlearn.fsutil import atomic_dir
-from unlearn.hooks import capture, get_blocks, num_layers
+from unlearn.hooks import cached_submodule, capture, get_blocks, num_layers
 from unlearn.losses import kl_retain
 from unlearn.models import eval_mode
 from unlearn.schedules import lr_mult_at
@@ -83,15 +83,20 @@ def find_final_norm(model: nn.Module) -> nn.Module:
 
     Found generically: the shallowest module outside the block list whose attribute name is a
     usual final-norm name (GPT-NeoX `gpt_neox.final_layer_norm`, Llama `model.norm`, GPT-2
-    `transformer.ln_f`).
+    `transformer.ln_f`). Searched once per model object (the lens method reads it per layer and
+    micro-batch; `hooks.cached_submodule`).
     """
+    return cached_submodule(model, "final_norm", _final_norm_path)
+
+
+def _final_norm_path(model: nn.Module) -> str:
     inside_blocks = {id(m) for m in get_blocks(model).modules()}
-    best: tuple[int, nn.Module] | None = None
+    best: tuple[int, str] | None = None
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in _FINAL_NORM_NAMES and id(module) not in inside_blocks:
             depth = name.count(".")
             if best is None or depth < best[0]:
-                best = (depth, module)
+                best = (depth, name)
     if best is None:
         raise ValueError(f"no final norm found in {type(model).__name__}")
     return best[1]

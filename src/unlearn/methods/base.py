@@ -27,7 +27,7 @@ from unlearn.data.batching import Batch
 from unlearn.errors import UsageError
 from unlearn.frozen_cache import LOGITS_MAX_BYTES_PER_EXAMPLE, FrozenCache
 from unlearn.hooks import capture, forward_hiddens, num_layers
-from unlearn.models import ModelRef, eval_mode
+from unlearn.models import ModelRef, adapters_disabled, eval_mode
 from unlearn.schedules import forget_coef_at, retain_coef_at
 
 RETAIN_LOSSES = ("kl", "l2", "ce")
@@ -145,7 +145,7 @@ class Reference:
         if self.copy is not None:
             yield self.copy
             return
-        with eval_mode(self.model), self.model.disable_adapter():
+        with eval_mode(self.model), adapters_disabled(self.model):
             yield self.model
 
     def outputs_key(self, kind: str, layers: Sequence[int]) -> dict | None:

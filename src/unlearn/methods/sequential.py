@@ -8,9 +8,10 @@ retain term keeps every block's output on general text close to the original:
     forget = RandomCE( original_{L+1..N}( h_L(cur, F) ) )     (or exact max-entropy)
     retain = L2 over all blocks (default; `--retain_layers` picks others), or KL / CE
 
-Each phase restarts the coefficient ramps. The frozen upper blocks are run by substituting the
-current h_L at block L's output in a forward of the original model (hooks.replace_output), so the
-same code serves LoRA (adapters disabled) and full fine-tuning (frozen copy).
+Each phase restarts the coefficient ramps. The frozen upper blocks are run by a forward of the
+original model that starts above block L from the current h_L (hooks.run_above: blocks 0..L are
+skipped, not computed and replaced), so the same code serves LoRA (adapters disabled) and full
+fine-tuning (frozen copy).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import ClassVar
 import torch
 
 from unlearn.errors import UsageError
-from unlearn.hooks import replace_output
+from unlearn.hooks import run_above
 from unlearn.methods.base import (
     Method,
     MethodConfig,
@@ -84,7 +85,7 @@ class Sequential(Method):
         assert self.phase is not None and self.phase.layer is not None
         layer, forget = self.phase.layer, ctx.forget
         h = run_forward(ctx.model, forget, [layer], logits=False).hiddens[layer]
-        with ctx.reference.use() as original, replace_output(original, layer, h):
+        with ctx.reference.use() as original, run_above(original, layer, h):
             logits = original(
                 input_ids=forget.input_ids, attention_mask=forget.attention_mask, use_cache=False
             ).logits
