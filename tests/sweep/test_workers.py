@@ -67,13 +67,14 @@ def test_pool_starts_background_jobs_last_and_returns_failures_as_results():
     started: list[str] = []
     ended: list[str] = []
     with WorkerPool(1) as pool:
-        jobs = {
-            pool.submit(math.sqrt, 4.0, on_start=lambda: started.append("a")): "a",
+        jobs = {  # the background job is queued first, as the demo queues its reference attacks
             pool.submit(
                 math.sqrt, 9.0, background=True, on_start=lambda: started.append("bg")
             ): "bg",
+            pool.submit(math.sqrt, 4.0, on_start=lambda: started.append("a")): "a",
             pool.submit(math.sqrt, -1.0, on_start=lambda: started.append("bad")): "bad",
         }
+        assert started == []  # nothing starts before the pool is waited on
         pool.wait(jobs, lambda f: ended.append(jobs[f]))
     assert started == ["a", "bad", "bg"]  # the background job waited for the queue to empty
     assert sorted(ended) == ["a", "bad", "bg"]

@@ -86,8 +86,9 @@ class WorkerPool:
 
     A context manager: entering it starts latching stop signals, leaving it waits for the jobs
     in flight (after a stop signal or an error, queued jobs are cancelled, never started).
-    `submit` queues a job and returns its Future; `wait(futures)` runs the pool until those
-    have ended (other jobs go on meanwhile). `signum` is the stop signal received, if any.
+    `submit` queues a job and returns its Future; `wait(futures)` starts queued jobs and runs
+    the pool until those have ended (other jobs go on meanwhile). `signum` is the stop signal
+    received, if any.
     """
 
     def __init__(self, workers: int, log: Callable[[str], None] = print) -> None:
@@ -126,8 +127,9 @@ class WorkerPool:
         if self.signum is not None:
             job.future.cancel()
             return job.future
+        # Started by `wait`, not here: a caller queues its background work first and its main
+        # work after, and the main work must still start first.
         (self._background if background else self._queue).append(job)
-        self._fill()
         return job.future
 
     def wait(
@@ -138,6 +140,7 @@ class WorkerPool:
         """Run the pool until every future in `pending` is done or cancelled, calling
         `on_done(future)` for each as it ends (in this process: exceptions propagate)."""
         left = list(pending)
+        self._fill()
         while left:
             still = []
             for future in left:
