@@ -41,19 +41,10 @@ KINDS = ("method", "cached", "plain")
 def measure(world: str, method: str, mode: str, steps: int, rounds: int, pdbs: int) -> dict:
     import torch
 
-    from unlearn.frozen_cache import FrozenCache
-
-    class WarmCache(FrozenCache):
-        """Reads never skipped: `train` computes a run's first step live (StepContext.first_step:
-        the model still equals the original), but each timed `train` call here continues a
-        model that has trained already, so its first step is an ordinary one."""
-
-        def rows(self, what, names, examples, lengths, compute, device, reuse=True):
-            return super().rows(what, names, examples, lengths, compute, device, True)
-
+    from unlearn import frozen_cache
     from unlearn.finetune import LanguageModeling
     from unlearn.recipes.unlearning import build_run_config, prepare, validate
-    from unlearn.train import Plan, train
+    from unlearn.train import Plan, TrainState, train
 
     with tempfile.TemporaryDirectory() as out:
         overrides = {
@@ -70,19 +61,21 @@ def measure(world: str, method: str, mode: str, steps: int, rounds: int, pdbs: i
         p = prepare(cfg, validate(cfg), Path(out))
         phase = p.method.phases(1)[0]
         plain = LanguageModeling(with_retain=True)
-        cache = WarmCache(Path(out) / "frozen-cache")
+        cache = frozen_cache.FrozenCache(Path(out) / "frozen-cache")
         cuda = p.device.type == "cuda"
 
         def run(kind: str) -> tuple[float, float]:
             objective = plain if kind == "plain" else p.method
-            phases = [type(phase)(phase.name, steps, phase.layer)]
-            plan = Plan(len(p.forget.examples), steps, phases, pdbs, 1)
+            # One step more, started after it: a run's first step computes its frozen outputs
+            # live (StepContext.first_step), and the timed steps continue a trained model.
+            phases = [type(phase)(phase.name, steps + 1, phase.layer)]
+            plan = Plan(len(p.forget.examples), steps + 1, phases, pdbs, 1)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             train(p.model, objective, p.reference, p.forget, p.retain, cfg.train, plan,
-                  progress=False, device=p.device,
+                  state=TrainState(step=1), progress=False, device=p.device,
                   frozen_cache=cache if kind == "cached" else None)  # fmt: skip
             if cuda:
                 torch.cuda.synchronize()

@@ -23,18 +23,22 @@ Design choices:
 - Disk cap (`--frozen_cache_gb`): when the directory grows past it, the oldest-written files are
   deleted down to 90% of it. The size is counted once per process and then tracked, so with
   several processes writing at once the cap is approximate.
-- A micro-batch with any example missing is recomputed whole (one frozen forward, as without the
-  cache) and its missing examples stored: simpler than a forward on the missing rows, and costs
-  the same on the first epoch, where every example misses.
+- Entries are computed one example at a time (a forward on that example alone, unpadded), never
+  taken from a micro-batch's forward: a batched forward's rounding depends on the row's
+  neighbours and padding, so entries written by whichever run or sweep worker got there first
+  would make results depend on the order things ran in. Alone, an example gives the same
+  numbers whoever computes it (the key holds model, dtype, device type and CPU thread count), so
+  cached runs are deterministic. The cost: one small forward per example on its first use, once
+  per campaign.
 - Large vocabularies: logits are cached only when one example's logits fit in
   `LOGITS_MAX_BYTES_PER_EXAMPLE`; above it, KL retain recomputes the reference logits each time
   (a top-k approximation would change the loss; see docs/methods.md).
-- The cached values are those the uncached code computes, up to float rounding: the frozen forward
-  runs on the whole micro-batch either way, in eval mode (no dropout), and padded positions, which
-  every loss masks out, are zeros instead of whatever the model computed there. Rounding
-  matters once: at a run's first step (StepContext.first_step) a live retain term is exactly 0
-  with zero gradient and a cached one is not, and Adam turns that gradient into whole steps, so
-  the first step never reads the cache (`rows(..., reuse=False)`).
+- The cached values are those the uncached code computes, up to float rounding (the forward in
+  eval mode, no dropout, the example alone instead of in its micro-batch); padded positions,
+  which every loss masks out, are zeros. Rounding matters once: at a run's first step
+  (StepContext.first_step) a live retain term is exactly 0 with zero gradient and a cached one
+  is not, and Adam turns that gradient into whole steps, so the first step computes live and
+  does not touch the cache.
 """
 
 from __future__ import annotations
@@ -175,30 +179,32 @@ class FrozenCache:
         names: Sequence[str],
         examples: Sequence[str],
         lengths: Sequence[int],
-        compute: Callable[[], Entry],
+        compute_one: Callable[[int], Entry],
         device: torch.device | str,
-        reuse: bool = True,
     ) -> Entry:
         """The frozen outputs `names` of a micro-batch whose row i is example `examples[i]` with
-        `lengths[i]` valid tokens (right-padded): from the cache when every row has an entry
-        (and `reuse`), else `compute()` (tensors `[batch, seq, ...]`), whose rows missing from
-        the cache are then stored."""
+        `lengths[i]` valid tokens (right-padded), as `[batch, seq, ...]` tensors: each row from
+        its cache entry, or `compute_one(i)` (that example alone, `[1, length, ...]`), stored.
+
+        Entries are computed one example at a time, never in a micro-batch: a batched forward's
+        rounding depends on the row's neighbours and padding, so entries written by whichever
+        run or sweep worker came first would make results depend on the order they ran in. One
+        example alone gives the same numbers whoever computes it (same key: model, dtype,
+        device, threads), so a cached run is deterministic."""
         key = json.dumps(what, sort_keys=True)
         space = digest(key)
-        entries = [
-            self._get(space, key, ex, names, n) for ex, n in zip(examples, lengths, strict=True)
-        ]
-        batch = _assemble(entries, names, lengths, device) if reuse and all(entries) else None
-        if batch is not None:
-            self.hits += len(examples)
-            return batch
-        self.misses += len(examples)
-        full = compute()
+        entries: list[Entry] = []
         for i, (ex, n) in enumerate(zip(examples, lengths, strict=True)):
-            if entries[i] is None:
-                entry = {name: full[name][i, :n].detach().to("cpu", copy=True) for name in names}
+            entry = self._get(space, key, ex, names, n)
+            if entry is None:
+                self.misses += 1
+                out = compute_one(i)
+                entry = {name: out[name][0, :n].detach().to("cpu", copy=True) for name in names}
                 self._put(space, key, ex, entry)
-        return full
+            else:
+                self.hits += 1
+            entries.append(entry)
+        return _assemble(entries, names, lengths, device)
 
     def _path(self, space: str, example: str) -> Path:
         assert self.dir is not None
@@ -294,20 +300,16 @@ def _evict(directory: Path, target: int) -> int:
 
 
 def _assemble(
-    entries: Sequence[Entry | None], names: Sequence[str], lengths: Sequence[int], device
-) -> Entry | None:
-    """Per-example entries padded (with zeros) into `[batch, max length, ...]` tensors; None if
-    they disagree in trailing shape or dtype (then the batch is recomputed)."""
+    entries: Sequence[Entry], names: Sequence[str], lengths: Sequence[int], device
+) -> Entry:
+    """Per-example entries padded (with zeros) into `[batch, max length, ...]` tensors."""
     width = max(lengths)
     out: Entry = {}
     for name in names:
-        first = entries[0][name]  # type: ignore[index]
-        rest, dtype = first.shape[1:], first.dtype
-        if any(e[name].shape[1:] != rest or e[name].dtype != dtype for e in entries):  # type: ignore[index]
-            return None
-        padded = torch.zeros((len(entries), width, *rest), dtype=dtype)
+        first = entries[0][name]
+        padded = torch.zeros((len(entries), width, *first.shape[1:]), dtype=first.dtype)
         for i, (e, n) in enumerate(zip(entries, lengths, strict=True)):
-            padded[i, :n] = e[name]  # type: ignore[index]
+            padded[i, :n] = e[name]
         out[name] = padded.to(device)
     return out
 
@@ -331,6 +333,11 @@ def from_args(
 
 def frozen_key(model, dtype: str, device: torch.device | str) -> dict:
     """The identity of a frozen model's weights as computed: `model` is a `models.ModelRef`
-    (its cache_key: name, revision, local weight files), plus the dtype and the device type
-    (kernels differ between CPU and GPU by float rounding)."""
-    return {"model": model.cache_key(), "dtype": dtype, "device": torch.device(device).type}
+    (its cache_key: name, revision, local weight files), plus the dtype, the device type and on
+    the CPU the thread count (kernels, and CPU reductions split over threads, differ by float
+    rounding: entries are shared only where they are the numbers this process would compute)."""
+    kind = torch.device(device).type
+    key = {"model": model.cache_key(), "dtype": dtype, "device": kind}
+    if kind == "cpu":
+        key["threads"] = torch.get_num_threads()
+    return key

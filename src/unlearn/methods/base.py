@@ -192,27 +192,36 @@ class StepContext:
         return self._cache[key]
 
     def frozen(
-        self, side: str, what: dict | None, names: Sequence[str], compute: Callable[[], dict]
+        self,
+        side: str,
+        what: dict | None,
+        names: Sequence[str],
+        compute: Callable[[Batch], dict],
     ) -> dict[str, torch.Tensor]:
-        """Frozen outputs on the `side` ("forget"/"retain") batch: `compute()` returns them as
-        {name: [batch, seq, ...]} tensors; `what` says what they are (frozen model identity,
-        output kind, layers) or is None when they cannot be cached. Once per micro-batch, and
-        from the per-example frozen cache when every row is there."""
+        """Frozen outputs on the `side` ("forget"/"retain") batch: `compute(batch)` returns them
+        as {name: [batch, seq, ...]} tensors; `what` says what they are (frozen model identity,
+        output kind, layers) or is None when they cannot be cached. Once per micro-batch; with
+        the frozen cache, assembled from per-example entries (unlearn.frozen_cache)."""
         batch = self.forget if side == "forget" else self.retain
         ids = self.forget_ids if side == "forget" else self.retain_ids
 
         def lookup() -> dict[str, torch.Tensor]:
-            if self.frozen_cache is None or ids is None or what is None:
-                return compute()
+            if self.frozen_cache is None or ids is None or what is None or self.first_step:
+                # The first step computes live: the trained model still equals the original,
+                # so a retain term is exactly zero with zero gradient; a cached output computed
+                # in another layout differs by float rounding, and Adam would scale that
+                # rounding-level gradient up to a whole lr-sized step on every parameter no
+                # other term reaches. Later the distances are real and rounding stays rounding.
+                return compute(batch)
             lengths = batch.attention_mask.sum(dim=1).tolist()
+
+            def one(i: int) -> dict[str, torch.Tensor]:  # example i alone, unpadded
+                n = lengths[i]
+                ids, mask = batch.input_ids[i : i + 1, :n], batch.attention_mask[i : i + 1, :n]
+                return compute(Batch(ids, mask))
+
             device = batch.input_ids.device
-            # At the first step a retain term is exactly zero with live reference outputs (same
-            # model, same batch), with zero gradient. Cached ones, computed next to other
-            # examples, differ by float rounding, and Adam scales such a rounding-level gradient
-            # up to a full lr-sized step on every parameter no other term reaches: the cache
-            # would change results. Later the distances are real and rounding stays rounding.
-            reuse = not self.first_step
-            return self.frozen_cache.rows(what, names, ids, lengths, compute, device, reuse)
+            return self.frozen_cache.rows(what, names, ids, lengths, one, device)
 
         return self.cached(f"{side}:{json.dumps(what, sort_keys=True)}:{list(names)}", lookup)  # type: ignore[return-value]
 
@@ -231,7 +240,7 @@ def retain_term(ctx: StepContext, kind: str, layers: Sequence[int]) -> torch.Ten
         if per_example > LOGITS_MAX_BYTES_PER_EXAMPLE:
             what = None
         ref = ctx.frozen(
-            "retain", what, ["logits"], lambda: {"logits": ctx.reference.forward(batch).logits}
+            "retain", what, ["logits"], lambda b: {"logits": ctx.reference.forward(b).logits}
         )
         return losses.kl_retain(ref["logits"], cur, mask)
     layers = list(layers)
@@ -240,8 +249,8 @@ def retain_term(ctx: StepContext, kind: str, layers: Sequence[int]) -> torch.Ten
         "retain",
         ctx.reference.outputs_key("hiddens", layers),  # the layers: a forward stops at the deepest
         names,
-        lambda: {
-            str(i): h for i, h in ctx.reference.forward(batch, layers, logits=False).hiddens.items()
+        lambda b: {
+            str(i): h for i, h in ctx.reference.forward(b, layers, logits=False).hiddens.items()
         },
     )
     cur = run_forward(ctx.model, batch, layers, logits=False).hiddens

@@ -24,6 +24,7 @@ import torch
 
 from unlearn import losses
 from unlearn.affine import load_affine
+from unlearn.data.batching import Batch
 from unlearn.errors import UsageError
 from unlearn.fitting import fitted_affine, source_model_name
 from unlearn.frozen_cache import frozen_key
@@ -96,9 +97,9 @@ class CheckpointTransfer(Method):
         forget, layers = ctx.forget, self.layers
         names = [str(i) for i in layers]
 
-        def source_targets() -> dict[str, torch.Tensor]:
+        def source_targets(batch: Batch) -> dict[str, torch.Tensor]:
             with torch.no_grad():
-                src = run_forward(self.source, forget, layers, logits=False).hiddens
+                src = run_forward(self.source, batch, layers, logits=False).hiddens
                 return {str(i): self.maps.apply(i, src[i]) for i in layers}
 
         targets = ctx.frozen("forget", self.targets_key(), names, source_targets)
