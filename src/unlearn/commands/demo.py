@@ -35,9 +35,10 @@ from unlearn.world.presets import get_preset
 
 # Small grids around each method's documented default (see README): the default forget weight
 # and one other, at the documented step budgets (half the steps leave checkpoint transfer and
-# sequential above 0.35 forget accuracy). Measured on the default preset: world build 247 s,
-# then lens 55 + 33 s (the first run fits the lenses), checkpoint transfer about 80 s per point,
-# sequential about 97 s, 16 s per attack: about 13 minutes cold on 2 cores.
+# sequential above 0.35 forget accuracy). Measured on the default preset, 2 workers of one
+# thread: world build 270 s, then lens points 70 s (the first fits the lens), checkpoint
+# transfer about 114 s per point, sequential about 140 s, 25 s per attack: about 11.5 minutes
+# cold on 2 cores.
 DEMO_SWEEPS = {
     "default": [
         {"method": "lens", "grid": {"remove_coef": [5.0, 10.0]}},
