@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tiny_methods import lens_method, transfer_method
-from tiny_models import tiny_gpt_neox, tiny_llama
+from tiny_models import lora_copy, tiny_gpt_neox, tiny_llama
 from unlearn.config import LoraSettings, TrainConfig
 from unlearn.data.batching import Batch, ExampleStream, collate
 from unlearn.hooks import get_blocks, replace_output
@@ -203,13 +203,8 @@ def _plain(model: torch.nn.Module) -> torch.nn.Module:
 def _lora_model() -> tuple[torch.nn.Module, Reference, torch.nn.Module]:
     """LoRA with non-zero adapters: the reference is the same model with adapters disabled."""
     original = _model()
-    model = attach_lora(copy.deepcopy(original), LoraSettings(lora_r=4, lora_dropout=0.0))
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval(), Reference(model), original
+    model = lora_copy(original, r=4, seed=11)
+    return model, Reference(model), original
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

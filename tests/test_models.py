@@ -3,7 +3,6 @@ the reference model's switches (eval mode, adapters off) and what they leave as 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from tiny_models import tiny_gpt_neox
+from tiny_models import lora_copy, tiny_gpt_neox
 from unlearn.config import LoraSettings
 from unlearn.errors import UsageError
 from unlearn.hooks import forward_hiddens, get_blocks
@@ -281,13 +280,7 @@ def test_eval_mode_goes_through_train_for_a_module_that_overrides_it():
 def _lora_pair() -> tuple[nn.Module, nn.Module]:
     """(base model, a LoRA-wrapped copy whose adapters change its outputs)."""
     base = tiny_gpt_neox(3, initializer_range=0.2)
-    model = attach_lora(copy.deepcopy(base), LoraSettings(lora_r=2, lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return base, model.eval()
+    return base, lora_copy(base, r=2, seed=1)
 
 
 def test_adapters_disabled_computes_the_base_model_and_enables_them_again():

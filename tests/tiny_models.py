@@ -3,6 +3,7 @@ downloaded)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -57,3 +58,18 @@ def linked_world_copy(world, dest: Path) -> Path:
         elif not entry.name.startswith("."):
             (dest / entry.name).symlink_to(entry)
     return dest
+
+
+def lora_copy(base: torch.nn.Module, r: int, seed: int) -> torch.nn.Module:
+    """A LoRA-wrapped copy of `base` (no dropout) whose adapters change its outputs: B is drawn
+    at random (peft starts it at zero, where adapters are the identity), in eval mode."""
+    from unlearn.config import LoraSettings
+    from unlearn.models import attach_lora
+
+    model = attach_lora(copy.deepcopy(base), LoraSettings(lora_r=r, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
