@@ -259,6 +259,14 @@ def test_tamper_table(report):
     assert hole["step 20"] == "eval failed" and hole["step 0"] == "24.00%"
     assert [hole[h] for h in ("recovery", "steps to half recovery", "AUC")] == ["eval failed"] * 3
     assert "original target (80.00%)" in md
+    # Baselines' attacks first, then unlearned runs' by id, whatever order they finished in
+    # (atk-good was stored first).
+    assert [row[0] for row in tables["Tamper attacks"][1]] == [
+        "Filtered twin",
+        "l-good (lens)",
+        "l-high (lens)",
+        "l-low (lens)",
+    ]
 
 
 def test_pngs_are_valid(report):

@@ -85,10 +85,20 @@ class _Data:
             for role in ROLE_ORDER:
                 for task in (suite or WORLD_SUITE).get(role) or []:
                     roles.setdefault(task, role)
+        by_id = {r.id: r for r in runs}
+
+        def attack_order(attack: StoredRun) -> tuple:
+            # Attacks on baselines first (in role order), then on unlearned runs by method and
+            # id: parallel workers finish in any order, the table should not change with it.
+            parent = by_id.get(attack.parent or "")
+            if parent is not None and parent.kind == "baseline":
+                return (0, _role_rank(parent.config.get("role")), parent.id)
+            return (1, (parent.method or "") if parent else "", attack.parent or "", attack.id)
+
         return cls(
             baselines=sorted(baselines, key=lambda b: _role_rank(b.config.get("role"))),
             unlearn=[r for r in runs if r.kind == "unlearn"],
-            attacks=[r for r in runs if r.kind == "attack"],
+            attacks=sorted((r for r in runs if r.kind == "attack"), key=attack_order),
             final={r.id: store.final_evals(r.id) for r in runs},
             roles=roles,
         )
