@@ -10,12 +10,9 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
-def tiny_gpt_neox(
-    layers: int = 4, vocab: int = 64, seed: int = 0, **config: float | int
-) -> GPTNeoXForCausalLM:
-    """A d=32, 4-head GPT-NeoX with `layers` blocks, seeded, in eval mode; `config` overrides."""
-    torch.manual_seed(seed)
-    settings = {
+def _settings(layers: int, vocab: int) -> dict:
+    """The config both tiny families share: d=32, 4 query heads, 64 positions."""
+    return {
         "vocab_size": vocab,
         "hidden_size": 32,
         "num_hidden_layers": layers,
@@ -23,7 +20,14 @@ def tiny_gpt_neox(
         "intermediate_size": 64,
         "max_position_embeddings": 64,
     }
-    return GPTNeoXForCausalLM(GPTNeoXConfig(**(settings | config))).eval()
+
+
+def tiny_gpt_neox(
+    layers: int = 4, vocab: int = 64, seed: int = 0, **config: float | int
+) -> GPTNeoXForCausalLM:
+    """A d=32, 4-head GPT-NeoX with `layers` blocks, seeded, in eval mode; `config` overrides."""
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**(_settings(layers, vocab) | config))).eval()
 
 
 def tiny_llama(
@@ -32,15 +36,7 @@ def tiny_llama(
     """A d=32 Llama (4 query heads, 2 key/value heads) with `layers` blocks, seeded, in eval
     mode; `config` overrides."""
     torch.manual_seed(seed)
-    settings = {
-        "vocab_size": vocab,
-        "hidden_size": 32,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-    }
+    settings = _settings(layers, vocab) | {"num_key_value_heads": 2}
     return LlamaForCausalLM(LlamaConfig(**(settings | config))).eval()
 
 
