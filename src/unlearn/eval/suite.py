@@ -49,7 +49,13 @@ from unlearn.eval.questions import CLOZE, LETTER, read_question_file
 
 ROLES = ("forget", "retain", "other")
 BACKENDS = ("auto", "native", "lm-eval")
-WORLD_ROLES = {"forget": "forget", "forget_heldout": "forget", "retain": "retain"}
+WORLD_ROLES = {
+    "forget": "forget",
+    "forget_heldout": "forget",
+    "retain": "retain",
+    "retain_late": "retain",
+    "near_domain": "retain",
+}
 """A world task's role in the default suite (others, e.g. forget_attack: other)."""
 DEFAULT_BENCHMARKS = {"forget": ["wmdp_bio_robust"], "retain": ["mmlu"], "other": []}
 QUESTION_SUFFIXES = (".jsonl", ".json")

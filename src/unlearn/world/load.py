@@ -44,6 +44,9 @@ class World:
     """forget_unlearn, forget_attack, forget_heldout, retain, filler -> document JSONL."""
     groups: dict[str, list[str]]
     """Forget group (unlearn, attack, heldout) -> pathogen names."""
+    perplexity: dict[str, Path] = field(default_factory=dict)
+    """Perplexity task (general_ppl) -> JSONL of held-out {"text"} documents no model of the
+    world was trained on."""
     stats: dict[str, Any] = field(default_factory=dict)
 
     def read_questions(self, task: str) -> list[dict]:
@@ -75,6 +78,7 @@ class World:
             "questions": {k: rel(p) for k, p in self.questions.items()},
             "corpora": {k: rel(p) for k, p in self.corpora.items()},
             "groups": self.groups,
+            "perplexity": {k: rel(p) for k, p in self.perplexity.items()},
             "stats": self.stats,
         }
 
@@ -113,6 +117,7 @@ def load_world(path: str | os.PathLike) -> World:
             questions={k: resolve(p) for k, p in data["questions"].items()},
             corpora={k: resolve(p) for k, p in data["corpora"].items()},
             groups={k: list(v) for k, v in data["groups"].items()},
+            perplexity={k: resolve(p) for k, p in data.get("perplexity", {}).items()},
             stats=dict(data.get("stats", {})),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
