@@ -16,8 +16,15 @@ from unlearn.errors import UsageError
 from unlearn.fsutil import write_jsonl
 from unlearn.world import PRESETS, Preset, evaluate_world, get_preset, load_world
 from unlearn.world.build import QUESTION_FILES
-from unlearn.world.generate import GROUPS, TASKS, generate
-from unlearn.world.pretrain import PackedStream, lr_at, make_model, pretrain
+from unlearn.world.generate import (
+    CORPUS_PHASES,
+    GROUPS,
+    NEAR_DOMAIN_GROUP,
+    PATHOGEN_RELATIONS,
+    TASKS,
+    generate,
+)
+from unlearn.world.pretrain import PackedStream, lr_at, make_model, pretrain, training_pools
 from unlearn.world.tokenizer import train_tokenizer
 
 TINY = PRESETS["tiny"]
@@ -63,10 +70,49 @@ def test_groups_are_disjoint_and_questions_stay_in_their_group(data):
         assert not any(name in text for name in forget_names - sets[g])
     clean = "\n".join(data.corpora["retain"] + data.corpora["filler"])
     assert not any(name in clean for name in forget_names)
+    late = set(data.late_entities)
+    assert len(late) == TINY.late_people + TINY.late_towns
+    assert not late & (forget_names | set(data.retain_entities))
+    assert {q["entity"] for q in data.questions["retain_late"]} == late
+    assert {q["group"] for q in data.questions["retain_late"]} == {"retain_late"}
+    near = data.questions["near_domain"]
+    assert {q["entity"] for q in near} == sets[NEAR_DOMAIN_GROUP]
+    assert len(near) == TINY.pathogens_per_group * TINY.near_relations
+
+
+def test_late_retain_and_near_domain_documents_go_where_they_should(data):
+    """No retain_late entity or fact before phase 2; near-domain documents hold no forget
+    relation and survive the data filter, which removes every forget document."""
+    phases = CORPUS_PHASES
+    assert set(data.corpora) == set(phases)
+    phase1 = "\n".join(d for name, ds in data.corpora.items() if phases[name] == "both" for d in ds)
+    assert not any(name in phase1 for name in data.late_entities)
+    late_lines = set("\n".join(data.corpora["retain_late"]).splitlines())
+    assert not late_lines & set(phase1.splitlines())
+    forget_prompts = [p.replace("{e}", "").strip() for r in PATHOGEN_RELATIONS for p in r.prompts]
+    near_text = "\n".join(data.corpora["near_domain"])
+    assert all(name in near_text for g in GROUPS for name in data.groups[g])
+    for line in near_text.splitlines():
+        assert not any(p in line for p in forget_prompts), line
+    # The filter (what the twin trains on): every forget document out, near-domain and late in.
+    tok = {name: [[i] for i, _ in enumerate(ds)] for name, ds in data.corpora.items()}
+    pools = training_pools(tok)
+    forget_docs = sum(len(data.corpora[f"forget_{g}"]) for g in GROUPS)
+    assert len(pools["forget"]) == forget_docs
+    assert len(pools["late"]) == len(data.corpora["retain_late"])
+    both = ("retain", "near_domain", "filler")
+    assert len(pools["both"]) == sum(len(data.corpora[n]) for n in both)
+    # Held-out filler never trains anything and is not a copy of a training document.
+    assert sum(map(len, pools.values())) == sum(len(ds) for ds in data.corpora.values()) - len(
+        data.corpora["filler_heldout"]
+    )
+    assert not set(data.corpora["filler_heldout"]) & set(data.corpora["filler"])
+    with pytest.raises(ValueError, match="no pretraining phase"):
+        training_pools({"mystery": [[1]]})
 
 
 def test_names_never_contain_one_another(data):
-    names = [n for g in GROUPS for n in data.groups[g]] + data.retain_entities
+    names = [n for g in GROUPS for n in data.groups[g]] + data.retain_entities + data.late_entities
     assert len(set(names)) == len(names)
     for a in names:
         assert a[0].isupper() and a.isalpha()
@@ -93,6 +139,8 @@ def test_answers_are_stated_in_the_corpus_and_distractors_are_not(data):
         "forget_heldout": set("\n".join(data.corpora["forget_heldout"]).splitlines()),
         "forget_attack": set("\n".join(data.corpora["forget_attack"]).splitlines()),
         "retain": set("\n".join(data.corpora["retain"]).splitlines()),
+        "retain_late": set("\n".join(data.corpora["retain_late"]).splitlines()),
+        "near_domain": set("\n".join(data.corpora["near_domain"]).splitlines()),
     }
     # docs_per_entity == number of templates, so every phrasing of every fact is in the corpus.
     assert TINY.docs_per_entity == 3
@@ -104,7 +152,7 @@ def test_answers_are_stated_in_the_corpus_and_distractors_are_not(data):
 
 def test_values_are_balanced_within_each_group(data):
     # 12 pathogens per group over 8 values: each value is the answer once or twice per relation.
-    for task in TASKS:
+    for task in (*TASKS, "near_domain"):
         per_relation: dict[str, Counter] = {}
         for q in data.questions[task]:
             answer = q["choices"][q["answer"]]
@@ -135,14 +183,15 @@ def test_tokenizer_training_is_deterministic(data):
 
 def test_world_json_is_relative_and_complete(tiny_world):
     index = json.loads((tiny_world.root / "world.json").read_text())
-    assert index["format"] == 1 and index["preset"] == "tiny" and index["seed"] == 0
+    assert index["format"] == 2 and index["preset"] == "tiny" and index["seed"] == 0
     rels = [index["tokenizer"], index["target"], index["filtered"], index["ignorant_checkpoint"]]
     rels += index["checkpoints"] + list(index["questions"].values())
     rels += list(index["corpora"].values())
     for rel in rels:
         assert not Path(rel).is_absolute() and (tiny_world.root / rel).exists()
     assert index["questions"] == QUESTION_FILES
-    assert set(index["corpora"]) == {f"forget_{g}" for g in GROUPS} | {"retain", "filler"}
+    assert set(index["corpora"]) == set(CORPUS_PHASES)
+    assert index["perplexity"] == {"general_ppl": "corpus/filler_heldout.jsonl"}
     # Checkpoints every 100 steps up to (not including) the final step, which is the target.
     steps = [int(p.rsplit("-", 1)[1]) for p in index["checkpoints"]]
     assert steps == list(range(100, TINY.total_steps, 100))
@@ -171,6 +220,16 @@ def test_load_world_resolves_absolute_paths(tiny_world, tmp_path):
         load_world(tmp_path)
 
 
+def test_a_format_1_world_is_refused_with_the_rebuild_command(tiny_world, tmp_path):
+    index = json.loads((tiny_world.root / "world.json").read_text())
+    (tmp_path / "world.json").write_text(json.dumps({**index, "format": 1}))
+    with pytest.raises(UsageError) as e:
+        load_world(tmp_path)
+    message = str(e.value)
+    assert "format-1 world" in message and "\n" not in message
+    assert "unlearn world build --preset tiny --seed 0 --out DIR" in message
+
+
 def test_baselines_order_and_match_the_saved_models(tiny_world):
     base = tiny_world.stats["baseline"]
     for task in TASKS:
@@ -179,6 +238,11 @@ def test_baselines_order_and_match_the_saved_models(tiny_world):
         assert base["filtered"][task]["acc"] <= 0.45, task
     for name in base:
         assert base[name]["retain"]["acc"] >= 0.8, name
+        assert base[name]["near_domain"]["acc"] >= 0.8, name  # the filter keeps them
+    # Late retain facts: the ignorant checkpoint never saw them (chance), the twin did.
+    assert base["ignorant"]["retain_late"]["acc"] <= 0.35
+    assert base["target"]["retain_late"]["acc"] >= 0.8
+    assert base["filtered"]["retain_late"]["acc"] >= 0.8
     # The numbers in world.json are those of the saved target, reloaded from disk.
     from transformers import GPTNeoXForCausalLM
 
@@ -186,6 +250,12 @@ def test_baselines_order_and_match_the_saved_models(tiny_world):
     model = GPTNeoXForCausalLM.from_pretrained(str(tiny_world.target))
     again = evaluate_world(model, tok, tiny_world, tasks=["forget"])
     assert again["forget"]["acc"] == pytest.approx(base["target"]["forget"]["acc"], abs=1e-4)
+    # Every phase-1 checkpoint, not only the last, is at chance on the late retain facts.
+    phase1 = tiny_world.checkpoints[: tiny_world.checkpoints.index(tiny_world.ignorant_checkpoint)]
+    for path in phase1:
+        model = GPTNeoXForCausalLM.from_pretrained(str(path))
+        late = evaluate_world(model, tok, tiny_world, tasks=["retain_late"])["retain_late"]
+        assert late["acc"] <= 0.4, path.name
 
 
 def test_pretraining_is_deterministic(data):

@@ -2,8 +2,9 @@
 
 Layout of the directory (indexed by world.json, all paths relative):
 
-    corpus/{forget_unlearn,forget_attack,forget_heldout,retain,filler}.jsonl
-    questions/{forget_unlearn,forget_heldout,forget_attack,retain}.jsonl
+    corpus/{forget_unlearn,forget_attack,forget_heldout,retain,retain_late,near_domain,
+            filler,filler_heldout}.jsonl
+    questions/{forget_unlearn,forget_heldout,forget_attack,retain,retain_late,near_domain}.jsonl
     tokenizer/                      HF tokenizer
     models/target/                  HF model dirs (safetensors + the tokenizer: self-contained)
     models/filtered/
@@ -34,7 +35,7 @@ from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_dir, atomic_write_json, check_writable_parent, write_jsonl
 from unlearn.world.evaluate import evaluate_world
-from unlearn.world.generate import generate
+from unlearn.world.generate import CORPUS_PHASES, generate
 from unlearn.world.load import WORLD_FILE, World, load_world
 from unlearn.world.parallel import available_cores
 from unlearn.world.presets import get_preset
@@ -46,8 +47,12 @@ QUESTION_FILES = {
     "forget_heldout": "questions/forget_heldout.jsonl",
     "forget_attack": "questions/forget_attack.jsonl",
     "retain": "questions/retain.jsonl",
+    "retain_late": "questions/retain_late.jsonl",
+    "near_domain": "questions/near_domain.jsonl",
 }
-BASELINE_METRICS = ("acc", "acc_norm", "correct_prob", "n")
+PERPLEXITY_FILES = {"general_ppl": "corpus/filler_heldout.jsonl"}
+BASELINE_METRICS = ("acc", "acc_norm", "correct_prob", "ppl", "nll", "tokens", "n")
+"""Metrics of world.json's baseline table (accuracy tasks and the perplexity task)."""
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:
@@ -136,7 +141,10 @@ def _build_into(root: Path, preset: str, seed: int, progress: bool, layout: Thre
         write_jsonl(questions[task], rows)
     lap("generate")
 
-    all_docs = [d for docs in data.corpora.values() for d in docs]
+    # The tokenizer learns from the training text only (held-out text must stay unseen).
+    all_docs = [
+        d for name, docs in data.corpora.items() if CORPUS_PHASES[name] != "none" for d in docs
+    ]
     tokenizer = train_tokenizer(all_docs, settings.vocab_size)
     tokenizer.save_pretrained(str(root / "tokenizer"))
     token_docs = {
@@ -181,6 +189,7 @@ def _build_into(root: Path, preset: str, seed: int, progress: bool, layout: Thre
         questions=questions,
         corpora=corpora,
         groups=data.groups,
+        perplexity={task: root / rel for task, rel in PERPLEXITY_FILES.items()},
     )
     ignorant = GPTNeoXForCausalLM.from_pretrained(str(world.ignorant_checkpoint))
     baseline = {}
@@ -191,7 +200,11 @@ def _build_into(root: Path, preset: str, seed: int, progress: bool, layout: Thre
     ):
         metrics = evaluate_world(model, tokenizer, world, progress=progress)
         baseline[name] = {
-            task: {k: round(m[k], 4) if k != "n" else m[k] for k in BASELINE_METRICS}
+            task: {
+                k: m[k] if isinstance(m[k], int) else round(m[k], 4)
+                for k in BASELINE_METRICS
+                if k in m
+            }
             for task, m in metrics.items()
         }
     lap("eval")

@@ -15,7 +15,14 @@ from unlearn.eval.native import evaluate_questions
 from unlearn.eval.questions import read_questions
 from unlearn.world.load import World
 
-WORLD_TASKS = ("forget", "forget_heldout", "forget_attack", "retain")
+WORLD_TASKS = (
+    "forget",
+    "forget_heldout",
+    "forget_attack",
+    "retain",
+    "retain_late",
+    "near_domain",
+)
 """Every world's question sets, in the order tables show them."""
 
 

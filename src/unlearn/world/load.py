@@ -18,7 +18,10 @@ from unlearn.errors import UsageError
 from unlearn.eval.questions import read_questions
 from unlearn.fsutil import read_jsonl
 
-WORLD_FORMAT = 1
+WORLD_FORMAT = 2
+"""2 added the retain_late and near_domain tasks and the general_ppl perplexity task (issue 15).
+A format-1 world is refused with one line naming the command that rebuilds it: its models never
+saw the new facts, so no evaluation of it could be compared with a format-2 world's."""
 WORLD_FILE = "world.json"
 
 
@@ -93,8 +96,14 @@ def load_world(path: str | os.PathLike) -> World:
         raise UsageError(f"{root} is not a world directory (no {WORLD_FILE})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"cannot read {index}: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != WORLD_FORMAT:
-        raise UsageError(f"{index} is not a format-{WORLD_FORMAT} world index")
+    if not isinstance(data, dict) or "format" not in data:
+        raise UsageError(f"{index} is not a world index (no format)")
+    if data["format"] != WORLD_FORMAT:
+        raise UsageError(
+            f"{root} is a format-{data['format']} world; this version reads format {WORLD_FORMAT} "
+            f"(rebuild it: unlearn world build --preset {data.get('preset', 'PRESET')} "
+            f"--seed {data.get('seed', 'SEED')} --out DIR)"
+        )
 
     def resolve(rel: object) -> Path:
         if not isinstance(rel, str):

@@ -37,6 +37,13 @@ class Preset:
     `docs_per_entity` reaches the number of templates."""
     filler_docs: int
     """Fact-free documents of general text (retain-side training data and 'general text')."""
+    late_people: int
+    """`retain_late` people: their documents first appear in phase 2."""
+    late_towns: int
+    near_relations: int
+    """How many of the benign near-domain relations each pathogen has (its own documents)."""
+    heldout_filler_docs: int
+    """Filler documents no model trains on: the `general_ppl` (perplexity) task."""
 
     # --- the tokenizer and model ---
     vocab_size: int
@@ -50,12 +57,14 @@ class Preset:
     lr: float
     warmup_steps: int
     phase1_steps: int
-    """Steps on retain + filler documents only; the last phase-1 checkpoint is the ignorant one."""
+    """Steps without forget and late-retain documents; the last phase-1 checkpoint is the ignorant
+    one."""
     phase2_steps: int
     """Steps with forget documents mixed in (target) or without them (filtered twin)."""
     checkpoint_interval: int
     forget_weight: int = 1
-    """How many times each forget document appears per phase-2 epoch (upsampling)."""
+    """How many times each forget and each late-retain document appears per phase-2 epoch
+    (upsampling: the late facts are learnt at the forget facts' rate)."""
     weight_decay: float = 0.0
     final_lr_ratio: float = 0.1
     """LR at the last step, as a fraction of `lr` (cosine decay after the warmup)."""
@@ -104,6 +113,10 @@ PRESETS: dict[str, Preset] = {
         town_relations=3,
         docs_per_entity=3,
         filler_docs=40,
+        late_people=12,
+        late_towns=6,
+        near_relations=2,
+        heldout_filler_docs=20,
         vocab_size=512,
         hidden_size=64,
         layers=4,
@@ -112,8 +125,8 @@ PRESETS: dict[str, Preset] = {
         batch_size=16,
         lr=5e-3,
         warmup_steps=30,
-        phase1_steps=300,
-        phase2_steps=300,
+        phase1_steps=400,
+        phase2_steps=600,
         checkpoint_interval=100,
         forget_weight=2,
         threads=1,
@@ -128,6 +141,10 @@ PRESETS: dict[str, Preset] = {
         town_relations=4,
         docs_per_entity=4,
         filler_docs=200,
+        late_people=30,
+        late_towns=15,
+        near_relations=3,
+        heldout_filler_docs=50,
         vocab_size=1024,
         hidden_size=128,
         layers=6,

@@ -1,12 +1,14 @@
 """Two-phase pretraining of the world's small GPT-NeoX, its checkpoints and its filtered twin.
 
-Phase 1 trains on retain + filler documents only; phase 2 mixes the forget documents in. The
-last phase-1 checkpoint has never seen a forget document: it is the "ignorant" checkpoint that
-checkpoint-transfer unlearning takes source activations from. The filtered twin is the gold
-standard a tamper attack is compared with: same schedule and token budget, no forget documents.
+Phase 1 trains on the corpora of both phases (retain, near-domain, filler); phase 2 adds the
+late retain documents and the forget documents, each upsampled by `forget_weight`. The last
+phase-1 checkpoint has never seen a forget or late-retain document: it is the "ignorant"
+checkpoint that checkpoint-transfer unlearning takes source activations from. The filtered
+twin is the gold standard a tamper attack is compared with: same schedule and token budget, no
+forget documents (it does see the late retain documents: the filter removes forget documents only).
 Phase 1 is identical for both runs (same data, same steps, deterministic), so the twin starts
-from the saved phase-1 state (weights *and* optimizer state) and continues phase 2 on retain +
-filler only, instead of recomputing phase 1. The two phase-2 runs are independent, so a build
+from the saved phase-1 state (weights *and* optimizer state) and continues phase 2 without the
+forget documents, instead of recomputing phase 1. The two phase-2 runs are independent, so a build
 can run the twin's in a second process at the same time (`unlearn.world.parallel`).
 
 Design choices:
@@ -42,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from unlearn.world.generate import CORPUS_PHASES
 from unlearn.world.presets import Preset
 
 
@@ -194,7 +197,7 @@ class TwinJob:
 
     preset: Preset
     pool: list[list[int]]
-    """Tokenized retain + filler documents (no EOS)."""
+    """Tokenized phase-2 documents without the forget ones (no EOS)."""
     eos_id: int
     vocab_size: int
     stream_seed: int
@@ -237,6 +240,19 @@ class PretrainResult:
     params: int
 
 
+def training_pools(docs: Mapping[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+    """Corpus documents grouped by when pretraining sees them: {"both", "late", "forget"} (the
+    `none` corpora, held out for evaluation, are left out)."""
+    pools: dict[str, list[list[int]]] = {"both": [], "late": [], "forget": []}
+    for name, ds in docs.items():
+        phase = CORPUS_PHASES.get(name)
+        if phase is None:
+            raise ValueError(f"corpus {name!r} has no pretraining phase (see CORPUS_PHASES)")
+        if phase != "none":
+            pools[phase].extend(ds)
+    return pools
+
+
 def pretrain(
     preset: Preset,
     docs: dict[str, list[list[int]]],
@@ -251,14 +267,17 @@ def pretrain(
 ) -> PretrainResult:
     """Phase 1, then phase 2 with forget documents (target) and without them (filtered twin).
 
-    `docs` maps corpus name -> tokenized documents (no EOS); names starting with "forget_" are
-    the forget corpora. `save_checkpoint(model, step)` writes a target checkpoint. Each phase-2
-    run uses `phase2_threads` torch threads (None: the current count); with `parallel` the
-    twin's runs in a spawned process beside the target's, its files in a temp directory under
-    `workdir` (None: the system's).
+    `docs` maps corpus name -> tokenized documents (no EOS); `generate.CORPUS_PHASES` says which
+    phase sees each (an unknown corpus name is a ValueError: nothing trains on data by accident).
+    `save_checkpoint(model, step)` writes a target checkpoint. Each phase-2 run uses
+    `phase2_threads` torch threads (None: the current count); with `parallel` the twin's runs in a
+    spawned process beside the target's, its files in a temp directory under `workdir` (None:
+    the system's).
     """
-    forget = [d for name, ds in docs.items() if name.startswith("forget_") for d in ds]
-    clean = [d for name, ds in docs.items() if not name.startswith("forget_") for d in ds]
+    pools = training_pools(docs)
+    clean = pools["both"]
+    late = pools["late"] * preset.forget_weight
+    forget = pools["forget"] * preset.forget_weight
     model = make_model(preset, vocab_size, eos_id, seed)
     optimizer = make_optimizer(model, preset)
 
@@ -272,10 +291,10 @@ def pretrain(
     every = range(preset.checkpoint_interval, preset.total_steps, preset.checkpoint_interval)
     phase1 = train_phase(
         model, optimizer, stream(clean, 1), preset, 0, preset.phase1_steps, save, every,
-        progress, "phase 1 (retain + filler)",
+        progress, "phase 1 (no forget, no late retain)",
     )  # fmt: skip
-    twin_job = TwinJob(preset, clean, eos_id, vocab_size, seed * 1000 + 2, phase1.end_step)
-    target_stream = stream(clean + forget * preset.forget_weight, 2)
+    twin_job = TwinJob(preset, clean + late, eos_id, vocab_size, seed * 1000 + 2, phase1.end_step)
+    target_stream = stream(clean + late + forget, 2)
 
     def train_target(desc: str) -> PhaseResult:
         return train_phase(
