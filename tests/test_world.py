@@ -103,10 +103,18 @@ def test_late_retain_and_near_domain_documents_go_where_they_should(data):
     both = ("retain", "near_domain", "filler")
     assert len(pools["both"]) == sum(len(data.corpora[n]) for n in both)
     # Held-out filler never trains anything and is not a copy of a training document.
-    assert sum(map(len, pools.values())) == sum(len(ds) for ds in data.corpora.values()) - len(
-        data.corpora["filler_heldout"]
+    untrained = ("filler_heldout", "near_domain_retain")
+    assert sum(map(len, pools.values())) == sum(
+        len(ds) for name, ds in data.corpora.items() if name not in untrained
     )
     assert not set(data.corpora["filler_heldout"]) & set(data.corpora["filler"])
+    # Runs' retain-side near-domain text: pretraining documents about the pathogens the
+    # near_domain task does not ask about (the task's own facts are never retain data).
+    near_retain = data.corpora["near_domain_retain"]
+    assert set(near_retain) <= set(data.corpora["near_domain"])
+    asked = data.groups[NEAR_DOMAIN_GROUP]
+    assert not any(name in d for d in near_retain for name in asked)
+    assert len(near_retain) == 2 * TINY.pathogens_per_group * TINY.docs_per_entity
     with pytest.raises(ValueError, match="no pretraining phase"):
         training_pools({"mystery": [[1]]})
 

@@ -43,6 +43,7 @@ from unlearn.runs.rundir import check_run_out
 from unlearn.runs.store import check_store
 from unlearn.train import Plan, TrainState, make_plan, train
 from unlearn.world import load_world
+from unlearn.world.generate import WORLD_RETAIN_CORPORA
 
 
 @dataclass
@@ -62,7 +63,9 @@ class RunArgs:
     """Forget corpus: local .jsonl/.json/.parquet/.txt or hub ID[:CONFIG[:SPLIT]]; default: the
     world's unlearn group."""
     retain_corpus: str | None = None
-    """Retain corpus (same forms; wikitext is grouped into articles); default: the world's."""
+    """Retain corpus (same forms; wikitext is grouped into articles); default: the world's
+    retain and near_domain_retain documents (general facts and benign text about other
+    forget-domain entities, like WMDP's bio retain corpus beside wikitext)."""
     retain_mix: str | None = None
     """Second retain corpus mixed in at --mix_fraction, e.g. ultrachat (chat turns joined)."""
     mix_fraction: float = 0.0
@@ -209,7 +212,11 @@ def validate(cfg: RunConfig) -> Validated:
         check_lora_targets(ref, cfg.lora.lora_target_modules)
     fields = args.text_fields
     forget = load_documents(args.forget_corpus or world.corpora["forget_unlearn"], fields)
-    retain = load_documents(args.retain_corpus or world.corpora["retain"], fields)
+    if args.retain_corpus:
+        retain = load_documents(args.retain_corpus, fields)
+    else:
+        corpora = [world.corpora[name] for name in WORLD_RETAIN_CORPORA]
+        retain = [d for path in corpora for d in load_documents(path, fields)]
     mix = load_documents(args.retain_mix, fields) if args.retain_mix else []
     if world is not None:  # lens / affine fitting reads it after the model loads: check it now
         load_documents(world.corpora["filler"], ("text",))

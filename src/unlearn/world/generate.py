@@ -61,10 +61,19 @@ CORPUS_PHASES = {
     "filler": "both",
     "retain_late": "late",
     "filler_heldout": "none",
+    "near_domain_retain": "none",
 }
 """Corpus -> when pretraining sees it: `both` phases (target and twin), `late` = phase 2 only
 (target and twin, upsampled like the forget documents), `forget` = phase 2 of the target only
-(the data filter removes exactly these), `none` = never (held out for evaluation)."""
+(the data filter removes exactly these), `none` = not as such (`filler_heldout` is held out for
+evaluation; `near_domain_retain` is the part of `near_domain` about the pathogens the
+`near_domain` task does not ask about, already trained on there)."""
+
+WORLD_RETAIN_CORPORA = ("retain", "near_domain_retain")
+"""An unlearning run's retain data on a world when no --retain_corpus is given: general facts
+plus benign text about *other* forget-domain entities, the analogue of WMDP's bio retain corpus
+(benign biology beside wikitext). The `near_domain` task's own facts are not in it, so it
+measures whether a method keeps benign knowledge it was not told to keep."""
 
 NEAR_DOMAIN_GROUP = "unlearn"
 """The `near_domain` task asks about the benign facts of this group's pathogens: the entities an
@@ -470,6 +479,11 @@ def generate(preset: Preset, seed: int) -> WorldData:
     ]
     corpora["retain_late"] = _documents(rng, late_facts, preset.docs_per_entity)
     corpora["near_domain"] = _documents(rng, near_facts, preset.docs_per_entity)
+    asked = set(groups[NEAR_DOMAIN_GROUP])
+    # Each near-domain document is about one pathogen; no name contains another.
+    corpora["near_domain_retain"] = [
+        d for d in corpora["near_domain"] if not any(name in d for name in asked)
+    ]
     corpora["filler_heldout"] = [_filler_doc(rng) for _ in range(preset.heldout_filler_docs)]
     questions["retain_late"] = _questions(rng, late_facts, "retain_late")
     questions["near_domain"] = _questions(
