@@ -179,3 +179,21 @@ def test_evaluate_world_adds_the_worlds_perplexity_tasks(ppl_world):
     assert list(evaluate_world(model, tok, ppl_world, ["general_ppl"])) == ["general_ppl"]
     with pytest.raises(KeyError, match="no task 'nope'"):
         evaluate_world(model, tok, ppl_world, ["nope"])
+
+
+def test_unlearn_eval_prints_a_ppl_task_as_a_number(tiny_hf_models, tmp_path, capsys):
+    """`unlearn eval --tasks ppl:FILE` on a tiny random Llama: the table's ppl column is a
+    number under a (↓) header, the JSON carries ppl, nll, tokens and n."""
+    from unlearn.cli import main
+
+    docs = tmp_path / "held_out.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(tiny_hf_models["llama"]), "--tasks", f"ppl:{docs}"]
+    assert main([*argv, "--output", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| Model | Held Out ppl (↓) |"
+    cell = table[2].split("|")[2].strip()
+    assert "%" not in cell and float(cell) > 1 and cell == f"{float(cell):.2f}"
+    result = json.loads(out.read_text())["results"]["held_out"]
+    assert set(result) >= {"ppl", "nll", "tokens", "n"} and result["n"] == len(TEXTS)

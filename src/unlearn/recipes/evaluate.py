@@ -54,7 +54,7 @@ class EvalConfig:
     baselines: bool = False
     """Evaluate the world's target, ignorant checkpoint and filtered twin; print a table."""
     batch_size: int = 64
-    """Choices scored per forward pass."""
+    """Choices scored per forward pass (perplexity tasks: document windows)."""
     dtype: str = "float32"
     """float32, bfloat16 or float16."""
     limit: int | None = None

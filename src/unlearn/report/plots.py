@@ -6,6 +6,8 @@ Design choices:
   package (for its tables) should not pay for it.
 - A plot gets every row it could show, in the report's order, so a line's colour and marker
   depend only on its place in that order (an attack without a curve keeps its slot).
+- Perplexity (lower is better, not an accuracy) gets its own panel under the forget-vs-retain
+  scatter, sharing its forget axis, rather than a third axis or a colour scale on the scatter.
 """
 
 from __future__ import annotations
