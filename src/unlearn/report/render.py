@@ -25,7 +25,7 @@ Design choices:
   forget task, and reports the other forget and retain tasks (and their minimum) and the
   perplexity tasks at the end of the attack.
 - The numbers come from pure functions (analysis.py) and the pictures from plots.py, which gets
-  plain numbers: this module is the only one that reads the store.
+  plain numbers: only this module and data.py (what a report reads of a store) read the store.
 """
 
 from __future__ import annotations
