@@ -172,7 +172,10 @@ def test_evaluate_world_adds_the_worlds_perplexity_tasks(ppl_world):
     ref = resolve_model(ppl_world.target)
     model, tok = load_model(ref), load_tokenizer(ref)
     results = evaluate_world(model, tok, ppl_world, limit=3)
-    assert list(results) == ["forget", "forget_heldout", "forget_attack", "retain", "general_ppl"]
+    assert list(results) == [
+        "forget", "forget_heldout", "forget_attack", "retain", "retain_late", "near_domain",
+        "general_ppl",
+    ]  # fmt: skip
     assert results["general_ppl"]["n"] == 3 and "acc" not in results["general_ppl"]
     direct = evaluate_perplexity(model, tok, TEXTS[:3])
     assert results["general_ppl"]["ppl"] == pytest.approx(direct["ppl"], rel=1e-9)
