@@ -306,6 +306,10 @@ def test_cli_eval_sharded_under_torchrun_equals_one_process(tiny_world, tmp_path
     assert one.keys() == two.keys() and one["results"].keys() == two["results"].keys()
     for task, a in one["results"].items():
         b = two["results"][task]
+        if task == "general_ppl":  # the perplexity's windows, sharded over the ranks
+            assert (a["n"], a["tokens"]) == (b["n"], b["tokens"])
+            assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6)
+            continue
         assert a["n"] == b["n"] and a["acc"] == b["acc"] and a["acc_norm"] == b["acc_norm"]
         assert a["collapse"] == b["collapse"]
         # Scores of a question come from batches of other shapes: equal up to float noise.
@@ -333,10 +337,15 @@ MIXED_QUESTIONS = [
 ]
 
 
+PPL_DOCS = ["The river flows past the old mill.", "Bakers rise early.", "The market opens."]
+"""Three perplexity rows: over two ranks, one rank pads its share with a repeated forward."""
+
+
 def _eval_mixed(rank: int, world: int, mode: str, model_dir: str, out: str) -> None:
-    """Evaluate MIXED_QUESTIONS (batch size 1: one forward per row); write the metrics and the
-    number of forwards this rank ran."""
+    """Evaluate MIXED_QUESTIONS, then the perplexity of PPL_DOCS (batch size 1: one forward per
+    row); write the metrics and the number of forwards this rank ran for each."""
     from unlearn.eval.native import evaluate_questions
+    from unlearn.eval.perplexity import evaluate_perplexity
     from unlearn.models import load_model, load_tokenizer, resolve_model
 
     torch.set_num_threads(1)
@@ -346,7 +355,10 @@ def _eval_mixed(rank: int, world: int, mode: str, model_dir: str, out: str) -> N
     forwards: list[int] = []
     model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     result = evaluate_questions(model, tokenizer, MIXED_QUESTIONS, batch_size=1)
-    Path(out, f"rank{rank}.json").write_text(json.dumps({**result, "forwards": len(forwards)}))
+    result["forwards"] = len(forwards)
+    ppl = evaluate_perplexity(model, tokenizer, PPL_DOCS, batch_size=1)
+    result.update(ppl=ppl, ppl_forwards=len(forwards) - result["forwards"])
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def _eval_worker(rank: int, world: int, port: int, mode: str, model_dir: str, out: str) -> None:
@@ -366,7 +378,7 @@ def _eval_worker(rank: int, world: int, port: int, mode: str, model_dir: str, ou
 def test_fsdp2_evaluation_of_mixed_questions_runs_equal_forwards(tiny_hf_models, tmp_path):
     """Under FSDP2 every forward is a collective: with 1-row and 4-row questions mixed, both
     ranks must run the same number of forwards (else they hang or crash), and the metrics equal
-    one process's."""
+    one process's; the same for perplexity's rows."""
     import torch.multiprocessing as mp
 
     model_dir = str(tiny_hf_models["gpt_neox"])
@@ -381,3 +393,6 @@ def test_fsdp2_evaluation_of_mixed_questions_runs_equal_forwards(tiny_hf_models,
         for name in ("n", "acc", "acc_norm", "collapse"):
             assert got[name] == one[name], name
         assert got["correct_prob"] == pytest.approx(one["correct_prob"], abs=1e-6)
+        assert (got["ppl"]["tokens"], got["ppl"]["n"]) == (one["ppl"]["tokens"], 3)
+        assert got["ppl"]["ppl"] == pytest.approx(one["ppl"]["ppl"], rel=1e-6)
+    assert one["ppl_forwards"] == 3 and ranks[0]["ppl_forwards"] == ranks[1]["ppl_forwards"] == 2

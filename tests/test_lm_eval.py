@@ -281,6 +281,8 @@ def test_cli_lm_eval_equals_native_on_a_world(tiny_world, tmp_path):
     native = json.loads((tmp_path / "n.json").read_text())
     lm = json.loads((tmp_path / "l.json").read_text())
     assert lm["backend"] == "lm-eval" and set(lm["results"]) == set(native["results"])
+    # Perplexity has no lm-eval counterpart: scored natively by both backends.
+    assert lm["results"]["general_ppl"] == native["results"].pop("general_ppl")
     for task, r in native["results"].items():
         assert lm["results"][task]["acc"] == r["acc"]
         assert lm["results"][task]["acc_norm"] == r["acc_norm"]

@@ -111,11 +111,14 @@ def test_cli_eval_on_the_tiny_world(tiny_world, tmp_path, capsys):
     argv = ["eval", "--model", str(tiny_world.target), "--world", str(tiny_world.root)]
     assert main([*argv, "--output", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"forget", "forget_heldout", "forget_attack", "retain"}
+    assert set(results) == {*tiny_world.questions, "general_ppl"}
+    ppl = results.pop("general_ppl")  # per-token perplexity on held-out filler: no accuracy
+    assert {"ppl", "nll", "tokens", "n"} <= set(ppl) and ppl["ppl"] > 1 and "acc" not in ppl
     for r in results.values():
         assert {"acc", "acc_norm", "correct_prob", "n"} <= set(r) and 0 <= r["acc"] <= 1
     assert results["forget"]["n"] == 48 and results["forget"]["acc"] > 0.5
-    assert "| Model | forget acc" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| Model | forget acc" in printed and "general ppl (↓) |" in printed
 
 
 def test_cli_eval_bad_input_is_one_line_exit_2(tiny_world, tmp_path, capsys):
@@ -196,6 +199,9 @@ def test_three_choice_questions_end_to_end(tiny_world, tmp_path):
     three = json.loads((tmp_path / "three.json").read_text())["results"]
     for task, r in three.items():
         assert r["n"] == four[task]["n"]
+        if task == "general_ppl":  # the same documents: the same perplexity
+            assert r["ppl"] == four[task]["ppl"]
+            continue
         assert four[task]["acc"] <= r["acc"] <= 1
         assert r["correct_prob"] > four[task]["correct_prob"]
         assert r["collapse"]["collapsed"] is False

@@ -116,10 +116,10 @@ def test_world_default_roles(tiny_world):
     suite = resolve_suite(SuiteArgs(), tiny_world)
     assert suite.roles() == {
         "forget": ["forget", "forget_heldout"],
-        "retain": ["retain"],
-        "other": ["forget_attack"],
+        "retain": ["retain", "retain_late", "near_domain"],
+        "other": ["forget_attack", "general_ppl"],
     }
-    assert all(t.kind == "world" for t in suite.tasks)
+    assert [t.kind for t in suite.tasks] == ["world"] * 6 + ["ppl"]
 
 
 def test_entries_limits_and_files(data):

@@ -45,3 +45,28 @@ def test_bad_input_is_refused_before_anything_loads(tiny_world, tmp_path):
         evaluate(EvalConfig(world=world, model_args=ModelArgs(str(tmp_path / "no_model"))))
     with pytest.raises(UsageError, match="drop --model"):
         EvalConfig(world=world, model_args=ModelArgs("x"), baselines=True)
+
+
+def test_ppl_tasks_are_native_with_the_lm_eval_child_process(tiny_world, tmp_path, monkeypatch):
+    """`--backend lm-eval --timeout`: lm-eval's child gets the question tasks only; a perplexity
+    task (lm-eval has none of a file) is scored here, natively, and results keep suite order."""
+    docs = tmp_path / "docs.txt"
+    docs.write_text("The river flows north.\n\nBakers rise early.\n")
+    sent = []
+
+    def fake_saved(model, names, *args, **kwargs):
+        sent.extend(names)
+        return {name: {"acc": 0.5, "n": 4} for name in names}
+
+    monkeypatch.setattr("unlearn.recipes.evaluate.run_saved", fake_saved)
+    cfg = EvalConfig(
+        world=str(tiny_world.root),
+        model_args=ModelArgs(str(tiny_world.target)),
+        tasks=[f"ppl:{docs}", "forget"],
+        backend="lm-eval",
+        timeout=60,
+    )
+    results = evaluate(cfg).outputs[tiny_world.target.name]["results"]
+    assert sent == ["forget"] and list(results) == ["docs", "forget"]
+    assert results["docs"]["n"] == 2 and results["docs"]["ppl"] > 1
+    assert results["docs"]["backend"] == "native"

@@ -1,10 +1,19 @@
-"""Pure analysis behind the report: tamper summaries, the shared middle step, the Pareto front."""
+"""Pure analysis behind the report: tamper summaries, the shared middle step, the Pareto front,
+the retain aggregate."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from unlearn.report.analysis import TamperSummary, middle_step, pareto_front, tamper_summary
+from unlearn.report.analysis import (
+    TamperSummary,
+    middle_step,
+    pareto_front,
+    retain_aggregate,
+    tamper_summary,
+)
 
 ATTACK_STEPS = [0, 10, 20, 50, 100]
 
@@ -67,3 +76,13 @@ def test_middle_step_picks_the_middle_shared_interior_step():
     assert middle_step([[0, 10, 20, 30, 40], [0, 5, 10, 20, 30, 40]]) == 20
     assert middle_step([[0, 10, 20, 30]]) == 20  # interior [10, 20] -> the upper middle
     assert middle_step([[0, 50]]) is None  # endpoints only
+
+
+def test_the_retain_aggregate_is_the_minimum_and_never_a_number_without_every_result():
+    assert retain_aggregate([0.95, 0.62, 0.90]) == 0.62  # the damaged task, not the mean 0.82
+    assert retain_aggregate([0.7]) == 0.7
+    assert retain_aggregate([0.95, None, 0.9]) is None  # a task never measured: no aggregate
+    assert retain_aggregate([0.95, "failed", None]) == "failed"  # a failed eval says so
+    assert retain_aggregate([]) is None  # a suite without retain tasks
+    assert math.isnan(retain_aggregate([0.5, math.nan]))  # shown as failed, whatever the order
+    assert math.isnan(retain_aggregate([math.nan, 0.5]))

@@ -102,6 +102,32 @@ def test_evaluations_make_the_status_worse_failed_wins(tmp_path):
     assert {e.task for e in record.evals if e.value is not None} == {"a", "c"}
 
 
+def test_a_task_without_acc_is_a_result_and_its_failure_keeps_its_metric(tmp_path):
+    """A perplexity task has ppl, nll and tokens (no acc): a done result; when it fails, the
+    failed row is named by the task's own metric, so a report shows a failed ppl, not an acc."""
+    results = {"general_ppl": ({"ppl": 3.42, "nll": 1.23, "tokens": 90.0}, False), "p2": None}
+
+    def score(task):
+        if results[task] is None:
+            raise ValueError("no document tokens to predict")
+        return results[task]
+
+    metric = {"general_ppl": "ppl", "p2": "ppl"}.get
+    with run_lifecycle(_fresh(), tmp_path / "run", store=tmp_path / "s.db") as run:
+        assert run.evaluate(0, ["general_ppl"], score, metric) == "done"
+    assert RunDir(tmp_path / "run").read_meta().status == "done"
+    with run_lifecycle(_fresh(), tmp_path / "run2") as run:
+        assert run.evaluate(0, ["p2"], score, metric) == "failed"
+    (row,) = RunDir(tmp_path / "run2").read().evals
+    assert (row.metric, row.status, row.value) == ("ppl", "failed", None)
+    with Store(tmp_path / "s.db") as store:
+        assert {m: r.value for m, r in store.final_evals("r1")["general_ppl"].items()} == {
+            "ppl": 3.42,
+            "nll": 1.23,
+            "tokens": 90.0,
+        }
+
+
 def test_a_collapse_marks_an_unlearning_run_but_not_an_attack(tmp_path):
     for kind, expected in (("unlearn", "collapsed"), ("baseline", "collapsed"), ("attack", "done")):
         with run_lifecycle(_fresh(kind), tmp_path / kind) as run:

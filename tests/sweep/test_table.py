@@ -48,3 +48,25 @@ def test_every_result_cell_follows_the_one_rule():
         "a: done  forget 0.312  retain eval failed  attack done (forget after failed)"
     )
     assert count_statuses([*states, PointState("c", "pending")]) == "2 done, 1 pending"
+
+
+def test_several_retain_tasks_show_their_minimum_and_each():
+    retains = {"retain": 0.95, "retain_late": 0.612, "near_domain": "failed"}
+    states = [
+        PointState("a", "done", forget=0.3, retain=0.612, retains={**retains, "near_domain": 0.9}),
+        PointState("b", "done", forget=0.25, retain="failed", retains=retains),
+        PointState("c", "pending"),
+    ]
+    lines = format_table(states).splitlines()
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert header == [
+        "point", "status", "forget acc", "retain (min)", "retain", "retain_late", "near_domain"
+    ]  # fmt: skip
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]]
+    assert cells[0][3:] == ["0.612", "0.950", "0.612", "0.900"]
+    assert cells[1][3:] == ["failed", "0.950", "0.612", "failed"]
+    assert cells[2][3:] == ["-", "-", "-", "-"]
+    assert state_line(states[0]) == (
+        "a: done  forget 0.300  retain (min) 0.612 "
+        "[retain 0.950, retain_late 0.612, near_domain 0.900]"
+    )

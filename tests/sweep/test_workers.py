@@ -45,7 +45,7 @@ def test_two_workers_run_every_point_once_and_index_every_row(tiny_world, tmp_pa
     with Store(sweep.store) as store:
         for p in sweep.points:
             assert store.run(p.id).status == "done"
-            assert set(store.final_evals(p.id)) == set(tiny_world.questions)
+            assert set(store.final_evals(p.id)) == {*tiny_world.questions, *tiny_world.perplexity}
     # More workers than points left: fewer workers, said in one line; nothing left to run here.
     again = run_sweep(load_sweep(spec), WorkerPoolExecutor(8, log=lines.append), log=lines.append)
     assert [s.status for s in again] == ["done"] * 3

@@ -6,6 +6,10 @@
 Builds (or reuses) the world, evaluates the baselines, runs a small sweep of each seed method,
 attacks the best run of each method plus the filtered twin and the original target, and writes
 OUT/report.md with its PNG plots. Re-running resumes: finished stages are skipped.
+
+A method's best run is its lowest forget accuracy among the runs that keep EVERY retain task
+(retain, retain_late, near_domain on a format-2 world) at or above the target's accuracy on that
+task minus RETAIN_MARGIN; ties go to the higher minimum over the retain tasks.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from unlearn.fsutil import check_writable_parent
 from unlearn.recipes.campaign import (
     CampaignAttacks,
     baseline_runs,
-    final_acc,
     print_err,
+    retain_floors,
     write_spec,
 )
 from unlearn.report import render_report, summary
@@ -52,7 +56,8 @@ DEMO_SWEEPS = {
 }
 DEMO_ATTACK = {"default": {}, "tiny": {"max_steps": 20, "eval_every": 5}}
 RETAIN_MARGIN = 0.05
-"""A run qualifies as 'best' only if its retain accuracy is within this of the target's."""
+"""A run qualifies as 'best' only if its accuracy on every retain task is within this of the
+target's accuracy on that task."""
 
 
 @dataclass
@@ -104,16 +109,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print_err("[demo] baselines")
     baseline_runs(world, runs, store_path, print_err)
-    target_retain = final_acc(runs / "baseline-target", "retain") or 0.0
 
     print_err("[demo] unlearning sweeps, then tamper attacks on the best run of each method")
     spec = write_spec(out / "sweep.yaml", world.root, DEMO_SWEEPS[preset], "demo")
     sweep = load_sweep(spec)
     workers = cfg.workers or (2 if available_cores() >= 2 else 1)
+    # Every point of the demo's sweep has the world's default suite, so the same retain tasks.
+    tasks = sweep.points[0].retain_tasks if sweep.points else ()
+    floors = retain_floors(runs / "baseline-target", tasks, RETAIN_MARGIN)
     with WorkerPool(workers, print_err) as pool:
-        floor = target_retain - RETAIN_MARGIN
         campaign = CampaignAttacks(
-            pool, world, runs, store_path, DEMO_ATTACK[preset], sweep.points, floor, print_err
+            pool, world, runs, store_path, DEMO_ATTACK[preset], sweep.points, floors, print_err
         )
         # The reference models' attacks need no sweep result: they fill idle workers.
         campaign.attack("target", str(world.target), "baseline-target", background=True)

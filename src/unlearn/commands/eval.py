@@ -5,8 +5,10 @@
     unlearn eval --model PATH --world DIR --backend lm-eval        # the same tasks through lm-eval
     unlearn eval --model ID --backend lm-eval --tasks mmlu,wmdp_bio_robust
 
-Writes `{"results": {task: {"acc", "acc_norm", "correct_prob", "n", ...}}}`; a collapsed model
-(one answer position or string for nearly all questions) is flagged in the output and the table.
+Writes `{"results": {task: {"acc", "acc_norm", "correct_prob", "n", ...}}}` (a perplexity task,
+`--tasks ppl:FILE` or a world's general_ppl: `{"ppl", "nll", "tokens", "n"}`, shown as a number,
+lower is better); a collapsed model (one answer position or string for nearly all questions) is
+flagged in the output and the table.
 With lm-eval a task that fails is written as `{"status": "failed", "error": ...}` (never a
 number) and the command exits 1; a benchmark whose dataset is not cached offline exits 2.
 See docs/evaluation.md.

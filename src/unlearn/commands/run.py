@@ -43,12 +43,16 @@ def parse(argv: list[str] | None) -> RunConfig:
 
 
 def print_evals(run_dir: str) -> None:
-    """One line per task: the run's final accuracies (or why there are none)."""
+    """One line per task: the run's final accuracy, or a perplexity task's ppl (a number, lower
+    is better), or why there is none."""
 
-    evals = [e for e in RunDir(run_dir).read().evals if e.metric == "acc"]
+    evals = [e for e in RunDir(run_dir).read().evals if e.metric in ("acc", "ppl")]
     for e in evals:
-        value = f"{100 * e.value:.2f}%" if e.value is not None else f"failed ({e.error})"
-        print(f"  {e.task:<16} acc {value}")
+        if e.value is None:
+            value = f"failed ({e.error})"
+        else:
+            value = f"{100 * e.value:.2f}%" if e.metric == "acc" else f"{e.value:.2f}"
+        print(f"  {e.task:<16} {e.metric} {value}")
 
 
 def _names(cls: type) -> set[str]:

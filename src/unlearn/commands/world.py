@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         "filtered": "Filtered twin",
     }
     baseline = world.stats["baseline"]
-    print(results_table({labels[k]: v for k, v in baseline.items()}, list(world.questions)))
+    tasks = [*world.questions, *world.perplexity]  # general_ppl: a number, lower is better
+    print(results_table({labels[k]: v for k, v in baseline.items()}, tasks))
     seconds = world.stats["seconds"]
     print(
         f"built {cfg.preset} world (seed {cfg.seed}, {world.stats['params']:,} parameters) "

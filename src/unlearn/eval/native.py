@@ -101,7 +101,9 @@ def _encoder(tokenizer, special_tokens: bool | None):
     return encode
 
 
-def _prefix_token(tokenizer) -> int:
+def prefix_token(tokenizer) -> int:
+    """The token a sequence starts from when nothing precedes it: BOS, else EOS (lm-eval's
+    rule; the world's tokenizer has only EOS, its document separator)."""
     bos = tokenizer.bos_token_id
     return bos if bos is not None else tokenizer.eos_token_id
 
@@ -126,7 +128,7 @@ def encode_requests(
     out = []
     for context, continuation in pairs:
         if not context:  # lm-eval: the prefix token is the context
-            out.append(([_prefix_token(tokenizer)], encode([continuation])[0]))
+            out.append(([prefix_token(tokenizer)], encode([continuation])[0]))
             continue
         ctx, whole = contexts[context], next(wholes)
         out.append((ctx, whole[len(ctx) :]))

@@ -5,18 +5,27 @@
     score = prepared.scorer(model, tokenizer)         # score(task key) -> (metrics, collapsed)
 
 A task is any of
-- a world task (`forget`, `forget_heldout`, `forget_attack`, `retain`) when a world is given;
+- a world task (`forget`, `forget_heldout`, `forget_attack`, `retain`, `retain_late`,
+  `near_domain`; a perplexity task such as `general_ppl`) when a world is given;
 - a local question file (`path/to/q.jsonl`): `{prompt, choices, answer}` rows are cloze as in the
   world, `{question, choices, answer}` rows letter multiple choice (`unlearn.eval.letter`); its
   key in tables and stores is the file's stem;
-- a bundled task (`wmdp_bio_robust`, `wmdp_bio_cloze`) or any lm-eval task or group name.
+- a bundled task (`wmdp_bio_robust`, `wmdp_bio_cloze`) or any lm-eval task or group name;
+- a perplexity task `ppl:PATH` (documents: a JSONL of `{"text"}` rows, or a text file with one
+  document per blank-line-separated block; `unlearn.eval.perplexity`); its key is the file's stem.
 `NAME@N` scores the first N documents of the task (of each subtask of a group); `eval_limit`
 applies to every task without its own.
 
+Perplexity tasks (kind "ppl") report `ppl`, `nll` and `tokens` instead of an accuracy: lower is
+better, so they are `other` tasks only (given as a forget or retain task: UsageError); they are
+always scored natively, whatever the backend (lm-eval has no live-model perplexity of a file).
+
 Roles: `forget` (should fall), `retain` (should stay), `other` (reported only). Defaults, when no
-task is given at all: with a world, its tasks (forget and forget_heldout forget, retain retain,
-forget_attack other); without one, `wmdp_bio_robust` (forget) and `mmlu` (retain). A suite needs at
-least one forget task.
+task is given at all: with a world, its tasks (forget and forget_heldout forget; retain,
+retain_late and near_domain retain; forget_attack and the perplexity tasks other); without one,
+`wmdp_bio_robust` (forget) and `mmlu` (retain). A suite needs at least one forget task. Where a
+summary shows one "retain" number it is the minimum over the retain tasks
+(`unlearn.report.analysis.retain_aggregate`), each task still shown beside it.
 
 Scoring (`eval_backend`): `auto` scores question files natively, and lm-eval tasks natively too
 when the native path reproduces them exactly (`unlearn.eval.lm_tasks.native_problem`), else
@@ -45,6 +54,7 @@ from unlearn.eval import harness
 from unlearn.eval.letter import as_cloze
 from unlearn.eval.lm_tasks import native_problem, score_lm_task
 from unlearn.eval.native import evaluate_questions, numeric_metrics
+from unlearn.eval.perplexity import evaluate_perplexity, read_documents
 from unlearn.eval.questions import CLOZE, LETTER, read_question_file
 
 ROLES = ("forget", "retain", "other")
@@ -56,9 +66,12 @@ WORLD_ROLES = {
     "retain_late": "retain",
     "near_domain": "retain",
 }
-"""A world task's role in the default suite (others, e.g. forget_attack: other)."""
+"""A world task's role in the default suite (others, e.g. forget_attack: other; a world's
+perplexity tasks are always other)."""
 DEFAULT_BENCHMARKS = {"forget": ["wmdp_bio_robust"], "retain": ["mmlu"], "other": []}
 QUESTION_SUFFIXES = (".jsonl", ".json")
+PPL, PPL_PREFIX = "ppl", "ppl:"
+"""The kind of a perplexity task, and how one names a document file as a task (`ppl:PATH`)."""
 _LIMIT = re.compile(r"^(?P<name>.+)@(?P<limit>-?\d+)$")
 
 
@@ -73,7 +86,9 @@ class SuiteArgs:
     retain_tasks: list[str] = field(default_factory=list)
     """Tasks whose accuracy should stay (same forms). Default: the world's retain, else mmlu."""
     other_tasks: list[str] = field(default_factory=list)
-    """Tasks reported only (same forms). Default: the world's forget_attack."""
+    """Tasks reported only (same forms, and perplexity tasks: the world's general_ppl, or
+    ppl:PATH of a .jsonl of {"text"} rows or a .txt of blank-line-separated documents).
+    Default: the world's forget_attack and perplexity tasks."""
     eval_limit: int | None = None
     """Only the first N documents of each task without its own @N (cheap in-loop curves)."""
     eval_backend: str = "auto"
@@ -123,10 +138,17 @@ class SuiteTask:
     """As written (a path, a name)."""
     role: str
     kind: str
-    """world, cloze, letter (question files) or lm-eval (bundled and lm-eval tasks)."""
+    """world, cloze, letter (question files), lm-eval (bundled and lm-eval tasks) or ppl
+    (perplexity on a document file)."""
     limit: int | None = None
     path: str | None = None
-    """The question file (world, cloze and letter tasks)."""
+    """The question file (world, cloze and letter tasks) or the document file (ppl)."""
+
+    @property
+    def metric(self) -> str:
+        """The metric a summary reads (and a failed evaluation is recorded under): ppl for a
+        perplexity task, else acc."""
+        return PPL if self.kind == PPL else "acc"
 
 
 @dataclass(frozen=True)
@@ -152,6 +174,10 @@ class Suite:
     def task(self, key: str) -> SuiteTask:
         return next(t for t in self.tasks if t.key == key)
 
+    def metric(self, key: str) -> str:
+        """`SuiteTask.metric` of the task `key` (for `ActiveRun.evaluate`)."""
+        return self.task(key).metric
+
     def roles(self) -> dict[str, list[str]]:
         """{"forget": [keys], "retain": [...], "other": [...]}: what run.json records, and what
         reports read to name and order their columns."""
@@ -159,8 +185,11 @@ class Suite:
 
     def chance(self, key: str) -> float:
         """Chance accuracy of a task: the mean of 1 / choices over a question file's questions
-        (first `limit`), 0.25 for a benchmark (WMDP and MMLU questions have four choices)."""
+        (first `limit`), 0.25 for a benchmark (WMDP and MMLU questions have four choices).
+        A perplexity task has none (ValueError)."""
         t = self.task(key)
+        if t.kind == PPL:
+            raise ValueError(f"task {key} is a perplexity task: it has no chance accuracy")
         if t.path is None:
             return 0.25
         rows = read_question_file(t.path)[1][: t.limit]
@@ -174,22 +203,32 @@ def resolve_suite(
 
     `world` supplies the world tasks and the defaults; `base` is where relative question-file
     paths are found (a spec's directory; default the working directory). UsageError, one line,
-    for an unknown name, a bad question file (FILE:LINE), a key used twice or no forget task.
+    for an unknown name, a bad question or document file (FILE:LINE), a key used twice, a
+    perplexity task given as a forget or retain task, or no forget task.
     """
     world_tasks = dict(world.questions) if world is not None else {}
+    # Of the world only `questions` and `perplexity` are read (an object without the latter,
+    # a format-1 world's stand-in, has no perplexity task).
+    world_ppl = dict(getattr(world, "perplexity", None) or {})
     if args.given:
         wanted = {role: getattr(args, f"{role}_tasks") for role in ROLES}
     elif world is not None:
         wanted = {role: [] for role in ROLES}
         for name in world_tasks:
             wanted[WORLD_ROLES.get(name, "other")].append(name)
+        wanted["other"] += list(world_ppl)  # lower is better: reported, never forget/retain
     else:
         wanted = {role: list(names) for role, names in DEFAULT_BENCHMARKS.items()}
     tasks, registry = [], []
     for role in ROLES:
         for entry in wanted[role]:
             name, limit = parse_entry(entry)
-            task = _resolve(name, role, limit or args.eval_limit, world_tasks, base)
+            task = _resolve(name, role, limit or args.eval_limit, world_tasks, world_ppl, base)
+            if task.kind == PPL and role != "other":
+                raise UsageError(
+                    f"task {entry} is a perplexity task (lower is better, not an accuracy): it "
+                    f"is reported only, give it as an other task, not a {role} task"
+                )
             tasks.append(task)
             if task.kind == "lm-eval":
                 registry.append(name)
@@ -214,8 +253,23 @@ def _path(name: str, base: str | Path | None) -> Path:
 
 
 def _resolve(
-    name: str, role: str, limit: int | None, world_tasks: dict, base: str | Path | None
+    name: str,
+    role: str,
+    limit: int | None,
+    world_tasks: dict,
+    world_ppl: dict,
+    base: str | Path | None,
 ) -> SuiteTask:
+    if name in world_ppl:
+        path = str(world_ppl[name])
+        read_documents(path)  # checked before any weights load, like a question file
+        return SuiteTask(name, name, role, PPL, limit, path)
+    if name.startswith(PPL_PREFIX):
+        path = _path(name[len(PPL_PREFIX) :], base)
+        if not path.is_file():
+            raise UsageError(f"document file {name[len(PPL_PREFIX) :]} not found (task {name})")
+        read_documents(path)
+        return SuiteTask(path.stem, name, role, PPL, limit, str(path.absolute()))
     if name in world_tasks:
         path = str(world_tasks[name])
         read_question_file(path)  # checked row by row before any weights load
@@ -251,6 +305,8 @@ class PreparedSuite:
 
     def via_lm_eval(self, key: str) -> bool:
         t = self.suite.task(key)
+        if t.kind == PPL:  # native whatever the backend: lm-eval has no such task
+            return False
         if self.suite.backend == "lm-eval":
             return True
         return t.kind == "lm-eval" and key not in self.native
@@ -269,6 +325,10 @@ class PreparedSuite:
             if result.get("status") == "failed":
                 raise harness.HarnessError(result["error"])
             return {**result, "backend": "lm-eval"}
+        if t.kind == PPL:
+            texts = read_documents(t.path)[: t.limit]
+            result = evaluate_perplexity(model, tokenizer, texts, batch_size, progress, key)
+            return {**result, "backend": "native"}
         if t.kind in ("world", CLOZE, LETTER):
             rows = read_question_file(t.path)[1][: t.limit]
             questions = as_cloze(rows) if t.kind == LETTER else rows
@@ -307,11 +367,16 @@ class PreparedSuite:
         return score
 
     def evaluate(
-        self, model: torch.nn.Module, tokenizer, batch_size: int = 64, progress: bool = False
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        batch_size: int = 64,
+        progress: bool = False,
+        keys: Sequence[str] | None = None,
     ) -> dict[str, dict]:
-        """{key: result dict or {"status": "failed", "error": ...}} for every task."""
+        """{key: result dict or {"status": "failed", "error": ...}} for every task (of `keys`)."""
         results = {}
-        for key in self.suite.task_keys():
+        for key in self.suite.task_keys() if keys is None else keys:
             try:
                 results[key] = self.score(model, tokenizer, key, batch_size, progress)
             except (harness.HarnessError, ValueError, RuntimeError) as e:
@@ -323,14 +388,18 @@ def prepare_suite(suite: Suite, num_fewshot: int | None = None) -> PreparedSuite
     """Build the suite's lm-eval tasks and load their data (UsageError when a dataset is not
     available offline), decide which are scored natively; no weights are loaded. With
     `num_fewshot` lm-eval tasks are scored by lm-eval (few-shot contexts are its own)."""
-    lm_eval_keys = [t.key for t in suite.tasks if t.kind == "lm-eval" or suite.backend == "lm-eval"]
+    lm_eval_keys = [
+        t.key
+        for t in suite.tasks
+        if t.kind == "lm-eval" or (suite.backend == "lm-eval" and t.kind != PPL)
+    ]
     prepared = None
     native: set[str] = set()
     if lm_eval_keys:
         local = {
             t.key: (CLOZE if t.kind == "world" else t.kind, t.path)
             for t in suite.tasks
-            if t.path is not None
+            if t.path is not None and t.kind != PPL
         }
         prepared = harness.prepare_tasks(lm_eval_keys, None, suite.task_dirs, local)
         for key in lm_eval_keys:

@@ -176,7 +176,8 @@ def run_attack(cfg: AttackConfig) -> RunMeta:
 
         def on_step(step: int) -> None:
             if step % args.eval_every == 0 or step == steps:
-                run.evaluate(step, tasks, score)  # in eval mode, restored after (models.eval_mode)
+                # In eval mode, restored after (models.eval_mode).
+                run.evaluate(step, tasks, score, suite.metric)
 
         with checkpoint.catching_signals():
             state = train(

@@ -54,5 +54,6 @@ def run_baseline(
     )  # fmt: skip
     with run_lifecycle(fresh, path, store=store) as run:
         model, tokenizer = load_model(ref, device=default_device()), load_tokenizer(ref)
-        run.evaluate(0, suite.task_keys(), prepared.scorer(model, tokenizer, batch_size))
+        score = prepared.scorer(model, tokenizer, batch_size)
+        run.evaluate(0, suite.task_keys(), score, suite.metric)
     return run.meta

@@ -6,7 +6,7 @@ report. `unlearn demo` runs it on the mini world; every stage resumes from its r
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,15 +56,30 @@ def final_acc(run_dir: Path, task: str) -> float | None:
     return last.value if last.status == "done" else None
 
 
-def best_point(states, retain_floor: float):
-    """The done point with the lowest forget accuracy whose retain accuracy is >= the floor."""
+def retain_floors(target_run: Path, tasks: Sequence[str], margin: float) -> dict[str, float]:
+    """{retain task: the target's accuracy on it - margin}: what a best run must keep. A task
+    the target has no result on gets no floor (0 - margin: any accuracy passes), as before
+    there were several retain tasks."""
+    return {task: (final_acc(target_run, task) or 0.0) - margin for task in tasks}
+
+
+def best_point(states: Sequence[PointState], floors: Mapping[str, float]) -> PointState | None:
+    """The done point with the lowest forget accuracy among those that keep EVERY retain task
+    at or above its floor (`retain_floors`: the target's accuracy on that task minus a margin);
+    ties go to the higher retain aggregate (the minimum over the retain tasks), then the id.
+    A point missing a result on a floored task does not qualify."""
+
+    def keeps(s: PointState) -> bool:
+        return all(isinstance(s.retains.get(t), float) and s.retains[t] >= f
+                   for t, f in floors.items())  # fmt: skip
+
     candidates = [
         (s.forget, -s.retain, s.id, s)
         for s in states
         if s.status == "done"
         and isinstance(s.forget, float)
         and isinstance(s.retain, float)
-        and s.retain >= retain_floor
+        and keeps(s)
     ]
     return min(candidates)[3] if candidates else None
 
@@ -115,16 +130,17 @@ class CampaignAttacks:
         store_path: Path,
         overrides: dict,
         points: Sequence[Point],
-        retain_floor: float,
+        retain_floors: Mapping[str, float],
         log: Callable[[str], None],
     ) -> None:
         self.pool, self.world, self.log = pool, world, log
         self.runs_dir, self.store_path, self.overrides = runs_dir, store_path, overrides
         self.points = {p.id: p for p in points}
-        self.retain_floor = retain_floor
+        self.retain_floors = dict(retain_floors)
         self.states: dict[str, PointState] = {}
         self.best: dict[str, str | None] = {}
-        """Method -> its best run id (None: no run kept retain), once its points have ended."""
+        """Method -> its best run id (None: no run kept every retain task), once its points
+        have ended."""
         self.jobs: dict[Future, str] = {}
 
     def attack(self, label: str, model: str, parent: str | None, background: bool = False) -> None:
@@ -149,10 +165,10 @@ class CampaignAttacks:
         ids = [i for i, p in self.points.items() if p.method == method]
         if method in self.best or any(i not in self.states for i in ids):
             return
-        best = best_point([self.states[i] for i in ids], self.retain_floor)
+        best = best_point([self.states[i] for i in ids], self.retain_floors)
         self.best[method] = best.id if best else None
         if best is None:
-            self.log(f"{method}: no run kept retain within the margin; not attacked")
+            self.log(f"{method}: no run kept every retain task within the margin; not attacked")
             return
         self.attack(best.id, str(self.points[best.id].run_dir / "model"), best.id)
 

@@ -21,7 +21,7 @@ from unlearn.distributed import is_main
 from unlearn.errors import UsageError
 from unlearn.eval import harness
 from unlearn.eval.saved import run_saved
-from unlearn.eval.suite import PreparedSuite, Suite, SuiteArgs, prepare_suite, resolve_suite
+from unlearn.eval.suite import PPL, PreparedSuite, Suite, SuiteArgs, prepare_suite, resolve_suite
 from unlearn.fsutil import atomic_write_json, check_writable_parent
 from unlearn.models import ModelRef, default_device, load_model, load_tokenizer
 from unlearn.world import load_world
@@ -54,7 +54,7 @@ class EvalConfig:
     baselines: bool = False
     """Evaluate the world's target, ignorant checkpoint and filtered twin; print a table."""
     batch_size: int = 64
-    """Choices scored per forward pass."""
+    """Choices scored per forward pass (perplexity tasks: document windows)."""
     dtype: str = "float32"
     """float32, bfloat16 or float16."""
     limit: int | None = None
@@ -188,17 +188,27 @@ def evaluate_model(
 
 
 def _evaluate_saved(cfg: EvalConfig, ref: ModelRef, suite: Suite) -> dict[str, dict]:
-    """--timeout: every task through lm-eval in a child process (killed when it runs long)."""
-    local = {t.key: ("cloze" if t.kind == "world" else t.kind, t.path) for t in suite.tasks
+    """--timeout: every task through lm-eval in a child process (killed when it runs long),
+    but perplexity tasks, which lm-eval cannot score: natively here, without the timeout."""
+    ppl = [t.key for t in suite.tasks if t.kind == PPL]
+    others = [t for t in suite.tasks if t.kind != PPL]
+    local = {t.key: ("cloze" if t.kind == "world" else t.kind, t.path) for t in others
              if t.path is not None}  # fmt: skip
-    return run_saved(
-        ref.name,
-        suite.task_keys(),
-        None,
-        cfg.harness_options(),
-        ref.revision,
-        cfg.dtype,
-        suite.task_dirs,
-        ref.trust_remote_code,
-        local,
-    )
+    results = {}
+    if others:
+        results = run_saved(
+            ref.name,
+            [t.key for t in others],
+            None,
+            cfg.harness_options(),
+            ref.revision,
+            cfg.dtype,
+            suite.task_dirs,
+            ref.trust_remote_code,
+            local,
+        )
+    if ppl:
+        model = load_model(ref, cfg.dtype, default_device())
+        native = PreparedSuite(suite, None, frozenset())
+        results.update(native.evaluate(model, load_tokenizer(ref), cfg.batch_size, keys=ppl))
+    return {key: results[key] for key in suite.task_keys()}

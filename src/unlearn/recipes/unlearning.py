@@ -337,7 +337,7 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
         )
         if suite is not None:  # the live model, in memory: no save/load round trip
             score = suite.scorer(p.model, p.tokenizer, args.eval_batch_size)
-            run.evaluate(p.plan.total_steps, suite.suite.task_keys(), score)
+            run.evaluate(p.plan.total_steps, suite.suite.task_keys(), score, suite.suite.metric)
     return run.meta
 
 

@@ -4,6 +4,7 @@
   model's accuracy, how fast, and its mean along the attack.
 - `middle_step`: the interior evaluation step every attack curve shares (a "step N" column).
 - `pareto_front`: the (forget, retain) points no other point beats.
+- `retain_aggregate`: the one "retain" number of a run, the minimum over its retain tasks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,31 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+Value = float | str | None
+"""A result as summaries hold it: a number, a word saying why there is none ("failed", a run
+status), or None (never measured)."""
+
+
+def retain_aggregate(values: Sequence[Value]) -> Value:
+    """The "retain" of a run, wherever one number stands for it (sweep tables and progress lines,
+    the report's forget-vs-retain plot, the choice of a best run): the minimum accuracy over the
+    suite's retain tasks, given in any order.
+
+    The minimum, not the mean: unlearning must keep every kind of retained knowledge (general
+    facts, facts learned late, benign facts about the forget domain's entities), and a mean lets a
+    task the method did not damage hide one it did. A run missing a retain result has no
+    aggregate: the first word among the values if one failed (e.g. "failed"), else None (shown
+    "-"); so does a suite without retain tasks.
+    """
+    words = [v for v in values if isinstance(v, str)]
+    if words:
+        return words[0]
+    if not values or any(v is None for v in values):
+        return None
+    numbers = [float(v) for v in values]  # type: ignore[arg-type]
+    # min() with a NaN depends on the order; a non-finite result is shown as failed anyway.
+    return min(numbers) if all(math.isfinite(v) for v in numbers) else math.nan
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ Design choices:
   package (for its tables) should not pay for it.
 - A plot gets every row it could show, in the report's order, so a line's colour and marker
   depend only on its place in that order (an attack without a curve keeps its slot).
+- Perplexity (lower is better, not an accuracy) gets its own panel under the forget-vs-retain
+  scatter, sharing its forget axis, rather than a third axis or a colour scale on the scatter.
 """
 
 from __future__ import annotations
@@ -42,12 +44,20 @@ class BaselinePoint:
     retain: float
     role: str | None
     """The baseline's config role: "target" adds a retain line, "filtered" a forget line."""
+    ppl: float | None = None
+    """Its perplexity on the held-out documents, when measured (legend and lower panel)."""
+
+    @property
+    def label(self) -> str:
+        """Its legend entry: `Target (81.2, 99.5)`, with `; ppl 3.42` when measured."""
+        ppl = f"; ppl {self.ppl:.2f}" if self.ppl is not None else ""
+        return f"{self.name} ({100 * self.forget:.1f}, {100 * self.retain:.1f}{ppl})"
 
 
-def _figure() -> Figure:
+def _figure(height: float = 5.5) -> Figure:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(8.5, 5.5))
+    return Figure(figsize=(8.5, height))
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -65,8 +75,11 @@ def _scatter_layers(
     lines: Sequence[Line],
     legend: bool,
 ) -> None:
-    """Draw the runs, the Pareto front, the baselines and the reference lines on `ax`."""
+    """Draw the runs, the Pareto front, the baselines (`stars`: legend label, x, y) and the
+    reference lines on `ax`."""
     for i, (method, xy) in enumerate(series):
+        if not xy:  # a method without points here keeps its colour and marker
+            continue
         ax.scatter(
             *zip(*xy, strict=True),
             marker=MARKERS[i % len(MARKERS)],
@@ -97,7 +110,7 @@ def _scatter_layers(
             color="0.2",
             ec="white",
             zorder=5,
-            label=f"{name} ({100 * x:.1f}, {100 * y:.1f})" if legend else None,
+            label=name if legend else None,
         )
     for vertical, value, style, label in lines:
         draw = ax.axvline if vertical else ax.axhline
@@ -110,9 +123,17 @@ def plot_forget_vs_retain(
     path: Path,
     forget: str = "forget accuracy",
     retain: str = "retain accuracy",
+    ppl_series: Sequence[tuple[str, Points]] = (),
+    ppl: str | None = None,
 ) -> None:
     """Scatter of the runs, one series (colour, marker) per method: [(method, [(forget, retain),
-    ...]), ...], with the Pareto front over all of them.
+    ...]), ...], with the Pareto front over all of them. `retain` names the y axis (with several
+    retain tasks the caller passes their minimum and says so).
+
+    With `ppl_series` ([(method, [(forget, ppl), ...]), ...]) and `ppl` (the perplexity task's
+    header) a lower panel shows each run's perplexity against the same forget axis, each method
+    in its upper-panel colour, the baselines' perplexities as stars and the target's as a line:
+    fluency damage that the accuracies do not show.
 
     Baselines are legend entries (their own markers, values in the legend) rather than text
     labels, which collide when runs sit next to them. Reference lines: chance on both axes, the
@@ -120,8 +141,14 @@ def plot_forget_vs_retain(
     a small corner of the full range (the usual picture: every run near the filtered twin), an
     inset shows that corner magnified.
     """
-    fig = _figure()
-    ax = fig.add_subplot()
+    with_ppl = ppl is not None and (
+        any(xy for _, xy in ppl_series) or any(b.ppl is not None for b in baselines)
+    )
+    fig = _figure(9.0 if with_ppl else 5.5)
+    if with_ppl:
+        ax, low = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    else:
+        ax, low = fig.add_subplot(), None
     points = [pt for _, xy in series for pt in xy]
     front = sorted(points[i] for i in pareto_front(points)) if points else []
     chance = {"color": "tab:red", "ls": ":"}
@@ -135,19 +162,49 @@ def plot_forget_vs_retain(
         elif b.role == "filtered":
             dashed = {"color": "0.45", "ls": (0, (5, 3))}
             lines.append((True, b.forget, dashed, f"{b.name}: forget"))
-    stars = [(b.name, b.forget, b.retain) for b in baselines]
+    stars = [(b.label, b.forget, b.retain) for b in baselines]
     _scatter_layers(ax, series, front, stars, lines, legend=True)
     if not points:
         message = "no finished run has both a forget and a retain result"
         ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color="0.4")
     # The axes name the suite's tasks (`WMDP Bio Robust (↓)`, or the world's "forget acc (↓)").
-    ax.set_xlabel(f"{forget}: lower is better")
-    ax.set_ylabel(f"{retain}: higher is better")
+    if low is None:  # else the lower panel carries the shared forget axis
+        ax.set_xlabel(f"{forget}: lower is better")
+    sep = ":\n" if len(retain) > 40 else ": "  # a long name (the retain aggregate's) wraps
+    ax.set_ylabel(f"{retain}{sep}higher is better")
     ax.set_title("Unlearning runs: forget vs retain accuracy")
     ax.grid(alpha=0.3)
     _zoom_inset(ax, points, series, front, stars, lines)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if low is not None:
+        _ppl_panel(low, series, ppl_series, baselines, ppl or "perplexity")
+        low.set_xlabel(f"{forget}: lower is better")
     _save(fig, path)
+
+
+def _ppl_panel(
+    ax: Axes,
+    series: Sequence[tuple[str, Points]],
+    ppl_series: Sequence[tuple[str, Points]],
+    baselines: Sequence[BaselinePoint],
+    ppl: str,
+) -> None:
+    """The lower panel: (forget, ppl) of each run in its method's colour and marker, the
+    baselines' as stars, the target's perplexity as a dashed line."""
+    index = {method: i for i, (method, _) in enumerate(series)}
+    for method, _ in ppl_series:
+        index.setdefault(method, len(index))
+    by_method = dict(ppl_series)
+    ordered = [(m, by_method.get(m, [])) for m in sorted(index, key=index.get)]
+    stars = [(b.name, b.forget, b.ppl) for b in baselines if b.ppl is not None]
+    lines: list[Line] = [
+        (False, b.ppl, {"color": "0.45", "ls": "-."}, None)
+        for b in baselines
+        if b.role == "target" and b.ppl is not None
+    ]
+    _scatter_layers(ax, ordered, [], stars, lines, legend=False)
+    ax.set_ylabel(f"{ppl}: lower is better")
+    ax.grid(alpha=0.3)
 
 
 def _zoom_inset(

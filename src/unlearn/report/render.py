@@ -7,10 +7,14 @@ Design choices:
 - Every result cell goes through `tables.result_cell`: a number only for a finished run with a
   finished eval; a pending, running, failed, diverged or collapsed run shows its status word, a
   failed eval "eval failed", a task never measured "-".
-- Accuracy is the "acc" metric; the latest evaluated step of each task is the final result.
+- Accuracy is the "acc" metric, a perplexity task's number its "ppl" (a number, lower is
+  better); the latest evaluated step of each task is the final result (`data.ReportData`).
 - One table per method: the baselines first, then one row per unlearn run with only the
   hyperparameters that vary among that method's runs (the fixed ones are listed above it), the
-  final value of each loss term, accuracies and status.
+  final value of each loss term, results and status.
+- "retain" as one number (the forget-vs-retain plot's y, the "retain min" column beside
+  several retain tasks) is the minimum over the suite's retain tasks
+  (`analysis.retain_aggregate`); each retain task keeps its own column.
 - Baseline runs are named by their config "name" and ordered by their config "role" (target,
   checkpoint, ignorant, filtered); the original model of the tamper comparison is the baseline
   whose role is "target" (else the first baseline).
@@ -18,24 +22,25 @@ Design choices:
   retain and other tasks): forget tasks first with (↓), then retain tasks with (↑), then the
   others, each named as papers name the benchmark (`WMDP Bio Robust (↓) | MMLU (↑)`). The
   tamper table follows the world's held-out forget facts when measured, else the suite's first
-  forget task, and reports the other forget and retain tasks at the end of the attack.
+  forget task, and reports the other forget and retain tasks (and their minimum) and the
+  perplexity tasks at the end of the attack.
 - The numbers come from pure functions (analysis.py) and the pictures from plots.py, which gets
-  plain numbers: this module is the only one that reads the store.
+  plain numbers: only this module and data.py (what a report reads of a store) read the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from unlearn.fsutil import atomic_write_text
 from unlearn.report.analysis import middle_step, tamper_summary
+from unlearn.report.data import ReportData, baseline_name
 from unlearn.report.plots import BaselinePoint, plot_forget_vs_retain, plot_tamper_curves
 from unlearn.report.tables import (
     EVAL_FAILED,
     MISSING,
+    RETAIN_MIN_HEADER,
     TASK_HEADERS,
     column_headers,
     flatten,
@@ -44,100 +49,16 @@ from unlearn.report.tables import (
     markdown_table,
     pct,
     result_cell,
+    retain_min_label,
     split_config_keys,
-    task_header,
 )
 from unlearn.runs.rows import STATUSES, EvalRow
 from unlearn.runs.store import Store, StoredRun
 
-ACC = "acc"
-BASELINE_ROLES = ("target", "checkpoint", "ignorant", "filtered")
-"""Baseline rows come in this order of their config "role" (others after them)."""
-WORLD_SUITE = {"forget": ["forget", "forget_heldout"], "retain": ["retain"], "other": []}
-"""The roles of the world's tasks, for runs that recorded no suite (older run directories)."""
-ROLE_ORDER = ("forget", "retain", "other")
 NOT_LOSS_TERMS = frozenset({"lr", "grad_norm"})
 """Training-state values some runs keep beside their loss terms; not loss columns."""
 SCATTER_PNG, TAMPER_PNG = "forget_vs_retain.png", "tamper_curves.png"
 NOTE_CHARS = 80
-
-
-# -- the data a report needs -------------------------------------------------------------------
-
-
-@dataclass
-class _Data:
-    baselines: list[StoredRun]
-    unlearn: list[StoredRun]
-    attacks: list[StoredRun]
-    final: dict[str, dict[str, dict[str, EvalRow]]]
-    """run id -> task -> metric -> latest row."""
-    roles: dict[str, str]
-    """task -> forget, retain or other, from the suites the runs recorded, in suite order."""
-
-    @classmethod
-    def load(cls, store: Store) -> _Data:
-        runs = store.runs()
-        baselines = [r for r in runs if r.kind == "baseline"]
-        roles: dict[str, str] = {}
-        for r in runs:
-            suite = r.config.get("suite") if isinstance(r.config.get("suite"), dict) else None
-            for role in ROLE_ORDER:
-                for task in (suite or WORLD_SUITE).get(role) or []:
-                    roles.setdefault(task, role)
-        by_id = {r.id: r for r in runs}
-
-        def attack_order(attack: StoredRun) -> tuple:
-            # Attacks on baselines first (in role order), then on unlearned runs by method and
-            # id: parallel workers finish in any order, the table should not change with it.
-            parent = by_id.get(attack.parent or "")
-            if parent is not None and parent.kind == "baseline":
-                return (0, _role_rank(parent.config.get("role")), parent.id)
-            return (1, (parent.method or "") if parent else "", attack.parent or "", attack.id)
-
-        return cls(
-            baselines=sorted(baselines, key=lambda b: _role_rank(b.config.get("role"))),
-            unlearn=[r for r in runs if r.kind == "unlearn"],
-            attacks=sorted((r for r in runs if r.kind == "attack"), key=attack_order),
-            final={r.id: store.final_evals(r.id) for r in runs},
-            roles=roles,
-        )
-
-    def tasks(self, runs: Sequence[StoredRun]) -> list[str]:
-        measured = {t for r in runs for t, m in self.final[r.id].items() if ACC in m}
-        return ordered_tasks(measured, self.roles)
-
-    def header(self, task: str) -> str:
-        return task_header(task, self.roles.get(task))
-
-    def first(self, role: str) -> str | None:
-        """The suite's first task of a role (the world's `forget` / `retain`)."""
-        return next((t for t, r in self.roles.items() if r == role), None)
-
-    def target(self) -> StoredRun | None:
-        roles = [b for b in self.baselines if b.config.get("role") == "target"]
-        return (roles or self.baselines or [None])[0]
-
-    def done_acc(self, run: StoredRun, task: str) -> float | None:
-        """A finished run's accuracy on a task, or None when there is no trustworthy number."""
-        row = self.final[run.id].get(task, {}).get(ACC)
-        ok = run.status == "done" and row is not None and row.status == "done"
-        return row.value if ok else None
-
-
-def _role_rank(role: Any) -> int:
-    return BASELINE_ROLES.index(role) if role in BASELINE_ROLES else len(BASELINE_ROLES)
-
-
-def ordered_tasks(tasks: set[str], roles: dict[str, str] | None = None) -> list[str]:
-    """Forget tasks, then retain, then the others, each in suite order; unknown ones last."""
-    roles = roles or {}
-    known = [t for role in ROLE_ORDER for t, r in roles.items() if r == role and t in tasks]
-    return known + sorted(tasks - set(known))
-
-
-def baseline_name(run: StoredRun) -> str:
-    return str(run.config.get("name") or run.id)
 
 
 def _attacked_label(attack: StoredRun, by_id: dict[str, StoredRun]) -> str:
@@ -149,7 +70,7 @@ def _attacked_label(attack: StoredRun, by_id: dict[str, StoredRun]) -> str:
     return f"{parent.id} ({parent.method})" if parent.method else parent.id
 
 
-def _primary_task(data: _Data) -> str | None:
+def _primary_task(data: ReportData) -> str | None:
     """The forget task whose curve the tamper table follows: the world's held-out facts when
     measured (recovery there is latent knowledge, not re-learning), else the first forget task
     of the suite that the attacks measured."""
@@ -159,11 +80,6 @@ def _primary_task(data: _Data) -> str | None:
 
 
 # -- cells -------------------------------------------------------------------------------------
-
-
-def acc_cell(run: StoredRun, final: dict[str, dict[str, EvalRow]], task: str) -> str:
-    """The accuracy cell of one run and task: a percentage, or the word saying why not."""
-    return result_cell(final.get(task, {}).get(ACC), run_status=run.status)
 
 
 def _loss_cell(run: StoredRun, term: str) -> str:
@@ -196,41 +112,38 @@ def _run_note(run: StoredRun, final: dict[str, dict[str, EvalRow]]) -> str:
 # -- markdown sections -------------------------------------------------------------------------
 
 
-def baselines_section(data: _Data) -> str:
+def baselines_section(data: ReportData) -> str:
     if not data.baselines:
         return "## Baselines\n\n_No baseline models evaluated._"
-    tasks = data.tasks(data.baselines)
-    headers = ["Model", *(data.header(t) for t in tasks), "status"]
-    rows = [
-        [baseline_name(b), *(acc_cell(b, data.final[b.id], t) for t in tasks), b.status]
-        for b in data.baselines
-    ]
+    columns = data.columns(data.baselines)
+    headers = ["Model", *(h for h, _ in columns), "status"]
+    rows = [[baseline_name(b), *(cell(b) for _, cell in columns), b.status] for b in data.baselines]
     return "## Baselines\n\n" + markdown_table(headers, rows)
 
 
-def method_section(method: str, runs: list[StoredRun], data: _Data) -> str:
+def method_section(method: str, runs: list[StoredRun], data: ReportData) -> str:
     """One method's table: baselines first, then one row per unlearn run."""
     varying, fixed = split_config_keys([r.config for r in runs])
     terms = list(dict.fromkeys(t for r in runs for t in r.final if t not in NOT_LOSS_TERMS))
-    tasks = data.tasks([*data.baselines, *runs])
+    columns = data.columns([*data.baselines, *runs])
     show_job = any(r.job_id for r in runs)
     notes = {r.id: _run_note(r, data.final[r.id]) for r in [*data.baselines, *runs]}
     show_notes = any(notes.values())
 
     headers = ["run", *(["job"] if show_job else []), *column_headers(varying)]
-    headers += [_loss_header(t) for t in terms] + [data.header(t) for t in tasks] + ["status"]
+    headers += [_loss_header(t) for t in terms] + [h for h, _ in columns] + ["status"]
     headers += ["notes"] if show_notes else []
     rows = []
     for b in data.baselines:
         row = [baseline_name(b), *([MISSING] if show_job else []), *(MISSING for _ in varying)]
-        row += [MISSING for _ in terms] + [acc_cell(b, data.final[b.id], t) for t in tasks]
+        row += [MISSING for _ in terms] + [cell(b) for _, cell in columns]
         rows.append(row + [b.status] + ([notes[b.id]] if show_notes else []))
     for r in runs:
         flat = flatten(r.config)
         row = [r.id, *([r.job_id or MISSING] if show_job else [])]
         row += [format_value(flat[k]) if k in flat else MISSING for k in varying]
         row += [_loss_cell(r, t) for t in terms]
-        row += [acc_cell(r, data.final[r.id], t) for t in tasks]
+        row += [cell(r) for _, cell in columns]
         rows.append(row + [r.status] + ([notes[r.id]] if show_notes else []))
 
     parts = [f"## Method `{method}`", ""]
@@ -243,7 +156,7 @@ def method_section(method: str, runs: list[StoredRun], data: _Data) -> str:
     return "\n".join(parts)
 
 
-def tamper_section(data: _Data, store: Store) -> str:
+def tamper_section(data: ReportData, store: Store) -> str:
     if not data.attacks:
         return "## Tamper attacks\n\n_No tamper attacks._"
     task = _primary_task(data)
@@ -255,21 +168,16 @@ def tamper_section(data: _Data, store: Store) -> str:
         [[r.step for r in c] for a, c in curves.items() if by_id[a].status == "done" and c]
     )
     target = data.target()
-    original = data.done_acc(target, task) if target else None
-    others = [
-        t
-        for t in data.tasks(data.attacks)
-        if t != task and data.roles.get(t) in ("forget", "retain")
-    ]
+    original = data.done_value(target, task) if target else None
+    columns = _after_attack_columns(data, task)
 
     headers = ["attacked model", "attack run", "step 0", *([f"step {n}"] if n is not None else [])]
     headers += ["final", "recovery", "steps to half recovery", "AUC"]
-    headers += [f"{t if t in TASK_HEADERS else data.header(t)} final" for t in others]
-    headers += ["status", "notes"]
+    headers += [header for header, _ in columns] + ["status", "notes"]
     rows = []
     for a in data.attacks:
         cells = _tamper_cells(a, curves[a.id], n, original)
-        cells += [acc_cell(a, data.final[a.id], t) for t in others]
+        cells += [cell(a) for _, cell in columns]
         rows.append(
             [_attacked_label(a, by_id), a.id, *cells, a.status, _run_note(a, data.final[a.id])]
         )
@@ -282,6 +190,25 @@ def tamper_section(data: _Data, store: Store) -> str:
         f"no gap); AUC = mean accuracy over the attack (trapezoid, normalised by the step range)."
     )
     return "## Tamper attacks\n\n" + markdown_table(headers, rows) + "\n\n" + legend
+
+
+def _after_attack_columns(data: ReportData, task: str) -> list[tuple]:
+    """The results at the end of the attacks beside the followed `task`: the other forget and
+    retain tasks (the retain minimum after them when there are several) and the perplexity
+    tasks (fluency after the attack's fine-tuning)."""
+    shown = [
+        t
+        for t in data.tasks(data.attacks)
+        if t != task and (data.roles.get(t) in ("forget", "retain") or t in data.ppl)
+    ]
+    columns = []
+    for t in shown:
+        # World accuracy tasks by name ("retain final"), as this table always showed them.
+        name = t if t in TASK_HEADERS and t not in data.ppl else data.header(t)
+        columns.append((f"{name} final", lambda r, t=t: data.cell(r, t)))
+        if data.retain_min_after(t, shown):
+            columns.append((f"{RETAIN_MIN_HEADER} final", data.retain_cell))
+    return columns
 
 
 def _tamper_cells(
@@ -309,31 +236,41 @@ def _tamper_cells(
 # -- plots -------------------------------------------------------------------------------------
 
 
-def _plot_forget_vs_retain(data: _Data, path: Path) -> int:
-    """Scatter of every finished unlearn run on the suite's first forget and retain tasks;
-    returns the number of runs plotted."""
-    forget, retain = data.first("forget") or "forget", data.first("retain") or "retain"
-    series = []
+def _plot_forget_vs_retain(data: ReportData, path: Path) -> int:
+    """Scatter of every finished unlearn run on the suite's first forget task and the retain
+    aggregate (the minimum over the retain tasks), with a forget-vs-perplexity panel under it
+    when a perplexity task was measured; returns the number of runs on the main panel."""
+    forget, retains = data.first("forget") or "forget", data.retain_tasks
+    ppl = next((t for t in ["general_ppl", *sorted(data.ppl)] if t in data.ppl), None)
+    series, ppl_series = [], []
     for method in sorted({r.method or "?" for r in data.unlearn}):
-        xy = [
-            (data.done_acc(r, forget), data.done_acc(r, retain))
-            for r in data.unlearn
-            if (r.method or "?") == method
-        ]
+        runs = [r for r in data.unlearn if (r.method or "?") == method]
+        xy = [(data.done_value(r, forget), data.retain_value(r)) for r in runs]
         xy = [(x, y) for x, y in xy if x is not None and y is not None]
         if xy:
             series.append((method, xy))
+        if ppl is not None:
+            xp = [(data.done_value(r, forget), data.done_value(r, ppl)) for r in runs]
+            ppl_series.append((method, [(x, p) for x, p in xp if x is not None and p is not None]))
     baselines = [
-        BaselinePoint(baseline_name(b), x, y, b.config.get("role"))
+        BaselinePoint(
+            baseline_name(b), x, y, b.config.get("role"), data.done_value(b, ppl) if ppl else None
+        )
         for b in data.baselines
-        if (x := data.done_acc(b, forget)) is not None
-        and (y := data.done_acc(b, retain)) is not None
+        if (x := data.done_value(b, forget)) is not None and (y := data.retain_value(b)) is not None
     ]
-    plot_forget_vs_retain(series, baselines, path, data.header(forget), data.header(retain))
+    if len(retains) == 1:
+        retain_label = data.header(retains[0])
+    else:  # the axis says what the aggregate is
+        retain_label = f"retain acc, {retain_min_label(retains)} (↑)"
+    plot_forget_vs_retain(
+        series, baselines, path, data.header(forget), retain_label,
+        ppl_series, data.header(ppl) if ppl else None,
+    )  # fmt: skip
     return sum(len(xy) for _, xy in series)
 
 
-def _plot_tamper_curves(data: _Data, store: Store, task: str, path: Path) -> None:
+def _plot_tamper_curves(data: ReportData, store: Store, task: str, path: Path) -> None:
     # The attacked models' labels as the plot always named them: an attack of an attack is
     # named by its parent's directory (the table names it by the parent run).
     by_id = {r.id: r for r in [*data.baselines, *data.unlearn]}
@@ -345,7 +282,7 @@ def _plot_tamper_curves(data: _Data, store: Store, task: str, path: Path) -> Non
         name = f"{label} [{a.id}]" if labels.count(label) > 1 else label
         curves.append((name, curve if a.status == "done" else []))
     target = data.target()
-    original = data.done_acc(target, task) if target else None
+    original = data.done_value(target, task) if target else None
     plot_tamper_curves(
         curves, None if original is None else (baseline_name(target), original), task, path
     )
@@ -354,7 +291,7 @@ def _plot_tamper_curves(data: _Data, store: Store, task: str, path: Path) -> Non
 # -- the report --------------------------------------------------------------------------------
 
 
-def _summary_line(data: _Data) -> str:
+def _summary_line(data: ReportData) -> str:
     runs = [*data.baselines, *data.unlearn, *data.attacks]
     if not runs:
         return "The store holds no runs yet."
@@ -366,19 +303,38 @@ def _summary_line(data: _Data) -> str:
     )
 
 
+def _reading_guide(data: ReportData) -> str:
+    text = (
+        "Accuracies are percentages on 4-choice questions (chance 25%). A word in a result cell "
+        "means there is no number: the run is pending, running, failed, diverged or collapsed, "
+        'or its evaluation failed ("eval failed"); "-" means not measured.'
+    )
+    if data.ppl:
+        text += (
+            " Perplexity (ppl, lower is better) is per token on held-out documents no model was "
+            "trained on: a number, not a percentage."
+        )
+    if len(data.retain_tasks) > 1:
+        text += (
+            f" {RETAIN_MIN_HEADER} is the lowest accuracy over the retain tasks "
+            f"({', '.join(data.retain_tasks)}): a method must keep every one."
+        )
+    return text
+
+
 def summary(store: Store, out_dir: str | Path, best: Sequence[str] = ()) -> str:
     """The campaign in a screenful, for a terminal: the baselines with the `best` unlearning
     runs (ids) under them, the tamper table, and where the report and its plots are (the path
     of report.md on the last line)."""
     out_dir = Path(out_dir)
-    data = _Data.load(store)
+    data = ReportData.load(store)
     by_id = {r.id: r for r in data.unlearn}
     runs = [*data.baselines, *(by_id[i] for i in best if i in by_id)]
-    tasks = data.tasks(runs)
-    headers = ["model", *(data.header(t) for t in tasks), "status"]
+    columns = data.columns(runs)
+    headers = ["model", *(header for header, _ in columns), "status"]
     rows = [
         [baseline_name(r) if r.kind == "baseline" else f"{r.id} ({r.method})",
-         *(acc_cell(r, data.final[r.id], t) for t in tasks), r.status]
+         *(cell(r) for _, cell in columns), r.status]
         for r in runs
     ]  # fmt: skip
     parts = [
@@ -396,15 +352,8 @@ def render_report(store: Store, out_dir: str | Path) -> Path:
     """Write out_dir/report.md (and its PNGs beside it); returns the report's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = _Data.load(store)
-    parts = [
-        "# Results",
-        _summary_line(data),
-        "Accuracies are percentages on 4-choice questions (chance 25%). A word in a result cell "
-        "means there is no number: the run is pending, running, failed, diverged or collapsed, "
-        'or its evaluation failed ("eval failed"); "-" means not measured.',
-        baselines_section(data),
-    ]
+    data = ReportData.load(store)
+    parts = ["# Results", _summary_line(data), _reading_guide(data), baselines_section(data)]
     methods = sorted({r.method or "?" for r in data.unlearn})
     if not methods:
         parts.append("## Unlearning runs\n\n_No unlearning runs yet._")
@@ -422,6 +371,10 @@ def render_report(store: Store, out_dir: str | Path) -> Path:
             if skipped
             else ""
         )
+        if len(data.retain_tasks) > 1:
+            note = " Retain is the minimum over the retain tasks." + note
+        if data.ppl:
+            note += " The lower panel shows the runs' perplexity (lower is better)."
         parts.append(
             f"## Forget vs retain\n\n![forget vs retain accuracy]({SCATTER_PNG})\n\n"
             "Black markers are the baseline models (forget, retain in the legend); the dashed "

@@ -8,7 +8,8 @@ result into a table cell:
 - a failed evaluation shows "eval failed" (or the caller's shorter word, e.g. "failed");
 - a result never measured shows "-";
 - a non-finite value shows the failed word too (the harness treats NaN as a failed eval);
-- anything else is a number, as a percentage by default (`pct`).
+- anything else is a number, as a percentage by default (`pct`); a perplexity task's `ppl` as
+  a plain number with two decimals (`ppl_text`: "3.42"), its header saying lower is better.
 
 This module imports nothing heavy (no store, no evaluator, no matplotlib): light commands
 (`unlearn world`, `unlearn report`) print tables without loading torch.
@@ -33,8 +34,16 @@ TASK_HEADERS = {
     "forget_heldout": "forget heldout acc (↓)",
     "forget_attack": "forget attack acc",
     "retain": "retain acc (↑)",
+    "retain_late": "retain late acc (↑)",
+    "near_domain": "near domain acc (↑)",
+    "general_ppl": "general ppl (↓)",
 }
 """The world tasks' headers (their roles are fixed)."""
+PPL = "ppl"
+"""The metric of a perplexity task (lower is better; a number, not a percentage)."""
+RETAIN_MIN_HEADER = "retain min (↑)"
+"""The column of the retain aggregate (`analysis.retain_aggregate`) beside several retain
+tasks."""
 TASK_TITLES = {
     "wmdp_bio_robust": "WMDP Bio Robust", "wmdp_bio": "WMDP Bio",
     "wmdp_bio_cloze": "WMDP Bio Cloze", "wmdp_chem": "WMDP Chem", "wmdp_cyber": "WMDP Cyber",
@@ -67,6 +76,17 @@ Result = EvalRow | Mapping[str, Any] | float | str | None
 def pct(value: float | None) -> str:
     """0.30125 -> "30.12%" (the seeds' tables: percentages, 2 decimals); None -> "-"."""
     return MISSING if value is None else f"{100 * value:.2f}%"
+
+
+def ppl_text(value: float | None) -> str:
+    """A perplexity: 3.4187 -> "3.42"; None -> "-"."""
+    return MISSING if value is None else f"{value:.2f}"
+
+
+def is_ppl_result(result: Mapping[str, Any]) -> bool:
+    """Whether an evaluator's result dict (or a task's {metric: row}) is a perplexity: it has a
+    ppl and no accuracy."""
+    return PPL in result and "acc" not in result
 
 
 def result_cell(
@@ -127,12 +147,20 @@ def task_title(task: str) -> str:
     return " ".join(w.upper() if w.lower() in ACRONYMS else w.capitalize() for w in words if w)
 
 
-def task_header(task: str, role: str | None = None) -> str:
+def task_header(task: str, role: str | None = None, ppl: bool = False) -> str:
     """A task's column header: a world task's own, else its title and the role's arrow
-    (`WMDP Bio Robust (↓)`, `MMLU (↑)`)."""
+    (`WMDP Bio Robust (↓)`, `MMLU (↑)`); a perplexity task (`ppl`) `Wikitext ppl (↓)`, whatever
+    its role (it is reported only)."""
     if task in TASK_HEADERS:
         return TASK_HEADERS[task]
+    if ppl:
+        return f"{task_title(task)} ppl (↓)"
     return task_title(task) + ARROWS.get(role or "", "")
+
+
+def retain_min_label(tasks: Sequence[str]) -> str:
+    """What the retain aggregate is, for a plot axis: "min over retain tasks: a, b, c"."""
+    return f"min over retain tasks: {', '.join(tasks)}"
 
 
 def results_table(
@@ -142,14 +170,18 @@ def results_table(
 ) -> str:
     """Rows: {model label: {task: result dict}} -> `| Model | forget acc (↓) | ... |` markdown
     (`roles`: task -> forget/retain/other, for the arrows). A collapsed model's number carries
-    "(collapsed)"."""
-    headers = ["Model", *(task_header(t, (roles or {}).get(t)) for t in tasks)]
+    "(collapsed)"; a perplexity task (a result with ppl and no acc) shows its ppl as a number."""
+    ppl = {t for t in tasks if any(is_ppl_result(r.get(t) or {}) for r in rows.values())}
+    headers = ["Model", *(task_header(t, (roles or {}).get(t), t in ppl) for t in tasks)]
     body = []
     for label, results in rows.items():
         cells = [label]
         for t in tasks:
             r = results.get(t) or {}
-            cell = result_cell(r, failed="failed")
+            if t in ppl:
+                cell = result_cell(r, metric=PPL, failed="failed", fmt=ppl_text)
+            else:
+                cell = result_cell(r, failed="failed")
             if r.get("status") != "failed" and r.get("collapse", {}).get("collapsed"):
                 cell += " (collapsed)"
             cells.append(cell)

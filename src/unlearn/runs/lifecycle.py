@@ -73,11 +73,19 @@ class ActiveRun:
         except OSError as e:
             raise SaveFailed(f"saving the model failed: {e}") from e
 
-    def evaluate(self, step: int, tasks: Sequence[str], score: Callable[[str], Any]) -> str:
+    def evaluate(
+        self,
+        step: int,
+        tasks: Sequence[str],
+        score: Callable[[str], Any],
+        metric: Callable[[str], str] | None = None,
+    ) -> str:
         """Score each task, append its rows at `step`, and fold the outcome into the status.
 
-        `score(task)` returns `(metrics, collapsed)`. A task whose scoring raises is a failed row
-        with the error (never a number) and the others still run. Returns this evaluation's
+        `score(task)` returns `(metrics, collapsed)`; any metrics will do (a perplexity task has
+        ppl, nll and tokens, no acc). A task whose scoring raises is a failed row with the error
+        (never a number), under the metric `metric(task)` names (`Suite.metric`: ppl for a
+        perplexity task; default acc), and the others still run. Returns this evaluation's
         outcome (done, collapsed or failed).
         """
         outcome = "done"
@@ -86,7 +94,9 @@ class ActiveRun:
                 metrics, collapsed = score(task)
             except Exception as e:  # recorded, not raised: one bad task must not hide the others
                 error = f"{type(e).__name__}: {e}"
-                self.dir.append_eval(step, task, None, status="failed", error=error)
+                # The row a summary reads: a failed perplexity must not show as a failed acc.
+                name = metric(task) if metric is not None else "acc"
+                self.dir.append_eval(step, task, {name: None}, status="failed", error=error)
                 outcome = worse(outcome, "failed")
                 continue
             self.dir.append_eval(step, task, metrics)

@@ -84,7 +84,9 @@ class Point:
     attack_config: AttackConfig | None = None
     forget_task: str = "forget"
     """The suite's first forget task: the "forget" of progress lines and sweep tables."""
-    retain_task: str = "retain"
+    retain_tasks: tuple[str, ...] = ("retain",)
+    """The suite's retain tasks: their minimum is the "retain" of progress lines, sweep tables
+    and the demo's choice of a best run (`report.analysis.retain_aggregate`); each is shown."""
     baseline: Baseline | None = None
 
 
@@ -111,17 +113,13 @@ def build_point(
         suite = resolve_suite(run_config.args.suite, world)
         point = Point(
             pid, method, overrides, varied, run_dir, run_config,
-            forget_task=suite.forget[0], retain_task=(suite.retain or [MISSING_TASK])[0],
+            forget_task=suite.forget[0], retain_tasks=tuple(suite.retain),
         )  # fmt: skip
         if attack is not None:
             _attach_attack(point, attack, world, out, store)
     except UsageError as e:
         raise UsageError(f"{where}: {e}") from None
     return point
-
-
-MISSING_TASK = "-"
-"""The retain task of a suite without one (nothing to show)."""
 
 
 def world_tag(world: World | None) -> str:
@@ -143,8 +141,7 @@ def build_baseline(baseline: Baseline, world: World | None, out: Path) -> Point:
     suite = resolve_suite(baseline.suite, world)
     return Point(
         pid, BASELINE, fields, {}, out / pid, None,
-        forget_task=suite.forget[0], retain_task=(suite.retain or [MISSING_TASK])[0],
-        baseline=baseline,
+        forget_task=suite.forget[0], retain_tasks=tuple(suite.retain), baseline=baseline,
     )  # fmt: skip
 
 

@@ -11,6 +11,8 @@ Design choices:
   "stale" and re-run; the unlearning run needs no such check, its id hashes its config.
 - Only a finished attack reports the forget accuracy after the attack: a running, preempted or
   failed one has part of its curve, whose last point is not that accuracy.
+- "retain" is the minimum over the suite's retain tasks (`report.analysis.retain_aggregate`);
+  each task's accuracy is kept beside it (`PointState.retains`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from unlearn.errors import UsageError
+from unlearn.report.analysis import retain_aggregate
 from unlearn.runs.rows import RunRecord
 from unlearn.runs.rundir import RunDir
 from unlearn.runs.status import effective_status
@@ -44,6 +47,10 @@ class PointState:
     forget: float | str | None = None
     """Final forget accuracy ("failed" for a failed eval, None when missing)."""
     retain: float | str | None = None
+    """The minimum final accuracy over the retain tasks; a word or None when one of them has no
+    number (`report.analysis.retain_aggregate`)."""
+    retains: dict[str, float | str | None] = dataclasses.field(default_factory=dict)
+    """Each retain task's final accuracy, in suite order (as `forget`)."""
     attacked_forget: float | str | None = None
     """Forget accuracy at the attack's last step (None until the attack has finished)."""
     seconds: float | None = None
@@ -94,12 +101,14 @@ def _json_normal(d: dict) -> dict:
 def inspect_point(point: Point) -> PointState:
     """The point's state from its run directories (reads only)."""
     status, run, error = _read_dir(point.run_dir)
+    retains = {task: _final_acc(run, task) for task in point.retain_tasks}
     state = PointState(
         point.id,
         status,
         error=error,
         forget=_final_acc(run, point.forget_task),
-        retain=_final_acc(run, point.retain_task),
+        retain=retain_aggregate(list(retains.values())),
+        retains=retains,
         seconds=_duration(run),
     )
     if point.attack_config is None:

@@ -3,7 +3,8 @@
 Every result cell goes through `unlearn.report.tables.result_cell`, the project's one rule: a
 missing or failed result is a word, never a number (a failed evaluation read as chance accuracy
 would look like perfect unlearning). Sweep tables show accuracies as fractions with three
-decimals, the seeds' compact style.
+decimals, the seeds' compact style. With several retain tasks "retain (min)" is their minimum
+(`unlearn.report.analysis.retain_aggregate`), and each task has its own column.
 """
 
 from __future__ import annotations
@@ -35,11 +36,22 @@ def _fmt(value: float | str | None) -> str:
     return result_cell(value, fmt="{:.3f}".format)
 
 
+def retain_tasks(states: Sequence[PointState]) -> list[str]:
+    """The retain tasks the states hold, in suite order."""
+    return list(dict.fromkeys(t for s in states for t in s.retains))
+
+
 def state_line(state: PointState) -> str:
-    """One progress line: `lens-rc5-rm5-3fa2c1: done forget 0.312 retain 0.881 ...`."""
+    """One progress line: `lens-rc5-rm5-3fa2c1: done forget 0.312 retain 0.881 ...`; with several
+    retain tasks `retain (min) 0.881 [retain 0.950, retain_late 0.881, ...]`."""
     text = f"{state.id}: {state.status}"
     if state.status in ("done", "collapsed"):
-        text += f"  forget {_fmt(state.forget)}  retain {_fmt(state.retain)}"
+        text += f"  forget {_fmt(state.forget)}"
+        if len(state.retains) > 1:
+            each = ", ".join(f"{t} {_fmt(v)}" for t, v in state.retains.items())
+            text += f"  retain (min) {_fmt(state.retain)} [{each}]"
+        else:
+            text += f"  retain {_fmt(state.retain)}"
     if state.attack is not None and state.status == "done":
         text += f"  attack {state.attack}"
         if state.attack in FINISHED:
@@ -55,7 +67,9 @@ def format_table(states: Sequence[PointState], jobs: dict[str, str] | None = Non
     """A markdown table of the points (what the seeds' result tables hold), then the errors.
     With `jobs` ({point id: "JOBID STATE"}, from unlearn.sweep.slurm) a job column is added."""
     with_attack = any(s.attack is not None for s in states)
-    header = ["point", "status", "forget acc", "retain acc"]
+    tasks = retain_tasks(states)
+    each = tasks if len(tasks) > 1 else []
+    header = ["point", "status", "forget acc", "retain (min)" if each else "retain acc", *each]
     if with_attack:
         header += ["attack", "forget acc after attack"]
     if jobs is not None:
@@ -63,6 +77,7 @@ def format_table(states: Sequence[PointState], jobs: dict[str, str] | None = Non
     rows = []
     for s in states:
         row = [s.id, s.status, _fmt(s.forget), _fmt(s.retain)]
+        row += [_fmt(s.retains.get(t)) for t in each]
         if with_attack:
             attack = s.attack if s.attack is not None and s.status == "done" else "-"
             # An unfinished attack shows its status word, never a number from a partial curve.

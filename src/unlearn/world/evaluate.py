@@ -1,8 +1,8 @@
-"""The mini world's evaluation: its question sets scored by the native evaluator.
+"""The mini world's evaluation: its question sets and its perplexity tasks, scored natively.
 
-The world knows its tasks and reads (and validates) their question files; `unlearn.eval.native`
-is the generic scorer and knows nothing of worlds. So this module calls the evaluator, and the
-evaluator never imports the world.
+The world knows its tasks and reads (and validates) their files; `unlearn.eval.native` and
+`unlearn.eval.perplexity` are the generic scorers and know nothing of worlds. So this module calls
+the evaluators, and the evaluators never import the world.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from unlearn.eval.native import evaluate_questions
+from unlearn.eval.perplexity import evaluate_perplexity, read_documents
 from unlearn.eval.questions import read_questions
 from unlearn.world.load import World
 
@@ -35,15 +36,28 @@ def evaluate_world(
     progress: bool = False,
     limit: int | None = None,
 ) -> dict[str, dict]:
-    """Evaluate a model on the mini world's question sets: {task: metrics} (first `limit`
-    questions of each). An unknown task is a KeyError before anything is scored. Of the world
-    only `questions` ({task: question file}) is read."""
-    tasks = list(tasks or WORLD_TASKS)
+    """Evaluate a model on the mini world's tasks: {task: metrics} (first `limit` questions or
+    documents of each). Default: every question set of WORLD_TASKS the world has, then its
+    perplexity tasks (`general_ppl`: {"ppl", "nll", "tokens", "n"}, no accuracy). An unknown
+    task is a KeyError before anything is scored. Of the world only `questions` ({task: question
+    file}) and `perplexity` ({task: document file}) are read."""
+    # A world-like object without `perplexity` (a test's stand-in) has no perplexity task.
+    perplexity = dict(getattr(world, "perplexity", None) or {})
+    if not tasks:
+        tasks = [t for t in WORLD_TASKS if t in world.questions] + list(perplexity)
+    tasks = list(tasks)
     for task in tasks:
-        if task not in world.questions:
-            raise KeyError(f"world has no task {task!r} (has {sorted(world.questions)})")
+        if task not in world.questions and task not in perplexity:
+            known = sorted([*world.questions, *perplexity])
+            raise KeyError(f"world has no task {task!r} (has {known})")
     results = {}
     for task in tasks:
+        if task in perplexity:
+            texts = read_documents(perplexity[task])[:limit]
+            results[task] = evaluate_perplexity(
+                model, tokenizer, texts, batch_size, progress, desc=task
+            )
+            continue
         questions = read_questions(world.questions[task])[:limit]
         results[task] = evaluate_questions(
             model, tokenizer, questions, batch_size, progress, desc=task
