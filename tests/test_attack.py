@@ -36,14 +36,19 @@ def test_attack_teaches_the_attack_group_to_a_model_that_knows_it_less(tiny_worl
     checkpoints = tiny_world.checkpoints
     model = checkpoints[checkpoints.index(tiny_world.ignorant_checkpoint) + 1]
     out = tmp_path / "attack"
+    # 30 steps: on the format-2 tiny world the first few steps at a fresh optimizer's lr 1e-3
+    # move this checkpoint's accuracy by a question either way (measured: +0.15 after 30).
     rc = cli(["attack", "--model", str(model), "--world", str(tiny_world.root), "--out", str(out),
-              "--max_steps", "4", "--eval_every", "4", "--pdbs", "8",
+              "--max_steps", "30", "--eval_every", "30", "--pdbs", "8",
               "--forget_tasks", "forget_attack", "--progress", "false"])  # fmt: skip
     assert rc == 0
-    acc = {r["step"]: r["value"] for r in read_jsonl(out / "evals.jsonl") if r["metric"] == "acc"}
+    rows = read_jsonl(out / "evals.jsonl")
+    acc = {r["step"]: r["value"] for r in rows if r["metric"] == "acc"}
+    prob = {r["step"]: r["value"] for r in rows if r["metric"] == "correct_prob"}
     target = tiny_world.stats["baseline"]["target"]["forget_attack"]["acc"]
     assert acc[0] < target - 0.2  # it knows the attack group less than the target does
-    assert acc[4] > acc[0] + 0.08, acc
+    assert acc[30] > acc[0] + 0.08, acc
+    assert prob[30] > prob[0], prob
 
 
 def test_attack_bad_input(tiny_world, tmp_path, capsys):

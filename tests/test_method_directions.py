@@ -354,9 +354,9 @@ SHORT_RUNS = {
     # world a forget term with a flipped sign also lowers forget accuracy at some settings (any
     # large change disturbs the facts learned last), so the one-step tests above are the sign
     # checks; these runs check that the whole recipe unlearns while keeping retain.
-    "lens": ["--max_steps", "6", "--lr", "2e-2"],
+    "lens": ["--max_steps", "20", "--lr", "2e-2"],
     "checkpoint_transfer": ["--max_steps", "4", "--lr", "3e-3"],
-    "sequential": ["--max_steps", "4", "--lr", "2e-2"],  # per phase (2 phases)
+    "sequential": ["--max_steps", "4", "--lr", "5e-3"],  # per phase; full fine-tuning (default)
 }
 
 
