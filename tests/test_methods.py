@@ -82,7 +82,7 @@ def test_lora_reference_is_the_adapter_disabled_model_not_a_copy(tiny_world, tmp
     cfg = build_run_config(
         "sequential",
         {"world": str(tiny_world.root), "out": str(tmp_path / "r"), "max_steps": 1,
-         "progress": False},
+         "lora": True, "progress": False},
     )  # fmt: skip
     p = prepare(cfg, validate(cfg), tmp_path / "r")
     assert p.reference.copy is None and p.reference.model is p.model

@@ -89,7 +89,8 @@ def run_argv(world, out: Path, *extra: str) -> list[str]:
     return [
         "run", "--method", "sequential", "--world", str(world.root), "--out", str(out),
         "--num_train_examples", "8", "--pdbs", "2", "--grad_accum", "1", "--max_steps", "4",
-        "--lora_dropout", "0.1", "--progress", "false", "--eval", "false", *extra,
+        "--lora", "true", "--lora_dropout", "0.1", "--progress", "false", "--eval", "false",
+        *extra,
     ]  # fmt: skip
 
 

@@ -34,10 +34,10 @@ BAD_SPECS = [
     ({"base": {**TINY, "out": "x"}}, "out set by the sweep"),
     ({"grid": {"lr": 0.001}}, "grid.lr must be a non-empty list"),
     ({"base": {**TINY, "layers": [99]}}, "--layers [99] outside"),
-    ({"base": {**TINY, "merge": False}, "attack": {}}, "needs the merged model"),
+    ({"base": {**TINY, "lora": True, "merge": False}, "attack": {}}, "needs the merged model"),
     ({"sweeps": [{"method": "lens"}]}, "go inside its blocks"),
     ({"grid": {"retain_coef": [5, 5.0]}}, "have the same configuration"),
-    ({"base": {**TINY, "lora_target_modules": ["qkv"]}}, "no module named 'qkv'"),
+    ({"base": {**TINY, "lora": True, "lora_target_modules": ["qkv"]}}, "no module named 'qkv'"),
     ({"attack": {"lora": True, "lora_target_modules": ["dense", "x"]}}, "no module named 'x'"),
 ]
 
