@@ -64,8 +64,8 @@ class RunArgs:
     world's unlearn group."""
     retain_corpus: str | None = None
     """Retain corpus (same forms; wikitext is grouped into articles); default: the world's
-    retain and near_domain_retain documents (general facts and benign text about other
-    forget-domain entities, like WMDP's bio retain corpus beside wikitext)."""
+    retain, near_domain_retain and filler documents (general facts, benign text about other
+    forget-domain entities like WMDP's bio retain corpus, and general text like wikitext)."""
     retain_mix: str | None = None
     """Second retain corpus mixed in at --mix_fraction, e.g. ultrachat (chat turns joined)."""
     mix_fraction: float = 0.0

@@ -69,11 +69,12 @@ CORPUS_PHASES = {
 evaluation; `near_domain_retain` is the part of `near_domain` about the pathogens the
 `near_domain` task does not ask about, already trained on there)."""
 
-WORLD_RETAIN_CORPORA = ("retain", "near_domain_retain")
-"""An unlearning run's retain data on a world when no --retain_corpus is given: general facts
-plus benign text about *other* forget-domain entities, the analogue of WMDP's bio retain corpus
-(benign biology beside wikitext). The `near_domain` task's own facts are not in it, so it
-measures whether a method keeps benign knowledge it was not told to keep."""
+WORLD_RETAIN_CORPORA = ("retain", "near_domain_retain", "filler")
+"""An unlearning run's retain data on a world when no --retain_corpus is given: general facts,
+benign text about *other* forget-domain entities (the analogue of WMDP's bio retain corpus) and
+fact-free general text (the analogue of wikitext; without it lens unlearning tripled the
+held-out perplexity). The `near_domain` task's own facts are not in it, so it measures whether a
+method keeps benign knowledge it was not told to keep."""
 
 NEAR_DOMAIN_GROUP = "unlearn"
 """The `near_domain` task asks about the benign facts of this group's pathogens: the entities an
