@@ -11,19 +11,24 @@ def test_demo_smoke_on_tiny_world(tiny_world, tmp_path, capsys):
     assert rc == 0
     report = (out / "report.md").read_text()
     for needle in ("Target (to unlearn)", "Filtered twin", "lens", "checkpoint_transfer",
-                   "sequential", "Tamper"):  # fmt: skip
+                   "sequential", "## Robustness scorecard", "linear probe"):  # fmt: skip
         assert needle in report, needle
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert len(pngs) >= 2
+    assert pngs == ["forget_vs_retain.png", "robustness_curves.png"]
     for p in out.glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "store.sqlite").exists() and (out / "sweep.yaml").exists()
-    # The terminal gets a summary (baselines and best runs, the tamper table), not the report;
-    # its last line is where the report is.
+    # The terminal gets a summary (baselines and best runs, the robustness scorecard), not the
+    # report; its last line is where the report is.
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == f"report: {out / 'report.md'}"
     text = "\n".join(printed)
-    assert "## Baselines and the best run of each method" in text and "## Tamper attacks" in text
+    assert "## Baselines and the best run of each method" in text
+    assert "## Robustness scorecard" in text and "## Tamper attacks" not in text
+    # Every method's best run and both references went through the suite, with a number.
+    scorecard = text.split("## Robustness scorecard", 1)[1]
+    rows = [line for line in scorecard.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 5 and all("| done |" in row for row in rows)
     assert "## Method `lens`" not in text  # the per-method tables stay in report.md
     # Re-running resumes: nothing is trained again.
     capsys.readouterr()

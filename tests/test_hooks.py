@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tiny_models import tiny_gpt_neox, tiny_llama
-from unlearn.hooks import capture, get_blocks, replace_output, run_above
+from unlearn.hooks import capture, get_blocks, project_out, replace_output, run_above
 
 N = 4
 
@@ -222,3 +222,43 @@ def test_get_blocks_through_a_wrapper_is_the_wrapped_models_list():
     assert get_blocks(wrapped) is blocks is get_blocks(model)
     outer = nn.Sequential(wrapped)  # a DDP-like wrapper is another object, same list
     assert get_blocks(outer) is blocks
+
+
+# ---- project_out: directional ablation at block outputs ---------------------------------------
+
+
+def test_project_out_removes_the_direction_where_asked_and_nowhere_else():
+    """Block 1's output loses its component along d (of any length), block 0's is untouched,
+    and the model's logits are those of substituting the projected output by hand; the hooks
+    are gone after the context, also when the forward raises."""
+    model = tiny_gpt_neox(N)
+    ids = _ids()
+    d = torch.randn(32, generator=torch.Generator().manual_seed(2)) * 3.0
+    u = d / d.norm()
+    with torch.no_grad():
+        with capture(model, [0, 1]) as plain:
+            plain_logits = model(ids).logits
+        plain = dict(plain)
+        with project_out(model, {1: d}), capture(model, [0, 1]) as seen:
+            logits = model(ids).logits
+        projected = plain[1] - (plain[1] @ u)[..., None] * u
+        with replace_output(model, 1, projected):
+            expected = model(ids).logits
+    torch.testing.assert_close(seen[0], plain[0])
+    torch.testing.assert_close(seen[1] @ u, torch.zeros_like(seen[1] @ u), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, plain_logits)
+    with pytest.raises(RuntimeError), project_out(model, {0: u, 2: u}):
+        raise RuntimeError("forward failed")
+    assert all(not block._forward_hooks for block in get_blocks(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain_logits)
+
+
+def test_project_out_refuses_a_bad_layer_or_direction():
+    model = tiny_gpt_neox(N)
+    with pytest.raises(ValueError, match=r"0\.\.3"), project_out(model, {N: torch.ones(32)}):
+        pass
+    with pytest.raises(ValueError, match="non-zero"), project_out(model, {0: torch.zeros(32)}):
+        pass
+    assert all(not block._forward_hooks for block in get_blocks(model))

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoints": ("unlearn.commands.checkpoints", "find the latest checkpoint still at chance"),
     "run": ("unlearn.commands.run", "unlearn with a method (lens, checkpoint_transfer, ...)"),
     "attack": ("unlearn.commands.attack", "fine-tuning (tamper) attack with an eval curve"),
+    "robustness": ("unlearn.commands.robustness", "worst case over attacks and probes vs the twin"),
     "sweep": ("unlearn.commands.sweep", "run a grid of runs -> eval -> attack"),
     "report": ("unlearn.commands.report", "markdown tables and plots from a results store"),
     "demo": ("unlearn.commands.demo", "the whole campaign on the mini world"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -243,3 +243,44 @@ def forward_hiddens(
             if stopper is not None:
                 stopper.remove()
         return dict(out)
+
+
+@contextlib.contextmanager
+def project_out(model: nn.Module, directions: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Remove one direction from the output of each block in `directions`, for forwards in the
+    context: block l outputs h - (h . u) u, u = directions[l] / |directions[l]|.
+
+    Directional ablation (the robustness suite's `ablation` probe): if unlearning hid knowledge
+    behind one direction of the residual stream, taking that direction out everywhere at once
+    may bring it back. A direction is normalised here, so any mean difference can be passed as
+    it is; a zero one cannot name a direction and is a ValueError, as is a layer outside the
+    blocks. Each layer's projection is applied to its own block's output, so the blocks above
+    see (and may re-add) it, as the hooks of `capture` see it.
+    """
+    blocks = get_blocks(model)
+    units: dict[int, torch.Tensor] = {}
+    for layer, direction in directions.items():
+        if not 0 <= layer < len(blocks):
+            raise ValueError(f"layer {layer} outside the model's blocks 0..{len(blocks) - 1}")
+        norm = direction.detach().float().norm()
+        if direction.ndim != 1 or not torch.isfinite(norm) or norm == 0:
+            raise ValueError(f"the direction for layer {layer} is not a non-zero finite vector")
+        units[layer] = direction.detach().float() / norm
+
+    def make_hook(unit: torch.Tensor) -> Callable[..., object]:
+        def hook(_mod: nn.Module, _inp: object, output: object) -> object:
+            h = _block_output(output)
+            u = unit.to(device=h.device, dtype=h.dtype)
+            projected = h - (h @ u)[..., None] * u
+            return (projected, *output[1:]) if isinstance(output, tuple) else projected
+
+        return hook
+
+    handles = []
+    try:
+        for layer, unit in units.items():
+            handles.append(blocks[layer].register_forward_hook(make_hook(unit)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

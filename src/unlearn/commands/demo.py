@@ -4,9 +4,10 @@
     unlearn demo --preset tiny --out /tmp/d
 
 Builds (or reuses) the world, evaluates the baselines, runs each seed method (its documented
-default on the default preset, a 2-point sweep on the tiny one) as one sweep, attacks the best
-run of each method plus the filtered twin and the original target, and writes
-OUT/report.md with its PNG plots. Re-running resumes: finished stages are skipped.
+default on the default preset, a 2-point sweep on the tiny one) as one sweep, runs the `quick`
+robustness suite (docs/robustness.md) on the best run of each method plus the filtered twin and
+the original target, and writes OUT/report.md with its robustness scorecard and PNG plots.
+Re-running resumes: finished stages are skipped.
 
 A method's best run is its lowest forget accuracy among the runs that keep EVERY retain task
 (retain, retain_late, near_domain on a format-2 world) at or above the target's accuracy on that
@@ -15,6 +16,7 @@ task minus RETAIN_MARGIN; ties go to the higher minimum over the retain tasks.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +25,17 @@ from unlearn.cliutil import ArgumentParser
 from unlearn.errors import UsageError
 from unlearn.fsutil import check_writable_parent
 from unlearn.recipes.campaign import (
-    CampaignAttacks,
+    CampaignRobustness,
     baseline_runs,
+    final_acc,
     print_err,
     retain_floors,
     write_spec,
 )
 from unlearn.report import render_report, summary
 from unlearn.resume import EXIT_PREEMPTED
+from unlearn.robustness.evaluate import suite_inputs
+from unlearn.robustness.suite import SUITES, FinetuneAttack
 from unlearn.runs.store import Store, check_store
 from unlearn.sweep.execute import SweepPreempted, run_sweep
 from unlearn.sweep.spec import load_sweep
@@ -54,7 +59,19 @@ DEMO_SWEEPS = {
         for m in ("lens", "checkpoint_transfer", "sequential")
     ],
 }
-DEMO_ATTACK = {"default": {}, "tiny": {"max_steps": 20, "eval_every": 5}}
+DEMO_SUITES = {
+    "default": SUITES["quick"],
+    "tiny": dataclasses.replace(
+        SUITES["quick"],
+        name="quick-tiny",
+        attacks=(
+            FinetuneAttack("forget", 1e-3, steps=20, eval_every=10),
+            FinetuneAttack("benign", 1e-3, steps=10, eval_every=10),
+        ),
+    ),
+}
+"""The robustness suite run on each method's best run and on the references: `quick` (the
+tiny preset shortens its attacks, for the test suite's demo)."""
 RETAIN_MARGIN = 0.05
 """A run qualifies as 'best' only if its accuracy on every retain task is within this of the
 target's accuracy on that task."""
@@ -110,20 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     print_err("[demo] baselines")
     baseline_runs(world, runs, store_path, print_err)
 
-    print_err("[demo] unlearning sweeps, then tamper attacks on the best run of each method")
+    print_err("[demo] unlearning sweeps, then the robustness suite on the best run of each method")
     spec = write_spec(out / "sweep.yaml", world.root, DEMO_SWEEPS[preset], "demo")
     sweep = load_sweep(spec)
     workers = cfg.workers or (2 if available_cores() >= 2 else 1)
     # Every point of the demo's sweep has the world's default suite, so the same retain tasks.
     tasks = sweep.points[0].retain_tasks if sweep.points else ()
     floors = retain_floors(runs / "baseline-target", tasks, RETAIN_MARGIN)
+    inputs = suite_inputs(DEMO_SUITES[preset], world, progress=False)
+    original = final_acc(runs / "baseline-target", inputs.heldout)
     with WorkerPool(workers, print_err) as pool:
-        campaign = CampaignAttacks(
-            pool, world, runs, store_path, DEMO_ATTACK[preset], sweep.points, floors, print_err
+        campaign = CampaignRobustness(
+            pool, world, runs, store_path, inputs, original, sweep.points, floors, print_err
         )
-        # The reference models' attacks need no sweep result: they fill idle workers.
-        campaign.attack("target", str(world.target), "baseline-target", background=True)
-        campaign.attack("filtered", str(world.filtered), "baseline-filtered", background=True)
+        # The reference models' suites need no sweep result: they fill idle workers.
+        campaign.attack("target", str(world.target), "baseline-target", "target", True)
+        campaign.attack("filtered", str(world.filtered), "baseline-filtered", "filtered", True)
         try:
             states = run_sweep(
                 sweep, WorkerPoolExecutor(workers, print_err, pool), print_err, campaign.point_done

@@ -66,6 +66,9 @@ class AttackArgs:
     corpus: str | None = None
     """Forget-domain documents to fine-tune on: local .jsonl/.json/.parquet/.txt or hub
     ID[:CONFIG[:SPLIT]]; default: the world's attack group (required without --world)."""
+    world_corpora: list[str] = field(default_factory=list)
+    """With --world and no --corpus: the world corpora to fine-tune on (default forget_attack;
+    the robustness suite's benign attacks use retain and filler)."""
     text_fields: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_FIELDS))
     """Fields whose text makes a document; those the corpus has are joined."""
     eval_every: int = 10
@@ -91,6 +94,8 @@ class AttackArgs:
             raise UsageError("--corpus is required without --world (the documents to attack with)")
         if self.eval_every < 1:
             raise UsageError(f"--eval_every must be >= 1, got {self.eval_every}")
+        if self.world_corpora and (self.world is None or self.corpus is not None):
+            raise UsageError("--world_corpora names corpora of --world, and replaces --corpus")
 
 
 @dataclass
@@ -105,6 +110,7 @@ class AttackConfig:
             **dataclasses.asdict(self.lora),
             "model": self.args.model_args.model,
             "corpus": self.args.corpus,
+            **({"world_corpora": self.args.world_corpora} if self.args.world_corpora else {}),
             "eval_every": self.args.eval_every,
             **suite_fields(self.args.suite),
         }
@@ -131,7 +137,11 @@ def run_attack(cfg: AttackConfig) -> RunMeta:
     ref = args.model_args.resolve(world)
     if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
         check_lora_targets(ref, cfg.lora.lora_target_modules)
-    texts = load_documents(args.corpus or world.corpora["forget_attack"], args.text_fields)
+    if args.corpus:
+        texts = load_documents(args.corpus, args.text_fields)
+    else:  # UsageError for a corpus the world does not have
+        names = args.world_corpora or ["forget_attack"]
+        texts = [text for name in names for text in world.read_corpus(name)]
     if not texts:
         raise UsageError("the attack corpus has no documents")
     # Before anything is written or loaded: OUT must not hold the model, must be ours to replace.

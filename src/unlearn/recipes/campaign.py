@@ -1,6 +1,7 @@
-"""The campaign the seeds run by hand, as one function: baselines -> unlearning sweeps -> attack the
-best run of each method (and the filtered twin and the original target, as reference curves) ->
-report. `unlearn demo` runs it on the mini world; every stage resumes from its run directories.
+"""The campaign the seeds run by hand, as one function: baselines -> unlearning sweeps -> a
+robustness suite on the best run of each method (and on the filtered twin and the original
+target, the references of its scorecard) -> report. `unlearn demo` runs it on the mini world;
+every stage resumes from its run directories.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import yaml
 
 from unlearn.config import ModelArgs
 from unlearn.eval.suite import SuiteArgs
-from unlearn.recipes.attack import AttackConfig, build_attack_config, run_attack
+from unlearn.models import resolve_model
 from unlearn.recipes.baseline import run_baseline
+from unlearn.robustness.evaluate import SuiteInputs, evaluate_model
 from unlearn.runs.lifecycle import mark_failed
 from unlearn.runs.rundir import RunDir
 from unlearn.runs.store import Store
@@ -92,35 +94,28 @@ def write_spec(path: Path, world: Path, sweeps: list[dict], name: str) -> Path:
     return path
 
 
-def attack_config(
-    label: str,
+def robustness_job(
+    inputs: SuiteInputs,
     model: str,
+    label: str,
+    role: str,
+    out: Path,
     parent: str | None,
-    world,
-    runs_dir: Path,
     store_path: Path,
-    overrides: dict,
-) -> AttackConfig | None:
-    """The config of the attack on `model` (runs/attack-LABEL), None if it already finished."""
-    out = runs_dir / f"attack-{label}"
-    if RunDir(out).exists() and RunDir(out).read_meta().status == "done":
-        return None
-    return build_attack_config({
-        **overrides, "model": model, "world": str(world.root), "out": str(out),
-        "parent": parent, "run_id": f"attack-{label}", "store": str(store_path),
-        "progress": False,
-    })  # fmt: skip
+    original: float | None,
+) -> str:
+    """One model's robustness suite, as a worker-pool job (module level: picklable); returns
+    the status of its robustness run."""
+    ref = resolve_model(model)
+    row = evaluate_model(inputs, ref, label, role, out, f"robustness-{label}", parent,
+                         store_path, original)  # fmt: skip
+    return row["status"]
 
 
-def run_attack_job(cfg: AttackConfig) -> str:
-    """One attack, as a worker-pool job (module level: picklable); returns its status."""
-    return run_attack(cfg).status
-
-
-class CampaignAttacks:
-    """The campaign's tamper attacks as worker-pool jobs: the reference models' whenever a
+class CampaignRobustness:
+    """The campaign's robustness suites as worker-pool jobs: the reference models' whenever a
     worker is idle, each method's best run as soon as all of that method's points have ended
-    (instead of after the whole sweep), so attacks overlap the remaining points."""
+    (instead of after the whole sweep), so the suites overlap the remaining points."""
 
     def __init__(
         self,
@@ -128,13 +123,15 @@ class CampaignAttacks:
         world,
         runs_dir: Path,
         store_path: Path,
-        overrides: dict,
+        inputs: SuiteInputs,
+        original: float | None,
         points: Sequence[Point],
         retain_floors: Mapping[str, float],
         log: Callable[[str], None],
     ) -> None:
         self.pool, self.world, self.log = pool, world, log
-        self.runs_dir, self.store_path, self.overrides = runs_dir, store_path, overrides
+        self.runs_dir, self.store_path = runs_dir, store_path
+        self.inputs, self.original = inputs, original
         self.points = {p.id: p for p in points}
         self.retain_floors = dict(retain_floors)
         self.states: dict[str, PointState] = {}
@@ -143,19 +140,27 @@ class CampaignAttacks:
         have ended."""
         self.jobs: dict[Future, str] = {}
 
-    def attack(self, label: str, model: str, parent: str | None, background: bool = False) -> None:
-        """Queue the attack on `model` (runs/attack-LABEL) unless it finished earlier."""
-        cfg = attack_config(
-            label, model, parent, self.world, self.runs_dir, self.store_path, self.overrides
-        )
-        if cfg is None:
-            self.log(f"attack {label}: done earlier")
+    def attack(
+        self,
+        label: str,
+        model: str,
+        parent: str | None,
+        role: str = "model",
+        background: bool = False,
+    ) -> None:
+        """Queue the suite on `model` (runs/robustness-LABEL) unless it finished earlier."""
+        out = self.runs_dir / f"robustness-{label}"
+        if RunDir(out).exists() and RunDir(out).read_meta().status == "done":
+            self.log(f"robustness {label}: done earlier")
             return
 
         def started() -> None:
-            self.log(f"attack {label}: starting")
+            self.log(f"robustness {label}: starting")
 
-        future = self.pool.submit(run_attack_job, cfg, background=background, on_start=started)
+        future = self.pool.submit(
+            robustness_job, self.inputs, model, label, role, out, parent, self.store_path,
+            self.original, background=background, on_start=started,
+        )  # fmt: skip
         self.jobs[future] = label
 
     def point_done(self, _point: Point | None, state: PointState) -> None:
@@ -173,7 +178,7 @@ class CampaignAttacks:
         self.attack(best.id, str(self.points[best.id].run_dir / "model"), best.id)
 
     def ended(self, future: Future) -> None:
-        """Log an attack's outcome; a worker that died leaves its attack failed, not running."""
+        """Log a suite's outcome; a worker that died leaves its run failed, not running."""
         if future.cancelled():
             return
         label = self.jobs[future]
@@ -181,15 +186,15 @@ class CampaignAttacks:
             status = future.result()
         except Exception as e:  # the run records its own failures; this is a dead worker
             status = f"failed ({type(e).__name__}: {e})"
-            run_dir = self.runs_dir / f"attack-{label}"
+            run_dir = self.runs_dir / f"robustness-{label}"
             mark_failed(run_dir, f"worker process ended: {type(e).__name__}: {e}")
             with Store(self.store_path) as store:
                 if RunDir(run_dir).exists():
                     store.ingest(run_dir)
-        self.log(f"attack {label}: {status}")
+        self.log(f"robustness {label}: {status}")
 
     def best_ids(self) -> list[str]:
-        """The attacked best runs, in the sweep's method order."""
+        """The best runs (their suites queued), in the sweep's method order."""
         methods = dict.fromkeys(p.method for p in self.points.values())
         return [run_id for m in methods if (run_id := self.best.get(m))]
 

@@ -14,6 +14,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,9 @@ class ReportData:
     """task -> forget, retain or other, from the suites the runs recorded, in suite order."""
     ppl: frozenset[str] = frozenset()
     """The perplexity tasks: those with a ppl row in some run."""
+    robustness: list[StoredRun] = dataclasses.field(default_factory=list)
+    """Robustness runs (one model under one suite); their attacks and probes are not in
+    `attacks` (the scorecard shows them, `report.robustness`)."""
 
     @classmethod
     def load(cls, store: Store) -> ReportData:
@@ -76,14 +80,19 @@ class ReportData:
                 return (0, role_rank(parent.config.get("role")), parent.id)
             return (1, (parent.method or "") if parent else "", attack.parent or "", attack.id)
 
+        suites = {r.id for r in runs if r.kind == "robustness"}
         final = {r.id: store.final_evals(r.id) for r in runs}
         return cls(
             baselines=sorted(baselines, key=lambda b: role_rank(b.config.get("role"))),
             unlearn=[r for r in runs if r.kind == "unlearn"],
-            attacks=sorted((r for r in runs if r.kind == "attack"), key=attack_order),
+            attacks=sorted(
+                (r for r in runs if r.kind == "attack" and r.parent not in suites),
+                key=attack_order,
+            ),
             final=final,
             roles=roles,
             ppl=frozenset(t for tasks in final.values() for t, m in tasks.items() if PPL in m),
+            robustness=[r for r in runs if r.kind == "robustness"],
         )
 
     def tasks(self, runs: Sequence[StoredRun]) -> list[str]:

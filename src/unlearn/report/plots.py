@@ -269,3 +269,41 @@ def plot_tamper_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     _save(fig, path)
+
+
+def plot_worst_case_curves(
+    curves: Sequence[tuple[str, Sequence[tuple[int, float, bool]]]],
+    references: Sequence[tuple[str, float]],
+    task: str,
+    path: Path,
+) -> None:
+    """Each model's worst fine-tuning attack: [(label, [(step, acc, counts), ...]), ...]; steps
+    that break the utility constraint are hollow markers (plotted, never the worst case).
+    `references` are (name, worst case) horizontal lines: the filtered twin and the target."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (name, curve) in enumerate(curves):
+        if not curve:
+            continue
+        color = f"C{i % 10}"
+        steps, accs, _ = zip(*curve, strict=True)
+        ax.plot(steps, accs, lw=1.5, color=color, ls=LINE_STYLES[(i // 10) % len(LINE_STYLES)],
+                label=name)  # fmt: skip
+        marker = MARKERS[i % len(MARKERS)]
+        kept = [(s, a) for s, a, c in curve if c]
+        broke = [(s, a) for s, a, c in curve if not c]
+        if kept:
+            ax.plot(*zip(*kept, strict=True), ls="", marker=marker, ms=5, color=color)
+        if broke:
+            ax.plot(*zip(*broke, strict=True), ls="", marker=marker, ms=6, mfc="none",
+                    color=color)  # fmt: skip
+    for j, (name, acc) in enumerate(references):
+        ax.axhline(acc, color="black", lw=1, ls=("--", ":", "-.")[j % 3],
+                   label=f"{name} worst case ({pct(acc)})")  # fmt: skip
+    ax.axhline(CHANCE, color="tab:red", lw=0.8, ls=":", label=f"chance ({CHANCE:.2f})")
+    ax.set_xlabel("attack step")
+    ax.set_ylabel(f"{task} accuracy")
+    ax.set_title("Worst fine-tuning attack per model (hollow: breaks the utility constraint)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    _save(fig, path)

@@ -37,6 +37,7 @@ from unlearn.fsutil import atomic_write_text
 from unlearn.report.analysis import middle_step, tamper_summary
 from unlearn.report.data import ReportData, baseline_name
 from unlearn.report.plots import BaselinePoint, plot_forget_vs_retain, plot_tamper_curves
+from unlearn.report.robustness import ROBUSTNESS_PNG, robustness_section
 from unlearn.report.tables import (
     EVAL_FAILED,
     MISSING,
@@ -337,11 +338,15 @@ def summary(store: Store, out_dir: str | Path, best: Sequence[str] = ()) -> str:
          *(cell(r) for _, cell in columns), r.status]
         for r in runs
     ]  # fmt: skip
-    parts = [
-        "## Baselines and the best run of each method\n\n" + markdown_table(headers, rows),
-        tamper_section(data, store),
+    parts = ["## Baselines and the best run of each method\n\n" + markdown_table(headers, rows)]
+    if data.attacks or not data.robustness:
+        parts.append(tamper_section(data, store))
+    scorecard = robustness_section(data, store, None)
+    if scorecard is not None:
+        parts.append(scorecard)
+    plots = [
+        name for name in (SCATTER_PNG, TAMPER_PNG, ROBUSTNESS_PNG) if (out_dir / name).exists()
     ]
-    plots = [name for name in (SCATTER_PNG, TAMPER_PNG) if (out_dir / name).exists()]
     if plots:
         parts.append("plots: " + ", ".join(str(out_dir / name) for name in plots))
     parts.append(f"report: {out_dir / 'report.md'}")
@@ -381,12 +386,17 @@ def render_report(store: Store, out_dir: str | Path) -> Path:
             f"line joins the Pareto front.{note}"
         )
 
-    parts.append(tamper_section(data, store))
+    if data.attacks or not data.robustness:  # a campaign with suites only has no tamper table
+        parts.append(tamper_section(data, store))
     (out_dir / TAMPER_PNG).unlink(missing_ok=True)
     task = _primary_task(data)
-    if task is not None:
+    if task is not None and data.attacks:
         _plot_tamper_curves(data, store, task, out_dir / TAMPER_PNG)
         parts.append(f"![tamper curves]({TAMPER_PNG})")
+
+    scorecard = robustness_section(data, store, out_dir)
+    if scorecard is not None:
+        parts.append(scorecard)
 
     path = out_dir / "report.md"
     atomic_write_text(path, "\n\n".join(parts) + "\n")

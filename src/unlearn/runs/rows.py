@@ -20,7 +20,7 @@ from typing import Any
 from unlearn.errors import UsageError
 
 FORMAT = 1
-KINDS = ("baseline", "unlearn", "attack")
+KINDS = ("baseline", "unlearn", "attack", "probe", "robustness")
 STATUSES = ("pending", "running", "done", "failed", "diverged", "collapsed", "preempted")
 """preempted: stopped by a signal after writing OUT/checkpoint; rerunning the command resumes."""
 EVAL_STATUSES = ("done", "failed")
@@ -55,7 +55,9 @@ class RunMeta:
 
     id: str
     kind: str
-    """baseline (a reference model evaluated as is), unlearn or attack."""
+    """baseline (a reference model evaluated as is), unlearn, attack, probe (a white-box probe of
+    a robustness suite: no weight changes) or robustness (one model's suite: its attacks and
+    probes are the runs whose parent it is)."""
     method: str | None = None
     """The unlearning method's registry name; required for kind "unlearn"."""
     config: dict[str, Any] = field(default_factory=dict)

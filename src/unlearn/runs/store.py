@@ -59,7 +59,9 @@ from unlearn.runs.rows import (
 from unlearn.runs.rundir import RunDir
 from unlearn.runs.status import effective_status
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added the probe and robustness run kinds (issue 16); a version-1 store is migrated in place
+when opened (`_migrate`), its rows kept."""
 BUSY_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 6
 
@@ -70,12 +72,12 @@ def _in(values: Sequence[str]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS runs (
+_RUNS_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {{table}} (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ({_in(KINDS)})),
     method TEXT,
-    config TEXT NOT NULL DEFAULT '{{}}',
+    config TEXT NOT NULL DEFAULT '{{{{}}}}',
     status TEXT NOT NULL CHECK (status IN ({_in(STATUSES)})),
     created TEXT,
     started TEXT,
@@ -85,8 +87,11 @@ CREATE TABLE IF NOT EXISTS runs (
     parent TEXT,
     run_dir TEXT,
     error TEXT,
-    final TEXT NOT NULL DEFAULT '{{}}'
-);
+    final TEXT NOT NULL DEFAULT '{{{{}}}}'
+)
+"""
+
+_SCHEMA = _RUNS_TABLE.format(table="runs") + f""";
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     step INTEGER NOT NULL,
@@ -153,6 +158,7 @@ class Store:
         # not a store must be left byte for byte as it was.
         _check_schema(c, self.path)
         c.execute("PRAGMA journal_mode = WAL")
+        _migrate(c)
         c.execute("PRAGMA synchronous = NORMAL")
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -354,8 +360,33 @@ def _check_schema(c: sqlite3.Connection, path: Path) -> None:
             f"{path} is a SQLite database but not a results store (its tables: {shown}); "
             "give another --store"
         )
-    if version != SCHEMA_VERSION:
+    if version not in (1, SCHEMA_VERSION):  # 1 is migrated when a Store opens it
         raise UsageError(f"{path}: store schema version {version} is not supported")
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    """Bring a version-1 store to version 2: SQLite cannot change a CHECK constraint, so the runs
+    table is rebuilt with the new kinds and its rows copied (SQLite's documented procedure:
+    foreign keys off, so dropping the old table does not cascade into metrics and evals)."""
+    if c.execute("PRAGMA user_version").fetchone()[0] != 1:
+        return
+    c.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: set before BEGIN
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        if c.execute("PRAGMA user_version").fetchone()[0] == 1:  # not migrated meanwhile
+            c.execute(_RUNS_TABLE.format(table="runs_v2"))
+            columns = ", ".join(_RUN_COLUMNS)
+            c.execute(f"INSERT INTO runs_v2 ({columns}) SELECT {columns} FROM runs")
+            c.execute("DROP TABLE runs")
+            c.execute("ALTER TABLE runs_v2 RENAME TO runs")
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        c.execute("COMMIT")
+    except BaseException:
+        if c.in_transaction:
+            c.execute("ROLLBACK")
+        raise
+    finally:
+        c.execute("PRAGMA foreign_keys = ON")
 
 
 def check_store(path: str | os.PathLike) -> Path:

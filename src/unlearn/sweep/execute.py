@@ -74,6 +74,8 @@ def run_point(point: Point) -> PointState:
         _clear(point.run_dir)
         if point.attack_dir is not None:
             _clear(point.attack_dir, keep_checkpoint=False)  # it attacked another model
+        if point.robustness is not None:
+            _clear(point.robustness_dir, keep_checkpoint=False)  # it scored another model
         meta = RunMeta(point.id, "unlearn", point.method, point.run_config.to_dict())
         _guarded(point.run_dir, meta, lambda: run_unlearning(point.run_config))
         state = inspect_point(point)
@@ -88,6 +90,18 @@ def run_point(point: Point) -> PointState:
         cfg = point.attack_config
         meta = RunMeta(f"{point.id}-attack", "attack", config=cfg.to_dict(), parent=point.id)
         _guarded(point.attack_dir, meta, lambda: run_attack(cfg))
+        state = inspect_point(point)
+    if (
+        point.robustness is not None
+        and state.status == "done"
+        and state.robustness not in FINISHED
+        and not stop_requested()
+    ):
+        plan, store = point.robustness, point.run_config.args.store
+        meta = RunMeta(f"{point.id}-robustness", "robustness", parent=point.id)
+        _guarded(point.robustness_dir, meta, lambda: plan.run(
+            str(point.run_dir / "model"), point.id, point.robustness_dir, point.id, store
+        ))  # fmt: skip
         state = inspect_point(point)
     return state
 
@@ -191,7 +205,7 @@ def _mark_interrupted(sweep: Sweep) -> list[str]:
     """Runs left running/pending by a killed sweep become failed ("interrupted")."""
     marked = []
     for p in sweep.points:
-        for d in (p.run_dir, p.attack_dir):
+        for d in (p.run_dir, p.attack_dir, p.robustness_dir if p.robustness else None):
             if d is not None and mark_failed(d, "interrupted"):
                 _ingest(sweep.store, d)
                 marked.append(d.name)
@@ -230,7 +244,11 @@ def run_sweep(
             log(f"{counter(index[point.id], sweep)} {point.id}: starting {values}".rstrip())
 
         def on_done(point: Point, state: PointState) -> None:
+            robustness = point.robustness_dir if point.robustness is not None else None
             _ingest(sweep.store, point.run_dir, point.attack_dir)
+            if robustness is not None and robustness.is_dir():
+                with Store(sweep.store) as s:
+                    s.ingest_tree(robustness)
             states[point.id] = state
             log(f"{counter(index[point.id], sweep)} {state_line(state)}")
             if after_point is not None:

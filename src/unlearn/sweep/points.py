@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unlearn.config import ModelArgs
 from unlearn.data import CorpusSpec
@@ -30,6 +30,9 @@ from unlearn.models import ModelRef, check_lora_targets
 from unlearn.recipes.attack import AttackConfig, build_attack_config
 from unlearn.recipes.unlearning import RunConfig, build_run_config, validate
 from unlearn.world import World
+
+if TYPE_CHECKING:
+    from unlearn.robustness.plan import RobustnessPlan
 
 UNHASHED_FIELDS = ("progress", "checkpoint_every")
 """Fields that cannot change a result, so they do not change a point's id."""
@@ -88,6 +91,12 @@ class Point:
     """The suite's retain tasks: their minimum is the "retain" of progress lines, sweep tables
     and the demo's choice of a best run (`report.analysis.retain_aggregate`); each is shown."""
     baseline: Baseline | None = None
+    robustness: RobustnessPlan | None = None
+    """The spec's `robustness:` suite, run on the point's model once it is done."""
+
+    @property
+    def robustness_dir(self) -> Path:
+        return self.run_dir.parent / f"{self.id}-robustness"
 
 
 def build_point(

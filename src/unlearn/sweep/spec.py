@@ -39,9 +39,11 @@ import yaml
 
 from unlearn.config import coerce_values
 from unlearn.errors import UsageError
+from unlearn.eval.suite import SuiteArgs
 from unlearn.methods import get_method
 from unlearn.recipes.attack import ATTACK_SECTIONS
 from unlearn.recipes.unlearning import run_sections
+from unlearn.robustness.plan import plan_from_spec
 from unlearn.runs.store import check_store
 from unlearn.sweep.inputs import check_keys, eval_block, mapping, read_baselines, with_paths
 from unlearn.sweep.points import (
@@ -52,10 +54,11 @@ from unlearn.sweep.points import (
     validate_models,
 )
 from unlearn.world import World, load_world
+from unlearn.yamlio import SpecLoader as _SpecLoader
 
 TOP_KEYS = (
     "name", "world", "out", "store", "method", "base", "grid", "points", "attack", "sweeps",
-    "slurm", "eval", "baselines",
+    "slurm", "eval", "baselines", "robustness",
 )  # fmt: skip
 
 BLOCK_KEYS = ("method", "base", "grid", "points", "attack")
@@ -69,31 +72,6 @@ points) would otherwise fill the memory before a line is printed (docs/sweeps.md
 
 
 # -- reading the spec ---------------------------------------------------------------------------
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); learning rates are written that
-    way, so exponent floats resolve to float here. Duplicate keys are an error, not last-wins."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        keys = [
-            k.value
-            for k, _ in node.value
-            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge"
-        ]
-        duplicates = sorted({k for k in keys if keys.count(k) > 1})
-        if duplicates:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key(s) {', '.join(duplicates)}", node.start_mark
-            )
-        return super().construct_mapping(node, deep=deep)
-
-
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
 
 
 @dataclasses.dataclass
@@ -162,8 +140,19 @@ def load_sweep(path: str | Path, max_points: int = MAX_POINTS, check_hub: bool =
         points += _expand(block, world, out, store)
     check_distinct(points)
     validate_models(points, check_hub)
+    plan = plan_from_spec(raw.get("robustness"), spec.parent, world, SuiteArgs(**suite))
+    for point in points:
+        if point.baseline is None and plan is not None:
+            _needs_merged_model(point)
+            point.robustness = plan
     slurm = SlurmSettings.from_spec(raw.get("slurm"))
     return Sweep(name, spec, world.root if world else None, out, store, points, slurm)
+
+
+def _needs_merged_model(point: Point) -> None:
+    lora = point.run_config.lora
+    if lora.lora and not lora.merge:
+        raise UsageError(f"point {point.id}: robustness: needs the merged model: set merge: true")
 
 
 def _read_yaml(path: Path) -> dict:

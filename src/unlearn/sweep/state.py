@@ -55,12 +55,21 @@ class PointState:
     """Forget accuracy at the attack's last step (None until the attack has finished)."""
     seconds: float | None = None
     """Run (+ attack) wall time, from run.json's timestamps."""
+    robustness: str | None = None
+    """The robustness suite's status (pending, a run status, or stale: another suite); None
+    when the spec has no `robustness:` block."""
+    worst_case: float | None = None
+    """The suite's worst case on the held-out forget task, once it finished."""
 
     @property
     def finished(self) -> bool:
         if self.status not in FINISHED:
             return False
-        return self.attack is None or self.status != "done" or self.attack in FINISHED
+        if self.status != "done":
+            return True
+        return (self.attack is None or self.attack in FINISHED) and (
+            self.robustness is None or self.robustness in FINISHED
+        )
 
 
 def _read_dir(path: Path | None) -> tuple[str, RunRecord | None, str | None]:
@@ -111,6 +120,8 @@ def inspect_point(point: Point) -> PointState:
         retains=retains,
         seconds=_duration(run),
     )
+    if point.robustness is not None:
+        _inspect_robustness(point, state)
     if point.attack_config is None:
         return state
     attack_status, attack, attack_error = _read_dir(point.attack_dir)
@@ -136,3 +147,18 @@ def inspect_point(point: Point) -> PointState:
     if state.seconds is not None and _duration(attack) is not None:
         state.seconds += _duration(attack)
     return state
+
+
+def _inspect_robustness(point: Point, state: PointState) -> None:
+    status, record, error = _read_dir(point.robustness_dir)
+    if (
+        record is not None
+        and record.meta.config.get("suite_key") != point.robustness.inputs.suite.key()
+    ):
+        status = "stale"
+    state.robustness = status
+    if status in FINISHED and record is not None:
+        heldout = record.meta.config.get("heldout_task")
+        rows = [e for e in record.evals if e.task == heldout and e.status == "done"]
+        state.worst_case = rows[-1].value if rows else None
+    state.error = state.error or error

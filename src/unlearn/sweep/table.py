@@ -56,6 +56,10 @@ def state_line(state: PointState) -> str:
         text += f"  attack {state.attack}"
         if state.attack in FINISHED:
             text += f" (forget after {_fmt(state.attacked_forget)})"
+    if state.robustness is not None and state.status == "done":
+        text += f"  robustness {state.robustness}"
+        if state.worst_case is not None:
+            text += f" (worst case {_fmt(state.worst_case)})"
     if state.seconds is not None:
         text += f"  [{state.seconds:.0f} s]"
     if state.error and not state.finished:
@@ -72,6 +76,9 @@ def format_table(states: Sequence[PointState], jobs: dict[str, str] | None = Non
     header = ["point", "status", "forget acc", "retain (min)" if each else "retain acc", *each]
     if with_attack:
         header += ["attack", "forget acc after attack"]
+    with_suite = any(s.robustness is not None for s in states)
+    if with_suite:
+        header += ["robustness", "worst case"]
     if jobs is not None:
         header.append("job")
     rows = []
@@ -83,6 +90,9 @@ def format_table(states: Sequence[PointState], jobs: dict[str, str] | None = Non
             # An unfinished attack shows its status word, never a number from a partial curve.
             after = _fmt(s.attacked_forget) if attack in FINISHED else attack
             row += [attack, after]
+        if with_suite:
+            suite = s.robustness if s.robustness is not None and s.status == "done" else "-"
+            row += [suite, _fmt(s.worst_case) if suite in FINISHED else suite]
         if jobs is not None:
             row.append(jobs.get(s.id, "-"))
         rows.append(row)
@@ -117,6 +127,8 @@ def describe_points(sweep: Sweep) -> str:
                 f" @ {b.revision}" if b.revision else ""
             )
         attack = "  + attack" if p.attack_config is not None else ""
+        if p.robustness is not None:
+            attack += f"  + robustness {p.robustness.inputs.suite.name}"
         lines.append(f"  {p.id:<{width}}  {values}{attack}")
     return "\n".join(lines)
 

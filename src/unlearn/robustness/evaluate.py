@@ -1,0 +1,370 @@
+"""One model under one robustness suite: its fine-tuning attacks (normal attack runs), its
+probes (runs of kind `probe`), and the summary (a run of kind `robustness` whose evaluation
+rows are each attack's and probe's worst case and the overall worst case).
+
+    inputs = suite_inputs(load_suite("quick"), world=world)       # checked, nothing loaded
+    row = evaluate_model(inputs, model_ref, "lens-1a2b", "model", out, run_id, store=path)
+
+Layout of OUT (a robustness run directory):
+
+    OUT/run.json, evals.jsonl       the summary run (kind robustness)
+    OUT/attacks/NAME/               one attack run per suite attack (kind attack, evals.jsonl)
+    OUT/probes/NAME/                one probe run per suite probe (kind probe, probe.json)
+    OUT/result.json                 this model's row of robustness.json
+
+Rerunning skips each attack and probe that finished with the same configuration, so a killed
+suite loses only what was in flight; children of another suite are removed first (they are runs
+of ours, under our run directory).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unlearn.errors import UsageError
+from unlearn.eval.letter import as_cloze
+from unlearn.eval.questions import LETTER, read_question_file
+from unlearn.eval.suite import Suite, SuiteArgs, resolve_suite
+from unlearn.fitting import general_texts
+from unlearn.fsutil import atomic_write_json
+from unlearn.models import ModelRef, default_device, load_model, load_tokenizer, model_num_layers
+from unlearn.recipes.attack import build_attack_config, run_attack
+from unlearn.robustness.probes import ProbeData, ProbeOptions, run_probe
+from unlearn.robustness.score import CurvePoint, attack_row, model_score, probe_row, retain_min
+from unlearn.robustness.suite import FinetuneAttack, RobustnessSuite
+from unlearn.runs.lifecycle import run_lifecycle
+from unlearn.runs.rows import RunMeta, utc_now
+from unlearn.runs.rundir import RunDir, check_run_out
+from unlearn.world import World
+from unlearn.world.generate import PATHOGEN_RELATIONS
+
+WORLD_BENIGN_CORPORA = ("retain", "filler")
+"""A benign attack's data on a world: general facts and fact-free text. Not near_domain_retain:
+its documents name forget-domain entities, and a benign attack must read none."""
+WORLD_CURVE_TASKS = {
+    "forget": ["forget_heldout", "forget"],
+    "retain": ["retain", "retain_late", "near_domain"],
+}
+"""The tasks on a world attack's curve: the held-out facts (scored), the unlearned facts
+(reported) and every retain task (the utility constraint). forget_attack and perplexity are
+left out: each curve point costs their evaluation."""
+
+
+@dataclass(frozen=True)
+class SuiteInputs:
+    """Everything a suite runs on besides the model, checked before any weights load."""
+
+    suite: RobustnessSuite
+    curve: SuiteArgs
+    """The evaluation suite of the attack curves."""
+    resolved: Suite
+    heldout: str
+    """The held-out forget task: what the worst case is measured on."""
+    unlearned: str | None
+    world: World | None = None
+    forget_corpus: str | None = None
+    benign_corpus: str | None = None
+    probe_questions: str | None = None
+    eval_batch_size: int = 64
+    seed: int = 0
+    progress: bool = True
+
+    def attack_overrides(self, attack: FinetuneAttack) -> dict[str, Any]:
+        """The attack run's config values besides model, out and ids."""
+        values: dict[str, Any] = {**attack.overrides(), "seed": self.seed,
+                                  "eval_batch_size": self.eval_batch_size,
+                                  "progress": self.progress}  # fmt: skip
+        for role in ("forget", "retain", "other"):
+            values[f"{role}_tasks"] = list(getattr(self.curve, f"{role}_tasks"))
+        values.update(eval_limit=self.curve.eval_limit, eval_backend=self.curve.eval_backend,
+                      task_dirs=list(self.curve.task_dirs))  # fmt: skip
+        if self.world is not None:
+            values["world"] = str(self.world.root)
+            if attack.data == "benign":
+                values["world_corpora"] = list(WORLD_BENIGN_CORPORA)
+        else:
+            values["corpus"] = self.forget_corpus if attack.data == "forget" else self.benign_corpus
+        return values
+
+
+def suite_inputs(
+    suite: RobustnessSuite,
+    world: World | None = None,
+    tasks: SuiteArgs | None = None,
+    heldout_task: str | None = None,
+    forget_corpus: str | None = None,
+    benign_corpus: str | None = None,
+    probe_questions: str | None = None,
+    eval_batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> SuiteInputs:
+    """Check a suite's inputs (UsageError, one line): the attack corpora it needs, the tasks
+    of its curves, the held-out task, the probes' questions."""
+    tasks = tasks or SuiteArgs()
+    if world is not None and not tasks.given:
+        tasks = SuiteArgs(
+            forget_tasks=list(WORLD_CURVE_TASKS["forget"]),
+            retain_tasks=[t for t in WORLD_CURVE_TASKS["retain"] if t in world.questions],
+            eval_limit=suite.eval_limit,
+            eval_backend=tasks.eval_backend,
+        )
+    elif suite.eval_limit is not None and tasks.eval_limit is None:
+        tasks = SuiteArgs(**{**tasks.__dict__, "eval_limit": suite.eval_limit})
+    resolved = resolve_suite(tasks, world)
+    heldout = heldout_task or (
+        "forget_heldout" if "forget_heldout" in resolved.forget else resolved.forget[0]
+    )
+    if heldout not in resolved.forget:
+        raise UsageError(f"--heldout_task {heldout} is not a forget task of the curve suite")
+    if not resolved.retain and any(True for _ in suite.attacks):
+        raise UsageError("the utility constraint needs a retain task (give --retain_tasks)")
+    unlearned = next((t for t in resolved.forget if t != heldout), None)
+    if world is None:
+        kinds = {a.data for a in suite.attacks}
+        if "forget" in kinds and not forget_corpus:
+            raise UsageError("without --world, --corpus (forget-domain documents) is required")
+        if ("benign" in kinds or suite.probes) and not benign_corpus:
+            raise UsageError("without --world, --benign_corpus (benign documents) is required")
+        if {"linear", "lens"} & set(suite.probes) and not probe_questions:
+            raise UsageError("without --world, the linear and lens probes need --probe_questions")
+    return SuiteInputs(suite, tasks, resolved, heldout, unlearned, world, forget_corpus,
+                       benign_corpus, probe_questions, eval_batch_size, seed,
+                       progress)  # fmt: skip
+
+
+def check_probe_layers(suite: RobustnessSuite, ref: ModelRef) -> None:
+    """UsageError for a probe layer outside the model's blocks (from its config, no weights)."""
+    if suite.probe_layers is None or not ({"linear", "lens"} & set(suite.probes)):
+        return
+    n = model_num_layers(ref)
+    bad = [layer for layer in suite.probe_layers if not 0 <= layer < n]
+    if bad:
+        raise UsageError(f"probe_layers {bad} outside the model's blocks 0..{n - 1}")
+
+
+def probe_data(inputs: SuiteInputs) -> ProbeData:
+    """The probes' questions and texts: on a world, the attack group's facts (each asked with
+    every paraphrase prompt of its relation: three training rows per fact, since the tiny
+    world has 48 attack questions), the held-out questions, the attack group's documents, the
+    retain documents and general text."""
+    world = inputs.world
+    test_task = inputs.resolved.task(inputs.heldout)
+    if world is not None:
+        prompts = {r.name: r.prompts for r in PATHOGEN_RELATIONS}
+        train = [
+            {**q, "prompt": p.format(e=q["entity"])}
+            for q in world.read_questions("forget_attack")
+            for p in prompts.get(q["relation"], (None,))
+            if p is not None
+        ]
+        test = world.read_questions(inputs.heldout)[: test_task.limit]
+        return ProbeData(train, test, world.read_corpus("forget_attack"),
+                         world.read_corpus("retain"), general_texts(world))  # fmt: skip
+    from unlearn.data import load_documents
+
+    if test_task.path is None:
+        raise ValueError(f"probes need a question file as the held-out task, not {test_task.key}")
+    kind, rows = read_question_file(test_task.path)
+    test = as_cloze(rows) if kind == LETTER else rows
+    train: list[dict] = []
+    if inputs.probe_questions:
+        kind, rows = read_question_file(inputs.probe_questions)
+        train = as_cloze(rows) if kind == LETTER else rows
+    benign = load_documents(inputs.benign_corpus) if inputs.benign_corpus else []
+    forget = load_documents(inputs.forget_corpus) if inputs.forget_corpus else []
+    return ProbeData(train, test[: test_task.limit], forget, benign, benign)
+
+
+def _curve(run_dir: Path, inputs: SuiteInputs) -> list[CurvePoint]:
+    by_step: dict[int, dict[str, float | None]] = {}
+    for e in RunDir(run_dir).read().evals:
+        if e.metric == "acc":
+            by_step.setdefault(e.step, {})[e.task] = e.value if e.status == "done" else None
+    return [
+        CurvePoint(step, values.get(inputs.heldout), retain_min(values, inputs.resolved.retain),
+                   values.get(inputs.unlearned) if inputs.unlearned else None)
+        for step, values in sorted(by_step.items())
+    ]  # fmt: skip
+
+
+def _finished(run_dir: Path, config: dict | None = None) -> RunMeta | None:
+    """The run in `run_dir` if it ended (not running or preempted) with this config."""
+    if not RunDir(run_dir).exists():
+        return None
+    try:
+        meta = RunDir(run_dir).read_meta()
+    except UsageError:
+        return None
+    if meta.status in ("running", "pending", "preempted"):
+        return None
+    if config is not None:
+        stored = {k: v for k, v in meta.config.items() if k != "suite"}
+        if stored != json.loads(json.dumps(config)):
+            return None
+    return meta
+
+
+def _error(run_dir: Path, meta: RunMeta) -> str | None:
+    """Why a run has no result: its own error, else its first failed evaluation's."""
+    if meta.error:
+        return meta.error
+    failed = [e for e in RunDir(run_dir).read().evals if e.status == "failed"]
+    return f"evaluation of {failed[0].task} failed: {failed[0].error}" if failed else None
+
+
+def _remove_stale(out: Path, suite: RobustnessSuite) -> None:
+    keep = {"attacks": {a.name for a in suite.attacks}, "probes": set(suite.probes)}
+    for sub, names in keep.items():
+        folder = out / sub
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            if child.name not in names and RunDir(child).exists():
+                shutil.rmtree(child)  # a run of ours from another suite
+
+
+def evaluate_model(
+    inputs: SuiteInputs,
+    ref: ModelRef,
+    label: str,
+    role: str,
+    out: str | Path,
+    run_id: str,
+    parent: str | None = None,
+    store: str | Path | None = None,
+    original: float | None = None,
+) -> dict[str, Any]:
+    """Run the suite on `ref` into the robustness run directory `out`; returns the model's row
+    (`result.json`). `original` is the original target's held-out accuracy (half recovery)."""
+    suite = inputs.suite
+    check_probe_layers(suite, ref)
+    out = check_run_out(out, "robustness", {"input model": ref.name})
+    config = {"label": label, "role": role, "model": ref.name, "suite": suite.name,
+              "suite_key": suite.key(), "suite_def": suite.to_dict(),
+              "heldout_task": inputs.heldout, "retain_tasks": inputs.resolved.retain}  # fmt: skip
+    fresh = RunMeta(id=run_id, kind="robustness", config=config, status="running",
+                    started=utc_now(), parent=parent, model_path=ref.name)  # fmt: skip
+    with run_lifecycle(fresh, out, store=store) as run:
+        _remove_stale(out, suite)
+        attacks = []
+        for attack in suite.attacks:
+            row = _attack(inputs, attack, ref, out, run_id, store, original)
+            if original is None and role == "target" and row["curve"]:
+                # The target is the original: its own step 0 is what the others recover to.
+                original = row["curve"][0]["heldout"]
+                row = _attack(inputs, attack, ref, out, run_id, store, original)  # finished
+            attacks.append(row)
+        probes = _probes(inputs, ref, out, run_id, store)
+        score = model_score(attacks, probes)
+        result = {"label": label, "role": role, "model": ref.name, "run_id": run_id,
+                  **{k: score[k] for k in ("worst_case", "worst_attack", "families", "failed")},
+                  "attacks": attacks, "probes": probes}  # fmt: skip
+
+        def summary(key: str) -> tuple[dict, bool]:
+            row = next((r for r in (*attacks, *probes) if r["name"] == key), None)
+            value = score["worst_case"] if row is None else row["worst_case"]
+            if value is None:
+                raise RuntimeError((row or {}).get("error") or "no attack or probe has a result")
+            return {"worst_case": value}, False
+
+        names = [r["name"] for r in (*attacks, *probes)]
+        run.evaluate(0, [*names, inputs.heldout], summary, lambda _k: "worst_case")
+        atomic_write_json(out / "result.json", result)
+    return {**result, "status": run.meta.status}
+
+
+def _attack(
+    inputs: SuiteInputs,
+    attack: FinetuneAttack,
+    ref: ModelRef,
+    out: Path,
+    run_id: str,
+    store: str | Path | None,
+    original: float | None,
+) -> dict[str, Any]:
+    run_dir = out / "attacks" / attack.name
+    child_id = f"{run_id}-{attack.name}"
+    cfg = build_attack_config({
+        **inputs.attack_overrides(attack), "model": ref.name, "revision": ref.revision,
+        "trust_remote_code": ref.trust_remote_code, "out": str(run_dir), "parent": run_id,
+        "run_id": child_id, "store": str(store) if store else None,
+    }, f"attack {attack.name}")  # fmt: skip
+    meta = _finished(run_dir, cfg.to_dict())
+    if meta is None:
+        meta = run_attack(cfg)
+    margin = inputs.suite.utility_margin
+    return attack_row(attack.name, attack.family, meta.status, _curve(run_dir, inputs), margin,
+                      original, _error(run_dir, meta), child_id)  # fmt: skip
+
+
+def _probes(
+    inputs: SuiteInputs, ref: ModelRef, out: Path, run_id: str, store: str | Path | None
+) -> list[dict[str, Any]]:
+    suite = inputs.suite
+    opts = ProbeOptions(suite.probe_layers, suite.in_context_k, suite.lens_steps, inputs.seed)
+    rows, loaded = [], None
+    for name in suite.probes:
+        run_dir = out / "probes" / name
+        child_id = f"{run_id}-{name}"
+        config = {"probe": name, "model": ref.name, "options": opts.__dict__,
+                  "heldout_task": inputs.heldout}  # fmt: skip
+        meta = _finished(run_dir, config)
+        if meta is None:
+            if loaded is None:
+                data = probe_data(inputs)
+                loaded = (load_model(ref, device=default_device()), load_tokenizer(ref), data)
+            meta = _run_probe(name, loaded, opts, inputs, run_dir, child_id, run_id, config, store)
+        result = None
+        if (run_dir / "probe.json").is_file():
+            result = json.loads((run_dir / "probe.json").read_text())
+        rows.append(probe_row(name, meta.status, result, _error(run_dir, meta), child_id))
+    return rows
+
+
+def _run_probe(
+    name: str,
+    loaded: tuple,
+    opts: ProbeOptions,
+    inputs: SuiteInputs,
+    run_dir: Path,
+    child_id: str,
+    parent: str,
+    config: dict,
+    store: str | Path | None,
+) -> RunMeta:
+    model, tokenizer, data = loaded
+    run_dir = check_run_out(run_dir, "probe")
+    (run_dir / "probe.json").unlink(missing_ok=True)
+    fresh = RunMeta(id=child_id, kind="probe", config=config, status="running",
+                    started=utc_now(), parent=parent, model_path=config["model"])  # fmt: skip
+    with run_lifecycle(fresh, run_dir, store=store) as run:
+
+        def score(_key: str) -> tuple[dict, bool]:
+            result = run_probe(name, model, tokenizer, data, opts, inputs.eval_batch_size,
+                               inputs.progress)  # fmt: skip
+            atomic_write_json(run_dir / "probe.json", result)
+            metrics = {"acc": result["acc"]}
+            if result.get("layer") is not None:
+                metrics["layer"] = result["layer"]
+            for layer, acc in (result.get("per_layer") or {}).items():
+                metrics[f"acc_L{layer}"] = acc
+            return metrics, False
+
+        run.evaluate(0, [inputs.heldout], score)
+    return run.meta
+
+
+def cached_result(out: Path, suite: RobustnessSuite, ref: ModelRef) -> dict[str, Any] | None:
+    """The row a finished robustness run in `out` holds for this suite and model, else None
+    (missing, running, another suite or model: it is then run again)."""
+    meta = _finished(out)
+    if meta is None or meta.status != "done" or not (out / "result.json").is_file():
+        return None
+    if meta.config.get("suite_key") != suite.key() or meta.config.get("model") != ref.name:
+        return None
+    return {**json.loads((out / "result.json").read_text()), "status": meta.status}

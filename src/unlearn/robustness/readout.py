@@ -1,0 +1,251 @@
+"""Hidden-state read-outs shared by the white-box probes (`unlearn.robustness.probes`).
+
+Design choices:
+
+- "Layer l" is the output of block l, read with `unlearn.hooks` (never HF's `hidden_states`), so
+  a probe at layer l reads what a lens or affine map at layer l is fitted on.
+- A question's prompt is tokenized exactly as the native cloze scorer tokenizes its context
+  (`unlearn.eval.native.encode_requests`, no special tokens as for the world's tasks, trailing
+  whitespace moved to the continuation, the last `context_window` tokens kept), so the last
+  position read here is the position the scorer reads the answer's first token from.
+- Batches are right-padded and every read is at a real token: with a causal mask and right
+  padding, padding after a position never changes it, so a padded row's last real position
+  holds the same numbers as the row run alone (a test checks this).
+- Forwards stop after the deepest requested block (`hooks.forward_hiddens`): a probe of the
+  lower layers never pays for the upper ones or for the unembedding.
+- The linear probe's classifier is scikit-learn's (no hand-written optimisation); its layer is
+  chosen by cross-validation on the train questions, grouped by fact (`cross_validated`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from unlearn.data.batching import collate, tokenize_examples
+from unlearn.eval.native import context_window, encode_requests
+from unlearn.fitting import FIT_MAX_LENGTH
+from unlearn.hooks import forward_hiddens, num_layers
+
+
+def check_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    """The sorted layers to probe: `layers`, or every block when None (ValueError naming the
+    model's range for a layer outside it, or for an empty selection)."""
+    n = num_layers(model)
+    if layers is None:
+        return list(range(n))
+    bad = sorted({layer for layer in layers if not 0 <= layer < n})
+    if bad:
+        raise ValueError(f"probe layers {bad} outside the model's blocks 0..{n - 1}")
+    if not layers:
+        raise ValueError(f"no probe layers given (the model has blocks 0..{n - 1})")
+    return sorted(set(layers))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def prompt_ids(model: nn.Module, tokenizer, questions: Sequence[dict]) -> list[list[int]]:
+    """Each question's context tokens, as the native scorer feeds them (module docstring)."""
+    if not questions:
+        raise ValueError("no questions to read hidden states for")
+    pairs = encode_requests(tokenizer, [(q["prompt"], q["choices"][0]) for q in questions])
+    window = context_window(model, tokenizer)
+    return [ctx[-window:] for ctx, _ in pairs]
+
+
+def first_tokens(tokenizer, question: dict) -> list[int]:
+    """The first token of each choice as a continuation of the question's prompt (the token
+    the scorer reads at the prompt's last position)."""
+    pairs = encode_requests(tokenizer, [(question["prompt"], c) for c in question["choices"]])
+    return [cont[0] for _, cont in pairs]
+
+
+@torch.no_grad()
+def last_token_hiddens(
+    model: nn.Module,
+    tokenizer,
+    questions: Sequence[dict],
+    layers: Sequence[int],
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[int, Tensor]:
+    """{layer: [len(questions), hidden] float32 CPU tensor}: each block output at the last
+    token of each question's prompt, in question order.
+
+    Prompts are sorted by length before batching (little padding), and put back in order.
+    """
+    ids = prompt_ids(model, tokenizer, questions)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    device, pad = _device(model), _pad_id(tokenizer)
+    parts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="hidden states", disable=not progress, leave=False):
+        rows = order[start : start + batch_size]
+        batch = collate([ids[i] for i in rows], pad).to(device)
+        hiddens = forward_hiddens(model, batch.input_ids, batch.attention_mask, layers)
+        last = batch.attention_mask.sum(dim=1) - 1  # right padding: the last real token
+        at = torch.arange(len(rows), device=device)
+        for layer in layers:
+            parts[layer].append(hiddens[layer][at, last].float().cpu())
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return {layer: torch.cat(chunks)[inverse] for layer, chunks in parts.items()}
+
+
+@torch.no_grad()
+def mean_hiddens(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 64,
+) -> dict[int, Tensor]:
+    """{layer: [hidden] float64 CPU tensor}: the mean block output over every non-pad token of
+    `texts` (each truncated like the fitting helpers' text, and to the context window).
+
+    A token mean, not a mean of per-document means: long documents count by their tokens, as
+    every masked loss of the project counts them.
+    """
+    max_length = min(FIT_MAX_LENGTH, context_window(model, tokenizer))
+    examples = tokenize_examples(texts, tokenizer, max_length)
+    if not examples:
+        raise ValueError("no non-empty texts to average hidden states over")
+    device, pad = _device(model), _pad_id(tokenizer)
+    sums: dict[int, Tensor] = {}
+    count = 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad).to(device)
+        hiddens = forward_hiddens(model, batch.input_ids, batch.attention_mask, layers)
+        mask = batch.attention_mask.to(torch.float64)[..., None]
+        for layer in layers:
+            total = (hiddens[layer].to(torch.float64) * mask).sum(dim=(0, 1)).cpu()
+            sums[layer] = sums[layer] + total if layer in sums else total
+        count += int(batch.attention_mask.sum())
+    return {layer: total / count for layer, total in sums.items()}
+
+
+def tie_credit(scores: Sequence[float], answer: int) -> float:
+    """1 if the right answer alone scores highest, 1/k if it ties with k-1 others at the top
+    (the expected accuracy of breaking the tie at random), else 0.
+
+    A read-out that cannot tell choices apart (two choices with the same first token under the
+    lens, or choices a classifier never saw) then earns chance credit for them, never a full
+    point by the accident of which choice is listed first.
+    """
+    top = max(scores)
+    tied = [i for i, s in enumerate(scores) if s == top]
+    return 1.0 / len(tied) if answer in tied else 0.0
+
+
+# ---- linear read-out (the `linear` probe's classifier) -------------------------------------
+
+LINEAR_C = 1.0
+"""Inverse L2 strength of the linear probe (sklearn's default) on standardised features."""
+LINEAR_FOLDS = 5
+"""Cross-validation folds (grouped by fact) that choose the linear probe's layer."""
+SMALL_FIT = 1 << 24
+"""A classifier fit with fewer (rows x features x classes) than this runs single-threaded: on
+small problems BLAS threads spend more time waiting for each other than computing (the tiny
+world's fits, 144 x 64 x 32, ran 25 times slower with two threads on two busy cores)."""
+
+
+def answer_text(q: dict) -> str:
+    """The right answer's string without its leading space: the linear probe's class label."""
+    return q["choices"][int(q["answer"])].strip()
+
+
+def fact_key(q: dict) -> str:
+    """Cross-validation group: the fact (entity, relation) when the row names it, else the
+    prompt. The paraphrases of one fact share a key, so a fold never holds out a fact whose
+    other phrasings it trained on (which would reward memorising entities, not reading
+    knowledge)."""
+    if "entity" in q and "relation" in q:
+        return f"{q['entity']}\x00{q['relation']}"
+    return q["prompt"]
+
+
+def fit_classifier(x: np.ndarray, labels: Sequence[str], seed: int) -> Any:
+    """StandardScaler + multinomial logistic regression from `x` [rows, features] to `labels`.
+
+    Standardising makes one regularisation strength fit every layer, whose scales differ by
+    orders of magnitude in real models; the L2 penalty keeps a probe with more features than
+    rows from memorising them.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    if len(set(labels)) < 2:
+        raise ValueError("the linear probe needs train answers of at least 2 distinct values")
+    # lbfgs fits the multinomial (softmax) model for more than two classes.
+    clf = make_pipeline(
+        StandardScaler(), LogisticRegression(C=LINEAR_C, max_iter=2000, random_state=seed)
+    )
+    small = x.shape[0] * x.shape[1] * len(set(labels)) < SMALL_FIT
+    threads = threadpool_limits(1) if small else contextlib.nullcontext()
+    with threads, warnings.catch_warnings():
+        # A near-separable probe may stop at max_iter: still a probe, and no noise in the logs.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x, list(labels))
+    return clf
+
+
+def classifier_credits(clf: Any, x: np.ndarray, questions: Sequence[dict]) -> list[float]:
+    """Per question: the credit for answering by the choice whose class the classifier finds
+    most probable; a choice it never saw as a class ranks last (probability -1)."""
+    proba = clf.predict_proba(x)
+    column = {label: i for i, label in enumerate(clf.classes_)}
+    credits = []
+    for row, q in zip(proba, questions, strict=True):
+        scores = [
+            float(row[column[c.strip()]]) if c.strip() in column else -1.0 for c in q["choices"]
+        ]
+        credits.append(tie_credit(scores, int(q["answer"])))
+    return credits
+
+
+def cross_validated(x: np.ndarray, train: Sequence[dict], seed: int) -> float:
+    """Accuracy on held-out folds of the train questions, folds grouped by fact (`fact_key`).
+
+    Only held-out questions whose answer the fold's classifier saw as a class are counted: on
+    the world an answer value is the answer of one or two facts per group, so a fold often holds
+    out the only fact with some answer, which no classifier can name whatever the layer knows;
+    counting those would bury the layer's signal in a constant floor.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    groups = [fact_key(q) for q in train]
+    folds = min(LINEAR_FOLDS, len(set(groups)))
+    if folds < 2:
+        raise ValueError("the linear probe needs train questions about at least 2 facts")
+    labels = [answer_text(q) for q in train]
+    total, counted = 0.0, 0
+    splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_rows, held_rows in splitter.split(x, labels, groups):
+        seen = {labels[i] for i in fit_rows}
+        held_rows = [i for i in held_rows if labels[i] in seen]
+        if not held_rows:
+            continue
+        clf = fit_classifier(x[fit_rows], [labels[i] for i in fit_rows], seed)
+        total += sum(classifier_credits(clf, x[held_rows], [train[i] for i in held_rows]))
+        counted += len(held_rows)
+    if counted == 0:
+        raise ValueError(
+            "the linear probe cannot cross-validate: no train answer belongs to two facts"
+        )
+    return total / counted
