@@ -91,7 +91,9 @@ CREATE TABLE IF NOT EXISTS {{table}} (
 )
 """
 
-_SCHEMA = _RUNS_TABLE.format(table="runs") + f""";
+_SCHEMA = (
+    _RUNS_TABLE.format(table="runs")
+    + f""";
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     step INTEGER NOT NULL,
@@ -114,6 +116,7 @@ CREATE TABLE IF NOT EXISTS evals (
 );
 CREATE INDEX IF NOT EXISTS runs_by_kind ON runs (kind, method, status);
 """
+)
 
 _RUN_COLUMNS = (
     "id", "kind", "method", "config", "status", "created", "started", "finished", "job_id",
