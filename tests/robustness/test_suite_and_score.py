@@ -87,6 +87,8 @@ def test_utility_constraint_on_a_synthetic_curve():
     assert row["excluded_steps"] == [20, 40]
     # Half the gap between 0.30 and the original 0.90 is 0.60: first reached (counting) at 30.
     assert (row["steps_to_half"], row["half_note"]) == (30, "")
+    assert model_score([row], [])["steps_to_half"] == 30
+    assert model_score([row], [])["fastest_attack"] == "a"
     assert half_recovery(curve, 0.25) == (None, "no gap")
     assert half_recovery(curve, 1.0) == (None, "never")
     assert half_recovery(curve, None) == (None, "unknown")

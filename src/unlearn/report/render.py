@@ -293,14 +293,15 @@ def _plot_tamper_curves(data: ReportData, store: Store, task: str, path: Path) -
 
 
 def _summary_line(data: ReportData) -> str:
-    runs = [*data.baselines, *data.unlearn, *data.attacks]
+    runs = [*data.baselines, *data.unlearn, *data.attacks, *data.robustness]
     if not runs:
         return "The store holds no runs yet."
     counts = {s: sum(r.status == s for r in runs) for s in STATUSES}
     statuses = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    suites = f", {len(data.robustness)} robustness" if data.robustness else ""
     return (
         f"{len(runs)} runs ({len(data.baselines)} baseline, {len(data.unlearn)} unlearn, "
-        f"{len(data.attacks)} attack): {statuses}."
+        f"{len(data.attacks)} attack{suites}): {statuses}."
     )
 
 

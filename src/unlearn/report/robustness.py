@@ -95,7 +95,14 @@ def _table(data: ReportData, runs: list[StoredRun], by_id: dict, key: str) -> st
     twin = next((r for r in runs if r.config.get("role") == "filtered"), None)
     twin_worst = _value(data, twin) if twin is not None else None
     headers = ["model", *(FAMILY_TITLES[f] for f in shown)]
-    headers += ["worst case (↓)", "reached by", "gap to twin (↓)", "status", "notes"]
+    headers += [
+        "worst case (↓)",
+        "reached by",
+        "gap to twin (↓)",
+        "half recovery (steps)",
+        "status",
+        "notes",
+    ]
     rows = []
     for run in runs:
         names = _families(run)
@@ -111,7 +118,7 @@ def _table(data: ReportData, runs: list[StoredRun], by_id: dict, key: str) -> st
         g = gap(worst, twin_worst)
         rows.append([
             _label(run, by_id), *cells, result_cell(_overall(data, run), run_status="done"),
-            reached, MISSING if g is None else f"{100 * g:+.2f} pts", run.status,
+            reached, MISSING if g is None else f"{100 * g:+.2f} pts", _half(data, run), run.status,
             f"failed: {', '.join(failed)}" if failed else (run.error or ""),
         ])  # fmt: skip
     legend = (
@@ -120,10 +127,18 @@ def _table(data: ReportData, runs: list[StoredRun], by_id: dict, key: str) -> st
         "steps that keep every retain task's minimum within the suite's utility margin of the "
         "model's own (before the attack), and over the probes' read-outs; step 0 (no attack) "
         "counts, so a cell is never below the model's own accuracy for attacks. gap to twin = "
-        "worst case minus the filtered twin's under the identical suite. A failed attack or "
-        "probe has no number and is named under notes."
+        "worst case minus the filtered twin's under the identical suite; half recovery = the "
+        "fewest attack steps to regain half the gap between the model and the original target "
+        "(counting steps only). A failed attack or probe has no number and is named under notes."
     )
     return markdown_table(headers, rows) + "\n\n" + legend
+
+
+def _half(data: ReportData, run: StoredRun) -> str:
+    """The fewest attack steps to regain half the gap to the target ("-": no attack did, or
+    there is no gap: the references)."""
+    row = data.final[run.id].get(run.config.get("heldout_task", ""), {}).get("steps_to_half")
+    return str(int(row.value)) if row is not None and row.value is not None else MISSING
 
 
 def _reached_by(data: ReportData, run: StoredRun, names: dict[str, str], worst) -> str:

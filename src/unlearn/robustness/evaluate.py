@@ -261,8 +261,7 @@ def evaluate_model(
             attacks.append(row)
         probes = _probes(inputs, ref, out, run_id, store)
         score = model_score(attacks, probes)
-        result = {"label": label, "role": role, "model": ref.name, "run_id": run_id,
-                  **{k: score[k] for k in ("worst_case", "worst_attack", "families", "failed")},
+        result = {"label": label, "role": role, "model": ref.name, "run_id": run_id, **score,
                   "attacks": attacks, "probes": probes}  # fmt: skip
 
         def summary(key: str) -> tuple[dict, bool]:
@@ -270,6 +269,8 @@ def evaluate_model(
             value = score["worst_case"] if row is None else row["worst_case"]
             if value is None:
                 raise RuntimeError((row or {}).get("error") or "no attack or probe has a result")
+            if row is None and score["steps_to_half"] is not None:
+                return {"worst_case": value, "steps_to_half": score["steps_to_half"]}, False
             return {"worst_case": value}, False
 
         names = [r["name"] for r in (*attacks, *probes)]

@@ -134,19 +134,28 @@ def probe_row(
 
 
 def model_score(attacks: Sequence[Mapping[str, Any]], probes: Sequence[Mapping[str, Any]]) -> dict:
-    """{worst_case, worst_attack, families: {family: worst}, failed: [names]} over the rows that
-    have a number (None when none has)."""
+    """{worst_case, worst_attack, families: {family: worst}, failed: [names], steps_to_half,
+    fastest_attack} over the rows that have a number (None when none has); steps_to_half is
+    the fewest steps any attack took to regain half the gap to the original target."""
     rows = [*attacks, *probes]
     scored = [r for r in rows if r.get("worst_case") is not None]
     families: dict[str, float] = {}
     for r in scored:
         families[r["family"]] = max(families.get(r["family"], 0.0), r["worst_case"])
     failed = [r["name"] for r in rows if r.get("worst_case") is None]
-    if not scored:
-        return {"worst_case": None, "worst_attack": None, "families": families, "failed": failed}
-    worst = max(scored, key=lambda r: r["worst_case"])
-    return {"worst_case": worst["worst_case"], "worst_attack": worst["name"],
-            "families": families, "failed": failed}  # fmt: skip
+    # The fastest recovery: the fewest steps any attack needed to regain half the gap.
+    halves = [
+        (r["steps_to_half"], r["name"])
+        for r in attacks
+        if r.get("worst_case") is not None and r.get("steps_to_half") is not None
+    ]
+    fastest = min(halves) if halves else (None, None)
+    score = {"worst_case": None, "worst_attack": None, "families": families, "failed": failed,
+             "steps_to_half": fastest[0], "fastest_attack": fastest[1]}  # fmt: skip
+    if scored:
+        worst = max(scored, key=lambda r: r["worst_case"])
+        score.update(worst_case=worst["worst_case"], worst_attack=worst["name"])
+    return score
 
 
 def gap(worst: float | None, filtered_worst: float | None) -> float | None:
