@@ -34,12 +34,13 @@ ingest, queries); splitting reads from writes would split the schema.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -163,17 +164,11 @@ class Store:
         c.execute("PRAGMA journal_mode = WAL")
         _migrate(c)
         c.execute("PRAGMA synchronous = NORMAL")
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(c):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     c.execute(statement)
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         self._conn.close()
@@ -201,15 +196,8 @@ class Store:
         """Run fn inside one short write transaction (retried as a whole when busy)."""
 
         def attempt() -> T:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(self._conn)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
-            return result
+            with _immediate(self._conn):
+                return fn(self._conn)
 
         return self._retry(attempt)
 
@@ -367,6 +355,20 @@ def _check_schema(c: sqlite3.Connection, path: Path) -> None:
         raise UsageError(f"{path}: store schema version {version} is not supported")
 
 
+@contextlib.contextmanager
+def _immediate(c: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: the write lock taken up front (BEGIN IMMEDIATE), committed when
+    the block ends, rolled back if it raises."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        c.execute("COMMIT")
+    except BaseException:
+        if c.in_transaction:
+            c.execute("ROLLBACK")
+        raise
+
+
 def _migrate(c: sqlite3.Connection) -> None:
     """Bring a version-1 store to version 2: SQLite cannot change a CHECK constraint, so the runs
     table is rebuilt with the new kinds and its rows copied (SQLite's documented procedure:
@@ -374,20 +376,15 @@ def _migrate(c: sqlite3.Connection) -> None:
     if c.execute("PRAGMA user_version").fetchone()[0] != 1:
         return
     c.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: set before BEGIN
-    c.execute("BEGIN IMMEDIATE")
     try:
-        if c.execute("PRAGMA user_version").fetchone()[0] == 1:  # not migrated meanwhile
-            c.execute(_RUNS_TABLE.format(table="runs_v2"))
-            columns = ", ".join(_RUN_COLUMNS)
-            c.execute(f"INSERT INTO runs_v2 ({columns}) SELECT {columns} FROM runs")
-            c.execute("DROP TABLE runs")
-            c.execute("ALTER TABLE runs_v2 RENAME TO runs")
-            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        c.execute("COMMIT")
-    except BaseException:
-        if c.in_transaction:
-            c.execute("ROLLBACK")
-        raise
+        with _immediate(c):
+            if c.execute("PRAGMA user_version").fetchone()[0] == 1:  # not migrated meanwhile
+                c.execute(_RUNS_TABLE.format(table="runs_v2"))
+                columns = ", ".join(_RUN_COLUMNS)
+                c.execute(f"INSERT INTO runs_v2 ({columns}) SELECT {columns} FROM runs")
+                c.execute("DROP TABLE runs")
+                c.execute("ALTER TABLE runs_v2 RENAME TO runs")
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     finally:
         c.execute("PRAGMA foreign_keys = ON")
 
