@@ -33,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("checkpoint_transfer", "lens", "sequential")
+METHODS = ("checkpoint_transfer", "lens", "sequential", "grad_diff", "npo", "simnpo", "rmu", "rr")
+"""Every registered method (tests/test_layout.py checks that none is missing)."""
 MODES = ("lora", "full")
 KINDS = ("method", "cached", "plain")
 

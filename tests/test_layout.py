@@ -77,3 +77,17 @@ def test_the_graph_sees_the_imports():
 
 def test_no_import_cycle_between_project_modules():
     assert _cycles(_module_graph()) == []
+
+
+def test_step_cost_bench_covers_every_method():
+    """bench/step_cost.py measures every registered method (issue 17): a new method must be
+    added there, or the comparison table would lack its step cost."""
+    import importlib.util
+
+    from unlearn.methods import REGISTRY
+
+    path = SRC.parents[1] / "bench" / "step_cost.py"
+    spec = importlib.util.spec_from_file_location("step_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert sorted(bench.METHODS) == sorted(REGISTRY)

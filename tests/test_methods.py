@@ -14,7 +14,10 @@ FAST = ["--max_steps", "2", "--pdbs", "2", "--grad_accum", "1", "--num_train_exa
         "--progress", "false"]  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["lens", "checkpoint_transfer", "sequential"])
+@pytest.mark.parametrize(
+    "method",
+    ["lens", "checkpoint_transfer", "sequential", "grad_diff", "npo", "simnpo", "rmu", "rr"],
+)
 def test_cli_run_each_method(tiny_world, tmp_path, method):
     out = tmp_path / method
     rc = cli(["run", "--method", method, "--world", str(tiny_world.root), "--out", str(out), *FAST])
@@ -107,7 +110,7 @@ def test_lora_reference_is_the_adapter_disabled_model_not_a_copy(tiny_world, tmp
         (["--layers", "99"], "outside the model's blocks"),
         (["--retain_coef", "-1"], "retain_coef must be >= 0"),
         (["--lr", "0"], "lr must be > 0"),
-        (["--retain_loss", "mse"], "unknown retain_loss"),
+        (["--retain_loss", "huber"], "unknown retain_loss"),
     ],
 )
 def test_bad_run_config_exits_2_before_loading(tiny_world, tmp_path, capsys, monkeypatch, args,

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit-affine": ("unlearn.commands.fit_affine", "fit ridge affine maps source -> target"),
     "checkpoints": ("unlearn.commands.checkpoints", "find the latest checkpoint still at chance"),
     "run": ("unlearn.commands.run", "unlearn with a method (lens, checkpoint_transfer, ...)"),
+    "distill": ("unlearn.commands.distill", "UNDO: perturb an unlearned model, distil it back"),
     "attack": ("unlearn.commands.attack", "fine-tuning (tamper) attack with an eval curve"),
     "robustness": ("unlearn.commands.robustness", "worst case over attacks and probes vs the twin"),
     "sweep": ("unlearn.commands.sweep", "run a grid of runs -> eval -> attack"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from unlearn.losses import lm_ce
+from unlearn.losses import kl_retain, lm_ce
 from unlearn.methods.base import Phase, StepContext, run_forward
 
 
@@ -33,3 +33,24 @@ class LanguageModeling:
 
     def weights(self, step: int, total_steps: int) -> dict[str, float]:
         return {"lm": 1.0, "forget": 1.0, "retain": 1.0}
+
+
+class Distillation:
+    """KL(teacher || student) per token on the text micro-batch: the student learns the
+    teacher's whole output distribution (UNDO's distillation step, `recipes.distill`). The
+    teacher is `ctx.reference`, a frozen copy; its logits are computed once per micro-batch."""
+
+    def __init__(self) -> None:
+        self.phase: Phase | None = None
+
+    def phases(self, steps: int) -> list[Phase]:
+        return [Phase("distill", steps)]
+
+    def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        batch = ctx.forget
+        teacher = ctx.reference.forward(batch).logits
+        student = run_forward(ctx.model, batch).logits
+        return {"kl": kl_retain(teacher, student, batch.mask)}
+
+    def weights(self, step: int, total_steps: int) -> dict[str, float]:
+        return {"kl": 1.0}

@@ -153,3 +153,60 @@ def lm_ce(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
         logits[:, :-1].float().reshape(-1, vocab), input_ids[:, 1:].reshape(-1), reduction="none"
     )
     return masked_mean(ce.view(batch, seq - 1), pair_valid)
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """log π(token t | tokens < t) at every position t of [B, T] (float32), zero at position 0
+    and wherever t or t-1 is padding: the same pairs `lm_ce` scores. Shaped like the input, so
+    a frozen model's values can be cached per example (`unlearn.frozen_cache`)."""
+    batch, seq, _ = logits.shape
+    if input_ids.shape != (batch, seq):
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} do not match logits {(batch, seq)}")
+    valid = _bool_mask(mask, input_ids.shape)
+    pair_valid = valid[:, :-1] & valid[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    token = torch.where(pair_valid, token, torch.zeros((), device=token.device))
+    return F.pad(token, (1, 0))
+
+
+def sequence_logprob(token_logp: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sequence, from `token_logprobs`: the summed log-probability of its tokens given their
+    prefix ([B]) and how many tokens were scored ([B]). The preference-style forget terms (NPO,
+    SimNPO) compare whole sequences, so this is a per-sequence sum, not a token mean; they
+    normalise it themselves (SimNPO by length)."""
+    valid = _bool_mask(mask, token_logp.shape)
+    counts = (valid[:, :-1] & valid[:, 1:]).sum(dim=1)
+    if not bool((counts > 0).all()):
+        raise ValueError("a sequence with no scored token (fewer than two valid tokens)")
+    return token_logp.float().sum(dim=1), counts
+
+
+def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
+    """Negative preference optimisation (Zhang et al. 2024): (2/β) · mean over sequences of
+    log(1 + (π_θ(y|x) / π_ref(y|x))^β) = (2/β) · softplus(β · (log π_θ - log π_ref)). It is
+    (2/β)·log 2 where the model equals the reference, falls as the model makes forget sequences
+    less likely than the reference does, and its gradient vanishes once they are much less
+    likely (bounded below by 0, unlike gradient ascent)."""
+    return (2.0 / beta) * F.softplus(beta * (logp.float() - ref_logp.detach().float())).mean()
+
+
+def simnpo_loss(logp: Tensor, lengths: Tensor, beta: float, gamma: float) -> Tensor:
+    """SimNPO (Fan et al. 2024): reference-free and length-normalised,
+    -(2/β) · mean log σ(-(β/|y|) · log π_θ(y|x) - γ) = (2/β) · softplus((β/|y|)·log π_θ + γ)."""
+    return (2.0 / beta) * F.softplus(beta * logp.float() / lengths.float() + gamma).mean()
+
+
+def rerouting_loss(
+    cur: Sequence[Tensor], orig: Sequence[Tensor], mask: Tensor, orthogonal: bool = False
+) -> Tensor:
+    """Circuit breakers' rerouting term (Zou et al. 2024): ReLU(cosine(h_θ, h_orig)) per token,
+    masked token mean, mean over layers; zero once the representations are orthogonal or
+    opposite to the original's. `orthogonal`: |cosine| instead, zero only when orthogonal (an
+    opposite representation is as recoverable as the original, by a sign flip)."""
+    _check_layers(cur, orig, "rerouting_loss")
+    per_layer = []
+    for c, o in zip(cur, orig, strict=True):
+        cos = F.cosine_similarity(c.float(), o.detach().float(), dim=-1)
+        per_layer.append(masked_mean(cos.abs() if orthogonal else F.relu(cos), mask))
+    return torch.stack(per_layer).mean()

@@ -59,6 +59,16 @@ DEMO_SWEEPS = {
         for m in ("lens", "checkpoint_transfer", "sequential")
     ],
 }
+BASELINE_SWEEPS = {
+    "default": [{"method": m} for m in ("grad_diff", "npo", "simnpo", "rmu", "rr")],
+    "tiny": [
+        {"method": m, "base": {"max_steps": 20}, "grid": {"retain_coef": [5.0, 20.0]}}
+        for m in ("grad_diff", "npo", "simnpo", "rmu", "rr")
+    ],
+}
+"""`--campaign baselines`: the field's baselines (issue 17) at their documented defaults, in a
+campaign of their own: beside the seed methods the cold demo would pass its 10 minutes."""
+CAMPAIGNS = {"seed": DEMO_SWEEPS, "baselines": BASELINE_SWEEPS}
 DEMO_SUITES = {
     "default": SUITES["quick"],
     "tiny": dataclasses.replace(
@@ -88,6 +98,9 @@ class DemoConfig:
     """Everything goes here: world/, runs/, store.sqlite, sweep.yaml, report.md, PNGs."""
     world: str | None = None
     """Use this existing world instead of OUT/world."""
+    campaign: str = "seed"
+    """seed (the three seed methods) or baselines (grad_diff, npo, simnpo, rmu, rr; give --world
+    to reuse the seed campaign's world)."""
     workers: int | None = None
     """Sweep points run at once, each in its own process with the cores split between them;
     default: 2 on a machine with 2 or more cores (faster than 1 worker with 2 threads for these
@@ -95,6 +108,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
+        if self.campaign not in CAMPAIGNS:
+            raise UsageError(f"--campaign must be one of {', '.join(CAMPAIGNS)}")
         if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers must be >= 1, got {self.workers}")
 
@@ -128,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline_runs(world, runs, store_path, print_err)
 
     print_err("[demo] unlearning sweeps, then the robustness suite on the best run of each method")
-    spec = write_spec(out / "sweep.yaml", world.root, DEMO_SWEEPS[preset], "demo")
+    sweeps = CAMPAIGNS[cfg.campaign][preset]
+    spec = write_spec(out / "sweep.yaml", world.root, sweeps, f"demo-{cfg.campaign}")
     sweep = load_sweep(spec)
     workers = cfg.workers or (2 if available_cores() >= 2 else 1)
     # Every point of the demo's sweep has the world's default suite, so the same retain tasks.

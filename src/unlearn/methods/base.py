@@ -30,7 +30,7 @@ from unlearn.hooks import capture, forward_hiddens, num_layers
 from unlearn.models import ModelRef, adapters_disabled, eval_mode
 from unlearn.schedules import forget_coef_at, retain_coef_at
 
-RETAIN_LOSSES = ("kl", "l2", "ce")
+RETAIN_LOSSES = ("kl", "l2", "ce", "mse")
 FORGET_LOSSES = ("random_ce", "max_entropy")
 
 
@@ -47,7 +47,8 @@ class MethodConfig:
     forget_end_fraction: float = 0.75
     """Forget coefficient at the last step, as a fraction of remove_coef."""
     retain_loss: str = "kl"
-    """kl (output distributions), l2 (hidden states) or ce (language modelling on retain data)."""
+    """kl (output distributions), l2 (hidden states: distance per token), mse (hidden states:
+    squared error per token and dimension, RMU's) or ce (language modelling on retain data)."""
     forget_loss: str = "random_ce"
     """random_ce (CE against random tokens / log V) or max_entropy (its exact expectation)."""
     layers: list[int] = field(default_factory=list)
@@ -72,10 +73,10 @@ class MethodConfig:
             layers = getattr(self, name)
             if len(set(layers)) != len(layers):
                 raise UsageError(f"--{name} has duplicates: {layers}")
-        if self.retain_layers and self.retain_loss != "l2":
+        if self.retain_layers and self.retain_loss not in ("l2", "mse"):
             # Silently ignoring it would make two runs that differ only here look different.
             raise UsageError(
-                f"--retain_layers applies to --retain_loss l2 only (got {self.retain_loss})"
+                f"--retain_layers applies to --retain_loss l2 or mse only (got {self.retain_loss})"
             )
 
     def check_layers(self, n_layers: int) -> None:
@@ -227,8 +228,9 @@ class StepContext:
 
 
 def retain_term(ctx: StepContext, kind: str, layers: Sequence[int]) -> torch.Tensor:
-    """The retain loss on ctx.retain: KL to the reference's outputs, L2 to its hidden states at
-    `layers` (block outputs; the forwards stop after the deepest), or plain LM cross-entropy."""
+    """The retain loss on ctx.retain: KL to the reference's outputs, L2 distance or squared error
+    (mse) to its hidden states at `layers` (block outputs; the forwards stop after the deepest),
+    or plain LM cross-entropy."""
     batch, mask = ctx.retain, ctx.retain.mask
     if kind == "ce":
         return losses.lm_ce(run_forward(ctx.model, batch).logits, batch.input_ids, mask)
@@ -254,7 +256,10 @@ def retain_term(ctx: StepContext, kind: str, layers: Sequence[int]) -> torch.Ten
         },
     )
     cur = run_forward(ctx.model, batch, layers, logits=False).hiddens
-    return losses.l2_retain([ref[n] for n in names], [cur[i] for i in layers], mask)
+    refs, curs = [ref[n] for n in names], [cur[i] for i in layers]
+    if kind == "mse":  # activation_mse(pred, target) detaches its target: the reference's
+        return losses.activation_mse(curs, refs, mask)
+    return losses.l2_retain(refs, curs, mask)
 
 
 def forget_on_logits(
@@ -315,10 +320,16 @@ class Method:
     def weights(self, step: int, total_steps: int) -> dict[str, float]:
         return unlearning_weights(self.cfg, step, total_steps)
 
+    def trainable(self, name: str) -> bool:
+        """Whether the parameter `name` (of the model as built: PEFT-wrapped with LoRA) trains.
+        Every parameter the training mode leaves trainable, by default; a method that updates
+        only part of the model (RMU: a few MLPs) narrows it. Applied after `setup`."""
+        return True
+
     def describe(self) -> dict:
         """Resolved defaults, recorded in run.json's config (what the run really used)."""
         out: dict = {"layers": self.layers}
-        if self.cfg.retain_loss == "l2":
+        if self.cfg.retain_loss in ("l2", "mse"):
             out["retain_layers"] = self.retain_layers
         return out
 

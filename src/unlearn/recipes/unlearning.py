@@ -277,6 +277,12 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
     env = _method_env(v.world, v.model_ref, tokenizer, device, tcfg, general, out)
     with par.main_first():  # rank 0 fits and caches lenses / affine maps, the others load them
         method.setup(model, env)
+    frozen_params = [p for name, p in model.named_parameters()
+                     if p.requires_grad and not method.trainable(name)]  # fmt: skip
+    for p in frozen_params:  # before wrapping: DDP and FSDP2 see which parameters train
+        p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError(f"method {cfg.args.method} leaves no parameter of the model to train")
     par.wrap(model)
     plan = make_plan(tcfg, len(forget_ex), method.phases, par.world_size)
     world_root = v.world.root if v.world is not None else None  # type: ignore[attr-defined]

@@ -1,0 +1,189 @@
+"""Distillation after unlearning (UNDO; Lee et al. 2025, "Distillation Robustifies Unlearning").
+
+    unlearn distill --teacher RUN_DIR_OR_MODEL --world W --alpha 0.3 --out D
+
+An unlearned model (the teacher) behaves as if it had forgotten, yet fine-tuning brings the
+knowledge back: it is still in the weights. UNDO perturbs a copy of those weights, the student
+(mixed with a fresh initialisation of the same architecture by a factor α, or with Gaussian noise
+of α times each tensor's standard deviation), then distils the teacher's output distribution into
+it on retain and general text (KL(teacher || student) per token). The student re-learns what the
+teacher *does*, not what its weights still hold: α = 0 is plain self-distillation, α = 1 a model
+trained from scratch on the teacher's outputs.
+
+The result is an unlearning run (kind `unlearn`, method `distill`, parent the teacher's run):
+OUT/model, evaluated with the world's suite, in the store and the report like any method, and
+attacked by `unlearn robustness` like any model. run.json's `final` records `compute_fraction`:
+the distillation's training compute (student forward and backward, teacher forward) as a
+fraction of the world's own pretraining compute (6 · params · tokens of the target's run).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from unlearn.config import ModelArgs, TrainConfig
+from unlearn.data import ExampleStream, load_documents, tokenize_examples
+from unlearn.distributed import setup
+from unlearn.errors import UsageError
+from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
+from unlearn.finetune import Distillation
+from unlearn.methods.base import Phase, Reference
+from unlearn.models import load_model, load_tokenizer
+from unlearn.recipes.unlearning import suite_fields
+from unlearn.runs.lifecycle import run_lifecycle
+from unlearn.runs.rows import RunMeta, utc_now
+from unlearn.runs.rundir import RunDir, check_run_out
+from unlearn.runs.store import check_store
+from unlearn.train import Plan, train
+from unlearn.world import load_world
+from unlearn.world.generate import WORLD_RETAIN_CORPORA
+
+PERTURBATIONS = ("mix", "noise")
+DISTILL_TRAIN_DEFAULTS = {"lr": 1e-3, "num_train_examples": 4096, "pdbs": 16, "grad_accum": 1}
+"""512 steps of 16 documents: calibrated on the default mini world (README)."""
+
+
+@dataclass
+class DistillArgs:
+    """What to distil from, into what, on which text."""
+
+    teacher: str | None = None
+    """The unlearned model: a run directory (its OUT/model; the run becomes the parent) or a
+    model directory / hub id."""
+    out: str | None = None
+    world: str | None = None
+    """Mini world: the text (retain, near_domain_retain and filler documents) and the suite."""
+    corpus: str | None = None
+    """Text to distil on (local file or hub ID[:CONFIG[:SPLIT]]), instead of the world's."""
+    alpha: float = 0.3
+    """Perturbation strength in [0, 1]: the fresh initialisation's share (mix) or the noise's
+    scale in units of each tensor's standard deviation (noise)."""
+    perturb: str = "mix"
+    """mix (shrink toward a fresh initialisation) or noise (add Gaussian noise)."""
+    suite: SuiteArgs = field(default_factory=SuiteArgs)
+    """Tasks evaluated after distillation (default: the world's)."""
+    eval_batch_size: int = 64
+    run_id: str | None = None
+    store: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise UsageError("--teacher is required (an unlearning run directory or a model)")
+        if not self.out:
+            raise UsageError("--out DIR is required")
+        if self.world is None and self.corpus is None:
+            raise UsageError("--corpus is required without --world (the text to distil on)")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.perturb not in PERTURBATIONS:
+            raise UsageError(f"--perturb must be one of {', '.join(PERTURBATIONS)}")
+
+
+@dataclass
+class DistillConfig:
+    args: DistillArgs
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        a = self.args
+        return {**dataclasses.asdict(self.train), "teacher": a.teacher, "world": a.world,
+                "corpus": a.corpus, "alpha": a.alpha, "perturb": a.perturb,
+                **suite_fields(a.suite)}  # fmt: skip
+
+
+def teacher_model(teacher: str) -> tuple[str, str | None]:
+    """(model path or id, the teacher's run id or None): a run directory means its model."""
+    path = Path(teacher)
+    if RunDir(path).exists():
+        meta = RunDir(path).read_meta()
+        if not meta.model_path and not (path / "model").is_dir():
+            raise UsageError(f"run {path} saved no model to distil from")
+        return str(path / "model"), meta.id
+    return teacher, None
+
+
+@torch.no_grad()
+def perturb_weights(model: torch.nn.Module, alpha: float, mode: str, seed: int) -> None:
+    """UNDO's perturbation, in place: mix every parameter with a fresh initialisation of the
+    same architecture (θ ← (1-α)θ + αθ₀), or add α·std(θ)·ε."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "noise":
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+            p.add_(alpha * p.float().std().to(p.dtype) * noise)
+        return
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)  # the architecture's own initialisation, seeded
+    fresh = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    fresh_params = dict(fresh.named_parameters())
+    for name, p in model.named_parameters():
+        p.mul_(1 - alpha).add_(alpha * fresh_params[name].to(p.device, p.dtype))
+
+
+def pretraining_compute(world) -> float | None:
+    """6 · params · tokens of the world's target run (None without a world)."""
+    if world is None:
+        return None
+    tokens = world.stats.get("trained_tokens", {})
+    total = tokens.get("phase1", 0) + tokens.get("phase2_target", 0)
+    return 6.0 * world.stats.get("params", 0) * total or None
+
+
+def run_distill(cfg: DistillConfig) -> RunMeta:
+    """Perturb, distil, save, evaluate. Returns the final RunMeta."""
+    args, tcfg = cfg.args, cfg.train
+    world = load_world(args.world) if args.world else None
+    suite = resolve_suite(args.suite, world)
+    name, parent = teacher_model(args.teacher)
+    ref = ModelArgs(name).resolve(world)
+    if args.corpus:
+        texts = load_documents(args.corpus)
+    else:
+        texts = [t for c in WORLD_RETAIN_CORPORA for t in world.read_corpus(c)]
+    if not texts:
+        raise UsageError("no text to distil on")
+    out = check_run_out(args.out, "unlearn", {"teacher": ref.name})
+    if args.store:
+        check_store(args.store)
+    prepared = prepare_suite(suite)
+    par = setup(tcfg.distributed)
+    fresh = RunMeta(id=args.run_id or out.name, kind="unlearn", method="distill",
+                    config={**cfg.to_dict(), "suite": suite.roles()}, status="running",
+                    started=utc_now(), parent=parent)  # fmt: skip
+    with run_lifecycle(fresh, out, par, None, args.store) as run:
+        device = par.device
+        torch.manual_seed(tcfg.seed)
+        tokenizer = load_tokenizer(ref)
+        examples = tokenize_examples(texts[: tcfg.num_train_examples], tokenizer, tcfg.max_length)
+        stream = ExampleStream(examples, tcfg.pdbs, tokenizer.pad_token_id, tcfg.seed)
+        teacher = load_model(ref, tcfg.dtype, device)
+        student = copy.deepcopy(teacher)
+        perturb_weights(student, args.alpha, args.perturb, tcfg.seed)
+        student.requires_grad_(True)
+        reference = Reference(student, frozen_copy=teacher)
+        par.wrap(student)
+        steps = tcfg.steps(par.world_size)
+        plan = Plan(len(examples), steps, [Phase("distill", steps)],
+                    tcfg.effective_batch(par.world_size), par.world_size)  # fmt: skip
+        state = train(student, Distillation(), reference, stream, None, tcfg, plan,
+                      on_log=run.log, progress=args.progress, device=device,
+                      parallel=par)  # fmt: skip
+        mean_len = sum(len(e) for e in examples) / len(examples)
+        tokens = plan.examples_drawn * mean_len
+        final = {k: v for k, v in state.last.items() if k in state.first_values}
+        budget = pretraining_compute(world)
+        params = sum(p.numel() for p in teacher.parameters())
+        if budget:  # student forward + backward (6N) and teacher forward (2N) per token
+            final["compute_fraction"] = 8.0 * params * tokens / budget
+        paths = run.save_model(par, student, tokenizer, merge=True)
+        run.update(final=final, model_path=paths.get("model"))
+        score = prepared.scorer(student, tokenizer, args.eval_batch_size)
+        run.evaluate(steps, suite.task_keys(), score, suite.metric)
+    return run.meta
