@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from unlearn.config import ModelArgs, TrainConfig
+from unlearn.config import ModelArgs, TrainConfig, build_sections
 from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.distributed import setup
 from unlearn.errors import UsageError
@@ -95,6 +95,19 @@ class DistillConfig:
         return {**dataclasses.asdict(self.train), "teacher": a.teacher, "world": a.world,
                 "corpus": a.corpus, "alpha": a.alpha, "perturb": a.perturb,
                 **suite_fields(a.suite)}  # fmt: skip
+
+
+DISTILL_SECTIONS = (DistillArgs, TrainConfig)
+DISTILL_PLACED = ("teacher", "out", "world", "store", "run_id")
+"""Fields a sweep's `distill:` block may not set: the sweep places each point's distillation."""
+
+
+def build_distill_config(overrides: dict, where: str = "") -> DistillConfig:
+    """A DistillConfig from flat field names (a sweep's `distill:` block plus what the sweep
+    places); unknown fields and bad values raise UsageError."""
+    values = {**DISTILL_TRAIN_DEFAULTS, **overrides}
+    built = build_sections(DISTILL_SECTIONS, values, "distill config", where)
+    return DistillConfig(built[DistillArgs], built[TrainConfig])
 
 
 def teacher_model(teacher: str) -> tuple[str, str | None]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from unlearn.errors import UsageError
 from unlearn.recipes.attack import run_attack
 from unlearn.recipes.baseline import run_baseline
+from unlearn.recipes.distill import run_distill
 from unlearn.recipes.unlearning import run_unlearning
 from unlearn.resume import deferring_signals, stop_requested
 from unlearn.runs.lifecycle import mark_failed
@@ -76,6 +77,8 @@ def run_point(point: Point) -> PointState:
             _clear(point.attack_dir, keep_checkpoint=False)  # it attacked another model
         if point.robustness is not None:
             _clear(point.robustness_dir, keep_checkpoint=False)  # it scored another model
+        if point.distill is not None:
+            _clear(point.distill_dir, keep_checkpoint=False)  # it distilled another model
         meta = RunMeta(point.id, "unlearn", point.method, point.run_config.to_dict())
         _guarded(point.run_dir, meta, lambda: run_unlearning(point.run_config))
         state = inspect_point(point)
@@ -90,6 +93,17 @@ def run_point(point: Point) -> PointState:
         cfg = point.attack_config
         meta = RunMeta(f"{point.id}-attack", "attack", config=cfg.to_dict(), parent=point.id)
         _guarded(point.attack_dir, meta, lambda: run_attack(cfg))
+        state = inspect_point(point)
+    if (
+        point.distill is not None
+        and state.status == "done"
+        and state.distill not in FINISHED
+        and not stop_requested()
+    ):
+        _clear(point.distill_dir)
+        dcfg = point.distill
+        meta = RunMeta(f"{point.id}-distill", "unlearn", "distill", parent=point.id)
+        _guarded(point.distill_dir, meta, lambda: run_distill(dcfg))
         state = inspect_point(point)
     if (
         point.robustness is not None
@@ -205,7 +219,9 @@ def _mark_interrupted(sweep: Sweep) -> list[str]:
     """Runs left running/pending by a killed sweep become failed ("interrupted")."""
     marked = []
     for p in sweep.points:
-        for d in (p.run_dir, p.attack_dir, p.robustness_dir if p.robustness else None):
+        dirs = (p.run_dir, p.attack_dir, p.distill_dir if p.distill else None,
+                p.robustness_dir if p.robustness else None)  # fmt: skip
+        for d in dirs:
             if d is not None and mark_failed(d, "interrupted"):
                 _ingest(sweep.store, d)
                 marked.append(d.name)
@@ -245,7 +261,8 @@ def run_sweep(
 
         def on_done(point: Point, state: PointState) -> None:
             robustness = point.robustness_dir if point.robustness is not None else None
-            _ingest(sweep.store, point.run_dir, point.attack_dir)
+            distilled = point.distill_dir if point.distill is not None else None
+            _ingest(sweep.store, point.run_dir, point.attack_dir, distilled)
             if robustness is not None and robustness.is_dir():
                 with Store(sweep.store) as s:
                     s.ingest_tree(robustness)

@@ -32,6 +32,7 @@ from unlearn.recipes.unlearning import RunConfig, build_run_config, validate
 from unlearn.world import World
 
 if TYPE_CHECKING:
+    from unlearn.recipes.distill import DistillConfig
     from unlearn.robustness.plan import RobustnessPlan
 
 UNHASHED_FIELDS = ("progress", "checkpoint_every")
@@ -91,8 +92,14 @@ class Point:
     """The suite's retain tasks: their minimum is the "retain" of progress lines, sweep tables
     and the demo's choice of a best run (`report.analysis.retain_aggregate`); each is shown."""
     baseline: Baseline | None = None
+    distill: DistillConfig | None = None
+    """The spec's `distill:` block for this point: UNDO on its model once it is done."""
     robustness: RobustnessPlan | None = None
     """The spec's `robustness:` suite, run on the point's model once it is done."""
+
+    @property
+    def distill_dir(self) -> Path:
+        return self.run_dir.parent / f"{self.id}-distill"
 
     @property
     def robustness_dir(self) -> Path:

@@ -42,6 +42,7 @@ from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs
 from unlearn.methods import get_method
 from unlearn.recipes.attack import ATTACK_SECTIONS
+from unlearn.recipes.distill import DISTILL_PLACED, build_distill_config
 from unlearn.recipes.unlearning import run_sections
 from unlearn.robustness.plan import plan_from_spec
 from unlearn.runs.store import check_store
@@ -58,7 +59,7 @@ from unlearn.yamlio import SpecLoader as _SpecLoader
 
 TOP_KEYS = (
     "name", "world", "out", "store", "method", "base", "grid", "points", "attack", "sweeps",
-    "slurm", "eval", "baselines", "robustness",
+    "slurm", "eval", "baselines", "robustness", "distill",
 )  # fmt: skip
 
 BLOCK_KEYS = ("method", "base", "grid", "points", "attack")
@@ -141,12 +142,29 @@ def load_sweep(path: str | Path, max_points: int = MAX_POINTS, check_hub: bool =
     check_distinct(points)
     validate_models(points, check_hub)
     plan = plan_from_spec(raw.get("robustness"), spec.parent, world, SuiteArgs(**suite))
+    distill = raw.get("distill")
     for point in points:
         if point.baseline is None and plan is not None:
             _needs_merged_model(point)
             point.robustness = plan
+        if point.baseline is None and distill is not None:
+            point.distill = _distill_config(distill, point, world, store)
     slurm = SlurmSettings.from_spec(raw.get("slurm"))
     return Sweep(name, spec, world.root if world else None, out, store, points, slurm)
+
+
+def _distill_config(value: Any, point: Point, world: World | None, store: Path):
+    """The `distill:` block as the point's DistillConfig (its teacher: the point's run)."""
+    block = {} if value is True else mapping(value, "distill")
+    placed = sorted(k for k in block if k in DISTILL_PLACED)
+    if placed:
+        raise UsageError(f"distill: {', '.join(placed)} set by the sweep itself, remove them")
+    _needs_merged_model(point)
+    fields = {**block, "teacher": str(point.run_dir), "out": str(point.distill_dir),
+              "run_id": f"{point.id}-distill", "store": str(store), "progress": False}  # fmt: skip
+    if world is not None:
+        fields["world"] = str(world.root)
+    return build_distill_config(fields, "distill")
 
 
 def _needs_merged_model(point: Point) -> None:

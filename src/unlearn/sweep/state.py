@@ -55,6 +55,8 @@ class PointState:
     """Forget accuracy at the attack's last step (None until the attack has finished)."""
     seconds: float | None = None
     """Run (+ attack) wall time, from run.json's timestamps."""
+    distill: str | None = None
+    """The `distill:` block's run status (pending, a run status); None without the block."""
     robustness: str | None = None
     """The robustness suite's status (pending, a run status, or stale: another suite); None
     when the spec has no `robustness:` block."""
@@ -67,9 +69,7 @@ class PointState:
             return False
         if self.status != "done":
             return True
-        return (self.attack is None or self.attack in FINISHED) and (
-            self.robustness is None or self.robustness in FINISHED
-        )
+        return all(s is None or s in FINISHED for s in (self.attack, self.distill, self.robustness))
 
 
 def _read_dir(path: Path | None) -> tuple[str, RunRecord | None, str | None]:
@@ -122,6 +122,8 @@ def inspect_point(point: Point) -> PointState:
     )
     if point.robustness is not None:
         _inspect_robustness(point, state)
+    if point.distill is not None:
+        state.distill = _read_dir(point.distill_dir)[0]
     if point.attack_config is None:
         return state
     attack_status, attack, attack_error = _read_dir(point.attack_dir)

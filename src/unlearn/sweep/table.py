@@ -56,6 +56,8 @@ def state_line(state: PointState) -> str:
         text += f"  attack {state.attack}"
         if state.attack in FINISHED:
             text += f" (forget after {_fmt(state.attacked_forget)})"
+    if state.distill is not None and state.status == "done":
+        text += f"  distill {state.distill}"
     if state.robustness is not None and state.status == "done":
         text += f"  robustness {state.robustness}"
         if state.worst_case is not None:
