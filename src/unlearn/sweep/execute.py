@@ -53,7 +53,8 @@ LOCK_FILE = ".sweep.lock"
 
 
 def run_point(point: Point) -> PointState:
-    """Unlearn (evaluation included) unless finished, then attack if asked and the run is done.
+    """Unlearn (evaluation included) unless finished, then (if asked and the run is done) attack,
+    distil and run the robustness suite on its model.
 
     An exception is recorded in the run directory as status failed (and printed with its
     traceback), never raised: one bad point must not stop a sweep. KeyboardInterrupt does stop
@@ -82,42 +83,44 @@ def run_point(point: Point) -> PointState:
         meta = RunMeta(point.id, "unlearn", point.method, point.run_config.to_dict())
         _guarded(point.run_dir, meta, lambda: run_unlearning(point.run_config))
         state = inspect_point(point)
-    if (
-        point.attack_config is not None
-        and point.attack_dir is not None
-        and state.status == "done"
-        and state.attack not in FINISHED
-        and not stop_requested()  # the sweep was signalled: the attack waits for the rerun
-    ):
-        _clear(point.attack_dir)
+    if point.attack_config is not None and point.attack_dir is not None:
         cfg = point.attack_config
         meta = RunMeta(f"{point.id}-attack", "attack", config=cfg.to_dict(), parent=point.id)
-        _guarded(point.attack_dir, meta, lambda: run_attack(cfg))
-        state = inspect_point(point)
-    if (
-        point.distill is not None
-        and state.status == "done"
-        and state.distill not in FINISHED
-        and not stop_requested()
-    ):
-        _clear(point.distill_dir)
+        state = _then(point, state, state.attack, point.attack_dir, meta, lambda: run_attack(cfg))
+    if point.distill is not None:
         dcfg = point.distill
         meta = RunMeta(f"{point.id}-distill", "unlearn", "distill", parent=point.id)
-        _guarded(point.distill_dir, meta, lambda: run_distill(dcfg))
-        state = inspect_point(point)
-    if (
-        point.robustness is not None
-        and state.status == "done"
-        and state.robustness not in FINISHED
-        and not stop_requested()
-    ):
+        state = _then(point, state, state.distill, point.distill_dir, meta,
+                      lambda: run_distill(dcfg))  # fmt: skip
+    if point.robustness is not None:
         plan, store = point.robustness, point.run_config.args.store
         meta = RunMeta(f"{point.id}-robustness", "robustness", parent=point.id)
-        _guarded(point.robustness_dir, meta, lambda: plan.run(
-            str(point.run_dir / "model"), point.id, point.robustness_dir, point.id, store
-        ))  # fmt: skip
-        state = inspect_point(point)
+        model = str(point.run_dir / "model")
+        # Not cleared: its finished attacks and probes are kept and skipped (robustness.evaluate).
+        state = _then(point, state, state.robustness, point.robustness_dir, meta,
+                      lambda: plan.run(model, point.id, point.robustness_dir, point.id, store),
+                      clear=False)  # fmt: skip
     return state
+
+
+def _then(
+    point: Point,
+    state: PointState,
+    status: str | None,
+    run_dir: Path,
+    meta: RunMeta,
+    fn: Callable[[], object],
+    clear: bool = True,
+) -> PointState:
+    """A stage after the point's unlearning (its attack, distillation, robustness suite): run
+    it unless the point is not done, the stage finished, or the sweep was signalled (the stage
+    waits for the rerun); returns the point's state after it."""
+    if state.status != "done" or status in FINISHED or stop_requested():
+        return state
+    if clear:
+        _clear(run_dir)
+    _guarded(run_dir, meta, fn)
+    return inspect_point(point)
 
 
 def _clear(path: Path, keep_checkpoint: bool = True) -> None:
