@@ -54,6 +54,8 @@ def test_suite_file_expands_lr_lists(tmp_path):
         ("probes: []\n", "has no attack and no probe"),
         ("attacks: [{data: forget}, {data: forget}]\n", "appear twice"),
         ("probes: [linear]\nprobe_layers: [-1]\n", "probe_layers must be integers >= 0"),
+        ("attacks: [{data: forget\n", "invalid YAML (line 2, column 1)"),
+        ("- linear\n", "a robustness suite must be a mapping"),
     ],
 )
 def test_bad_suite_files_are_one_line(tmp_path, text, needle):

@@ -121,7 +121,7 @@ def suite_inputs(
     )
     if heldout not in resolved.forget:
         raise UsageError(f"--heldout_task {heldout} is not a forget task of the curve suite")
-    if not resolved.retain and any(True for _ in suite.attacks):
+    if suite.attacks and not resolved.retain:
         raise UsageError("the utility constraint needs a retain task (give --retain_tasks)")
     unlearned = next((t for t in resolved.forget if t != heldout), None)
     if world is None:

@@ -36,11 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from unlearn.config import OPTIMIZERS
 from unlearn.errors import UsageError
-from unlearn.yamlio import SpecLoader
+from unlearn.yamlio import read_yaml
 
 ATTACK_DATA = ("forget", "benign")
 PROBE_NAMES = ("linear", "lens", "ablation", "in_context")
@@ -222,12 +220,7 @@ def load_suite(name_or_file: str) -> RobustnessSuite:
             f"unknown robustness suite {name_or_file!r} (built in: {', '.join(SUITES)}; or a "
             "suite .yaml file)"
         )
-    try:
-        data = yaml.load(path.read_text(), Loader=SpecLoader)  # safe; 1e-3 is a float
-    except FileNotFoundError:
-        raise UsageError(f"suite file {path} not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read suite file {path}: {e}") from None
+    data = read_yaml(path, "suite file")
     return suite_from_dict(data, str(path), default_name=path.stem)
 
 

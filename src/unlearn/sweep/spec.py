@@ -35,8 +35,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from unlearn.config import coerce_values
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs
@@ -55,7 +53,7 @@ from unlearn.sweep.points import (
     validate_models,
 )
 from unlearn.world import World, load_world
-from unlearn.yamlio import SpecLoader as _SpecLoader
+from unlearn.yamlio import read_yaml
 
 TOP_KEYS = (
     "name", "world", "out", "store", "method", "base", "grid", "points", "attack", "sweeps",
@@ -174,21 +172,7 @@ def _needs_merged_model(point: Point) -> None:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UsageError(f"sweep spec {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read sweep spec {path}: {e}") from None
-    try:
-        raw = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass: no arbitrary objects
-    except yaml.YAMLError as e:
-        where = ""
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f" (line {mark.line + 1}, column {mark.column + 1})"
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    raw = read_yaml(path, "sweep spec")
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: a sweep spec is a YAML mapping (name:, world:, method:, ...)")
     return raw
