@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attack": ("unlearn.commands.attack", "fine-tuning (tamper) attack with an eval curve"),
     "robustness": ("unlearn.commands.robustness", "worst case over attacks and probes vs the twin"),
     "sweep": ("unlearn.commands.sweep", "run a grid of runs -> eval -> attack"),
+    "search": ("unlearn.commands.search", "Optuna search: forget/retain boundary or Pareto front"),
     "report": ("unlearn.commands.report", "markdown tables and plots from a results store"),
     "demo": ("unlearn.commands.demo", "the whole campaign on the mini world"),
 }

@@ -19,6 +19,7 @@ Design choices:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -263,6 +264,34 @@ def coerce_values(
     if unknown:
         raise UsageError(f"{prefix}unknown {what} field(s): {', '.join(unknown)}")
     return {k: coerce(v, owners[k][1], f"{prefix}{k}") for k, v in values.items()}
+
+
+def section_defaults(
+    classes: Sequence[type], values: Mapping[str, Any]
+) -> dict[type, dict[str, Any]]:
+    """{section class: {field: value}} with every field of each of `classes`: `values[name]`
+    (flat names, checked by `coerce_values`) else the field's default; a nested section is a
+    dict under its field name (`model` -> {"model_args": {"model": ...}} of RunArgs).
+
+    No section is constructed, so none validates a value here: these are a parser's defaults
+    (simple-parsing's `add_arguments(default=...)`), checked once the flags are parsed. Every
+    field is present because simple-parsing reads a field missing from a dict default as None."""
+
+    def walk(cls: type) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            hint = _hints(cls)[f.name]
+            if _is_section(hint):
+                out[f.name] = walk(hint)
+            elif f.name in values:
+                out[f.name] = copy.deepcopy(values[f.name])
+            elif f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+    return {cls: walk(cls) for cls in classes}
 
 
 def build_sections(

@@ -28,6 +28,12 @@ class SaveFailed(RuntimeError):
     reported in one line."""
 
 
+class Pruned(Exception):
+    """A search's pruner stopped the run after an intermediate evaluation (unlearn.search): the
+    run is marked `pruned`, a status with no result (its intermediate numbers are in
+    evals.jsonl, never in a table as the run's result)."""
+
+
 class Preempted(Exception):
     """Training stopped on a signal after writing a checkpoint at `step` (unlearn.resume); the run
     is marked `preempted` and the command exits 75 (rerunning it resumes)."""

@@ -39,7 +39,7 @@ def fake_run(calls: list[str], fail=(), interrupt=()):
     """A stand-in for run_unlearning that writes a finished run dir in milliseconds.
     `fail`/`interrupt` are retain_coef values that raise RuntimeError / get killed mid-run."""
 
-    def run(cfg):
+    def run(cfg, monitor=None):
         pid, coef = cfg.args.run_id, cfg.method.retain_coef
         calls.append(pid)
         run_dir = RunDir(cfg.args.out)

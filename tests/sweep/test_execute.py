@@ -40,7 +40,9 @@ def test_two_point_sweep_runs_evaluates_attacks_and_indexes(tiny_world, tmp_path
     # Nothing left to do; an edited attack block re-runs only the attacks.
     calls = []
     real_attack = execute.run_attack
-    monkeypatch.setattr(execute, "run_unlearning", lambda cfg: calls.append(cfg.args.run_id))
+    monkeypatch.setattr(
+        execute, "run_unlearning", lambda cfg, monitor=None: calls.append(cfg.args.run_id)
+    )
     monkeypatch.setattr(execute, "run_attack", lambda cfg: calls.append(cfg) or real_attack(cfg))
     run_sweep(load_sweep(spec), log=lambda _: None)
     assert calls == []
@@ -86,7 +88,7 @@ def test_marks_leftover_running_dir_failed_interrupted(tiny_world, tmp_path, mon
     RunDir(p.run_dir).write_run(RunMeta(p.id, "unlearn", "sequential", status="running"))
     seen = {}
 
-    def run(cfg):  # what the store and run dir say when the retry starts
+    def run(cfg, monitor=None):  # what the store and run dir say when the retry starts
         if cfg.args.run_id == p.id:
             with Store(sweep.store) as store:
                 seen["store"] = (store.run(p.id).status, store.run(p.id).error)
@@ -113,7 +115,7 @@ def test_a_failing_point_does_not_stop_the_next(tiny_world, tmp_path, monkeypatc
     # A run that raises before writing run.json is still recorded; retries touch failed only.
     calls.clear()
 
-    def broken(cfg):
+    def broken(cfg, monitor=None):
         calls.append(cfg.args.run_id)
         raise UsageError("lens file missing")
 
@@ -126,7 +128,7 @@ def test_a_failing_point_does_not_stop_the_next(tiny_world, tmp_path, monkeypatc
 
 def test_a_second_live_sweep_on_the_same_dir_is_refused(tiny_world, tmp_path):
     sweep = load_sweep(write_spec(tmp_path, base_spec(tiny_world)))
-    with execute._sweep_lock(sweep.out), pytest.raises(UsageError, match="another sweep"):
+    with execute.sweep_lock(sweep.out), pytest.raises(UsageError, match="another sweep"):
         run_sweep(sweep, log=lambda _: None)
 
 
@@ -164,7 +166,7 @@ def test_a_signal_outside_training_ends_the_sweep_after_that_point(
     calls: list[str] = []
     finish = fake_run(calls)
 
-    def signalled_while_evaluating(cfg):
+    def signalled_while_evaluating(cfg, monitor=None):
         meta = finish(cfg)
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -198,7 +200,7 @@ def test_a_point_that_cannot_resume_is_failed_with_the_reason(tiny_world, tmp_pa
     RunDir(point.run_dir).write_run(RunMeta(point.id, "unlearn", "sequential", status="preempted"))
     (point.run_dir / "checkpoint" / "step-00000001").mkdir(parents=True)  # kept for the resume
 
-    def damaged(cfg):
+    def damaged(cfg, monitor=None):
         raise UsageError("checkpoint X is damaged (model.pt has 3 bytes, 6 were written)")
 
     monkeypatch.setattr(execute, "run_unlearning", damaged)

@@ -7,6 +7,14 @@
 With --world and no other flag a method uses its documented default configuration (and fits the
 lenses or affine maps it needs, cached in the world dir). Parameter names follow the seeds:
 retain_coef, remove_coef, num_train_examples, pdbs, grad_accum, lr, lora_r, layers, ...
+
+    unlearn run --config best.yaml --out /tmp/r3 --lr 1e-4
+    unlearn run --config /tmp/r1 --out /tmp/r1-again
+
+--config FILE takes the settings from a YAML mapping of the same flat names (relative paths
+against its directory) or from a run directory's run.json (a replay: its method, unless --method
+is given; not its out, run_id or store). Flags given on the command line override the file; the
+rules are in unlearn.configfile.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import sys
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.config import LoraSettings, TrainConfig
+from unlearn.configfile import add_config_flag, add_sections, check_replay_out, pre_parse
 from unlearn.distributed import is_main
 from unlearn.methods import REGISTRY, get_method
 from unlearn.recipes.unlearning import RunArgs, RunConfig, run_unlearning
@@ -24,21 +33,25 @@ from unlearn.runs.rundir import RunDir
 
 
 def parse(argv: list[str] | None) -> RunConfig:
-    """Two passes: --method first, then the flags of that method's config."""
+    """Two passes: --method and --config first, then the flags of that method's config (with
+    the file's values as their defaults)."""
     pre = ArgumentParser(prog="unlearn run", add_help=False)
-    pre.add_argument("--method", default="lens", choices=sorted(REGISTRY))
-    known, _ = pre.parse_known_args(argv)
-    method_cls = get_method(known.method)
+    pre.add_argument("--method", default=None, choices=sorted(REGISTRY))
+    known, file = pre_parse(argv, pre, "unlearn")
+    # The command line's method, else the file's (a run.json replays its own method).
+    method = known.method or (file.method if file else None) or "lens"
+    method_cls = get_method(method)
 
     parser = ArgumentParser(prog="unlearn run", description=__doc__)
-    parser.add_arguments(RunArgs, dest="args")
-    defaults = method_cls.train_defaults
-    train_defaults = {k: v for k, v in defaults.items() if k in _names(TrainConfig)}
-    lora_defaults = {k: v for k, v in defaults.items() if k in _names(LoraSettings)}
-    parser.add_arguments(TrainConfig, dest="train", default=TrainConfig(**train_defaults))
-    parser.add_arguments(LoraSettings, dest="lora", default=LoraSettings(**lora_defaults))
-    parser.add_arguments(method_cls.config_cls, dest="method_cfg")
+    add_config_flag(parser)
+    sections = {"args": RunArgs, "train": TrainConfig, "lora": LoraSettings,
+                "method_cfg": method_cls.config_cls}  # fmt: skip
+    if file is not None:  # the method chosen above, whatever the file says
+        file = dataclasses.replace(file, values={**file.values, "method": method})
+    base = {**method_cls.train_defaults, "method": method}
+    add_sections(parser, sections, base, file, f"{method} config")
     ns = parser.parse_args(argv)
+    check_replay_out(file, ns.args.out)
     return RunConfig(args=ns.args, train=ns.train, lora=ns.lora, method=ns.method_cfg)
 
 
@@ -53,10 +66,6 @@ def print_evals(run_dir: str) -> None:
         else:
             value = f"{100 * e.value:.2f}%" if e.metric == "acc" else f"{e.value:.2f}"
         print(f"  {e.task:<16} {e.metric} {value}")
-
-
-def _names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def main(argv: list[str] | None = None) -> int:

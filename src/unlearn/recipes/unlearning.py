@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,9 +293,34 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
     )
 
 
-def run_unlearning(cfg: RunConfig) -> RunMeta:
-    """Train, save, evaluate. Returns the final RunMeta (status done/collapsed/diverged/failed;
-    `unlearn.runs.lifecycle` decides it)."""
+@dataclass
+class Monitor:
+    """Intermediate evaluations while a run trains (a search's pruner, unlearn.search).
+
+    Training is cut into `parts` equal parts; after each but the last (the final evaluation
+    follows it) the suite is scored on the live model, the rows are recorded in evals.jsonl at
+    that step, and `report(k, {task: acc})` is called with the part's number k (runs of
+    different lengths report at the same fractions, which is what a pruner compares); it may
+    raise `unlearn.errors.Pruned`, which ends the run with status pruned (no result)."""
+
+    parts: int
+    report: Callable[[int, dict[str, float | None]], None]
+
+    def __post_init__(self) -> None:
+        if self.parts < 2:
+            raise UsageError(f"intermediate evaluations need parts >= 2, got {self.parts}")
+
+    def part_at(self, step: int, total: int) -> int | None:
+        """The part k whose end is optimizer step `step` of `total` (None: not an end)."""
+        for k in range(1, self.parts):
+            if step == max(1, round(total * k / self.parts)) and step < total:
+                return k
+        return None
+
+
+def run_unlearning(cfg: RunConfig, monitor: Monitor | None = None) -> RunMeta:
+    """Train, save, evaluate. Returns the final RunMeta (status done/collapsed/diverged/failed,
+    or pruned by the `monitor`; `unlearn.runs.lifecycle` decides it)."""
     args = cfg.args
     v = validate(cfg)  # nothing heavy before this has passed
     # Benchmarks' datasets are loaded now: one missing offline is bad input, found before
@@ -315,6 +341,9 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
     # ends it.
     with run_lifecycle(fresh, out, par, checkpoint, args.store) as run:
         p = prepare(cfg, v, out, par)
+        on_step = None
+        if monitor is not None and suite is not None:
+            on_step = _monitoring(monitor, run, suite, p, args.eval_batch_size, par)
         with checkpoint.catching_signals():
             state = train(
                 p.model,
@@ -326,6 +355,7 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
                 p.plan,
                 state=TrainState(),
                 on_log=run.log,
+                on_step=on_step,
                 progress=args.progress,
                 device=p.device,
                 parallel=par,
@@ -345,6 +375,30 @@ def run_unlearning(cfg: RunConfig) -> RunMeta:
             score = suite.scorer(p.model, p.tokenizer, args.eval_batch_size)
             run.evaluate(p.plan.total_steps, suite.suite.task_keys(), score, suite.suite.metric)
     return run.meta
+
+
+def _monitoring(monitor: Monitor, run, suite, p: Prepared, batch_size: int, par: Parallel):
+    """The training loop's on_step for `monitor`: evaluate, record (not final), report."""
+    if par.world_size > 1:
+        raise UsageError("intermediate evaluations (a search's pruner) run in one process only")
+    score = suite.scorer(p.model, p.tokenizer, batch_size)
+    tasks = suite.suite.task_keys()
+
+    def on_step(step: int) -> None:
+        part = monitor.part_at(step, p.plan.total_steps) if step else None
+        if part is None:
+            return
+        accs: dict[str, float | None] = {}
+
+        def scored(task: str):
+            metrics, collapsed = score(task)
+            accs[task] = metrics.get("acc")
+            return metrics, collapsed
+
+        run.evaluate(step, tasks, scored, suite.suite.metric, final=False)
+        monitor.report(part, accs)
+
+    return on_step
 
 
 def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:

@@ -54,13 +54,13 @@ class BaselinePoint:
         return f"{self.name} ({100 * self.forget:.1f}, {100 * self.retain:.1f}{ppl})"
 
 
-def _figure(height: float = 5.5) -> Figure:
+def new_figure(height: float = 5.5) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(8.5, height))
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -144,7 +144,7 @@ def plot_forget_vs_retain(
     with_ppl = ppl is not None and (
         any(xy for _, xy in ppl_series) or any(b.ppl is not None for b in baselines)
     )
-    fig = _figure(9.0 if with_ppl else 5.5)
+    fig = new_figure(9.0 if with_ppl else 5.5)
     if with_ppl:
         ax, low = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     else:
@@ -179,7 +179,7 @@ def plot_forget_vs_retain(
     if low is not None:
         _ppl_panel(low, series, ppl_series, baselines, ppl or "perplexity")
         low.set_xlabel(f"{forget}: lower is better")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _ppl_panel(
@@ -245,7 +245,7 @@ def plot_tamper_curves(
 ) -> None:
     """One line per attack: [(legend label, [(step, acc), ...]), ...] in the report's order (an
     empty curve draws nothing); `original` is (name, accuracy) of the model before unlearning."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for i, (name, curve) in enumerate(curves):
         if curve:
@@ -268,7 +268,7 @@ def plot_tamper_curves(
     ax.set_title(f"Tamper attack: recovery of {task} accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_worst_case_curves(
@@ -280,7 +280,7 @@ def plot_worst_case_curves(
     """Each model's worst fine-tuning attack: [(label, [(step, acc, counts), ...]), ...]; steps
     that break the utility constraint are hollow markers (plotted, never the worst case).
     `references` are (name, worst case) horizontal lines: the filtered twin and the target."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for i, (name, curve) in enumerate(curves):
         if not curve:
@@ -306,4 +306,4 @@ def plot_worst_case_curves(
     ax.set_title("Worst fine-tuning attack per model (hollow: breaks the utility constraint)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    _save(fig, path)
+    save_figure(fig, path)

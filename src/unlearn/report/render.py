@@ -5,8 +5,8 @@
 
 Design choices:
 - Every result cell goes through `tables.result_cell`: a number only for a finished run with a
-  finished eval; a pending, running, failed, diverged or collapsed run shows its status word, a
-  failed eval "eval failed", a task never measured "-".
+  finished eval; a pending, running, failed, diverged, collapsed or pruned run shows its status
+  word, a failed eval "eval failed", a task never measured "-".
 - Accuracy is the "acc" metric, a perplexity task's number its "ppl" (a number, lower is
   better); the latest evaluated step of each task is the final result (`data.ReportData`).
 - One table per method: the baselines first, then one row per unlearn run with only the
@@ -308,7 +308,8 @@ def _summary_line(data: ReportData) -> str:
 def _reading_guide(data: ReportData) -> str:
     text = (
         "Accuracies are percentages on 4-choice questions (chance 25%). A word in a result cell "
-        "means there is no number: the run is pending, running, failed, diverged or collapsed, "
+        "means there is no number: the run is pending, running, failed, diverged, collapsed or "
+        "pruned (stopped early by a search), "
         'or its evaluation failed ("eval failed"); "-" means not measured.'
     )
     if data.ppl:

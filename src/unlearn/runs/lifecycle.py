@@ -79,8 +79,11 @@ class ActiveRun:
         tasks: Sequence[str],
         score: Callable[[str], Any],
         metric: Callable[[str], str] | None = None,
+        final: bool = True,
     ) -> str:
-        """Score each task, append its rows at `step`, and fold the outcome into the status.
+        """Score each task, append its rows at `step`, and fold the outcome into the status
+        (unless not `final`: an intermediate evaluation, e.g. a search pruner's, is recorded but
+        the status is decided by the model the run ends with).
 
         `score(task)` returns `(metrics, collapsed)`; any metrics will do (a perplexity task has
         ppl, nll and tokens, no acc). A task whose scoring raises is a failed row with the error
@@ -102,7 +105,8 @@ class ActiveRun:
             self.dir.append_eval(step, task, metrics)
             if collapsed and self.meta.kind in COLLAPSE_MARKS:
                 outcome = worse(outcome, "collapsed")
-        self.eval_status = worse(self.eval_status, outcome)
+        if final:
+            self.eval_status = worse(self.eval_status, outcome)
         return outcome
 
 

@@ -21,8 +21,11 @@ from unlearn.errors import UsageError
 
 FORMAT = 1
 KINDS = ("baseline", "unlearn", "attack", "probe", "robustness")
-STATUSES = ("pending", "running", "done", "failed", "diverged", "collapsed", "preempted")
-"""preempted: stopped by a signal after writing OUT/checkpoint; rerunning the command resumes."""
+STATUSES = (
+    "pending", "running", "done", "failed", "diverged", "collapsed", "preempted", "pruned",
+)  # fmt: skip
+"""preempted: stopped by a signal after writing OUT/checkpoint; rerunning the command resumes.
+pruned: a search's pruner stopped it after an intermediate evaluation (no result)."""
 EVAL_STATUSES = ("done", "failed")
 STDERR_SUFFIX = "_stderr"
 """`append_eval({"acc": 0.4, "acc_stderr": 0.01})` stores one row `acc` with its stderr

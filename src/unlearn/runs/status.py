@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unlearn.errors import DivergedError, Preempted, RetainZeroError, SaveFailed
+from unlearn.errors import DivergedError, Preempted, Pruned, RetainZeroError, SaveFailed
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Outcome:
 OUTCOMES: tuple[tuple[type[BaseException], Outcome], ...] = (
     (Preempted, Outcome("preempted", finished=False)),
     (DivergedError, Outcome("diverged")),
+    (Pruned, Outcome("pruned")),
     (RetainZeroError, Outcome("failed")),
     (SaveFailed, Outcome("failed")),
     (BaseException, Outcome("failed", reraise=True)),

@@ -60,9 +60,11 @@ from unlearn.runs.rows import (
 from unlearn.runs.rundir import RunDir
 from unlearn.runs.status import effective_status
 
-SCHEMA_VERSION = 2
-"""2 added the probe and robustness run kinds (issue 16); a version-1 store is migrated in place
-when opened (`_migrate`), its rows kept."""
+SCHEMA_VERSION = 3
+"""2 added the probe and robustness run kinds (issue 16), 3 the status pruned (issue 18); an
+older store is migrated in place when opened (`_migrate`), its rows kept."""
+MIGRATED = (1, 2)
+"""Schema versions `_migrate` brings to SCHEMA_VERSION."""
 BUSY_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 6
 
@@ -351,7 +353,7 @@ def _check_schema(c: sqlite3.Connection, path: Path) -> None:
             f"{path} is a SQLite database but not a results store (its tables: {shown}); "
             "give another --store"
         )
-    if version not in (1, SCHEMA_VERSION):  # 1 is migrated when a Store opens it
+    if version not in (*MIGRATED, SCHEMA_VERSION):  # older ones are migrated when opened
         raise UsageError(f"{path}: store schema version {version} is not supported")
 
 
@@ -370,20 +372,22 @@ def _immediate(c: sqlite3.Connection) -> Iterator[None]:
 
 
 def _migrate(c: sqlite3.Connection) -> None:
-    """Bring a version-1 store to version 2: SQLite cannot change a CHECK constraint, so the runs
-    table is rebuilt with the new kinds and its rows copied (SQLite's documented procedure:
-    foreign keys off, so dropping the old table does not cascade into metrics and evals)."""
-    if c.execute("PRAGMA user_version").fetchone()[0] != 1:
+    """Bring an older store to SCHEMA_VERSION: SQLite cannot change a CHECK constraint, so the
+    runs table is rebuilt with the new kinds and statuses and its rows copied (SQLite's
+    documented procedure: foreign keys off, so dropping the old table does not cascade into
+    metrics and evals)."""
+    if c.execute("PRAGMA user_version").fetchone()[0] not in MIGRATED:
         return
     c.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: set before BEGIN
     try:
         with _immediate(c):
-            if c.execute("PRAGMA user_version").fetchone()[0] == 1:  # not migrated meanwhile
-                c.execute(_RUNS_TABLE.format(table="runs_v2"))
+            # Not migrated meanwhile by another process:
+            if c.execute("PRAGMA user_version").fetchone()[0] in MIGRATED:
+                c.execute(_RUNS_TABLE.format(table="runs_new"))
                 columns = ", ".join(_RUN_COLUMNS)
-                c.execute(f"INSERT INTO runs_v2 ({columns}) SELECT {columns} FROM runs")
+                c.execute(f"INSERT INTO runs_new ({columns}) SELECT {columns} FROM runs")
                 c.execute("DROP TABLE runs")
-                c.execute("ALTER TABLE runs_v2 RENAME TO runs")
+                c.execute("ALTER TABLE runs_new RENAME TO runs")
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     finally:
         c.execute("PRAGMA foreign_keys = ON")

@@ -35,7 +35,7 @@ from unlearn.errors import UsageError
 from unlearn.recipes.attack import run_attack
 from unlearn.recipes.baseline import run_baseline
 from unlearn.recipes.distill import run_distill
-from unlearn.recipes.unlearning import run_unlearning
+from unlearn.recipes.unlearning import Monitor, run_unlearning
 from unlearn.resume import deferring_signals, stop_requested
 from unlearn.runs.lifecycle import mark_failed
 from unlearn.runs.rows import RunMeta
@@ -52,9 +52,10 @@ LOCK_FILE = ".sweep.lock"
 # -- running a point --------------------------------------------------------------------------
 
 
-def run_point(point: Point) -> PointState:
+def run_point(point: Point, monitor: Monitor | None = None) -> PointState:
     """Unlearn (evaluation included) unless finished, then (if asked and the run is done) attack,
-    distil and run the robustness suite on its model.
+    distil and run the robustness suite on its model. `monitor` (a search's pruner) evaluates
+    during training; a pruned run is final here like a finished one (the pruner decided).
 
     An exception is recorded in the run directory as status failed (and printed with its
     traceback), never raised: one bad point must not stop a sweep. KeyboardInterrupt does stop
@@ -72,7 +73,7 @@ def run_point(point: Point) -> PointState:
             ))  # fmt: skip
             state = inspect_point(point)
         return state
-    if state.status not in FINISHED:
+    if state.status not in (*FINISHED, "pruned"):
         _clear(point.run_dir)
         if point.attack_dir is not None:
             _clear(point.attack_dir, keep_checkpoint=False)  # it attacked another model
@@ -81,7 +82,7 @@ def run_point(point: Point) -> PointState:
         if point.distill is not None:
             _clear(point.distill_dir, keep_checkpoint=False)  # it distilled another model
         meta = RunMeta(point.id, "unlearn", point.method, point.run_config.to_dict())
-        _guarded(point.run_dir, meta, lambda: run_unlearning(point.run_config))
+        _guarded(point.run_dir, meta, lambda: run_unlearning(point.run_config, monitor))
         state = inspect_point(point)
     if point.attack_config is not None and point.attack_dir is not None:
         cfg = point.attack_config
@@ -200,14 +201,15 @@ class LocalExecutor(Executor):
 
 
 @contextlib.contextmanager
-def _sweep_lock(out: Path) -> Iterator[None]:
-    """One live sweep per output directory: what makes a leftover "running" mean interrupted."""
+def sweep_lock(out: Path, what: str = "sweep") -> Iterator[None]:
+    """One live sweep (or search) per output directory: what makes a leftover "running" mean
+    interrupted."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / LOCK_FILE, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"another sweep is running in {out}") from None
+            raise UsageError(f"another {what} is running in {out}") from None
         yield  # closing the file releases the lock
 
 
@@ -244,7 +246,7 @@ def run_sweep(
     executor = executor or LocalExecutor()
     index = {p.id: i for i, p in enumerate(sweep.points)}
     states: dict[str, PointState] = {}
-    with _sweep_lock(sweep.out):
+    with sweep_lock(sweep.out):
         for name in _mark_interrupted(sweep):
             log(f"{name}: interrupted by an earlier sweep, marked failed; re-running")
         todo = []

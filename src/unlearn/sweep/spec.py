@@ -88,7 +88,7 @@ class Sweep:
 
 
 @dataclasses.dataclass
-class _Block:
+class MethodBlock:
     """One method's part of a spec (the top level itself, or one entry of `sweeps:`)."""
 
     label: str
@@ -113,14 +113,14 @@ def load_sweep(path: str | Path, max_points: int = MAX_POINTS, check_hub: bool =
         raise UsageError(
             f"spec: name must be a plain file name (letters, digits, ._-), got {name!r}"
         )
-    world = load_world(_spec_path(spec, raw["world"], "world")) if raw.get("world") else None
-    out = _spec_path(spec, raw["out"], "out") if raw.get("out") is not None else spec.parent / name
+    world = load_world(spec_path(spec, raw["world"], "world")) if raw.get("world") else None
+    out = spec_path(spec, raw["out"], "out") if raw.get("out") is not None else spec.parent / name
     store = (
-        _spec_path(spec, raw["store"], "store")
+        spec_path(spec, raw["store"], "store")
         if raw.get("store") is not None
         else out / "store.sqlite"
     )
-    _check_can_create(out, "out")
+    check_can_create(out, "out")
     if store.is_dir():
         raise UsageError(f"spec: store {store} is a directory, not a SQLite file")
     check_store(store)  # a foreign or corrupt file: refused before any point runs
@@ -178,15 +178,16 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _spec_path(spec: Path, value: Any, key: str) -> Path:
+def spec_path(spec: Path, value: Any, key: str) -> Path:
     """A path from the spec; relative paths resolve against the spec file's directory."""
     if not isinstance(value, str) or not value:
         raise UsageError(f"spec: {key} must be a path, got {value!r}")
     p = Path(value).expanduser()
-    return p if p.is_absolute() else spec.parent / p
+    # Normalised ("runs/x", not "examples/../runs/x"): paths are shown in listings and tables.
+    return Path(os.path.normpath(p if p.is_absolute() else spec.parent / p))
 
 
-def _check_can_create(path: Path, key: str) -> None:
+def check_can_create(path: Path, key: str) -> None:
     """`path` is a directory or can become one (checked without creating anything)."""
     if path.exists():
         if not path.is_dir():
@@ -208,7 +209,7 @@ def _attack_block(value: Any, where: str) -> dict[str, Any] | None:
     return mapping(value, where)
 
 
-def _blocks(raw: dict, here: Path, suite: dict) -> list[_Block]:
+def _blocks(raw: dict, here: Path, suite: dict) -> list[MethodBlock]:
     """The spec's method blocks; top-level base and attack are defaults for every block, and the
     `eval:` block's suite fields are added to every run and attack (paths made absolute)."""
     base = mapping(raw.get("base"), "base")
@@ -235,7 +236,7 @@ def _blocks(raw: dict, here: Path, suite: dict) -> list[_Block]:
     return blocks
 
 
-def _block(d: dict, where: str, base: dict, attack: dict | None) -> _Block:
+def _block(d: dict, where: str, base: dict, attack: dict | None) -> MethodBlock:
     method = d["method"]
     if not isinstance(method, str):
         raise UsageError(f"{where}: method must be a name, got {method!r}")
@@ -257,12 +258,12 @@ def _block(d: dict, where: str, base: dict, attack: dict | None) -> _Block:
     if "attack" in d:
         block_attack = _attack_block(d["attack"], f"{label}: attack")
         attack = None if block_attack is None else {**(attack or {}), **block_attack}
-    return _Block(
+    return MethodBlock(
         label, method, {**base, **mapping(d.get("base"), f"{label}: base")}, grid, points, attack
     )
 
 
-def _count(block: _Block) -> int:
+def _count(block: MethodBlock) -> int:
     """How many points the block expands to, without building them."""
     return len(block.points) * math.prod(len(values) for values in block.grid.values())
 
@@ -270,19 +271,21 @@ def _count(block: _Block) -> int:
 # -- expansion and value types -----------------------------------------------------------------
 
 
-def _expand(block: _Block, world: World | None, out: Path, store: Path) -> list[Point]:
+def _expand(block: MethodBlock, world: World | None, out: Path, store: Path) -> list[Point]:
     """The block's points: each explicit point crossed with the grid's cartesian product."""
     sections = run_sections(block.method)
     what = f"{block.method} config"
 
     def typed(values: dict, where: str) -> dict:
-        return _typed(values, sections, what, SWEEP_RUN_FIELDS, f"{block.label}: {where}")
+        return typed_values(values, sections, what, SWEEP_RUN_FIELDS, f"{block.label}: {where}")
 
     base = typed(block.base, "base")
     attack = None
     if block.attack is not None:
         where = f"{block.label}: attack"
-        attack = _typed(block.attack, ATTACK_SECTIONS, "attack config", SWEEP_ATTACK_FIELDS, where)
+        attack = typed_values(
+            block.attack, ATTACK_SECTIONS, "attack config", SWEEP_ATTACK_FIELDS, where
+        )
     grid = {key: [typed({key: v}, "grid")[key] for v in vs] for key, vs in block.grid.items()}
     explicit = [typed(p, "points") for p in block.points]
     result = []
@@ -296,7 +299,7 @@ def _expand(block: _Block, world: World | None, out: Path, store: Path) -> list[
     return result
 
 
-def _typed(
+def typed_values(
     values: dict, sections: Sequence[type], what: str, managed: Sequence[str], where: str
 ) -> dict:
     """The spec's values checked and coerced by the config builder's own rules (ints become

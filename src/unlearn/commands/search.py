@@ -1,0 +1,80 @@
+"""`unlearn search SPEC.yaml`: an Optuna search over run fields for the forget/retain boundary or
+the Pareto front (forget, retain, optionally the robustness worst case).
+
+    unlearn search searches/rmu-boundary.yaml               # run or continue the study
+    unlearn search searches/rmu-boundary.yaml --dry-run     # validate, show the space
+    unlearn search searches/rmu-boundary.yaml --status      # the trials so far
+    unlearn search searches/rmu-boundary.yaml --workers 2   # two local processes, one study
+    unlearn search searches/rmu-boundary.yaml --executor slurm --workers 8
+
+The spec format is in docs/search.md. Results: OUT/search.md (the boundary table in the seeds'
+format, or the front), OUT/pareto.png, OUT/best.yaml (`unlearn run --config best.yaml`), every
+trial a run directory under OUT/trials indexed in the store. Exit code 0 when the budget is
+spent, 1 when no trial satisfies the constraint or the reference has no result, 2 on a bad
+spec, 75 when a stop signal ended the search (rerun the same command to continue).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from unlearn.cliutil import ArgumentParser
+from unlearn.resume import EXIT_PREEMPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="unlearn search", description=__doc__)
+    parser.add_argument("spec", help="the search spec (YAML)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run", "--dry_run", action="store_true", help="validate the spec, show the space"
+    )
+    mode.add_argument("--status", action="store_true", help="print the trials so far and exit")
+    parser.add_argument(
+        "--executor",
+        choices=("local", "slurm", "submitit-local"),
+        default="local",
+        help="where workers run: processes here, or SLURM jobs (submitit; resources from the"
+        " spec's slurm: block), or submitit's local executor",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="trials run at once: local processes (the cores split) or submitit jobs, all"
+        " sharing the study",
+    )
+    ns = parser.parse_args(argv)
+    if ns.workers < 1:
+        parser.error(f"--workers must be >= 1, got {ns.workers}")
+
+    from unlearn.search.driver import ReferenceFailed, SearchStopped, run_search
+    from unlearn.search.outputs import best_line, collect, render, status_line
+    from unlearn.search.spec import describe, load_search
+    from unlearn.search.study import open_study
+
+    search = load_search(ns.spec, check_hub=not (ns.dry_run or ns.status))
+    if ns.dry_run:
+        print(describe(search))
+        return 0
+    if ns.status:
+        result = collect(search, open_study(search, create=False))
+        print(render(search, result), end="")
+        return 0
+    try:
+        result = run_search(search, ns.workers, ns.executor)
+    except SearchStopped as e:
+        print(f"search {search.name}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except ReferenceFailed as e:
+        print(f"search {search.name}: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(status_line(result, search.budget))
+    print(best_line(search, result))
+    print(f"tables: {search.out / 'search.md'}")
+    return 0 if result.best is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
