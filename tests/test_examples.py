@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from unlearn.cli import main
 
@@ -175,3 +176,48 @@ def test_generator_is_deterministic_and_writes_the_schemas(tmp_path):
         4,
         64,
     )
+
+
+def test_local_real_search_and_its_best_config_replay(local_real, offline):
+    """A boundary search without a world (a tiny random Llama, local corpora and question files
+    in the benchmarks' schema), then `unlearn run --config best.yaml` trains the best trial's
+    configuration again to the same result."""
+    from unlearn.runs.rundir import RunDir
+    from unlearn.search.outputs import collect
+    from unlearn.search.spec import load_search
+    from unlearn.search.study import open_study
+
+    root = local_real.parent
+    campaign = yaml.safe_load(local_real.read_text())
+    spec = {
+        "name": "local-search",
+        "out": "local-real/search",
+        "method": "lens",
+        "base": campaign["base"],
+        "eval": campaign["eval"],
+        "baselines": campaign["baselines"],
+        "space": {"remove_coef": {"float": [5, 20]}},
+        "goal": "boundary",
+        "delta": 0.5,  # a random model's accuracies are noise: every trial satisfies this
+        "budget": 2,
+    }
+    path = root / "local-search.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["search", str(path)]) == 0
+    out = root / "local-real" / "search"
+    text = (out / "search.md").read_text()
+    assert "Wmdp Bio Robust (↓)" in text or "WMDP Bio Robust (↓)" in text
+    assert "Target model (to unlearn)" in text
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["model"].endswith("local-real/model") and "world" not in best
+    search = load_search(path)
+    best_trial = collect(search, open_study(search, create=False)).best
+    trial = RunDir(out / "trials" / best_trial.run_id).read()
+    replay = root / "replay"
+    assert main(["run", "--config", str(out / "best.yaml"), "--out", str(replay)]) == 0
+
+    def final(run):
+        last = max(e.step for e in run.evals)
+        return {(e.task, e.value) for e in run.evals if e.step == last}
+
+    assert final(RunDir(replay).read()) == final(trial)

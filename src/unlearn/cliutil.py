@@ -6,6 +6,7 @@ code 2 (argparse's default prints the whole usage block first).
 
 from __future__ import annotations
 
+import argparse
 from typing import NoReturn
 
 import simple_parsing
@@ -26,3 +27,19 @@ class ArgumentParser(simple_parsing.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+EXECUTORS = ("local", "slurm", "submitit-local")
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser, what: str, workers_help: str) -> None:
+    """`--executor` and `--workers` of the commands that run many jobs (sweep, search); `what`
+    names the jobs ("points", "trials")."""
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help=f"where {what} run: in this process, as SLURM jobs (submitit, resources from the"
+        " spec's slurm: block), or submitit's local executor (docs/resume-and-slurm.md)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help=workers_help)

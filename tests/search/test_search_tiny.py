@@ -70,3 +70,32 @@ def test_boundary_search_as_a_submitit_job(tiny_world, tmp_path):
     result = collect(search, open_study(search, create=False))
     assert [t.status for t in result.trials] == ["done"]
     assert any((search.out / "jobs").iterdir())  # the job's submitit folder
+
+
+SUITE = {
+    "attacks": [{"data": "forget", "steps": 2, "eval_every": 2, "pdbs": 4}],
+    "probes": ["ablation"],
+    "eval_limit": 12,
+}
+
+
+def test_pareto_search_runs_robustness_only_where_the_constraint_holds(tiny_world, tmp_path):
+    raw = spec(tiny_world, tmp_path, goal="pareto", budget=3, sampler="random", max_forget=1.0)
+    raw["space"] = {"lr": {"choice": [1.0e-7, 0.03]}}  # one keeps the model, one breaks it
+    raw["robustness"] = {"suite": SUITE, "cache": str(tmp_path / "references")}
+    path = write(tmp_path, raw)
+    main([str(path)])
+    search = load_search(path)
+    result = collect(search, open_study(search, create=False))
+    done = [t for t in result.trials if t.status == "done"]
+    assert {t.feasible for t in done} == {True, False}
+    for t in done:  # the multi-fidelity rule: measured exactly where the constraint holds
+        assert (t.worst_case is not None) == t.feasible
+        assert (t.gap is not None) == t.feasible  # the twin's worst case, from the references
+    assert result.front and all(t.feasible for t in result.front)
+    assert result.best is not None and result.best.worst_case == min(
+        t.worst_case for t in done if t.feasible
+    )
+    text = (search.out / "search.md").read_text()
+    assert "## Pareto front" in text and "gap to twin" in text
+    assert (search.out / "pareto.png").exists() and (search.out / "best.yaml").exists()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from unlearn.cliutil import ArgumentParser
+from unlearn.cliutil import ArgumentParser, add_executor_arguments
 from unlearn.resume import EXIT_PREEMPTED
 
 
@@ -30,19 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", "--dry_run", action="store_true", help="validate the spec, show the space"
     )
     mode.add_argument("--status", action="store_true", help="print the trials so far and exit")
-    parser.add_argument(
-        "--executor",
-        choices=("local", "slurm", "submitit-local"),
-        default="local",
-        help="where workers run: processes here, or SLURM jobs (submitit; resources from the"
-        " spec's slurm: block), or submitit's local executor",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="trials run at once: local processes (the cores split) or submitit jobs, all"
-        " sharing the study",
+    add_executor_arguments(
+        parser,
+        "trials",
+        "trials run at once: local processes (the cores split) or submitit jobs, all sharing"
+        " the study",
     )
     ns = parser.parse_args(argv)
     if ns.workers < 1:

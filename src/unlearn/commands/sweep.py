@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from unlearn.cliutil import ArgumentParser
+from unlearn.cliutil import ArgumentParser, add_executor_arguments
 from unlearn.resume import EXIT_PREEMPTED
 from unlearn.sweep.execute import SweepPreempted, run_sweep
 from unlearn.sweep.slurm import make_executor, states_with_jobs
@@ -34,19 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument(
         "--status", action="store_true", help="print each point's status from its run directory"
     )
-    parser.add_argument(
-        "--executor",
-        choices=("local", "slurm", "submitit-local"),
-        default="local",
-        help="where points run: in this process, one SLURM job each (submitit, resources from"
-        " the spec's slurm: block), or submitit's local executor (docs/resume-and-slurm.md)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="local executor: run this many points at once, each in its own process, the CPU"
-        " cores split between them (docs/sweeps.md)",
+    add_executor_arguments(
+        parser,
+        "points",
+        "local executor: run this many points at once, each in its own process, the CPU cores"
+        " split between them (docs/sweeps.md)",
     )
     parser.add_argument(
         "--max_points",

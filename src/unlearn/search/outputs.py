@@ -27,6 +27,7 @@ import yaml
 from unlearn.fsutil import atomic_write_text, read_jsonl
 from unlearn.report.tables import markdown_table, pct, result_cell, task_header
 from unlearn.search.spec import Search
+from unlearn.search.trial import reference_worst_case
 from unlearn.sweep.state import inspect_point
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class BaselineRow:
     status: str
     forget: float | None
     retains: dict[str, Any]
+    worst_case: float | None = None
+    """Under the search's robustness suite (the references' cached result), when it ran."""
 
 
 @dataclasses.dataclass
@@ -116,9 +119,10 @@ def collect(search: Search, study: optuna.Study | None) -> SearchResult:
     for point in search.baselines:
         state = inspect_point(point)
         done = state.status == "done"
+        worst = reference_worst_case(search, point.baseline.role)
         baselines.append(BaselineRow(point.baseline.label, state.status,
                                      state.forget if done else None,
-                                     state.retains if done else {}))  # fmt: skip
+                                     state.retains if done else {}, worst))  # fmt: skip
     front = _front(search, study, trials) if study and search.goal == "pareto" else []
     result = SearchResult(trials, baselines, front, _best(search, trials))
     timing = search.out / "timing.jsonl"
@@ -182,7 +186,8 @@ def trials_table(search: Search, result: SearchResult, rows: list[TrialRow]) -> 
     for b in result.baselines:
         cells = [b.label, *blank, result_cell(b.forget, run_status=b.status),
                  *(result_cell(b.retains.get(t), run_status=b.status) for t in search.retain_tasks),
-                 "", *(["", ""] if robust else []), b.status]  # fmt: skip
+                 "", *([pct(b.worst_case) if b.worst_case is not None else "", ""] if robust
+                       else []), b.status]  # fmt: skip
         table.append(cells)
     for t in rows:
         cells = [f"#{t.number}", *([t.method or "-"] if several else []),

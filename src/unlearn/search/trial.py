@@ -172,7 +172,7 @@ def _result(
         attrs.update(status="failed", error=f"robustness suite: {state.robustness}")
         return None, attrs, "failed"
     attrs.update(worst_case=state.worst_case, worst_case_measured=True)
-    twin = _twin_worst_case(search)
+    twin = reference_worst_case(search, "filtered")
     if twin is not None:
         attrs.update(twin_worst_case=twin, gap=state.worst_case - twin)
     return [*values, state.worst_case], attrs, "done"  # type: ignore[return-value]
@@ -187,12 +187,13 @@ def _claimed(locks: Path, point: Point) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
-def _twin_worst_case(search: Search) -> float | None:
-    """The filtered twin's worst case under the same suite (the robustness references' cache)."""
+def reference_worst_case(search: Search, role: str | None) -> float | None:
+    """A robustness reference's worst case (filtered twin, target) under the search's suite,
+    from the references' cache (None without robustness, or before it ran)."""
     plan = search.robustness
-    if plan is None or plan.cache is None:
+    if plan is None or plan.cache is None or role is None:
         return None
-    path = Path(plan.cache) / "filtered" / "result.json"
+    path = Path(plan.cache) / role / "result.json"
     try:
         return json.loads(path.read_text()).get("worst_case")
     except (OSError, ValueError):
