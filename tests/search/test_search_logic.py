@@ -5,13 +5,18 @@ is retried, and pruned or failed trials are never results."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import yaml
 from helpers import REFERENCE, RETAIN_TASKS, patch_runs, spec, write
 from optuna.distributions import FloatDistribution
 
+import unlearn.sweep.execute as execute
 from unlearn.cli import main as cli
 from unlearn.commands.search import main
+from unlearn.resume import EXIT_PREEMPTED
+from unlearn.runs.rows import RunMeta
 from unlearn.runs.rundir import RunDir
 from unlearn.runs.store import Store
 from unlearn.search.outputs import collect
@@ -169,3 +174,30 @@ def test_timing_records_the_overhead(tiny_world, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "out/timing.jsonl").read_text().splitlines()]
     assert [r["trial"] for r in rows] == [0, 1]
     assert all(r["overhead_s"] > 0 for r in rows)
+
+
+def test_a_stop_signal_ends_the_search_after_its_trial_and_the_rerun_retries_it(
+    tiny_world, tmp_path, monkeypatch
+):
+    calls: list[str] = []
+    patch_runs(monkeypatch, calls)
+    real = execute.run_unlearning
+
+    def preempted_once(cfg, monitor=None):
+        if len(calls) == 1:  # the second trial: SLURM's notice arrives, the run checkpoints
+            calls.append(cfg.args.run_id)
+            os.kill(os.getpid(), signal.SIGTERM)
+            run = RunDir(cfg.args.out)
+            run.write_run(RunMeta(cfg.args.run_id, "unlearn", "sequential", status="running"))
+            return run.update(status="preempted", error="preempted by SIGTERM")
+        return real(cfg, monitor)
+
+    monkeypatch.setattr(execute, "run_unlearning", preempted_once)
+    path = write(tmp_path, spec(tiny_world, tmp_path, budget=3))
+    assert main([str(path)]) == EXIT_PREEMPTED  # nothing started after the signal
+    search = load_search(path)
+    assert [t.status for t in _trials(search)] == ["done", "interrupted", "queued"]
+    assert main([str(path)]) in (0, 1)
+    trials = _trials(search)
+    assert [t.status for t in trials] == ["done", "interrupted", "done", "done"]
+    assert trials[2].config == trials[1].config  # the interrupted configuration, run again

@@ -44,19 +44,19 @@ class ReferenceFailed(RuntimeError):
     """The target's evaluation has no result: no constraint can be computed (exit 1)."""
 
 
-def work(search: Search, worker: int = 0, log: Callable[[str], None] = print) -> int:
-    """One worker: run trials until the budget is spent or a stop is requested; returns how
-    many it ran."""
+def work(search: Search, worker: int = 0, log: Callable[[str], None] = print) -> int | None:
+    """One worker: run trials until the budget is spent or a stop signal arrives (in a SLURM
+    job: preemption or the time limit's notice); returns the signal's number, None when the
+    budget ended it."""
     study = open_study(search, worker=worker)
-    ran = 0
-    while not stop_requested():
-        asked = time.perf_counter()
-        trial = ask(study, search)
-        if trial is None:
-            break
-        run_trial(study, trial, search, log, time.perf_counter() - asked)
-        ran += 1
-    return ran
+    with deferring_signals() as latch:  # a signal ends the trial in flight, never starts one
+        while not stop_requested():
+            asked = time.perf_counter()
+            trial = ask(study, search)
+            if trial is None:
+                break
+            run_trial(study, trial, search, log, time.perf_counter() - asked)
+        return latch.signum
 
 
 def reference(search: Search, log: Callable[[str], None] = print) -> dict[str, float]:
@@ -96,14 +96,13 @@ def run_search(
             raise UsageError(f"{search.journal}: the reference changed since the study started")
         for number in recover(study, search):
             log(f"[trial {number}] interrupted by an earlier search: queued again")
-        with deferring_signals() as latch:
-            if executor == "local" and workers == 1:
-                work(search, 0, log)
-            elif executor == "local":
-                _local_workers(search, workers)
-            else:
-                _submitit_workers(search, workers, CLUSTERS[executor], log)
-            stopped = latch.signum is not None
+        if executor == "local" and workers == 1:
+            stopped = work(search, 0, log) is not None
+        elif executor == "local":
+            stopped = _local_workers(search, workers)
+        else:
+            _submitit_workers(search, workers, CLUSTERS[executor], log)
+            stopped = False  # each job ends on its own signal; the rerun continues the study
         result = collect(search, open_study(search))
         write_outputs(search, result)
     if stopped:
@@ -111,10 +110,14 @@ def run_search(
     return result
 
 
-def _local_workers(search: Search, workers: int) -> None:
+def _local_workers(search: Search, workers: int) -> bool:
+    """N spawned workers; whether a stop signal ended them (the pool forwards it)."""
     with WorkerPool(workers) as pool:
         jobs = [pool.submit(work, search, i) for i in range(workers)]
         pool.wait(jobs, on_done=lambda f: f.result())
+    return pool.signum is not None or any(
+        not j.cancelled() and j.result() is not None for j in jobs
+    )
 
 
 def _submitit_workers(search: Search, workers: int, cluster: str, log) -> None:
