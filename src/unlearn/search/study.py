@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,9 @@ def _quiet() -> None:
 
     # Our own progress lines say what each trial did; Optuna's INFO lines would repeat them.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # TPE's `group` (a method's fields sampled together) is marked experimental; it is the
+    # documented way to sample conditional spaces, and the warning would repeat per worker.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def storage(search: Search):
