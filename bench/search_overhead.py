@@ -8,8 +8,8 @@ uses, with its symlink lock) with instant stand-in trials: the budget count and 
 budget lock, the sampling of `--params` floats (multivariate TPE, constrained), the user
 attributes and constraint a trial records, and `tell`. It prints the time of that loop at
 trial 10, 40 (the issue's budget), 100, ... (the mean of the 10 trials before) and the share
-of a `--trial_s` second trial it would be. Real searches record the same overhead per trial in OUT/timing.jsonl (search.md shows
-the total), measured around their real runs.
+of a `--trial_s` second trial it would be. Real searches record the same overhead per trial in
+OUT/timing.jsonl (search.md shows the total), measured around their real runs.
 """
 
 from __future__ import annotations
