@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from unlearn.errors import UsageError
+from unlearn.runs.rundir import RunDir
 from unlearn.runs.store import Store
 from unlearn.sweep.execute import run_sweep
 from unlearn.sweep.spec import load_sweep
@@ -32,6 +33,11 @@ def test_robustness_block_runs_the_suite_on_each_point(tiny_world, tmp_path):
     assert state.status == "done" and state.robustness == "done"
     assert isinstance(state.worst_case, float) and 0 <= state.worst_case <= 1
     assert "worst case" in format_table([state])
+    # The summary's other rows on the held-out task (steps_to_half, issue 16) are not its worst
+    # case: a model whose attacks regain half the gap in 20 steps kept reading as 2000%.
+    heldout = RunDir(point.robustness_dir).read_meta().config["heldout_task"]
+    RunDir(point.robustness_dir).append_eval(0, heldout, {"steps_to_half": 20.0})
+    assert inspect_point(point).worst_case == state.worst_case
     with Store(sweep.store) as store:
         run = store.run(f"{point.id}-robustness")
         assert run.kind == "robustness" and run.parent == point.id and run.status == "done"

@@ -161,6 +161,10 @@ def _inspect_robustness(point: Point, state: PointState) -> None:
     state.robustness = status
     if status in FINISHED and record is not None:
         heldout = record.meta.config.get("heldout_task")
-        rows = [e for e in record.evals if e.task == heldout and e.status == "done"]
+        rows = [
+            e
+            for e in record.evals
+            if e.task == heldout and e.metric == "worst_case" and e.status == "done"
+        ]
         state.worst_case = rows[-1].value if rows else None
     state.error = state.error or error
