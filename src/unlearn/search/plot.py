@@ -36,7 +36,8 @@ def plot_front(search: Search, result: SearchResult, path: Path) -> None:
     if best:
         best.sort(key=lambda tp: tp[1][0])
         xs, ys = zip(*(p for _, p in best), strict=True)
-        ax.plot(xs, ys, "-o", c="tab:red", ms=6, label="front")
+        # A 2-D front is a line; a 3-objective one seen in 2-D is only its points.
+        ax.plot(xs, ys, "o" if robust else "-o", c="tab:red", ms=6, label="front")
     for i, b in enumerate(result.baselines):
         if b.forget is None or not b.retains:
             continue
