@@ -47,10 +47,11 @@ class Param:
     integer: bool = False
     """The field is an integer (a log range on it samples integers)."""
 
-    def describe(self) -> str:
+    def range_text(self) -> str:
+        """`float [1, 20]`, `log [0.0001, 0.01]`, `one of adamw, muon`."""
         if self.kind == "choice":
-            return f"{self.field}: one of {', '.join(map(str, self.choices))}"
-        return f"{self.field}: {self.kind} [{self.low:g}, {self.high:g}]"
+            return f"one of {', '.join(map(str, self.choices))}"
+        return f"{self.kind} [{self.low:g}, {self.high:g}]"
 
     def suggest(self, trial: Any, name: str) -> Any:
         """Sample this parameter from an Optuna trial under the study name `name`."""

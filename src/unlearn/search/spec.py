@@ -324,12 +324,13 @@ def describe(search: Search) -> str:
     if search.robustness is not None:
         lines.append(f"  robustness: suite {search.robustness.inputs.suite.name}, run on trials"
                      " that satisfy the constraint")  # fmt: skip
+        limit = "" if search.max_forget is None else f" with forget <= {search.max_forget:g}"
+        lines.append(f"  best: the smallest worst case among those{limit}")
+    lines.append(f"  tasks: forget {search.forget_task}; retain {', '.join(search.retain_tasks)}")
+    suite_fields = {f.name for f in dataclasses.fields(SuiteArgs)}  # shown as tasks above
     for b in search.blocks:
-        fixed = ", ".join(
-            f"{k}={v}" for k, v in b.base.items() if k not in SuiteArgs.__annotations__
-        )
+        fixed = ", ".join(f"{k}={v}" for k, v in b.base.items() if k not in suite_fields)
         lines.append(f"  {b.method}: {fixed or 'method defaults'}")
         for p in b.params:
-            name = study_name(b.method, p.field, search.several)
-            lines.append(f"    {name}: {p.describe().split(': ', 1)[1]}")
+            lines.append(f"    {study_name(b.method, p.field, search.several)}: {p.range_text()}")
     return "\n".join(lines)
