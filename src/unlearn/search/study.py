@@ -105,13 +105,14 @@ def open_study(search: Search, create: bool = True, worker: int = 0) -> optuna.S
     _quiet()
     if not create and not search.journal.exists():
         return None
+    kwargs = {"storage": storage(search), "pruner": pruner(search), "study_name": search.name}
+    if not create:  # reading (--status) writes nothing, not even a new study's record
+        try:
+            return optuna.load_study(**kwargs)
+        except KeyError:
+            return None
     study = optuna.create_study(
-        storage=storage(search),
-        sampler=sampler(search),
-        pruner=pruner(search),
-        study_name=search.name,
-        directions=directions(search),
-        load_if_exists=True,
+        sampler=sampler(search), directions=directions(search), load_if_exists=True, **kwargs
     )
     existing = len(study.get_trials(deepcopy=False))
     study.sampler = sampler(search, search.seed + 7_919 * worker + 104_729 * existing)
