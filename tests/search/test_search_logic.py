@@ -15,13 +15,14 @@ from optuna.distributions import FloatDistribution
 import unlearn.sweep.execute as execute
 from unlearn.cli import main as cli
 from unlearn.commands.search import main
+from unlearn.errors import UsageError
 from unlearn.resume import EXIT_PREEMPTED
 from unlearn.runs.rows import RunMeta
 from unlearn.runs.rundir import RunDir
 from unlearn.runs.store import Store
 from unlearn.search.outputs import collect
 from unlearn.search.space import rounded
-from unlearn.search.spec import load_search
+from unlearn.search.spec import Search, load_search
 from unlearn.search.study import open_study
 
 
@@ -201,3 +202,25 @@ def test_a_stop_signal_ends_the_search_after_its_trial_and_the_rerun_retries_it(
     trials = _trials(search)
     assert [t.status for t in trials] == ["done", "interrupted", "done", "done"]
     assert trials[2].config == trials[1].config  # the interrupted configuration, run again
+
+
+def test_a_sampled_combination_no_config_accepts_is_a_failed_trial(
+    tiny_world, tmp_path, monkeypatch
+):
+    calls: list[str] = []
+    patch_runs(monkeypatch, calls)
+    real = Search.point
+
+    def point(self, method, values):
+        if values["retain_coef"] > 10:  # the corners build; some inner combination does not
+            raise UsageError("retain_coef: refused by the config")
+        return real(self, method, values)
+
+    monkeypatch.setattr(Search, "point", point)
+    path = write(tmp_path, spec(tiny_world, tmp_path, budget=6, sampler="random"))
+    main([str(path)])
+    trials = _trials(load_search(path))
+    assert len(trials) == 6  # the search went on
+    failed = [t for t in trials if t.status == "failed"]
+    assert failed and all("refused by the config" in t.error for t in failed)
+    assert len(calls) == 6 - len(failed)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unlearn.errors import Pruned
+from unlearn.errors import Pruned, UsageError
 from unlearn.recipes.unlearning import Monitor
 from unlearn.runs.store import Store
 from unlearn.search.space import study_name
@@ -98,8 +98,15 @@ def run_trial(
 
     start = time.perf_counter()
     reference = reference_values(study)
-    method, values = sample(trial, search)
-    point = search.point(method, values)
+    try:
+        method, values = sample(trial, search)
+        point = search.point(method, values)
+    except UsageError as e:  # a combination of values no config accepts: a failed trial
+        trial.set_user_attr("status", "failed")
+        trial.set_user_attr("error", str(e))
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"[trial {trial.number}] failed: {e}")
+        return "failed"
     for key, value in (("run_id", point.id), ("run_dir", str(point.run_dir)),
                        ("method", method), ("config", values)):  # fmt: skip
         trial.set_user_attr(key, value)
