@@ -87,3 +87,16 @@ def test_example_searches_validate(tiny_world, tmp_path, name):
     raw.update(world=str(tiny_world.root), out=str(tmp_path / "out"))
     search = load_search(write(tmp_path, raw), check_hub=False)
     assert search.budget <= 40 and search.blocks
+
+
+def test_a_search_md_or_best_yaml_someone_else_wrote_is_never_overwritten(
+    tiny_world, tmp_path, capsys
+):
+    (tmp_path / "out").mkdir()
+    mine = tmp_path / "out" / "best.yaml"
+    mine.write_text("lr: 1.0e-3   # my own notes\n")
+    assert main(["search", str(write(tmp_path, spec(tiny_world, tmp_path)))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not written by a search" in err[0]
+    assert mine.read_text() == "lr: 1.0e-3   # my own notes\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["best.yaml"]

@@ -26,7 +26,7 @@ import yaml
 
 from unlearn.fsutil import atomic_write_text, read_jsonl
 from unlearn.report.tables import markdown_table, pct, result_cell, task_header
-from unlearn.search.spec import Search
+from unlearn.search.spec import OUTPUT_MARKS, Search
 from unlearn.search.trial import reference_worst_case
 from unlearn.sweep.state import inspect_point
 
@@ -231,7 +231,11 @@ def render(search: Search, result: SearchResult) -> str:
         if search.goal == "boundary"
         else f"Pareto front of {', '.join(search.objectives)}"
     )
-    parts = [f"# Search {search.name}", "", f"Goal: {goal}. {status_line(result, search.budget)}."]
+    parts = [
+        f"{OUTPUT_MARKS['search.md']}{search.name}",
+        "",
+        f"Goal: {goal}. {status_line(result, search.budget)}.",
+    ]
     if result.trial_s:
         share = 100 * result.overhead_s / result.trial_s
         parts.append(f"Search overhead (sampler, storage, bookkeeping): {result.overhead_s:.2f} s"
@@ -280,7 +284,8 @@ def write_outputs(search: Search, result: SearchResult) -> None:
     """search.md, pareto.png and (once a trial qualifies) best.yaml, each written atomically."""
     atomic_write_text(search.out / "search.md", render(search, result))
     if result.best is not None:
-        header = (f"# The best trial (#{result.best.number}) of search {search.name}; replay:\n"
+        header = (f"{OUTPUT_MARKS['best.yaml']}(#{result.best.number}) of search {search.name};"
+                  " replay:\n"
                   "#   unlearn run --config best.yaml --out DIR\n")  # fmt: skip
         body = yaml.safe_dump(best_config(search, result.best), sort_keys=False)
         atomic_write_text(search.out / "best.yaml", header + body)

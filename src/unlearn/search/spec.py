@@ -172,6 +172,7 @@ def load_search(path: str | Path, check_hub: bool = True) -> Search:
     out = spec_path(spec, raw["out"], "out") if raw.get("out") is not None else spec.parent / name
     store = spec_path(spec, raw["store"], "store") if raw.get("store") else out / "store.sqlite"
     check_can_create(out, "out")
+    check_outputs_ours(out)
     if store.is_dir():
         raise UsageError(f"spec: store {store} is a directory, not a SQLite file")
     check_store(store)
@@ -213,6 +214,25 @@ def load_search(path: str | Path, check_hub: bool = True) -> Search:
         None if max_forget is None else float(max_forget), _choice(raw, "sampler", SAMPLERS,
         "tpe"), pruner, intermediate, seed, SlurmSettings.from_spec(raw.get("slurm")),
     )  # fmt: skip
+
+
+OUTPUT_MARKS = {"search.md": "# Search ", "best.yaml": "# The best trial "}
+"""The first line a search's text outputs start with: a file without it is not ours."""
+
+
+def check_outputs_ours(out: Path) -> None:
+    """Refuse an OUT whose search.md or best.yaml someone else wrote: a search rewrites them."""
+    for name, mark in OUTPUT_MARKS.items():
+        path = out / name
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        if not first.startswith(mark):
+            raise UsageError(
+                f"{path} was not written by a search (a search rewrites it): move it or give"
+                " another out"
+            )
 
 
 def _choice(raw: dict, key: str, allowed: tuple[str, ...], default: str | None) -> str:
