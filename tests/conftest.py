@@ -18,10 +18,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The `tiny` preset world (seed 0), built once per session (well under a minute) through
-    the command line, so every session is also a smoke run of `unlearn world build`."""
+    the command line, so every session is also a smoke run of `unlearn world build`.
+
+    For a fast local loop, UNLEARN_TEST_WORLD=DIR reuses a tiny world built there once
+    (`unlearn world build --preset tiny --seed 0 --out DIR`); `make test` and CI never set it."""
     from unlearn.cli import main
     from unlearn.world import load_world
 
+    prebuilt = os.environ.get("UNLEARN_TEST_WORLD")
+    if prebuilt:
+        return load_world(prebuilt)
     out = tmp_path_factory.mktemp("worlds") / "tiny"
     argv = ["world", "build", "--preset", "tiny", "--seed", "0", "--out", str(out), "--quiet"]
     assert main(argv) == 0

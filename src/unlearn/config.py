@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from unlearn.distributed import check_mode
+from unlearn.distributed import DEFAULT_TIMEOUT_S, check_mode
 from unlearn.errors import UsageError
 from unlearn.models import ModelRef, resolve_model
 
@@ -74,6 +74,11 @@ def _positive(name: str, value: float, strict: bool = True) -> None:
     bad = value <= 0 if strict else value < 0
     if bad or not math.isfinite(value):
         raise UsageError(f"--{name} must be {'> 0' if strict else '>= 0'}, got {value}")
+
+
+OPERATIONAL_FIELDS = ("progress", "checkpoint_every", "collective_timeout")
+"""Fields that cannot change a run's result: a resume may change them, and they are not part of
+a sweep point's identity."""
 
 
 @dataclass
@@ -121,6 +126,9 @@ class TrainConfig:
     """Optimizer steps between resumable checkpoints in OUT/checkpoint (0: only on SIGTERM/USR1)."""
     distributed: str = "none"
     """Data parallelism under torchrun: none, ddp or fsdp2 (see docs/distributed.md)."""
+    collective_timeout: float = DEFAULT_TIMEOUT_S
+    """Seconds a collective of a data-parallel run may wait for the other ranks before the run
+    fails with one line naming the rank and the step (instead of hanging)."""
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
@@ -132,6 +140,7 @@ class TrainConfig:
         _positive("grad_clip", self.grad_clip, strict=False)
         _positive("diverge_factor", self.diverge_factor)
         _positive("checkpoint_every", self.checkpoint_every, strict=False)
+        _positive("collective_timeout", self.collective_timeout)
         for name in ("num_train_examples", "pdbs", "grad_accum", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")

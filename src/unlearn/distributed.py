@@ -44,6 +44,17 @@ Design choices:
   cpu_offload=True)`); rank 0 loads it into a freshly built unsharded model (re-attaching the LoRA
   adapters) and writes it with `models.save_model` (atomic, merged if asked). Under DDP every rank
   already holds the full model; rank 0 writes it.
+- Watchdog: the process group's timeout (`--collective_timeout`, default 300 s) ends a
+  collective that waits longer, instead of hanging forever when ranks took different paths or
+  one died; the loop reports it as `CollectiveFailure` (one line naming the rank and the step,
+  status failed). Waits where rank 0 legitimately works alone for long (fitting lenses and
+  affine maps, writing or verifying a checkpoint, saving the model) go through a second, gloo
+  group with a long timeout (`SLOW_WAIT`), so a big model's save is not taken for a hang. On
+  NCCL, torch's own watchdog enforces the same timeout and tears the process down with a log
+  line naming the rank (TORCH_NCCL_ASYNC_ERROR_HANDLING's default).
+- Frozen forwards under FSDP2: the LoRA reference is the sharded model, so its forward is a
+  collective; the frozen cache makes every rank run as many as the rank that missed most
+  (`Parallel.forwards_are_collective`, `frozen_cache.FrozenCache.agree`).
 - Only rank 0 writes: the run directory (`runs.rundir.FollowerRunDir` keeps the other ranks'
   run.json in memory), the store, progress bars and printed plans.
 - Evaluation: the native evaluator builds the same rows and batches on every rank and shares the
@@ -59,7 +70,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import datetime
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,11 +83,15 @@ import torch.distributed as dist
 from torch import nn
 
 from unlearn import models
-from unlearn.errors import UsageError
+from unlearn.errors import CollectiveFailure, UsageError
 from unlearn.hooks import get_blocks
 from unlearn.models import default_device, is_peft
 
 MODES = ("none", "ddp", "fsdp2")
+DEFAULT_TIMEOUT_S = 300.0
+"""Default --collective_timeout: longer than any matched collective of a training step waits."""
+SLOW_WAIT = datetime.timedelta(hours=12)
+"""Timeout of the waits where rank 0 works alone (lens fitting, checkpoint and model writes)."""
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -114,20 +131,61 @@ def check_mode(mode: str, optimizer: str = "adamw") -> None:
         )
 
 
-def _init_process_group() -> None:
+def _init_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     if dist.is_initialized():
         return
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:
         # Not under torchrun: a one-process group, so --distributed ddp/fsdp2 still runs the
         # wrapped code path (and equals the N-process run on the same global batch).
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
     atexit.register(_destroy)
+
+
+_SLOW_GROUP: list = []
+
+
+def slow_group():
+    """A gloo group over every rank with a long timeout (`SLOW_WAIT`), for waits on rank 0's
+    solitary work; created on first use, which every rank reaches at the same collective."""
+    if not _SLOW_GROUP:
+        _SLOW_GROUP.append(dist.new_group(backend="gloo", timeout=SLOW_WAIT))
+    return _SLOW_GROUP[0]
+
+
+_BACKEND_FAILURE = re.compile(
+    r"timed out|connection closed|connection reset|broken pipe|\bgloo\b|\bnccl\b", re.IGNORECASE
+)
+
+
+def collective_failure(
+    error: BaseException, where: str, timeout_s: float | None = None
+) -> CollectiveFailure | None:
+    """The one-line `CollectiveFailure` for an error a collective raised (a timeout, a peer
+    that died), None for anything else. gloo raises plain RuntimeErrors, so the backend's
+    message is what tells them apart."""
+    if isinstance(error, CollectiveFailure) or not active():
+        return None
+    backend = isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and _BACKEND_FAILURE.search(str(error)) is not None
+    )
+    if not backend:
+        return None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # the backend's source location
+    limit = f" (--collective_timeout {timeout_s:g} s)" if timeout_s is not None else ""
+    return CollectiveFailure(
+        f"rank {rank()}: a collective failed {where}{limit}: {first}; the ranks took different"
+        " paths, or another rank died or hangs (see its output)"
+    )
 
 
 def _destroy() -> None:
@@ -154,6 +212,8 @@ class Parallel:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    """The process group's collective timeout (--collective_timeout), named in failures."""
     _ddp: nn.Module | None = None
     _root: nn.Module | None = None
 
@@ -164,6 +224,13 @@ class Parallel:
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def forwards_are_collective(self) -> bool:
+        """Whether a forward of the trained model (also as the LoRA reference, adapters
+        disabled) runs collectives: FSDP2's all-gathers, with more than one process. Then every
+        rank must run the same number of them."""
+        return self.mode == "fsdp2" and self.world_size > 1
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Wrap the trained model for gradients (DDP) or shard it in place (FSDP2).
@@ -217,6 +284,35 @@ class Parallel:
         dist.all_reduce(t)
         return {n: float(v) / self.world_size for n, v in zip(names, t.tolist(), strict=True)}
 
+    def collective_failure(self, error: BaseException, where: str) -> CollectiveFailure | None:
+        """`collective_failure` with this group's timeout (None: not a collective's error)."""
+        return collective_failure(error, where, self.timeout_s)
+
+    @contextlib.contextmanager
+    def naming_failures(self, where: str) -> Iterator[None]:
+        """Turn a collective's timeout or lost peer inside the block into one
+        `CollectiveFailure` line naming this rank and `where` (e.g. "at step 14")."""
+        try:
+            yield
+        except RuntimeError as error:
+            failure = self.collective_failure(error, where)
+            if failure is None:
+                raise
+            raise failure from error
+
+    def frozen_forwards_agreement(self) -> Callable[[int], int] | None:
+        """What the frozen cache needs to keep the ranks' frozen forwards matched
+        (`FrozenCache.agree`): the all-reduced maximum where forwards are collectives."""
+        return self.max if self.forwards_are_collective else None
+
+    def max(self, value: int) -> int:
+        """The largest of the ranks' `value`s (every rank gets it)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def item(self, value: torch.Tensor | float) -> float:
         """A Python float of a tensor that may be an FSDP2 DTensor (e.g. the gradient norm)."""
         if isinstance(value, torch.Tensor):
@@ -225,8 +321,10 @@ class Parallel:
         return float(value)
 
     def barrier(self) -> None:
+        """Wait for every rank, without the collective timeout (rank 0 may be writing or
+        fitting alone for a long time meanwhile: `slow_group`)."""
         if self.enabled and self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=slow_group())
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
@@ -268,7 +366,7 @@ class Parallel:
                 paths["model"] = str(out_dir / "model")
         if self.enabled and self.world_size > 1:
             message = [None if error is None else f"{type(error).__name__}: {error}"]
-            dist.broadcast_object_list(message, src=0)
+            dist.broadcast_object_list(message, src=0, group=slow_group())
             if error is not None:
                 raise error
             if message[0] is not None:
@@ -302,8 +400,9 @@ def _empty_like(model: nn.Module) -> nn.Module:
     return get_peft_model(base, copy.deepcopy(model.peft_config["default"]))  # type: ignore[index]
 
 
-def setup(mode: str) -> Parallel:
-    """The Parallel of this process: joins (or starts) the process group for ddp/fsdp2.
+def setup(mode: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Parallel:
+    """The Parallel of this process: joins (or starts) the process group for ddp/fsdp2, whose
+    collectives fail after `timeout_s` seconds of waiting instead of hanging.
 
     Launched by torchrun on several processes without --distributed, every process would train
     its own copy and write the same run directory, so that is refused.
@@ -316,12 +415,12 @@ def setup(mode: str) -> Parallel:
             )
 
         return Parallel(device=default_device())
-    _init_process_group()
+    _init_process_group(timeout_s)
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    return Parallel(mode, dist.get_rank(), dist.get_world_size(), device)
+    return Parallel(mode, dist.get_rank(), dist.get_world_size(), device, timeout_s)
 
 
 def join_for_evaluation(backend: str = "native") -> None:

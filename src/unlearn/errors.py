@@ -44,3 +44,9 @@ class Preempted(Exception):
             " (run the same command again to resume)"
         )
         self.step, self.signum, self.path = step, signum, path
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective of a data-parallel run waited past --collective_timeout or lost a peer
+    (ranks that took different paths, a rank that died or hangs): the run is marked failed, and
+    every rank that saw it says so in one line naming itself and the step."""

@@ -30,6 +30,11 @@ Design choices:
   numbers whoever computes it (the key holds model, dtype, device type and CPU thread count), so
   cached runs are deterministic. The cost: one small forward per example on its first use, once
   per campaign.
+- Data parallelism: each rank looks up its own rows, so ranks miss different examples. Where a
+  frozen forward is a collective (FSDP2, whose LoRA reference is the sharded model itself), the
+  ranks agree on the largest miss count of the micro-batch (one all-reduce) and a rank that
+  missed fewer runs the difference as padding forwards, so no rank ever skips an all-gather the
+  others run (the same rule as the sharded evaluator's `distributed.map_sharded`).
 - Large vocabularies: logits are cached only when one example's logits fit in
   `LOGITS_MAX_BYTES_PER_EXAMPLE`; above it, KL retain recomputes the reference logits each time
   (a top-k approximation would change the loss; see docs/methods.md).
@@ -154,6 +159,11 @@ class FrozenCache:
         self.dir: Path | None = None
         self.hits = 0
         self.misses = 0
+        self.agree: Callable[[int], int] | None = None
+        """Under data parallelism where a frozen forward runs collectives (FSDP2: the LoRA
+        reference is the sharded model), the largest of the ranks' miss counts for a
+        micro-batch (`distributed.Parallel.max`); every rank then runs that many frozen
+        forwards. None: forwards are local, each rank computes only its own misses."""
         if directory is not None and self.disk_cap > 0:
             self.dir = self._writable(Path(directory))
 
@@ -193,18 +203,25 @@ class FrozenCache:
         device, threads), so a cached run is deterministic."""
         key = json.dumps(what, sort_keys=True)
         space = digest(key)
-        entries: list[Entry] = []
-        for i, (ex, n) in enumerate(zip(examples, lengths, strict=True)):
-            entry = self._get(space, key, ex, names, n)
-            if entry is None:
-                self.misses += 1
-                out = compute_one(i)
-                entry = {name: out[name][0, :n].detach().to("cpu", copy=True) for name in names}
-                self._put(space, key, ex, entry)
-            else:
-                self.hits += 1
-            entries.append(entry)
-        return _assemble(entries, names, lengths, device)
+        found = [
+            self._get(space, key, ex, names, n) for ex, n in zip(examples, lengths, strict=True)
+        ]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        self.hits += len(found) - len(missing)
+        self.misses += len(missing)
+        # Ranks miss different examples (each has seen its own share of the data), and under
+        # FSDP2 a frozen forward is a collective: agree first, then every rank runs as many as
+        # the rank that missed most, the extra ones on this micro-batch's first example.
+        forwards = self.agree(len(missing)) if self.agree is not None else len(missing)
+        for i in missing:
+            out = compute_one(i)
+            n = lengths[i]
+            entry = {name: out[name][0, :n].detach().to("cpu", copy=True) for name in names}
+            self._put(space, key, examples[i], entry)
+            found[i] = entry
+        for _ in range(forwards - len(missing)):
+            compute_one(0)  # padding: the same collectives as the other ranks, result dropped
+        return _assemble(found, names, lengths, device)  # type: ignore[arg-type]
 
     def _path(self, space: str, example: str) -> Path:
         assert self.dir is not None

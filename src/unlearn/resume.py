@@ -77,6 +77,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unlearn import distributed
+from unlearn.config import OPERATIONAL_FIELDS
 from unlearn.errors import Preempted, UsageError
 from unlearn.fsutil import atomic_write_text
 from unlearn.runs.rundir import CHECKPOINT_DIR, STEP_PREFIX, checkpoints
@@ -87,8 +88,6 @@ EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 """SIGTERM: SLURM's preemption notice. SIGUSR1/SIGUSR2: the usual pre-time-limit signals
 (`#SBATCH --signal=USR1@120`; submitit asks SLURM for USR2)."""
-UNCOMPARED = ("checkpoint_every", "progress")
-"""Config fields that cannot change the result, so a resume may change them."""
 
 TENSOR_FILES = ("model.pt", "optimizer.pt", "rng.pt")
 """A checkpoint's tensor files; state.json records each one's size and sha256."""
@@ -141,7 +140,7 @@ def stop_requested() -> bool:
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The config as JSON would give it back, without the fields a resume may change."""
     normal = json.loads(json.dumps(config))
-    return {k: v for k, v in normal.items() if k not in UNCOMPARED}
+    return {k: v for k, v in normal.items() if k not in OPERATIONAL_FIELDS}
 
 
 def read_info(checkpoint: Path) -> dict[str, Any]:
@@ -303,7 +302,8 @@ class Checkpointer:
             problem = damage(path, info) if distributed.is_main() else None
             if distributed.world_size() > 1 and dist.is_initialized():
                 verdict = [problem]
-                dist.broadcast_object_list(verdict, src=0)
+                # Rank 0 may read tens of gigabytes meanwhile: no collective timeout here.
+                dist.broadcast_object_list(verdict, src=0, group=distributed.slow_group())
                 problem = verdict[0]
             self._damage[path] = problem
         return self._damage[path]
@@ -395,10 +395,23 @@ class Checkpointer:
             rng = [None] * world_size
             dist.all_gather_object(rng, _rng_state())
         final = self.root / f"{STEP_PREFIX}{state.step:08d}"
+        error: BaseException | None = None
         if rank == 0:
-            self._write(final, model_sd, optim_sd, rng, state, world_size)
+            try:
+                self._write(final, model_sd, optim_sd, rng, state, world_size)
+            except Exception as e:
+                if world_size == 1:
+                    raise
+                error = e
         if world_size > 1:
-            dist.barrier()
+            # Rank 0 tells the others how its write went (a full disk must end every rank, not
+            # leave them waiting), after writing alone for as long as it takes: no timeout.
+            message = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(message, src=0, group=distributed.slow_group())
+            if error is not None:
+                raise error
+            if message[0] is not None:
+                raise OSError(f"rank 0 could not write checkpoint {final}: {message[0]}")
         return final
 
     def _write(self, final, model_sd, optim_sd, rng, state, world_size: int) -> None:

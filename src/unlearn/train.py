@@ -171,66 +171,71 @@ def train(
     if cfg.muon_lr is not None:
         base_lrs["muon_lr"] = cfg.muon_lr
     while state.step < plan.total_steps:
-        phase_idx = max(i for i, s in enumerate(starts) if s <= state.step)
-        phase = plan.phases[phase_idx]
-        objective.phase = phase
-        phase_step = state.step - starts[phase_idx]
-        weights = objective.weights(phase_step, phase.steps)
-        lr_mult = lr_mult_at(state.step, plan.total_steps, warmup_steps, cfg.lr_decay)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_mult
+        # A collective that times out or loses a peer ends the run in one line naming
+        # this rank and the step (distributed.collective_failure).
+        with par.naming_failures(f"at step {state.step + 1}"):
+            phase_idx = max(i for i, s in enumerate(starts) if s <= state.step)
+            phase = plan.phases[phase_idx]
+            objective.phase = phase
+            phase_step = state.step - starts[phase_idx]
+            weights = objective.weights(phase_step, phase.steps)
+            lr_mult = lr_mult_at(state.step, plan.total_steps, warmup_steps, cfg.lr_decay)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_mult
 
-        sums: dict[str, float] = {}
-        for a in range(cfg.grad_accum):
-            k = (state.step * cfg.grad_accum + a) * plan.world_size + rank
-            ctx = StepContext(
-                model=model,
-                reference=reference,  # type: ignore[arg-type]
-                forget=forget.batch(k).to(device),
-                retain=retain.batch(k).to(device) if retain is not None else None,  # type: ignore[arg-type]
-                step=phase_step,
-                total_steps=phase.steps,
-                phase=phase_idx,
-                generator=torch.Generator(device=device).manual_seed(_micro_seed(cfg.seed, k)),
-                frozen_cache=frozen_cache,
-                forget_ids=forget.example_ids(k) if frozen_cache is not None else None,
-                retain_ids=(retain.example_ids(k) if frozen_cache is not None and retain else None),
-                first_step=state.step == 0,
+            sums: dict[str, float] = {}
+            for a in range(cfg.grad_accum):
+                k = (state.step * cfg.grad_accum + a) * plan.world_size + rank
+                ctx = StepContext(
+                    model=model,
+                    reference=reference,  # type: ignore[arg-type]
+                    forget=forget.batch(k).to(device),
+                    retain=retain.batch(k).to(device) if retain is not None else None,  # type: ignore[arg-type]
+                    step=phase_step,
+                    total_steps=phase.steps,
+                    phase=phase_idx,
+                    generator=torch.Generator(device=device).manual_seed(_micro_seed(cfg.seed, k)),
+                    frozen_cache=frozen_cache,
+                    forget_ids=forget.example_ids(k) if frozen_cache is not None else None,
+                    retain_ids=(
+                        retain.example_ids(k) if frozen_cache is not None and retain else None
+                    ),
+                    first_step=state.step == 0,
+                )
+                with par.micro_batch(last=a == cfg.grad_accum - 1):
+                    terms = par.loss(lambda ctx=ctx: objective.loss(ctx))
+                    total = sum(weights.get(name, 0.0) * value for name, value in terms.items())
+                    (total / cfg.grad_accum).backward()  # type: ignore[union-attr]
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.item() / cfg.grad_accum
+            sums = par.mean(sums)  # every rank logs and guards the same global values
+            _check_terms(sums, state, weights, cfg)
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if cfg.grad_clip > 0
+                else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             )
-            with par.micro_batch(last=a == cfg.grad_accum - 1):
-                terms = par.loss(lambda ctx=ctx: objective.loss(ctx))
-                total = sum(weights.get(name, 0.0) * value for name, value in terms.items())
-                (total / cfg.grad_accum).backward()  # type: ignore[union-attr]
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item() / cfg.grad_accum
-        sums = par.mean(sums)  # every rank logs and guards the same global values
-        _check_terms(sums, state, weights, cfg)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if cfg.grad_clip > 0
-            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        values = {
-            **sums,
-            **{f"coef_{n}": w for n, w in weights.items()},
-            "loss": sum(weights.get(n, 0.0) * v for n, v in sums.items()),
-            **{name: base * lr_mult for name, base in base_lrs.items()},
-            "grad_norm": par.item(grad_norm),
-        }
-        state.last = values
-        if on_log is not None and (
-            state.step % cfg.log_every == 0 or state.step == plan.total_steps
-        ):
-            on_log(state.step, values)
-        bar.update(1)
-        bar.set_postfix({n: f"{v:.4g}" for n, v in sums.items()}, refresh=False)
-        if on_step is not None:
-            on_step(state.step)
-        if checkpointer is not None:
-            checkpointer.after_step(model, optimizer, state, plan.total_steps)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            values = {
+                **sums,
+                **{f"coef_{n}": w for n, w in weights.items()},
+                "loss": sum(weights.get(n, 0.0) * v for n, v in sums.items()),
+                **{name: base * lr_mult for name, base in base_lrs.items()},
+                "grad_norm": par.item(grad_norm),
+            }
+            state.last = values
+            if on_log is not None and (
+                state.step % cfg.log_every == 0 or state.step == plan.total_steps
+            ):
+                on_log(state.step, values)
+            bar.update(1)
+            bar.set_postfix({n: f"{v:.4g}" for n, v in sums.items()}, refresh=False)
+            if on_step is not None:
+                on_step(state.step)
+            if checkpointer is not None:
+                checkpointer.after_step(model, optimizer, state, plan.total_steps)
     bar.close()
     return state
 

@@ -149,7 +149,7 @@ def run_attack(cfg: AttackConfig) -> RunMeta:
     if args.store:
         check_store(args.store)
     prepared = prepare_suite(suite)  # benchmarks' datasets: missing offline is bad input, now
-    par = setup(tcfg.distributed)
+    par = setup(tcfg.distributed, tcfg.collective_timeout)
     checkpoint = Checkpointer(out, cfg.to_dict(), every=tcfg.checkpoint_every)
     fresh = RunMeta(
         id=args.run_id or out.name,

@@ -166,7 +166,7 @@ def run_distill(cfg: DistillConfig) -> RunMeta:
     if args.store:
         check_store(args.store)
     prepared = prepare_suite(suite)
-    par = setup(tcfg.distributed)
+    par = setup(tcfg.distributed, tcfg.collective_timeout)
     fresh = RunMeta(id=args.run_id or out.name, kind="unlearn", method="distill",
                     config={**cfg.to_dict(), "suite": suite.roles()}, status="running",
                     started=utc_now(), parent=parent)  # fmt: skip

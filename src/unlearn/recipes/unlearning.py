@@ -244,7 +244,7 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
     """Load the model, attach LoRA or copy the reference, set the method up, build the data;
     under torchrun (`par`), wrap the model for DDP or shard it with FSDP2 after the setup."""
     tcfg = cfg.train
-    par = par or setup(tcfg.distributed)
+    par = par or setup(tcfg.distributed, tcfg.collective_timeout)
     device = par.device
     torch.manual_seed(tcfg.seed)
     tokenizer = load_tokenizer(v.model_ref)
@@ -288,6 +288,8 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
     plan = make_plan(tcfg, len(forget_ex), method.phases, par.world_size)
     world_root = v.world.root if v.world is not None else None  # type: ignore[attr-defined]
     frozen = frozen_from_args(cfg.args.cache, world_root, out)
+    if frozen is not None:  # ranks run equally many frozen forwards (FSDP2's all-gathers)
+        frozen.agree = par.frozen_forwards_agreement()
     return Prepared(
         model, reference, method, tokenizer, forget, retain, plan, device, v.world, par, frozen
     )
@@ -327,7 +329,7 @@ def run_unlearning(cfg: RunConfig, monitor: Monitor | None = None) -> RunMeta:
     # any weights load or any step is trained.
     suite = prepare_suite(v.suite) if v.suite is not None else None
     out = v.out
-    par = setup(cfg.train.distributed)
+    par = setup(cfg.train.distributed, cfg.train.collective_timeout)
     checkpoint = Checkpointer(out, cfg.to_dict(), every=cfg.train.checkpoint_every)
     fresh = RunMeta(
         id=args.run_id or out.name,

@@ -169,13 +169,17 @@ def run_lifecycle(
     active = ActiveRun(run, meta, out)
     try:
         yield active
-    except BaseException as error:
+    except BaseException as caught:
+        # A collective's timeout outside the training loop (a save, the evaluation) too.
+        error: BaseException = (
+            par.collective_failure(caught, "outside the training steps") or caught
+        )
         outcome = outcome_of(error)
         fields: dict[str, Any] = {"status": outcome.status, "error": error_text(error)}
         if outcome.finished:
             fields["finished"] = utc_now()
         active.meta = run.update(**fields)
-        if not outcome.reraise and par.is_main:
+        if not outcome.reraise and (par.is_main or outcome.every_rank):
             print(f"{fresh.kind} {active.id}: {outcome.status}: {error}", file=sys.stderr)
         _index(index, out)
         if outcome.reraise:

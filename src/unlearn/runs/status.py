@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unlearn.errors import DivergedError, Preempted, Pruned, RetainZeroError, SaveFailed
+from unlearn.errors import (
+    CollectiveFailure,
+    DivergedError,
+    Preempted,
+    Pruned,
+    RetainZeroError,
+    SaveFailed,
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,8 @@ class Outcome:
     """Stamp the finish time (not for a preemption: the run goes on when resumed)."""
     reraise: bool = False
     """Raise it again after recording it (an unexpected error: the caller sees the traceback)."""
+    every_rank: bool = False
+    """Every rank that saw it prints its line (it names the rank), not only rank 0."""
 
 
 OUTCOMES: tuple[tuple[type[BaseException], Outcome], ...] = (
@@ -33,6 +42,7 @@ OUTCOMES: tuple[tuple[type[BaseException], Outcome], ...] = (
     (Pruned, Outcome("pruned")),
     (RetainZeroError, Outcome("failed")),
     (SaveFailed, Outcome("failed")),
+    (CollectiveFailure, Outcome("failed", every_rank=True)),
     (BaseException, Outcome("failed", reraise=True)),
 )
 """Exception -> run status, first match wins. The expected ones are results, reported in one

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unlearn.config import ModelArgs
+from unlearn.config import OPERATIONAL_FIELDS, ModelArgs
 from unlearn.data import CorpusSpec
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs, resolve_suite
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
     from unlearn.recipes.distill import DistillConfig
     from unlearn.robustness.plan import RobustnessPlan
 
-UNHASHED_FIELDS = ("progress", "checkpoint_every")
-"""Fields that cannot change a result, so they do not change a point's id."""
 ABBREVIATIONS = {
     "retain_coef": "rc",
     "remove_coef": "rm",
@@ -243,7 +241,7 @@ def point_id(method: str, overrides: dict, varied: dict, world: str) -> str:
     parts = [
         ABBREVIATIONS.get(k, k) + _id_value(v)
         for k, v in varied.items()
-        if k not in UNHASHED_FIELDS
+        if k not in OPERATIONAL_FIELDS
     ]
     return "-".join([method, *parts, digest])
 
@@ -260,7 +258,7 @@ def check_distinct(points: list[Point]) -> None:
 
 
 def _hashed(overrides: dict) -> dict:
-    return {k: v for k, v in overrides.items() if k not in UNHASHED_FIELDS}
+    return {k: v for k, v in overrides.items() if k not in OPERATIONAL_FIELDS}
 
 
 def _id_value(value: Any) -> str:
