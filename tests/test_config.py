@@ -84,8 +84,8 @@ RUN_KEYS = [
     "num_phases", "lr", "optimizer", "muon_lr", "adam_lr", "weight_decay", "num_train_examples",
     "pdbs", "grad_accum", "epochs", "max_steps", "warmup", "lr_decay", "max_length", "grad_clip",
     "seed", "dtype", "diverge_factor", "log_every", "checkpoint_every", "distributed",
-    "collective_timeout", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge", "model", "revision",
-    "world", "retain_mix", "mix_fraction",
+    "collective_timeout", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "merge", "model", "revision", "world", "retain_mix", "mix_fraction",
 ]  # fmt: skip
 """(muon_lr and adam_lr came later; None in them equals a missing key when a resume compares.)"""
 ATTACK_KEYS = [
