@@ -158,3 +158,86 @@ def test_attack_args_need_a_model():
     assert args.model_args == ModelArgs("m", "r", True)
     with pytest.raises(UsageError, match="--model is required"):
         AttackArgs(out="o", world="w")
+
+
+SEED_COMMANDS = {
+    "run": ["run", "--method", "sequential"],
+    "attack": ["attack", "--model", "m"],
+    "robustness": ["robustness", "--model", "m"],
+    "world": ["world", "build", "--preset", "tiny"],
+    "demo": ["demo", "--preset", "tiny"],
+}
+
+
+@pytest.mark.parametrize("command", SEED_COMMANDS)
+def test_a_negative_seed_is_refused_everywhere_the_same_way(command, tmp_path, capsys):
+    """One rule (an integer >= 0) in every command that takes a seed, checked before anything
+    is printed, built or created."""
+    from unlearn.cli import main
+
+    argv = [*SEED_COMMANDS[command], "--out", str(tmp_path / "out"), "--seed", "-1"]
+    if command in ("run", "attack", "robustness"):
+        argv += ["--world", str(tmp_path / "w")]  # never read: the seed is refused first
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"unlearn {command}: error: --seed must be an integer >= 0, got -1"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_seed_from_a_spec_or_config_file_follows_the_same_rule():
+    with pytest.raises(UsageError, match=r"--seed must be an integer >= 0, got -3"):
+        build_sections((TrainConfig,), {"seed": -3})
+    assert build_sections((TrainConfig,), {"seed": 0})[TrainConfig].seed == 0
+
+
+# -- settings a method does not read, in specs ---------------------------------------------------
+
+TINY_RUN = {"num_train_examples": 8, "pdbs": 2, "grad_accum": 1, "max_steps": 2, "progress": False}
+RR_CHOICE = {"forget_end_fraction": {"choice": [0.75, 1.0]}}
+"""Its first choice is rr's default: the trial built at the other end is the one refused."""
+IGNORED_IN_SPECS = {
+    "sweep grid": (
+        "sweep",
+        {"method": "grad_diff", "grid": {"forget_loss": ["random_ce", "max_entropy"]}},
+        "grad_diff does not use --forget_loss",
+    ),
+    "sweep base": (
+        "sweep",
+        {"method": "npo", "base": {**TINY_RUN, "layers": [1]}, "grid": {"retain_coef": [1, 5]}},
+        "npo does not use --layers",
+    ),
+    "search range": (
+        "search",
+        {"method": "rr", "space": {"retain_ramp_start": {"float": [0, 0.5]}}},
+        "rr does not use --retain_ramp_start",
+    ),
+    "search choice": (
+        "search",
+        {"goal": "pareto", "space": {"retain_coef": {"float": [1, 20]}},
+         "methods": [{"method": "sequential"}, {"method": "rr", "space": RR_CHOICE}]},
+        "rr does not use --forget_end_fraction (got 1.0)",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(IGNORED_IN_SPECS))
+def test_specs_refuse_a_setting_the_method_ignores(tiny_world, tmp_path, capsys, case):
+    """A sweep whose points, or a search whose space, vary a setting the method never reads
+    would train the same model under several names: the spec is refused before anything runs."""
+    import yaml
+
+    from unlearn.cli import main
+
+    command, change, needle = IGNORED_IN_SPECS[case]
+    spec = {"name": "s", "world": str(tiny_world.root), "out": str(tmp_path / "out"),
+            "base": dict(TINY_RUN), **change}  # fmt: skip
+    if command == "search":
+        spec = {"goal": "boundary", "budget": 4, **spec}
+        spec["pruner"] = "none" if spec["goal"] == "boundary" else None
+        spec = {k: v for k, v in spec.items() if v is not None}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -348,3 +348,109 @@ def test_atomic_dirs_honour_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
+
+
+# -- a killed atomic write, weight files' permissions, eval --output -------------------------
+
+
+def test_weight_files_honour_the_umask(tmp_path):
+    """safetensors' save_file writes 0600 files; inside an atomic_dir they get the umask's."""
+    import torch
+    from safetensors.torch import save_file
+
+    from unlearn.fsutil import atomic_dir
+
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            with atomic_dir(tmp_path / "model") as tmp:
+                save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+                (tmp / "sub").mkdir(mode=0o700)
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode) == mode
+        assert stat.S_IMODE((tmp_path / "model" / "sub").stat().st_mode) == 0o777 & ~umask
+
+
+KILLED_WRITE = """
+import os, sys
+from unlearn.fsutil import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "half").write_text("half written")
+    os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_killed_atomic_write_leaves_a_temp_dir_that_the_next_one_removes(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from unlearn.fsutil import _owner_tag, atomic_dir
+
+    world = tmp_path / "world"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(world)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    (left,) = tmp_path.glob(".world.tmp-*")  # what a killed `world build` leaves
+    host, dead = _owner_tag().split("@", 1)[1], _dead_pid()
+    # Kept: a live process's (this one's), another machine's, another naming's, another
+    # artifact's, and anything else.
+    kept = [
+        f".world.tmp-{os.getpid()}@{host}-abcdefgh",
+        f".world.tmp-{dead}@other-host-abc_1234",
+        ".world.tmp-abc_1234",
+        f".other.tmp-{dead}@{host}-abcdefgh",
+        ".world.notes",
+    ]
+    for name in kept:
+        (tmp_path / name).mkdir()
+    with atomic_dir(world) as tmp:
+        (tmp / "done").write_text("whole")
+    assert not left.exists()
+    assert f"removed {left}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "world"])
+    assert (world / "done").read_text() == "whole"
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (reaped)."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_eval_output_replaces_only_an_earlier_results_file(
+    tiny_world, previous_run, tmp_path, capsys, monkeypatch
+):
+    from unlearn.recipes.evaluate import is_eval_results
+
+    argv = ["eval", "--model", str(tiny_world.target), "--world", str(tiny_world.root),
+            "--tasks", "forget", "--limit", "2"]  # fmt: skip
+    results = tmp_path / "results.json"
+    assert cli([*argv, "--output", str(results)]) == 0
+    assert cli([*argv, "--output", str(results)]) == 0  # its own earlier results: replaced
+    first = json.loads(results.read_text())
+    assert first["results"]["forget"]["n"] == 2 and is_eval_results(results)
+    baselines = tmp_path / "baselines.json"
+    baselines.write_text(json.dumps({"baselines": {"Target": first, "Filtered twin": first}}))
+    assert is_eval_results(baselines)  # what --baselines --output writes
+
+    capsys.readouterr()
+    users = tmp_path / "uf.txt"
+    users.write_text("precious\n")
+    not_quite = tmp_path / "notes.json"
+    not_quite.write_text(json.dumps({"model": "m", "results": {}, "my notes": "keep"}))
+    before = snapshot(previous_run)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    for output in (users, not_quite, previous_run / "run.json"):
+        kept = output.read_bytes()
+        assert cli([*argv, "--output", str(output)]) == 2
+        line = one_error_line(capsys)
+        assert f"--output {output} exists and is not an eval results file" in line, line
+        assert output.read_bytes() == kept
+    assert snapshot(previous_run) == before

@@ -106,7 +106,10 @@ def _only_file(tmp_path, example="a"):
     return path
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "other_key", "other_length"])
+DAMAGES = ["truncate", "garbage", "payload", "no_checksum", "other_key", "other_length"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_bad_entry_is_recomputed_never_used(tmp_path, damage):
     first, _ = rows(FrozenCache(tmp_path), ids=("a",), lengths=(4,))
     path = _only_file(tmp_path)
@@ -114,15 +117,25 @@ def test_a_bad_entry_is_recomputed_never_used(tmp_path, damage):
         path.write_bytes(path.read_bytes()[:-7])
     elif damage == "garbage":
         path.write_bytes(b"\x00" * 64)
+    elif damage == "payload":
+        # The header (names, shapes, metadata) intact, one tensor byte flipped: safetensors
+        # reads it without complaint, only the checksum tells.
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x40
+        path.write_bytes(bytes(data))
     else:
-        # A whole, readable file that holds something else under this name.
+        # A whole, readable file that holds something else under this name (or, without a
+        # checksum, cannot show that its tensors are the ones written).
         from safetensors.torch import save_file
 
         key = fc.json.dumps({**WHAT, "layers": [9]}, sort_keys=True)
         t = torch.ones(3 if damage == "other_length" else 4, 3)
+        entry = {"1": t, "2": t.clone()}
         meta = {"key": key if damage == "other_key" else fc.json.dumps(WHAT, sort_keys=True),
                 "example": "a", "length": str(t.shape[0])}  # fmt: skip
-        save_file({"1": t, "2": t.clone()}, str(path), metadata=meta)
+        if damage != "no_checksum":
+            meta["checksum"] = fc.entry_checksum(entry)
+        save_file(entry, str(path), metadata=meta)
     fc.MEMORY.clear()
     cache = FrozenCache(tmp_path)
     again, frozen = rows(cache, ids=("a",), lengths=(4,))
@@ -131,6 +144,15 @@ def test_a_bad_entry_is_recomputed_never_used(tmp_path, damage):
     fc.MEMORY.clear()  # the recomputed entry was written back, whole
     _, frozen = rows(FrozenCache(tmp_path), ids=("a",), lengths=(4,))
     assert frozen.calls == 0
+
+
+def test_entry_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        rows(FrozenCache(tmp_path), ids=("a",), lengths=(4,))
+    finally:
+        os.umask(old)
+    assert _only_file(tmp_path).stat().st_mode & 0o777 == 0o644  # save_file alone makes 0600
 
 
 def test_unwritable_dir_warns_once_and_caches_in_memory(tmp_path, capsys):

@@ -96,6 +96,65 @@ def test_bad_local_models_are_one_line_usage_errors(tmp_path):
         resolve_model("no/such/dir")
 
 
+def _damage(model_dir, how: str) -> str:
+    """Damage a copy of a model directory; returns what the one-line error must contain."""
+    weights, config_file = model_dir / "model.safetensors", model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        return f"{weights} is truncated"
+    if how == "longer":
+        weights.write_bytes(weights.read_bytes() + b"\0" * 16)
+        return f"{weights} is longer than its header says"
+    if how == "header_cut":
+        weights.write_bytes(weights.read_bytes()[:20])
+        return f"{weights} is not a whole safetensors file"
+    if how == "index_shard_missing":
+        index = {"metadata": {}, "weight_map": {"w": "model-00002-of-00002.safetensors"}}
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+        return "names model-00002-of-00002.safetensors, which is not in"
+    if how == "not_json":
+        config_file.write_text("{not json")
+        return f"{config_file} is not a readable JSON config"
+    # hidden_size -5: transformers' own check fails on it (heads do not divide it); -8 passes
+    # that check and would fail inside the weight load; "32": a string.
+    value = {"hidden_size_-5": -5, "hidden_size_-8": -8, "hidden_size_str": "32"}[how]
+    config_file.write_text(json.dumps({**config, "hidden_size": value}))
+    return f"{config_file}: hidden_size must be an integer >= 1, got {value!r}"
+
+
+DAMAGES = ["truncated", "longer", "header_cut", "index_shard_missing", "not_json",
+           "hidden_size_-5", "hidden_size_-8", "hidden_size_str"]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_model_dir_is_one_line_before_weights_load(
+    tiny_hf_models, tmp_path, how, capsys, monkeypatch
+):
+    import shutil
+
+    from unlearn.cli import main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_hf_models["gpt_neox"], model_dir)
+    expected = _damage(model_dir, how)
+    with pytest.raises(UsageError) as caught:
+        resolve_model(model_dir)
+    assert expected in str(caught.value)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(json.dumps({"text": "hello"}) + "\n")
+    args = ["fit-lens", "--model", str(model_dir), "--texts", str(texts)]
+    assert main([*args, "--out", str(tmp_path / "lens")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "lens").exists()
+
+
 def test_revision_with_a_local_directory_is_refused(tiny_hf_models, tmp_path, capsys):
     """A local directory holds one version; a revision would be ignored without a word (and
     recorded in the run's config as if it had been used)."""

@@ -76,6 +76,14 @@ def _positive(name: str, value: float, strict: bool = True) -> None:
         raise UsageError(f"--{name} must be {'> 0' if strict else '>= 0'}, got {value}")
 
 
+def check_seed(value: object, name: str = "--seed") -> None:
+    """The one rule for a seed, everywhere one is given (run, attack, robustness, world build,
+    demo, sweep and search specs): an integer >= 0. numpy's generators refuse negative seeds
+    while torch's accept them, so a negative seed would work in some commands only."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 OPERATIONAL_FIELDS = ("progress", "checkpoint_every", "collective_timeout")
 """Fields that cannot change a run's result: a resume may change them, and they are not part of
 a sweep point's identity."""
@@ -116,6 +124,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Max gradient norm (0 disables clipping)."""
     seed: int = 0
+    """Seed of the data order, dropout and any random targets (an integer >= 0)."""
     dtype: str = "float32"
     """Training dtype of the model and of the frozen reference (never quantised)."""
     diverge_factor: float = 1000.0
@@ -141,6 +150,7 @@ class TrainConfig:
         _positive("diverge_factor", self.diverge_factor)
         _positive("checkpoint_every", self.checkpoint_every, strict=False)
         _positive("collective_timeout", self.collective_timeout)
+        check_seed(self.seed)
         for name in ("num_train_examples", "pdbs", "grad_accum", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -13,10 +13,12 @@ Design choices:
   (not its index: two sweep points that sample different documents share what they have in common).
 - Layout on disk: `DIR/<digest of what>/<digest of the tokens>.safetensors`, one file per example
   holding one tensor per name, each `[tokens, ...]` (no padding), with the full `what` JSON, the
-  example digest and its length in the file's metadata. A file whose metadata, names or lengths do
-  not match, or that cannot be read (truncated, corrupt), is never used: the batch is recomputed
-  and the file rewritten. Writes are atomic (temporary file + rename), so a reader in another
-  process never sees half a file.
+  example digest, its length and a checksum of its tensors in the file's metadata. A file whose
+  metadata, names or lengths do not match, whose tensors do not match the checksum (a payload
+  corrupted behind an intact header, which safetensors reads without complaint), or that cannot
+  be read (truncated, corrupt), is never used: the batch is recomputed and the file rewritten.
+  Writes are atomic (temporary file + rename), so a reader in another process never sees half a
+  file; files get the usual permissions (0666 minus the umask), not save_file's 0600.
 - Memory: a process-wide LRU over entries, bounded in bytes (`--frozen_cache_memory_gb`), shared
   by every run in the process (in-process sweeps). Entries live on the CPU; a hit is copied to
   the training device (much cheaper than the frozen forward it replaces).
@@ -63,6 +65,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from unlearn.errors import UsageError
+from unlearn.fsutil import default_permissions
 
 LOGITS_MAX_BYTES_PER_EXAMPLE = 4 * 2**20
 """Reference logits are cached only when one example's logits take at most this many bytes
@@ -104,6 +107,18 @@ def example_digest(token_ids: Sequence[int]) -> str:
 
 
 Entry = dict[str, torch.Tensor]
+
+
+def entry_checksum(entry: Entry) -> str:
+    """A digest of an entry's tensors (names, dtypes, shapes and bytes), stored in its file's
+    metadata and recomputed on every read from disk (about 1 GB/s: small beside the forward a
+    hit saves)."""
+    h = hashlib.sha256()
+    for name in sorted(entry):
+        t = entry[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 class _Memory:
@@ -243,8 +258,9 @@ class FrozenCache:
 
     @staticmethod
     def _read(path: Path, key: str, example: str) -> Entry | None:
-        """A file's entry if it is whole and says it holds `key` on `example`; None otherwise
-        (missing, truncated, another key: then it is recomputed and rewritten)."""
+        """A file's entry if it is whole, says it holds `key` on `example` and its tensors match
+        its checksum; None otherwise (missing, truncated, corrupted, another key, written
+        without a checksum: then it is recomputed and rewritten)."""
         if not path.exists():
             return None
         try:
@@ -254,6 +270,8 @@ class FrozenCache:
                     return None
                 length = int(meta.get("length", -1))
                 entry = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            if meta.get("checksum") != entry_checksum(entry):
+                return None
         except Exception:  # any unreadable file is a miss, never a crash
             return None
         if any(t.dim() < 1 or t.shape[0] != length for t in entry.values()):
@@ -266,11 +284,13 @@ class FrozenCache:
             return
         path = self._path(space, example)
         length = next(iter(entry.values())).shape[0]
-        meta = {"key": key, "example": example, "length": str(length)}
+        meta = {"key": key, "example": example, "length": str(length),
+                "checksum": entry_checksum(entry)}  # fmt: skip
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(exist_ok=True)
             save_file({k: v.contiguous() for k, v in entry.items()}, str(tmp), metadata=meta)
+            default_permissions(tmp)
             size = tmp.stat().st_size
             os.replace(tmp, path)
         except OSError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from unlearn.errors import UsageError
-from unlearn.fsutil import atomic_dir
+from unlearn.fsutil import atomic_dir, check_safetensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
@@ -55,6 +56,48 @@ class ModelRef:
         return key
 
 
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "intermediate_size", "max_position_embeddings",
+               "head_dim", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "d_model",
+               "num_layers", "ffn_dim")  # fmt: skip
+"""Config fields that size a model (null allowed where the architecture derives them): a value
+that is not an integer >= 1 would fail deep inside the weight load."""
+
+
+def check_config_sizes(config: dict, where: str) -> None:
+    """UsageError naming the field unless every size field of `config` (a config.json object)
+    is null or an integer >= 1; `where` names the file or model in the message."""
+    for name in SIZE_FIELDS:
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+
+
+def _check_local_model(path: Path, name: str) -> None:
+    """A local model directory's config.json (JSON, size fields) and safetensors weights (whole,
+    and every shard an index names present), checked without loading any weights."""
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{config_file} is not a readable JSON config ({e})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{config_file} is not a JSON object")
+    check_config_sizes(config, str(config_file))
+    for index_file in path.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{index_file} is not a readable weight index") from None
+        missing = sorted(str(s) for s in shards if not (path / str(s)).is_file())
+        if missing:
+            raise UsageError(f"{index_file} names {missing[0]}, which is not in {name}")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
@@ -70,8 +113,9 @@ def resolve_model(
 
     A relative path that does not exist here but does inside `world_dir` is taken from the world:
     world.json stores paths relative to the world, so `--model "$(jq -r .target W/world.json)"
-    --world W` works from any directory. Reads only the config, so it is cheap and runs before
-    any weights load.
+    --world W` works from any directory. Reads only the config (and for a local directory the
+    safetensors headers and file sizes: a truncated weight file is one line here, not a
+    traceback in the load), so it is cheap and runs before any weights load.
 
     A `revision` with a local directory is refused (UsageError), not warned about: transformers
     ignores it for a directory, which holds exactly one version, so the run would use that
@@ -96,11 +140,19 @@ def resolve_model(
                 f"revision {revision!r} given for the local model directory {name}: a directory "
                 "holds one version (drop the revision, or give the hub id with it)"
             )
+        _check_local_model(path, name)
         name = str(path.absolute())
     elif not _looks_like_hub_id(name):
         raise UsageError(f"model {name} not found (neither a local directory nor a hub id)")
+    try:  # transformers 5 validates configs through huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        StrictDataclassError = ValueError
+
     try:
-        AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code
+        )
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(
@@ -109,8 +161,12 @@ def resolve_model(
             "(offline? download it on a connected machine or pass a local directory; "
             "HF_HUB_OFFLINE=1 skips the connection attempts)"
         ) from None
-    except ValueError as e:
-        raise UsageError(f"{name} is not a usable model: {str(e).splitlines()[0]}") from None
+    except (ValueError, StrictDataclassError) as e:
+        # transformers' own config checks (e.g. a hidden size the heads do not divide): the
+        # message's last line is the specific one.
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        raise UsageError(f"{name} is not a usable model: {lines[-1] if lines else e!r}") from None
+    check_config_sizes(config.to_dict(), f"{name}{'@' + revision if revision else ''}")
     return ModelRef(name, revision, trust_remote_code)
 
 

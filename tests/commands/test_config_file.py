@@ -86,6 +86,12 @@ BAD = [
     ("type.yaml", "lr: '1e-3'\n", "lr must be a number"),
     ("value.yaml", "lr: -1.0\n", "--lr must be > 0"),
     ("method.yaml", "method: nope\n", "unknown method 'nope'"),
+    (
+        "ignored.yaml",
+        "method: rr\nretain_ramp_start: 0.5\n",
+        "method rr does not use --retain_ramp_start (got 0.5)",
+    ),
+    ("ignored.json", "ignored", "method grad_diff does not use --layers (got [1, 2])"),
     ("missing.json", None, "not found"),
     ("attack.json", "attack", "is a run of kind 'attack'"),
     ("nodir", "dir", "is not a run directory"),
@@ -106,6 +112,10 @@ def test_bad_config_file_is_one_line_and_exit_2(
     if content == "attack":  # a run.json of another kind
         config = build_attack_config({"model": "m", "world": "w", "out": "o"}).to_dict()
         path.write_text(json.dumps(RunMeta("a1", "attack", config=config).to_dict()))
+    elif content == "ignored":  # a run.json whose config sets what its method never reads
+        config = build_run_config("grad_diff", {"world": "w", "out": "o"}).to_dict()
+        meta = RunMeta("g1", "unlearn", "grad_diff", config={**config, "layers": [1, 2]})
+        path.write_text(json.dumps(meta.to_dict()))
     elif content == "dir":
         path.mkdir()
     elif content is not None:

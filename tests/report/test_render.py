@@ -333,3 +333,52 @@ def test_report_ingest_rejects_a_non_numeric_eval_value(tmp_path):
     assert "\n" not in str(e.value)
     # Rejected at ingest: nothing was stored (not even an empty store) and no report written.
     assert not store.exists() and not out.exists()
+
+
+def test_a_campaign_without_a_world(tmp_path):
+    """Runs whose suite's only retain task is a question file (`science`) and a robustness run
+    (its "suite" a robustness suite's name): the run's retain is `science` in the table and the
+    plot (no world `retain` task joins from the robustness run), and an attack given the
+    model's path as it was typed is labelled by the run whose model it attacked."""
+    suite = {"forget": ["heldout"], "retain": ["science"], "other": []}
+    with Store(tmp_path / "results.db") as store:
+        add(store, "run1", "unlearn", {"heldout": 0.25, "science": 0.9}, method="grad_diff",
+            config={"suite": suite}, model_path="/home/u/c/run1/model")  # fmt: skip
+        add(store, "run2", "unlearn", {"heldout": 0.5, "science": 0.8}, method="grad_diff",
+            config={"suite": suite, "lr": 2e-4},
+            model_path="/home/u/c/other/run1/model")  # fmt: skip
+        store.upsert_run(RunMeta(id="atk1", kind="attack", parent="c/run1/model",
+                                 config={"suite": suite}, status="running"))  # fmt: skip
+        for step, acc in [(0, 0.25), (1, 0.5)]:
+            store.record_eval("atk1", step, "heldout", {"acc": acc})
+            store.record_eval("atk1", step, "science", {"acc": 0.75})
+        store.set_status("atk1", "done")
+        add(store, "rb1", "robustness", config={"suite": "quick", "heldout_task": "heldout"},
+            model_path="/home/u/c/run1/model")  # fmt: skip
+        store.record_eval("rb1", 0, "heldout", {"worst_case": 0.5})
+        path = render_report(store, tmp_path / "report")
+    md = path.read_text()
+    tables = parse_tables(md)
+    headers, rows = tables["Method `grad_diff`"]
+    assert headers[-3:] == ["Heldout (↓)", "Science (↑)", "status"]
+    assert [r[-3:] for r in rows] == [["25.00%", "90.00%", "done"], ["50.00%", "80.00%", "done"]]
+    assert "retain min" not in md and "Not plotted" not in md
+    headers, rows = tables["Tamper attacks"]
+    assert rows == [["run1 (grad_diff)", "atk1", "25.00%", "50.00%", "+25.00 pts", "-",
+                     "37.50%", "75.00%", "done", ""]]  # fmt: skip
+    assert headers[-3] == "Science (↑) final"
+
+
+def test_an_attack_is_named_by_the_one_run_whose_model_it_attacked(tmp_path):
+    from unlearn.report.data import model_owner
+    from unlearn.runs.store import StoredRun
+
+    paths = [("a", "/x/a/model"), ("b", "/y/b/model"), ("b2", "/z/b/model")]
+    runs = [StoredRun(id=i, kind="unlearn", method="m", status="done", model_path=p)
+            for i, p in paths]  # fmt: skip
+    assert model_owner("a/model", runs).id == "a"
+    assert model_owner("/x/a/model", runs).id == "a" and model_owner("./a//model", runs).id == "a"
+    assert model_owner("/w/a/model", runs) is None  # an absolute path must match exactly
+    assert model_owner("b/model", runs) is None  # two runs: no name rather than a wrong one
+    assert model_owner("y/b/model", runs).id == "b"
+    assert model_owner("model", runs) is None

@@ -13,15 +13,27 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from unlearn.eval.letter import as_cloze
 from unlearn.eval.native import encode_requests, evaluate_questions
 from unlearn.fitting import general_texts
 from unlearn.hooks import get_blocks
 from unlearn.models import load_model, load_tokenizer, resolve_model
 from unlearn.robustness.probes import PROBES, ProbeData, ProbeOptions, run_probe
-from unlearn.robustness.readout import last_token_hiddens
+from unlearn.robustness.readout import (
+    cross_validated_statements,
+    fact_folds,
+    fact_key,
+    fit_statement_classifier,
+    last_token_hiddens,
+    linear_readout,
+    statement_credits,
+    statement_features,
+    statement_labels,
+)
 from unlearn.world.generate import PATHOGEN_RELATIONS
 
 LENS_STEPS = 100
@@ -95,6 +107,7 @@ def test_target_probes_read_what_the_target_answers(target_results, data):
     assert output >= 0.85
     assert lens["acc"] >= output - 0.1
     assert linear["acc"] >= output - 0.3
+    assert linear["readout"] == "answers"  # the world's answers repeat across facts
     for result in (linear, lens):
         _check_result(result, data)
         assert result["layer"] in range(4)
@@ -216,3 +229,106 @@ def test_bad_probe_input_is_refused(target, data, monkeypatch):
     monkeypatch.setattr(model.config, "max_position_embeddings", 64)
     with pytest.raises(ValueError, match="past the model's context window of 64"):
         run_probe("in_context", model, tokenizer, data, ProbeOptions(k=1))
+
+
+# ---- the linear probe on any question set ---------------------------------------------------
+
+
+def _own_answers(questions: list[dict]) -> list[dict]:
+    """The first question of each answer string: every question then has its own answer."""
+    seen: set[str] = set()
+    out = []
+    for q in questions:
+        answer = q["choices"][q["answer"]].strip()
+        if answer not in seen:
+            seen.add(answer)
+            out.append(q)
+    return out
+
+
+def _letters(questions: list[dict]) -> list[dict]:
+    """Cloze rows as letter multiple choice (WMDP's schema), then as the scorer's questions."""
+    rows = [
+        {
+            "question": q["prompt"],
+            "choices": [c.strip() for c in q["choices"]],
+            "answer": q["answer"],
+        }
+        for q in questions
+    ]
+    return as_cloze(rows)
+
+
+def test_the_read_out_follows_the_question_set(data):
+    """Answer classes where the train answers name every test choice (the world's closed answer
+    sets, the letters of multiple choice); statements where each question has its own answer
+    (a class seen once cannot be cross-validated) or a test choice is no train answer."""
+    assert linear_readout(data.train, data.test, 0) == "answers"
+    assert linear_readout(_letters(data.train), _letters(data.test), 0) == "answers"
+    own = _own_answers(data.train)
+    assert len({q["choices"][q["answer"]] for q in own}) == len(own)
+    assert linear_readout(own, data.test, 0) == "statements"
+    assert linear_readout(data.train[:6], data.test, 0) == "statements"  # unnamed choices
+    # Letters missing from the train answers cannot be named either.
+    only_a = [q for q in _letters(data.train) if q["answer"] == 0]
+    assert linear_readout(only_a, _letters(data.test), 0) == "statements"
+
+
+def test_linear_probe_works_when_every_question_has_its_own_answer(target, data):
+    """Before the statement read-out this question set ended the probe with "no train answer
+    belongs to two facts"; letter multiple choice reads its letters as classes."""
+    model, tokenizer = target
+    own = ProbeData(_own_answers(data.train), data.test, [], [], [])
+    result = run_probe("linear", model, tokenizer, own, ProbeOptions(layers=(1, 3)))
+    _check_result(result, data)
+    assert result["readout"] == "statements" and result["layer"] in (1, 3)
+    assert set(result["per_layer"]) == set(result["select"]) == {"1", "3"}
+    letters = ProbeData(_letters(data.train), _letters(data.test), [], [], [])
+    result = run_probe("linear", model, tokenizer, letters, ProbeOptions(layers=(3,)))
+    _check_result(result, data)
+    assert result["readout"] == "answers"
+
+
+def _synthetic(n: int, truth: float, seed: int) -> tuple[list[dict], np.ndarray]:
+    """n facts, each asked with two paraphrases of three choices (unique answers); a statement's
+    features are noise plus `truth` along one direction when the statement is right, plus a
+    per-question offset (what the question's statements share)."""
+    rng = np.random.default_rng(seed)
+    questions, rows = [], []
+    for i in range(n):
+        shared = rng.normal(size=16) * 5
+        for k in range(2):
+            answer = (i + k) % 3
+            choices = [f" a{i}", f" b{i}", f" c{i}"]
+            questions.append({"prompt": f"p{k} {i}", "choices": choices, "answer": answer,
+                              "entity": f"e{i}", "relation": "r"})  # fmt: skip
+            for j in range(3):
+                x = shared + rng.normal(size=16)
+                x[0] += truth * (j == answer)
+                rows.append(x)
+    return questions, np.stack(rows)
+
+
+@pytest.mark.parametrize(("truth", "low", "high"), [(3.0, 0.9, 1.0), (0.0, 0.0, 0.55)])
+def test_statement_read_out_finds_a_truth_direction_and_nothing_else(truth, low, high):
+    """Right statements set apart along one direction are read on held-out facts (cross-
+    validated and on new questions); without it the read-out stays near chance (1/3)."""
+    train, x_train = _synthetic(40, truth, seed=0)
+    test, x_test = _synthetic(20, truth, seed=1)
+    x_train, x_test = statement_features(x_train, train), statement_features(x_test, test)
+    assert low <= cross_validated_statements(x_train, train, seed=0) <= high
+    clf = fit_statement_classifier(x_train, statement_labels(train), seed=0)
+    credits = statement_credits(clf, x_test, test)
+    assert len(credits) == len(test) and low <= sum(credits) / len(credits) <= high
+
+
+def test_folds_keep_a_facts_paraphrases_together(data):
+    """Every paraphrase of a fact (and with it every statement of its questions) sits on one
+    side of each split."""
+    folds = fact_folds(data.train, seed=0)
+    assert len(folds) == 5
+    for fit_rows, held_rows in folds:
+        fit_facts = {fact_key(data.train[i]) for i in fit_rows}
+        assert not fit_facts & {fact_key(data.train[i]) for i in held_rows}
+    held = sorted(i for _, rows in folds for i in rows)
+    assert held == list(range(len(data.train)))

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from unlearn.errors import Pruned
+from unlearn.eval.split import split_entry, with_part
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import RunDir
 
@@ -14,6 +15,25 @@ TINY = {"num_train_examples": 8, "pdbs": 2, "grad_accum": 1, "max_steps": 2, "pr
 REFERENCE = 0.96
 """The stand-in target's accuracy on every retain task."""
 RETAIN_TASKS = ("retain", "retain_late", "near_domain")
+REPORT_SHIFT = 0.01
+"""What the stand-ins add to an accuracy on a task's report part (its selection part: none)."""
+
+
+def keys(suite, role: str) -> list[str]:
+    """The eval keys of a suite's `role` tasks (world tasks: the name, its part kept); a suite
+    naming none (a sweep's): the world's forget task, or its retain tasks."""
+    out = []
+    for entry in getattr(suite, f"{role}_tasks") or (
+        ["forget"] if role == "forget" else list(RETAIN_TASKS)
+    ):
+        whole, part = split_entry(entry)
+        name = whole.rpartition("@")[0] or whole
+        out.append(with_part(name, part) if part else name)
+    return out
+
+
+def shifted(key: str, value: float) -> float:
+    return value + REPORT_SHIFT if key.endswith("#report") else value
 
 
 def spec(world, tmp_path: Path, **extra) -> dict:
@@ -49,9 +69,10 @@ def fake_baseline(label, model_args, suite_args, out, role=None, world=None, sto
     run_dir = RunDir(out)
     run_dir.write_run(RunMeta(run_id or Path(out).name, "baseline", config={"name": label,
                               "role": role}, status="running"))  # fmt: skip
-    run_dir.append_eval(0, "forget", {"acc": 0.9 if role == "target" else 0.3})
-    for task in RETAIN_TASKS:
-        run_dir.append_eval(0, task, {"acc": REFERENCE})
+    for key in keys(suite_args, "forget"):
+        run_dir.append_eval(0, key, {"acc": shifted(key, 0.9 if role == "target" else 0.3)})
+    for key in keys(suite_args, "retain"):
+        run_dir.append_eval(0, key, {"acc": shifted(key, REFERENCE)})
     return run_dir.update(status="done", finished=utc_now())
 
 
@@ -68,16 +89,19 @@ def fake_run(calls: list, fail=lambda cfg: False, prune=lambda cfg: False):
             run_dir.update(status="failed", error="RuntimeError: boom", finished=utc_now())
             raise RuntimeError("boom")
         forget, retain = accuracies(coef)
+        suite = cfg.args.suite
         if monitor is not None:
             bad = prune(cfg)
-            accs = {"forget": 0.99 if bad else forget, **dict.fromkeys(RETAIN_TASKS, retain)}
+            accs = {**{k: 0.99 if bad else forget for k in keys(suite, "forget")},
+                    **dict.fromkeys(keys(suite, "retain"), retain)}  # fmt: skip
             try:
                 monitor.report(1, accs)
             except Pruned as e:
                 return run_dir.update(status="pruned", error=str(e), finished=utc_now())
-        run_dir.append_eval(2, "forget", {"acc": forget})
-        for task in RETAIN_TASKS:
-            run_dir.append_eval(2, task, {"acc": retain})
+        for key in keys(suite, "forget"):
+            run_dir.append_eval(2, key, {"acc": shifted(key, forget)})
+        for key in keys(suite, "retain"):
+            run_dir.append_eval(2, key, {"acc": shifted(key, retain)})
         return run_dir.update(status="done", finished=utc_now())
 
     return run

@@ -24,6 +24,7 @@ from unlearn.search.outputs import collect
 from unlearn.search.space import rounded
 from unlearn.search.spec import Search, load_search
 from unlearn.search.study import open_study
+from unlearn.sweep.execute import sweep_lock
 
 
 def _trials(search):
@@ -84,22 +85,33 @@ def test_rerun_continues_without_repeating_finished_trials(tiny_world, tmp_path,
         assert RunDir(tmp_path / "out/trials" / name).read_meta().started == when
 
 
+def _killed_search(search):
+    """The study a search killed in its second trial leaves: one trial told, one still
+    "running" in the journal; returns the parameters of the running one."""
+    with sweep_lock(search.out, "search"):
+        study = open_study(search)
+        space = {"retain_coef": FloatDistribution(1, 20)}
+        done = study.ask(space)
+        told = {
+            "forget": 0.5,
+            "retains": dict.fromkeys(RETAIN_TASKS, 0.95),
+            "margin": 0.01,
+            "method": "sequential",
+            "config": {"retain_coef": done.params["retain_coef"]},
+        }
+        for key, value in told.items():
+            done.set_user_attr(key, value)
+        study.tell(done, 0.5)
+        killed = study.ask(space)  # sampled its parameters, then the process died
+    return killed
+
+
 def test_a_killed_search_loses_only_its_trial_in_flight(tiny_world, tmp_path, monkeypatch):
     calls: list[str] = []
     patch_runs(monkeypatch, calls)
     path = write(tmp_path, spec(tiny_world, tmp_path, budget=3))
     search = load_search(path)
-    # A search killed in its second trial: one trial told, one still "running" in the journal.
-    search.out.mkdir(parents=True)
-    study = open_study(search)
-    space = {"retain_coef": FloatDistribution(1, 20)}
-    done = study.ask(space)
-    for key, value in {"forget": 0.5, "retains": dict.fromkeys(RETAIN_TASKS, 0.95),
-                       "margin": 0.01, "method": "sequential",
-                       "config": {"retain_coef": done.params["retain_coef"]}}.items():  # fmt: skip
-        done.set_user_attr(key, value)
-    study.tell(done, 0.5)
-    killed = study.ask(space)  # sampled its parameters, then the process died
+    killed = _killed_search(search)
     killed_params = {"retain_coef": rounded(killed.params["retain_coef"])}
     assert main([str(path)]) == 0
     trials = _trials(search)
@@ -110,6 +122,18 @@ def test_a_killed_search_loses_only_its_trial_in_flight(tiny_world, tmp_path, mo
     assert len(retried) == 1
     assert sum(1 for t in trials if t.status != "interrupted") == 3
     assert len(calls) == 2  # the retry and one new trial; the finished one was not repeated
+
+
+def test_status_counts_trials_as_the_budget_does(tiny_world, tmp_path, monkeypatch, capsys):
+    patch_runs(monkeypatch, [])
+    path = write(tmp_path, spec(tiny_world, tmp_path, budget=2))
+    _killed_search(load_search(path))
+    assert main([str(path), "--status"]) == 0
+    assert "1 of 2 trials ended (1 done, 1 running)" in capsys.readouterr().out
+    main([str(path)])  # the interrupted trial is retried: 3 trials, 2 of them counted
+    assert main([str(path), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 trials ended (2 done; 1 interrupted and retried, not counted)" in out
 
 
 def test_pruned_and_failed_trials_are_never_results(tiny_world, tmp_path, monkeypatch):

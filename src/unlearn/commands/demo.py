@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unlearn.cliutil import ArgumentParser
+from unlearn.config import check_seed
 from unlearn.errors import UsageError
 from unlearn.fsutil import check_writable_parent
 from unlearn.recipes.campaign import (
@@ -94,6 +95,7 @@ class DemoConfig:
     preset: str = "default"
     """Mini world preset (tiny or default)."""
     seed: int = 0
+    """Seed of the world (an integer >= 0)."""
     out: str = "out/demo"
     """Everything goes here: world/, runs/, store.sqlite, sweep.yaml, report.md, PNGs."""
     world: str | None = None
@@ -108,6 +110,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
+        check_seed(self.seed)  # before anything prints or builds
         if self.campaign not in CAMPAIGNS:
             raise UsageError(f"--campaign must be one of {', '.join(CAMPAIGNS)}")
         if self.workers is not None and self.workers < 1:

@@ -9,14 +9,17 @@
 Runs the suite's fine-tuning attacks (each an attack run with a curve) and probes on the model,
 and on the filtered twin and the original target (cached per world and suite), then writes
 OUT/robustness.json: each model's worst case (the highest held-out forget accuracy over every
-attack step that keeps retain within the suite's utility margin, and every probe), which attack
-reached it, and the gap to the twin. See docs/robustness.md.
+attack step that keeps each retain task within the suite's utility margin of its own accuracy
+before the attack, and every probe), which attack reached it, and the gap to the twin. Where an
+attack or probe has no result the worst case is only a lower bound, shown as such (exit 1).
+See docs/robustness.md.
 """
 
 from __future__ import annotations
 
 from unlearn.cliutil import ArgumentParser
 from unlearn.recipes.robustness import RobustnessArgs, run_robustness
+from unlearn.report.robustness import partial_cell
 from unlearn.report.tables import markdown_table, pct
 
 
@@ -29,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     for label, row in report["models"].items():
         gap = row.get("gap_to_filtered")
         failed = ", ".join(row.get("failed") or [])
+        worst = pct(row.get("worst_case"))
+        if row.get("worst_case") is None and row.get("worst_case_lower_bound") is not None:
+            worst = partial_cell(row["worst_case_lower_bound"])  # a lower bound, said so
+        notes = f"failed: {failed}" if failed else ""
+        if row.get("missing_families"):
+            notes = f"no result from {', '.join(row['missing_families'])}; {notes}"
         rows.append([
-            label, pct(row.get("worst_case")), row.get("worst_attack") or "-",
-            "-" if gap is None else f"{gap * 100:+.2f} pts", row.get("status", "-"),
-            f"failed: {failed}" if failed else "",
+            label, worst, row.get("worst_attack") or "-",
+            "-" if gap is None else f"{gap * 100:+.2f} pts", row.get("status", "-"), notes,
         ])  # fmt: skip
     print(f"suite {report['suite']} on {report['heldout_task']} "
           f"(utility margin {report['utility_margin']:.2f})")  # fmt: skip

@@ -19,9 +19,10 @@ from unlearn.cliutil import ArgumentParser, add_executor_arguments
 from unlearn.resume import EXIT_PREEMPTED
 from unlearn.sweep.execute import SweepPreempted, run_sweep
 from unlearn.sweep.slurm import make_executor, states_with_jobs
-from unlearn.sweep.spec import load_sweep
+from unlearn.sweep.spec import check_out, input_models, load_sweep
 from unlearn.sweep.state import inspect_point
 from unlearn.sweep.table import count_statuses, describe_points, format_table
+from unlearn.world import load_world
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(states, jobs))
         print(count_statuses(states))
         return 0
+    # OUT must be new, empty or this sweep's own (the demo's sweep shares its runs folder with
+    # the demo's baselines: it calls load_sweep itself, without this check).
+    world = load_world(sweep.world) if sweep.world else None
+    check_out(sweep.out, "sweep", input_models(sweep.points, world))
     try:
         states = run_sweep(sweep, make_executor(ns.executor, sweep, workers=ns.workers))
     except SweepPreempted as e:

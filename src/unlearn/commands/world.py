@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unlearn.cliutil import ArgumentParser
+from unlearn.config import check_seed
 from unlearn.errors import UsageError
 from unlearn.report.tables import results_table
 from unlearn.world.build import build_world, check_out_dir
@@ -41,8 +42,7 @@ class WorldBuildConfig:
         if self.out is None:
             raise UsageError("--out DIR is required")
         get_preset(self.preset)
-        if self.seed < 0:
-            raise UsageError(f"--seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
 

@@ -46,6 +46,7 @@ from unlearn.errors import UsageError
 from unlearn.eval.collapse import collapse_report
 from unlearn.eval.letter import letter_task_config
 from unlearn.eval.questions import CLOZE, read_question_file
+from unlearn.eval.split import limited_part
 from unlearn.eval.tasks import TASKS_DIR
 from unlearn.eval.tasks.utils import cloze_results
 from unlearn.models import eval_mode
@@ -72,6 +73,8 @@ class HarnessOptions:
     """Few-shot examples; tasks whose config fixes 0 (all of ours) stay 0-shot."""
     timeout: float | None = None
     """Seconds a saved-model evaluation may run before it is killed and marked failed."""
+    part: str | None = None
+    """select or report: only that part of each (sub)task's documents (`unlearn.eval.split`)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -312,12 +315,18 @@ def evaluate_one(lm, prepared: PreparedTasks, name: str, options: HarnessOptions
     if name in prepared.failed:
         raise HarnessError(prepared.failed[name])
     obj = prepared.objects[name]
+    limit, samples = options.limit, None
     try:
+        if options.part is not None:  # lm-eval takes a limit or document indices, not both
+            samples = {t.task_name: limited_part(len(t.eval_docs), limit, options.part)
+                       for t in _leaf_tasks(obj)}  # fmt: skip
+            limit = None
         raw = simple_evaluate(
             lm,
             tasks=[obj],
             num_fewshot=options.num_fewshot,
-            limit=options.limit,
+            limit=limit,
+            samples=samples,
             task_manager=prepared.task_manager,
             log_samples=True,
             # Mean metrics get closed-form stderrs; bootstrap serves only the others.

@@ -22,6 +22,7 @@ import torch
 
 from unlearn.eval.collapse import collapse_report
 from unlearn.eval.native import mean_stderr, score_requests
+from unlearn.eval.split import limited_part
 from unlearn.eval.tasks.utils import argmax
 
 
@@ -67,13 +68,19 @@ def score_lm_task(
     batch_size: int = 64,
     special_tokens: bool | None = None,
     progress: bool = False,
+    part: str | None = None,
 ) -> dict:
-    """lm-eval's metrics of a Task or Group (first `limit` documents of each subtask), with
-    log-likelihoods from our forwards: {"n", metric, metric_stderr, ..., "collapse"}."""
+    """lm-eval's metrics of a Task or Group (first `limit` documents of each subtask, and of
+    those only `part`'s when given: `unlearn.eval.split`), with log-likelihoods from our
+    forwards: {"n", metric, metric_stderr, ..., "collapse"}."""
     leaves = _leaves(obj)
     requests, owners = [], []
     for task in leaves:
-        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        if part is None:
+            task.build_all_requests(limit=limit, rank=0, world_size=1)
+        else:  # document indices: lm-eval takes them instead of a limit
+            samples = limited_part(len(task.eval_docs), limit, part)
+            task.build_all_requests(samples=samples, rank=0, world_size=1)
         for inst in task.instances:
             requests.append(inst.args)
             owners.append((task, inst.doc_id, inst.idx, inst.doc))

@@ -14,7 +14,9 @@ A task is any of
 - a perplexity task `ppl:PATH` (documents: a JSONL of `{"text"}` rows, or a text file with one
   document per blank-line-separated block; `unlearn.eval.perplexity`); its key is the file's stem.
 `NAME@N` scores the first N documents of the task (of each subtask of a group); `eval_limit`
-applies to every task without its own.
+applies to every task without its own. `NAME#select` and `NAME#report` (after any `@N`) score
+one of two disjoint parts of those documents, split by document index (`unlearn.eval.split`):
+a search chooses on the selection part and reports on the other.
 
 Perplexity tasks (kind "ppl") report `ppl`, `nll` and `tokens` instead of an accuracy: lower is
 better, so they are `other` tasks only (given as a forget or retain task: UsageError); they are
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +58,7 @@ from unlearn.eval.lm_tasks import native_problem, score_lm_task
 from unlearn.eval.native import evaluate_questions, numeric_metrics
 from unlearn.eval.perplexity import evaluate_perplexity, read_documents
 from unlearn.eval.questions import CLOZE, LETTER, read_question_file
+from unlearn.eval.split import split_entry, take_part, with_part
 
 ROLES = ("forget", "retain", "other")
 BACKENDS = ("auto", "native", "lm-eval")
@@ -100,7 +103,7 @@ class SuiteArgs:
         for role in ROLES:  # `--forget_tasks a,b` and `--forget_tasks a b` both work
             setattr(self, f"{role}_tasks", _split(getattr(self, f"{role}_tasks")))
             for entry in getattr(self, f"{role}_tasks"):
-                parse_entry(entry)
+                parse_entry(split_entry(entry)[0])
         if self.eval_limit is not None and self.eval_limit < 1:
             raise UsageError(f"--eval_limit must be >= 1, got {self.eval_limit}")
         if self.eval_backend not in BACKENDS:
@@ -143,6 +146,8 @@ class SuiteTask:
     limit: int | None = None
     path: str | None = None
     """The question file (world, cloze and letter tasks) or the document file (ppl)."""
+    part: str | None = None
+    """select or report: only that part of the documents (`unlearn.eval.split`); None: all."""
 
     @property
     def metric(self) -> str:
@@ -192,7 +197,7 @@ class Suite:
             raise ValueError(f"task {key} is a perplexity task: it has no chance accuracy")
         if t.path is None:
             return 0.25
-        rows = read_question_file(t.path)[1][: t.limit]
+        rows = take_part(read_question_file(t.path)[1][: t.limit], t.part)
         return sum(1 / len(q["choices"]) for q in rows) / len(rows)
 
 
@@ -222,8 +227,11 @@ def resolve_suite(
     tasks, registry = [], []
     for role in ROLES:
         for entry in wanted[role]:
-            name, limit = parse_entry(entry)
+            whole, part = split_entry(entry)
+            name, limit = parse_entry(whole)
             task = _resolve(name, role, limit or args.eval_limit, world_tasks, world_ppl, base)
+            if part is not None:
+                task = _part_of(task, part)
             if task.kind == PPL and role != "other":
                 raise UsageError(
                     f"task {entry} is a perplexity task (lower is better, not an accuracy): it "
@@ -245,6 +253,20 @@ def resolve_suite(
     if require_forget and not any(t.role == "forget" for t in tasks):
         raise UsageError("the evaluation suite has no forget task (give --forget_tasks)")
     return Suite(tuple(tasks), args.eval_backend, task_dirs)
+
+
+def _part_of(task: SuiteTask, part: str) -> SuiteTask:
+    """`part` of a resolved task (a file's documents are counted now: a benchmark's when they
+    are scored, where too few fail that evaluation)."""
+    if task.path is not None:
+        docs = read_documents(task.path) if task.kind == PPL else read_question_file(task.path)[1]
+        n = len(docs[: task.limit])
+        if n < 2:
+            raise UsageError(
+                f"task {task.source}: {n} document(s) cannot be split into a selection and a"
+                " report part"
+            )
+    return replace(task, key=with_part(task.key, part), part=part)
 
 
 def _path(name: str, base: str | Path | None) -> Path:
@@ -319,18 +341,18 @@ class PreparedSuite:
         the evaluation fails, so callers record a failed row."""
         t = self.suite.task(key)
         if self.via_lm_eval(key):
-            options = harness.HarnessOptions(batch_size, t.limit, self.num_fewshot)
+            options = harness.HarnessOptions(batch_size, t.limit, self.num_fewshot, part=t.part)
             results = harness.evaluate_prepared(model, tokenizer, self._only(key), options)
             result = results[key]
             if result.get("status") == "failed":
                 raise harness.HarnessError(result["error"])
             return {**result, "backend": "lm-eval"}
         if t.kind == PPL:
-            texts = read_documents(t.path)[: t.limit]
+            texts = take_part(read_documents(t.path)[: t.limit], t.part)
             result = evaluate_perplexity(model, tokenizer, texts, batch_size, progress, key)
             return {**result, "backend": "native"}
         if t.kind in ("world", CLOZE, LETTER):
-            rows = read_question_file(t.path)[1][: t.limit]
+            rows = take_part(read_question_file(t.path)[1][: t.limit], t.part)
             questions = as_cloze(rows) if t.kind == LETTER else rows
             special = None if t.kind == LETTER else False  # benchmarks: the tokenizer's default
             result = evaluate_questions(
@@ -342,7 +364,7 @@ class PreparedSuite:
         if key in self.prepared.failed:
             raise harness.HarnessError(self.prepared.failed[key])
         obj = self.prepared.objects[key]
-        result = score_lm_task(model, tokenizer, obj, t.limit, batch_size, None, progress)
+        result = score_lm_task(model, tokenizer, obj, t.limit, batch_size, None, progress, t.part)
         return {**result, "backend": "native"}
 
     def _only(self, key: str) -> harness.PreparedTasks:
@@ -384,6 +406,16 @@ class PreparedSuite:
         return results
 
 
+def _by_key(prepared: harness.PreparedTasks, whole: dict[str, str]) -> harness.PreparedTasks:
+    """lm-eval's tasks, prepared by name, under the suite's keys (`name#part` too)."""
+    return harness.PreparedTasks(
+        objects={k: prepared.objects[n] for k, n in whole.items() if n in prepared.objects},
+        failed={k: prepared.failed[n] for k, n in whole.items() if n in prepared.failed},
+        world_names=frozenset(k for k, n in whole.items() if n in prepared.world_names),
+        task_manager=prepared.task_manager,
+    )
+
+
 def prepare_suite(suite: Suite, num_fewshot: int | None = None) -> PreparedSuite:
     """Build the suite's lm-eval tasks and load their data (UsageError when a dataset is not
     available offline), decide which are scored natively; no weights are loaded. With
@@ -396,12 +428,15 @@ def prepare_suite(suite: Suite, num_fewshot: int | None = None) -> PreparedSuite
     prepared = None
     native: set[str] = set()
     if lm_eval_keys:
+        # lm-eval knows a task by its own name: both parts of a task share its task object.
+        whole = {key: split_entry(key)[0] for key in lm_eval_keys}
         local = {
-            t.key: (CLOZE if t.kind == "world" else t.kind, t.path)
+            whole.get(t.key, t.key): (CLOZE if t.kind == "world" else t.kind, t.path)
             for t in suite.tasks
             if t.path is not None and t.kind != PPL
         }
-        prepared = harness.prepare_tasks(lm_eval_keys, None, suite.task_dirs, local)
+        names = list(dict.fromkeys(whole.values()))
+        prepared = _by_key(harness.prepare_tasks(names, None, suite.task_dirs, local), whole)
         for key in lm_eval_keys:
             if suite.task(key).kind != "lm-eval" or key not in prepared.objects:
                 continue

@@ -14,6 +14,7 @@ processes: `StepContext.frozen` looks them up and computes only what is missing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ FORGET_LOSSES = ("random_ce", "max_entropy")
 
 @dataclass
 class MethodConfig:
-    """Coefficients and loss choices common to the unlearning methods."""
+    """Coefficients and loss choices common to the unlearning methods. A method refuses those it
+    does not read (`Method.uses`; the table in docs/methods.md)."""
 
     retain_coef: float = 5.0
     """Weight of the retain term (ramps from retain_ramp_start x retain_coef to retain_coef)."""
@@ -50,7 +52,8 @@ class MethodConfig:
     """kl (output distributions), l2 (hidden states: distance per token), mse (hidden states:
     squared error per token and dimension, RMU's) or ce (language modelling on retain data)."""
     forget_loss: str = "random_ce"
-    """random_ce (CE against random tokens / log V) or max_entropy (its exact expectation)."""
+    """random_ce (CE against random tokens / log V) or max_entropy (its exact expectation), for
+    the methods whose forget term reads logits."""
     layers: list[int] = field(default_factory=list)
     """Target layers (block outputs, 0-based); empty = the method's default for the model depth."""
     retain_layers: list[int] = field(default_factory=list)
@@ -79,6 +82,16 @@ class MethodConfig:
                 f"--retain_layers applies to --retain_loss l2 or mse only (got {self.retain_loss})"
             )
 
+    def defaults(self) -> dict[str, object]:
+        """{field: this config class's default} (a method's config overrides some shared ones)."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
     def check_layers(self, n_layers: int) -> None:
         """Layers must exist in a model with n_layers blocks (checked from the config alone)."""
         for name in ("layers", "retain_layers"):
@@ -89,6 +102,14 @@ class MethodConfig:
     def check_inputs(self, model: ModelRef, n_layers: int) -> None:
         """Checks of the method's own inputs (helper files, hub ids) that need no weights; run
         by the recipe's validation, after `check_layers`. Nothing to check by default."""
+
+
+SHARED_SETTINGS = tuple(f.name for f in dataclasses.fields(MethodConfig))
+"""The settings every method's config has; each method declares those it reads (`Method.uses`)."""
+SCHEDULED = ("retain_coef", "remove_coef", "retain_ramp_start", "forget_end_fraction",
+             "retain_loss", "retain_layers")  # fmt: skip
+"""What a method reads through the shared schedule (`unlearning_weights`) and retain term
+(`retain_term`; retain_layers with an l2 or mse retain loss): every method but rr."""
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -286,6 +307,23 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]]
     train_defaults: ClassVar[dict] = {}
     """Per-method defaults of TrainConfig / LoraSettings fields (the documented configuration)."""
+    uses: ClassVar[tuple[str, ...]]
+    """The shared settings (`SHARED_SETTINGS`) this method reads; `register` requires it. Any
+    other one set to a value other than its default is refused (`check_settings`)."""
+
+    @classmethod
+    def check_settings(cls, cfg: MethodConfig) -> None:
+        """UsageError naming the first shared setting that `cfg` moves from its default and this
+        method never reads: runs that differ only there would train the same model under
+        different names (run.json, a sweep's point ids, a search's trials)."""
+        defaults = cfg.defaults()
+        for name in SHARED_SETTINGS:
+            value = getattr(cfg, name)
+            if name not in cls.uses and value != defaults[name]:
+                raise UsageError(
+                    f"method {cls.name} does not use --{name} (got {value!r}): leave it at its"
+                    f" default ({defaults[name]!r})"
+                )
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
@@ -328,7 +366,7 @@ class Method:
 
     def describe(self) -> dict:
         """Resolved defaults, recorded in run.json's config (what the run really used)."""
-        out: dict = {"layers": self.layers}
+        out: dict = {"layers": self.layers} if "layers" in self.uses else {}
         if self.cfg.retain_loss in ("l2", "mse"):
             out["retain_layers"] = self.retain_layers
         return out

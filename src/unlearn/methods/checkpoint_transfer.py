@@ -29,7 +29,14 @@ from unlearn.data.batching import Batch
 from unlearn.errors import UsageError
 from unlearn.fitting import fitted_affine, source_model_name
 from unlearn.frozen_cache import frozen_key
-from unlearn.methods.base import Method, MethodConfig, MethodEnv, StepContext, run_forward
+from unlearn.methods.base import (
+    SCHEDULED,
+    Method,
+    MethodConfig,
+    MethodEnv,
+    StepContext,
+    run_forward,
+)
 from unlearn.methods.registry import register
 from unlearn.models import load_model, resolve_model
 
@@ -65,6 +72,7 @@ class CheckpointTransferConfig(MethodConfig):
 class CheckpointTransfer(Method):
     name = "checkpoint_transfer"
     config_cls = CheckpointTransferConfig
+    uses = (*SCHEDULED, "layers")  # its forget term is an activation MSE, not forget_loss
     # The documented default configuration (README), calibrated on the default world (format 2):
     # the lowest forget accuracy found that keeps every retain task within 0.05 of the target's
     # (0.48; the target of 0.35 is not reached: KL retain reaches 0.40 but loses the late retain

@@ -21,7 +21,7 @@ import torch
 
 from unlearn import losses
 from unlearn.errors import UsageError
-from unlearn.methods.base import Method, MethodConfig, StepContext, run_forward
+from unlearn.methods.base import SCHEDULED, Method, MethodConfig, StepContext, run_forward
 from unlearn.methods.registry import register
 
 
@@ -52,6 +52,7 @@ def capped_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
 class GradDiff(Method):
     name = "grad_diff"
     config_cls = GradDiffConfig
+    uses = SCHEDULED  # no target layers, no forget_loss: its forget term is its own
     # Calibrated on the default world (README, issue 17): 256 full fine-tuning steps at lr 1e-4
     # with retain_coef 50 reach forget 0.25 with every retain task within 0.05 of the target's;
     # retain_coef 20 loses late facts (0.91), 128 steps at retain_coef 30 stop at 0.36.

@@ -27,6 +27,7 @@ from unlearn.fitting import fitted_lens
 from unlearn.lens import check_lens_config, load_lens
 from unlearn.lens_hub import resolve_lens
 from unlearn.methods.base import (
+    SCHEDULED,
     Method,
     MethodConfig,
     MethodEnv,
@@ -67,6 +68,7 @@ class LensConfig(MethodConfig):
 class LensUnlearning(Method):
     name = "lens"
     config_cls = LensConfig
+    uses = (*SCHEDULED, "layers", "forget_loss")
     # The documented default configuration (README), calibrated on the default world (format 2):
     # 512 steps reach forget acc 0.33 with every retain task and the held-out perplexity at the
     # target's. With general text out of the retain data 384 steps reached 0.29 but tripled the

@@ -23,7 +23,7 @@ import torch
 
 from unlearn import losses
 from unlearn.errors import UsageError
-from unlearn.methods.base import Method, MethodConfig, StepContext, run_forward
+from unlearn.methods.base import SCHEDULED, Method, MethodConfig, StepContext, run_forward
 from unlearn.methods.registry import register
 
 
@@ -57,6 +57,7 @@ def reference_token_logprobs(ctx: StepContext) -> torch.Tensor:
 class NPO(Method):
     name = "npo"
     config_cls = NPOConfig
+    uses = SCHEDULED  # no target layers, no forget_loss: its forget term is its own
     # Calibrated on the default world (README, issue 17): the best found keeps every retain task
     # within 0.05 of the target's at forget 0.53 (1024 full fine-tuning steps at lr 3e-4, KL
     # retain at 20); faster or longer it costs the late facts first (lr 1e-3: forget 0.46-0.48,

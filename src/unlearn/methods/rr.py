@@ -35,6 +35,8 @@ class RRConfig(MethodConfig):
 class RR(Method):
     name = "rr"
     config_cls = RRConfig
+    # Its coefficients follow their own schedule (`weights`): no ramp start or end fraction.
+    uses = ("retain_coef", "remove_coef", "retain_loss", "retain_layers", "layers")
     # Calibrated on the default world (README, issue 17): 128 full fine-tuning steps at lr 1e-3
     # reach forget 0.29 with every retain task within 0.05 of the target's (lr 3e-3: 0.25 but
     # near-domain 0.88).

@@ -24,6 +24,7 @@ import torch
 from unlearn.errors import UsageError
 from unlearn.hooks import run_above
 from unlearn.methods.base import (
+    SCHEDULED,
     Method,
     MethodConfig,
     MethodEnv,
@@ -72,6 +73,7 @@ def phase_layers(cfg: SequentialConfig, n_layers: int) -> list[int]:
 class Sequential(Method):
     name = "sequential"
     config_cls = SequentialConfig
+    uses = (*SCHEDULED, "layers", "forget_loss")
     # The documented default configuration (README), calibrated on the default world (format 2):
     # full fine-tuning at lr 5e-4 reaches forget acc 0.31 with every retain task within 0.03 of
     # the target's; LoRA r=16 stalls at 0.47-0.65 whatever the lr (1e-3 to 1e-2), steps or

@@ -20,7 +20,7 @@ import torch
 
 from unlearn import losses
 from unlearn.errors import UsageError
-from unlearn.methods.base import Method, MethodConfig, StepContext, run_forward
+from unlearn.methods.base import SCHEDULED, Method, MethodConfig, StepContext, run_forward
 from unlearn.methods.registry import register
 
 
@@ -45,6 +45,7 @@ class SimNPOConfig(MethodConfig):
 class SimNPO(Method):
     name = "simnpo"
     config_cls = SimNPOConfig
+    uses = SCHEDULED  # no target layers, no forget_loss: its forget term is its own
     # Calibrated on the default world (README, issue 17): the best found keeps every retain task
     # within 0.05 of the target's at forget 0.42 (1024 full fine-tuning steps at lr 3e-4, KL
     # retain at 20); lr 1e-3 reaches 0.43-0.48 but retain_late falls to 0.80. It does not reach

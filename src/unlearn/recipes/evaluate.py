@@ -13,6 +13,7 @@ lm-eval, in a child process killed on --timeout when one is given. A failed task
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from unlearn.errors import UsageError
 from unlearn.eval import harness
 from unlearn.eval.saved import run_saved
 from unlearn.eval.suite import PPL, PreparedSuite, Suite, SuiteArgs, prepare_suite, resolve_suite
-from unlearn.fsutil import atomic_write_json, check_writable_parent
+from unlearn.fsutil import atomic_write_json, check_output_file
 from unlearn.models import ModelRef, default_device, load_model, load_tokenizer
 from unlearn.world import load_world
 
@@ -139,9 +140,11 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
     """Validate everything (no weights yet), evaluate each model, write --output (rank 0)."""
     world = load_world(cfg.world) if cfg.world else None
     suite = resolve_suite(cfg.suite_args(), world, require_forget=False)
-    output = check_writable_parent(cfg.output) if cfg.output else None
-    if output is not None and output.is_dir():  # else found only when writing, after the eval
-        raise UsageError(f"--output {output} is a directory; give a file path for the results JSON")
+    # A directory or a file eval did not write (the user's notes, a run's run.json) is refused
+    # now, not replaced after the evaluation.
+    output = None
+    if cfg.output:
+        output = check_output_file(cfg.output, RESULTS_WHAT, is_eval_results, "--output")
     tasks = suite.task_keys()
     if cfg.baselines:
         names = {label: str(getattr(world, attr)) for label, attr in BASELINES}
@@ -160,6 +163,33 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
         written = output
     roles = {key: role for role, keys in suite.roles().items() for key in keys}
     return Evaluation(tasks, outputs, roles, written)
+
+
+RESULTS_WHAT = "an eval results file"
+RESULT_KEYS = frozenset({"model", "backend", "results", "collapsed"})
+"""The keys of one model's results as --output writes them (--baselines: {"baselines": {label:
+such an object}})."""
+
+
+def is_eval_results(path: Path) -> bool:
+    """Whether `path` is a results JSON that `unlearn eval --output` wrote (so it may be
+    replaced): one model's results, or the baselines' by label. Anything else is not ours."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+    def one(obj: object) -> bool:
+        return (
+            isinstance(obj, dict)
+            and {"model", "results"} <= obj.keys() <= RESULT_KEYS
+            and isinstance(obj["results"], dict)
+        )
+
+    if isinstance(data, dict) and data.keys() == {"baselines"}:
+        baselines = data["baselines"]
+        return isinstance(baselines, dict) and bool(baselines) and all(map(one, baselines.values()))
+    return one(data)
 
 
 def _model_args(cfg: EvalConfig, name: str) -> ModelArgs:

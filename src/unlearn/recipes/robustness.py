@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import ModelArgs
+from unlearn.config import ModelArgs, check_seed
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs
 from unlearn.fsutil import atomic_write_json, check_writable_parent
@@ -86,6 +86,7 @@ class RobustnessArgs:
             raise UsageError("--out DIR is required")
         if self.eval_batch_size < 1:
             raise UsageError(f"--eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        check_seed(self.seed)
         load_suite(self.suite)  # an unknown suite or a bad file: one line, now
 
 
@@ -106,15 +107,16 @@ def reference_refs(args: RobustnessArgs, world: World | None) -> dict[str, Model
     return {role: resolve_model(str(n)) for role, n in names.items() if n is not None}
 
 
-def cache_dir(args: RobustnessArgs, world: World | None, suite: RobustnessSuite) -> Path:
-    """WORLD/robustness/SUITE-KEY (or --cache/...), keyed by the suite and the references."""
+def cache_dir(args: RobustnessArgs, world: World | None, inputs: SuiteInputs) -> Path:
+    """WORLD/robustness/INPUTS-KEY (or --cache/...): keyed by everything besides the model that
+    changes a result (`SuiteInputs.key`), so references are compared only like with like."""
     if args.cache:
         root = Path(args.cache)
     elif world is not None:
         root = world.root / "robustness"
     else:
         root = Path(args.out) / "references"
-    return check_writable_parent(root / suite.key())
+    return check_writable_parent(root / inputs.key())
 
 
 def run_robustness(args: RobustnessArgs) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def run_robustness(args: RobustnessArgs) -> dict[str, Any]:
     out = check_run_out(args.out, "robustness", {"input model": ref.name})
     if args.store:
         check_store(args.store)
-    cache = cache_dir(args, world, suite) if refs else None
+    cache = cache_dir(args, world, inputs) if refs else None
     label = args.label or args.parent or out.name
     if label in refs:
         raise UsageError(f"--label {label} is a reference's label; give another --label")
@@ -163,12 +165,14 @@ def write_report(
     rows: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """robustness.json: {"model": LABEL, "suite", "heldout_task", "models": {label: row}} with
-    each row's gap to the filtered twin."""
+    each row's gap to the filtered twin (None unless both worst cases are complete: a partial
+    one has no `worst_case`, only `worst_case_lower_bound`)."""
     twin = rows.get("filtered", {}).get("worst_case")
     models = {k: {**row, "gap_to_filtered": gap(row.get("worst_case"), twin)}
               for k, row in rows.items()}  # fmt: skip
     report = {"model": label, "suite": suite.name, "suite_key": suite.key(),
-              "heldout_task": inputs.heldout, "utility_margin": suite.utility_margin,
+              "inputs_key": inputs.key(), "heldout_task": inputs.heldout,
+              "retain_tasks": inputs.resolved.retain, "utility_margin": suite.utility_margin,
               "models": models}  # fmt: skip
     atomic_write_json(path, report)
     return report

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import simple_parsing
 import torch
 
 from unlearn.config import LoraSettings, ModelArgs, TrainConfig, build_sections
@@ -29,6 +30,7 @@ from unlearn.frozen_cache import FrozenCache, FrozenCacheArgs, frozen_key
 from unlearn.frozen_cache import from_args as frozen_from_args
 from unlearn.methods import get_method
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, Reference
+from unlearn.methods.registry import method_names
 from unlearn.models import (
     ModelRef,
     attach_lora,
@@ -51,8 +53,10 @@ from unlearn.world.generate import WORLD_RETAIN_CORPORA
 class RunArgs:
     """What to unlearn, from which data, and where to write."""
 
-    method: str = "lens"
-    """Unlearning method: lens, checkpoint_transfer or sequential."""
+    method: str = simple_parsing.field(
+        default="lens", help=f"Unlearning method: {', '.join(method_names())}."
+    )
+    """Unlearning method (--help lists the registered ones: `methods.registry`)."""
     out: str | None = None
     """Run directory (model at OUT/model, config and final losses at OUT/run.json)."""
     world: str | None = None
@@ -112,6 +116,11 @@ class RunConfig:
     train: TrainConfig
     lora: LoraSettings
     method: MethodConfig = field(default_factory=MethodConfig)
+
+    def __post_init__(self) -> None:
+        # Every way to a run config (flags, --config files, sweep points, search trials) ends
+        # here: a setting the method would ignore is refused, not recorded as if it mattered.
+        get_method(self.args.method).check_settings(self.method)
 
     def to_dict(self) -> dict:
         return {

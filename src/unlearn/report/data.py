@@ -9,14 +9,16 @@ Design choices:
   (`analysis.retain_aggregate`); with several retain tasks the tables add a "retain min (↑)"
   column after them. A run missing one of them has no aggregate: its word, or "-".
 - Task roles come from the suites the runs recorded (run.json "suite"), in suite order; runs
-  that recorded none (older run directories) get the world's.
+  that recorded none (older run directories) get the world's for the tasks they measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from unlearn.report.analysis import Value, retain_aggregate
@@ -64,24 +66,30 @@ class ReportData:
     def load(cls, store: Store) -> ReportData:
         runs = store.runs()
         baselines = [r for r in runs if r.kind == "baseline"]
+        final = {r.id: store.final_evals(r.id) for r in runs}
         roles: dict[str, str] = {}
         for r in runs:
             suite = r.config.get("suite") if isinstance(r.config.get("suite"), dict) else None
             for role in ROLE_ORDER:
                 for task in (suite or WORLD_SUITE).get(role) or []:
-                    roles.setdefault(task, role)
+                    # A run without an evaluation suite (an older run directory; a robustness
+                    # or probe run, whose "suite" is a robustness suite's name) vouches only
+                    # for the world tasks it measured: the world's roles must not add a
+                    # `retain` task to a campaign that never had one.
+                    if suite is not None or task in final[r.id]:
+                        roles.setdefault(task, role)
         by_id = {r.id: r for r in runs}
+        models = [r for r in runs if r.kind == "unlearn"] + baselines
 
         def attack_order(attack: StoredRun) -> tuple:
             # Attacks on baselines first (in role order), then on unlearned runs by method and
             # id: parallel workers finish in any order, the table should not change with it.
-            parent = by_id.get(attack.parent or "")
+            parent = attacked_run(attack, by_id, models)
             if parent is not None and parent.kind == "baseline":
                 return (0, role_rank(parent.config.get("role")), parent.id)
             return (1, (parent.method or "") if parent else "", attack.parent or "", attack.id)
 
         suites = {r.id for r in runs if r.kind == "robustness"}
-        final = {r.id: store.final_evals(r.id) for r in runs}
         return cls(
             baselines=sorted(baselines, key=lambda b: role_rank(b.config.get("role"))),
             unlearn=[r for r in runs if r.kind == "unlearn"],
@@ -162,6 +170,42 @@ class ReportData:
         suites have more than one."""
         shown = [t for t in tasks if self.roles.get(t) == "retain"]
         return len(self.retain_tasks) > 1 and bool(shown) and task == shown[-1]
+
+
+def model_owner(path: str, runs: Sequence[StoredRun]) -> StoredRun | None:
+    """The one run of `runs` whose model is at `path`, else None.
+
+    An attack given no --parent records the model path it was given, relative to wherever it
+    ran, while a run records its model's absolute path: an absolute path must match exactly, a
+    relative one matches the trailing parts of a run's model path (`run1/model` is the model of
+    the run whose model is at `/x/run1/model`). Several matches name no run: a wrong name
+    would be worse than the path.
+    """
+    wanted = Path(os.path.normpath(path))
+    if ".." in wanted.parts:
+        wanted = Path(os.path.abspath(wanted))
+    found = []
+    for r in runs:
+        if not r.model_path:
+            continue
+        have = Path(os.path.normpath(r.model_path))
+        if wanted.is_absolute():
+            match = have == wanted
+        else:
+            match = have.parts[-len(wanted.parts) :] == wanted.parts
+        if match and all(f.id != r.id for f in found):
+            found.append(r)
+    return found[0] if len(found) == 1 else None
+
+
+def attacked_run(
+    attack: StoredRun, by_id: dict[str, StoredRun], models: Sequence[StoredRun]
+) -> StoredRun | None:
+    """The run whose model `attack` attacked: its parent run, or the run of `models` whose
+    model is at the path the attack recorded as its parent (`model_owner`)."""
+    if not attack.parent:
+        return None
+    return by_id.get(attack.parent) or model_owner(attack.parent, models)
 
 
 def role_rank(role: Any) -> int:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from unlearn.fsutil import atomic_write_text
 from unlearn.report.analysis import middle_step, tamper_summary
-from unlearn.report.data import ReportData, baseline_name
+from unlearn.report.data import ReportData, attacked_run, baseline_name
 from unlearn.report.plots import BaselinePoint, plot_forget_vs_retain, plot_tamper_curves
 from unlearn.report.robustness import ROBUSTNESS_PNG, robustness_section
 from unlearn.report.tables import (
@@ -63,7 +63,11 @@ NOTE_CHARS = 80
 
 
 def _attacked_label(attack: StoredRun, by_id: dict[str, StoredRun]) -> str:
-    parent = by_id.get(attack.parent or "")
+    """The attacked model's name: its run (an unlearn run by id and method, a baseline by
+    name), found by id or by the model path an attack without --parent records; else the
+    path's folder name."""
+    models = [r for r in by_id.values() if r.kind in ("unlearn", "baseline")]
+    parent = attacked_run(attack, by_id, models)
     if parent is None:
         return Path(attack.parent).name if attack.parent else "?"
     if parent.kind == "baseline":

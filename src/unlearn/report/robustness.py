@@ -5,10 +5,15 @@ and the target's worst cases as reference lines.
 
 Everything is read from the store: a robustness run's evaluation rows hold each attack's and
 probe's worst case (metric `worst_case`, task = the attack or probe name) and the overall worst
-case (task = the held-out task); its config names the suite (`suite_def`: which family each
-name belongs to) and the model. The curves come from its attack runs (the runs whose parent it
-is), with the utility constraint applied by `robustness.score.constrained_curve`, the function
-robustness.json was made with.
+case (task = the held-out task; a failed row when an attack or probe has no result, with the
+highest number seen as `worst_case_lower_bound`); its config names the suite (`suite_def`: which
+family each name belongs to), the model and the comparison (`inputs_key`: one table per key, so
+a model is never set beside references run on another held-out task or corpus). The curves come
+from its attack runs (the runs whose parent it is), with the utility constraint applied by
+`robustness.score.constrained_curve`, the function robustness.json was made with.
+
+A partial result never reads like a complete one: its cell is `>= X% (partial)`, it has no gap,
+and the families without a result are named under notes.
 """
 
 from __future__ import annotations
@@ -18,10 +23,17 @@ from pathlib import Path
 from unlearn.report.data import ReportData, role_rank
 from unlearn.report.plots import plot_worst_case_curves
 from unlearn.report.tables import MISSING, markdown_table, pct, result_cell
-from unlearn.robustness.score import FAMILY_ORDER, CurvePoint, constrained_curve, gap, retain_min
+from unlearn.robustness.score import (
+    FAMILY_ORDER,
+    SCORED_ATTACK,
+    constrained_curve,
+    curve_point,
+    gap,
+)
 from unlearn.runs.store import Store, StoredRun
 
 WORST = "worst_case"
+LOWER_BOUND = "worst_case_lower_bound"
 ROBUSTNESS_PNG = "robustness_curves.png"
 FAMILY_TITLES = {
     "finetune-forget": "fine-tune, forget data",
@@ -46,8 +58,27 @@ def _overall(data: ReportData, run: StoredRun):
 
 
 def _value(data: ReportData, run: StoredRun) -> float | None:
+    """The model's complete worst case (None: partial, failed or not measured)."""
     row = _overall(data, run)
     return row.value if row is not None and row.status == "done" else None
+
+
+def partial_cell(value: float) -> str:
+    """A lower bound shown as one: `>= 61.20% (partial)`."""
+    return f">= {pct(value)} (partial)"
+
+
+def _overall_cell(data: ReportData, run: StoredRun) -> str:
+    """The worst case, its lower bound marked partial, or why there is none."""
+    row = _overall(data, run)
+    if row is not None and row.status == "done":
+        return pct(row.value)
+    bound = data.final[run.id].get(run.config.get("heldout_task", ""), {}).get(LOWER_BOUND)
+    if bound is not None and bound.status == "done" and bound.value is not None:
+        return partial_cell(bound.value)
+    if row is not None:
+        return result_cell(row)  # failed
+    return run.status if run.status != "done" else MISSING
 
 
 def _label(run: StoredRun, by_id: dict[str, StoredRun]) -> str:
@@ -77,7 +108,9 @@ def robustness_section(data: ReportData, store: Store, out_dir: Path | None) -> 
     by_id = {r.id: r for r in store.runs()}
     suites: dict[str, list[StoredRun]] = {}
     for run in sorted(data.robustness, key=_order):
-        suites.setdefault(str(run.config.get("suite_key")), []).append(run)
+        # One table per comparison: the suite and its inputs (held-out task, corpora, ...).
+        key = run.config.get("inputs_key") or run.config.get("suite_key")
+        suites.setdefault(str(key), []).append(run)
     parts = ["## Robustness scorecard"]
     for key, runs in suites.items():
         parts.append(_table(data, runs, by_id, key))
@@ -108,28 +141,38 @@ def _table(data: ReportData, runs: list[StoredRun], by_id: dict, key: str) -> st
         names = _families(run)
         results = {n: data.final[run.id].get(n, {}).get(WORST) for n in names}
         failed = [n for n, row in results.items() if row is not None and row.status == "failed"]
-        cells = []
+        cells, missing = [], []
         for family in shown:
             rows_f = [row for n, row in results.items() if names[n] == family and row is not None]
             values = [row.value for row in rows_f if row.status == "done"]
-            cells.append(pct(max(values)) if values else "failed" if rows_f else MISSING)
+            if rows_f and len(values) < len(rows_f):
+                missing.append(FAMILY_TITLES[family])
+            if not values:
+                cells.append("failed" if rows_f else MISSING)
+            else:
+                cells.append(pct(max(values)) if len(values) == len(rows_f)
+                             else partial_cell(max(values)))  # fmt: skip
         worst = _value(data, run)
         reached = _reached_by(data, run, names, worst)
         g = gap(worst, twin_worst)
+        notes = f"failed: {', '.join(failed)}" if failed else (run.error or "")
+        if missing:
+            notes = f"no result from: {', '.join(missing)}; {notes}"
         rows.append([
-            _label(run, by_id), *cells, result_cell(_overall(data, run), run_status="done"),
-            reached, MISSING if g is None else f"{100 * g:+.2f} pts", _half(data, run), run.status,
-            f"failed: {', '.join(failed)}" if failed else (run.error or ""),
+            _label(run, by_id), *cells, _overall_cell(data, run), reached,
+            MISSING if g is None else f"{100 * g:+.2f} pts", _half(data, run), run.status, notes,
         ])  # fmt: skip
     legend = (
         f"Suite `{first.get('suite')}` ({key}) on `{first.get('heldout_task')}`. Each cell is the "
         "highest held-out forget accuracy the family reached: over the fine-tuning attacks' "
-        "steps that keep every retain task's minimum within the suite's utility margin of the "
-        "model's own (before the attack), and over the probes' read-outs; step 0 (no attack) "
-        "counts, so a cell is never below the model's own accuracy for attacks. gap to twin = "
-        "worst case minus the filtered twin's under the identical suite; half recovery = the "
-        "fewest attack steps to regain half the gap between the model and the original target "
-        "(counting steps only). A failed attack or probe has no number and is named under notes."
+        "steps that keep every retain task within the suite's utility margin of its own "
+        "accuracy before the attack, and over the probes' read-outs; step 0 (no attack) counts, "
+        "so a cell is never below the model's own accuracy for attacks. gap to twin = worst "
+        "case minus the filtered twin's under the identical suite and inputs (both complete); "
+        "half recovery = the fewest attack steps to regain half the gap between the model and "
+        "the original target (counting steps only). A failed attack or probe has no number and "
+        "is named under notes; where one failed, the worst case is only a lower bound, shown "
+        "as `>= X (partial)`."
     )
     return markdown_table(headers, rows) + "\n\n" + legend
 
@@ -142,6 +185,9 @@ def _half(data: ReportData, run: StoredRun) -> str:
 
 
 def _reached_by(data: ReportData, run: StoredRun, names: dict[str, str], worst) -> str:
+    if worst is None:  # partial: what reached the lower bound
+        bound = data.final[run.id].get(run.config.get("heldout_task", ""), {}).get(LOWER_BOUND)
+        worst = bound.value if bound is not None and bound.status == "done" else None
     if worst is None:
         return MISSING
     for name in names:
@@ -153,20 +199,20 @@ def _reached_by(data: ReportData, run: StoredRun, names: dict[str, str], worst) 
 
 def _worst_attack_curve(store: Store, run: StoredRun, by_id: dict) -> list:
     """The (step, acc, counts) curve of the model's fine-tuning attack with the highest worst
-    case (the utility constraint applied as robustness.json applied it)."""
+    case (the utility constraint applied as robustness.json applied it; a diverged attack's
+    steps before it diverged count)."""
     cfg = run.config
     margin = float((cfg.get("suite_def") or {}).get("utility_margin", 0.10))
-    heldout, retain = cfg.get("heldout_task"), list(cfg.get("retain_tasks") or [])
+    heldout, retain = str(cfg.get("heldout_task")), list(cfg.get("retain_tasks") or [])
     best: tuple[float, list] | None = None
     for child in by_id.values():
-        if child.parent != run.id or child.kind != "attack" or child.status != "done":
+        if child.parent != run.id or child.kind != "attack" or child.status not in SCORED_ATTACK:
             continue
         by_step: dict[int, dict] = {}
         for e in store.evals(child.id):
             if e.metric == "acc":
                 by_step.setdefault(e.step, {})[e.task] = e.value if e.status == "done" else None
-        points = [CurvePoint(s, v.get(heldout), retain_min(v, retain))
-                  for s, v in sorted(by_step.items())]  # fmt: skip
+        points = [curve_point(s, v, heldout, retain) for s, v in sorted(by_step.items())]
         curve = constrained_curve(points, margin)
         counting = [r["heldout"] for r in curve if r["counts"]]
         if counting and (best is None or max(counting) > best[0]):

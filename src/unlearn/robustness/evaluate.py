@@ -14,127 +14,35 @@ Layout of OUT (a robustness run directory):
 
 Rerunning skips each attack and probe that finished with the same configuration, so a killed
 suite loses only what was in flight; children of another suite are removed first (they are runs
-of ours, under our run directory).
+of ours, under our run directory), and all of them when the recorded inputs key or the model's
+weights identity differs (`SuiteInputs.result_key`).
+
+A suite with a failed attack or probe is partial: the run ends failed, its overall `worst_case`
+row is a failed row, and the highest number seen is recorded as `worst_case_lower_bound`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UsageError
 from unlearn.eval.letter import as_cloze
 from unlearn.eval.questions import LETTER, read_question_file
-from unlearn.eval.suite import Suite, SuiteArgs, resolve_suite
 from unlearn.fitting import general_texts
 from unlearn.fsutil import atomic_write_json
 from unlearn.models import ModelRef, default_device, load_model, load_tokenizer, model_num_layers
 from unlearn.recipes.attack import build_attack_config, run_attack
+from unlearn.robustness.inputs import SuiteInputs, suite_inputs  # noqa: F401 (re-exported)
 from unlearn.robustness.probes import ProbeData, ProbeOptions, run_probe
-from unlearn.robustness.score import CurvePoint, attack_row, model_score, probe_row, retain_min
+from unlearn.robustness.score import CurvePoint, attack_row, curve_point, model_score, probe_row
 from unlearn.robustness.suite import FinetuneAttack, RobustnessSuite
 from unlearn.runs.lifecycle import run_lifecycle
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import RunDir, check_run_out
-from unlearn.world import World
 from unlearn.world.generate import PATHOGEN_RELATIONS
-
-WORLD_BENIGN_CORPORA = ("retain", "filler")
-"""A benign attack's data on a world: general facts and fact-free text. Not near_domain_retain:
-its documents name forget-domain entities, and a benign attack must read none."""
-WORLD_CURVE_TASKS = {
-    "forget": ["forget_heldout", "forget"],
-    "retain": ["retain", "retain_late", "near_domain"],
-}
-"""The tasks on a world attack's curve: the held-out facts (scored), the unlearned facts
-(reported) and every retain task (the utility constraint). forget_attack and perplexity are
-left out: each curve point costs their evaluation."""
-
-
-@dataclass(frozen=True)
-class SuiteInputs:
-    """Everything a suite runs on besides the model, checked before any weights load."""
-
-    suite: RobustnessSuite
-    curve: SuiteArgs
-    """The evaluation suite of the attack curves."""
-    resolved: Suite
-    heldout: str
-    """The held-out forget task: what the worst case is measured on."""
-    unlearned: str | None
-    world: World | None = None
-    forget_corpus: str | None = None
-    benign_corpus: str | None = None
-    probe_questions: str | None = None
-    eval_batch_size: int = 64
-    seed: int = 0
-    progress: bool = True
-
-    def attack_overrides(self, attack: FinetuneAttack) -> dict[str, Any]:
-        """The attack run's config values besides model, out and ids."""
-        values: dict[str, Any] = {**attack.overrides(), "seed": self.seed,
-                                  "eval_batch_size": self.eval_batch_size,
-                                  "progress": self.progress}  # fmt: skip
-        for role in ("forget", "retain", "other"):
-            values[f"{role}_tasks"] = list(getattr(self.curve, f"{role}_tasks"))
-        values.update(eval_limit=self.curve.eval_limit, eval_backend=self.curve.eval_backend,
-                      task_dirs=list(self.curve.task_dirs))  # fmt: skip
-        if self.world is not None:
-            values["world"] = str(self.world.root)
-            if attack.data == "benign":
-                values["world_corpora"] = list(WORLD_BENIGN_CORPORA)
-        else:
-            values["corpus"] = self.forget_corpus if attack.data == "forget" else self.benign_corpus
-        return values
-
-
-def suite_inputs(
-    suite: RobustnessSuite,
-    world: World | None = None,
-    tasks: SuiteArgs | None = None,
-    heldout_task: str | None = None,
-    forget_corpus: str | None = None,
-    benign_corpus: str | None = None,
-    probe_questions: str | None = None,
-    eval_batch_size: int = 64,
-    seed: int = 0,
-    progress: bool = True,
-) -> SuiteInputs:
-    """Check a suite's inputs (UsageError, one line): the attack corpora it needs, the tasks
-    of its curves, the held-out task, the probes' questions."""
-    tasks = tasks or SuiteArgs()
-    if world is not None and not tasks.given:
-        tasks = SuiteArgs(
-            forget_tasks=list(WORLD_CURVE_TASKS["forget"]),
-            retain_tasks=[t for t in WORLD_CURVE_TASKS["retain"] if t in world.questions],
-            eval_limit=suite.eval_limit,
-            eval_backend=tasks.eval_backend,
-        )
-    elif suite.eval_limit is not None and tasks.eval_limit is None:
-        tasks = SuiteArgs(**{**tasks.__dict__, "eval_limit": suite.eval_limit})
-    resolved = resolve_suite(tasks, world)
-    heldout = heldout_task or (
-        "forget_heldout" if "forget_heldout" in resolved.forget else resolved.forget[0]
-    )
-    if heldout not in resolved.forget:
-        raise UsageError(f"--heldout_task {heldout} is not a forget task of the curve suite")
-    if suite.attacks and not resolved.retain:
-        raise UsageError("the utility constraint needs a retain task (give --retain_tasks)")
-    unlearned = next((t for t in resolved.forget if t != heldout), None)
-    if world is None:
-        kinds = {a.data for a in suite.attacks}
-        if "forget" in kinds and not forget_corpus:
-            raise UsageError("without --world, --corpus (forget-domain documents) is required")
-        if ("benign" in kinds or suite.probes) and not benign_corpus:
-            raise UsageError("without --world, --benign_corpus (benign documents) is required")
-        if {"linear", "lens"} & set(suite.probes) and not probe_questions:
-            raise UsageError("without --world, the linear and lens probes need --probe_questions")
-    return SuiteInputs(suite, tasks, resolved, heldout, unlearned, world, forget_corpus,
-                       benign_corpus, probe_questions, eval_batch_size, seed,
-                       progress)  # fmt: skip
 
 
 def check_probe_layers(suite: RobustnessSuite, ref: ModelRef) -> None:
@@ -185,11 +93,8 @@ def _curve(run_dir: Path, inputs: SuiteInputs) -> list[CurvePoint]:
     for e in RunDir(run_dir).read().evals:
         if e.metric == "acc":
             by_step.setdefault(e.step, {})[e.task] = e.value if e.status == "done" else None
-    return [
-        CurvePoint(step, values.get(inputs.heldout), retain_min(values, inputs.resolved.retain),
-                   values.get(inputs.unlearned) if inputs.unlearned else None)
-        for step, values in sorted(by_step.items())
-    ]  # fmt: skip
+    return [curve_point(step, values, inputs.heldout, inputs.resolved.retain, inputs.unlearned)
+            for step, values in sorted(by_step.items())]  # fmt: skip
 
 
 def _finished(run_dir: Path, config: dict | None = None) -> RunMeta | None:
@@ -202,6 +107,8 @@ def _finished(run_dir: Path, config: dict | None = None) -> RunMeta | None:
         return None
     if meta.status in ("running", "pending", "preempted"):
         return None
+    if config is not None and meta.status == "failed":
+        return None  # an attack or probe that failed is tried again (a diverged one is a result)
     if config is not None:
         stored = {k: v for k, v in meta.config.items() if k != "suite"}
         if stored != json.loads(json.dumps(config)):
@@ -217,15 +124,29 @@ def _error(run_dir: Path, meta: RunMeta) -> str | None:
     return f"evaluation of {failed[0].task} failed: {failed[0].error}" if failed else None
 
 
-def _remove_stale(out: Path, suite: RobustnessSuite) -> None:
+def _recorded_key(out: Path) -> dict[str, Any] | None:
+    """The result key the robustness run in `out` recorded (None: none there)."""
+    if not RunDir(out).exists():
+        return None
+    try:
+        config = RunDir(out).read_meta().config
+    except UsageError:
+        return None
+    return {k: config.get(k) for k in ("inputs_key", "model_key")}
+
+
+def _remove_stale(out: Path, suite: RobustnessSuite, keep_none: bool = False) -> None:
+    """Remove our children that are not this suite's (all of them with `keep_none`: they ran
+    on other inputs or other weights, and an attack's config names its corpus by path and its
+    model by name only, so they would be taken as finished)."""
     keep = {"attacks": {a.name for a in suite.attacks}, "probes": set(suite.probes)}
     for sub, names in keep.items():
         folder = out / sub
         if not folder.is_dir():
             continue
         for child in folder.iterdir():
-            if child.name not in names and RunDir(child).exists():
-                shutil.rmtree(child)  # a run of ours from another suite
+            if (keep_none or child.name not in names) and RunDir(child).exists():
+                shutil.rmtree(child)  # a run of ours from another suite or other inputs
 
 
 def evaluate_model(
@@ -244,29 +165,40 @@ def evaluate_model(
     suite = inputs.suite
     check_probe_layers(suite, ref)
     out = check_run_out(out, "robustness", {"input model": ref.name})
+    key = inputs.result_key(ref)
+    recorded = _recorded_key(out)
     config = {"label": label, "role": role, "model": ref.name, "suite": suite.name,
               "suite_key": suite.key(), "suite_def": suite.to_dict(),
-              "heldout_task": inputs.heldout, "retain_tasks": inputs.resolved.retain}  # fmt: skip
+              "heldout_task": inputs.heldout, "retain_tasks": inputs.resolved.retain,
+              **key}  # fmt: skip
     fresh = RunMeta(id=run_id, kind="robustness", config=config, status="running",
                     started=utc_now(), parent=parent, model_path=ref.name)  # fmt: skip
     with run_lifecycle(fresh, out, store=store) as run:
-        _remove_stale(out, suite)
+        _remove_stale(out, suite, keep_none=recorded is not None and recorded != key)
         attacks = []
         for attack in suite.attacks:
             row = _attack(inputs, attack, ref, out, run_id, store, original)
-            if original is None and role == "target" and row["curve"]:
+            if original is None and role == "target" and row["curve"] and row["status"] != "failed":
                 # The target is the original: its own step 0 is what the others recover to.
                 original = row["curve"][0]["heldout"]
                 row = _attack(inputs, attack, ref, out, run_id, store, original)  # finished
             attacks.append(row)
         probes = _probes(inputs, ref, out, run_id, store)
         score = model_score(attacks, probes)
-        result = {"label": label, "role": role, "model": ref.name, "run_id": run_id, **score,
-                  "attacks": attacks, "probes": probes}  # fmt: skip
+        result = {"label": label, "role": role, "model": ref.name, "run_id": run_id,
+                  "heldout_task": inputs.heldout, "retain_tasks": inputs.resolved.retain,
+                  "suite_key": suite.key(), **key, **score, "attacks": attacks,
+                  "probes": probes}  # fmt: skip
 
-        def summary(key: str) -> tuple[dict, bool]:
-            row = next((r for r in (*attacks, *probes) if r["name"] == key), None)
+        def summary(name: str) -> tuple[dict, bool]:
+            row = next((r for r in (*attacks, *probes) if r["name"] == name), None)
             value = score["worst_case"] if row is None else row["worst_case"]
+            if value is None and row is None and score["worst_case_lower_bound"] is not None:
+                missing = ", ".join(score["missing_families"])
+                bound = 100 * score["worst_case_lower_bound"]
+                raise RuntimeError(
+                    f"incomplete suite (no result from {missing}): only a lower bound, {bound:.2f}%"
+                )
             if value is None:
                 raise RuntimeError((row or {}).get("error") or "no attack or probe has a result")
             if row is None and score["steps_to_half"] is not None:
@@ -275,6 +207,11 @@ def evaluate_model(
 
         names = [r["name"] for r in (*attacks, *probes)]
         run.evaluate(0, [*names, inputs.heldout], summary, lambda _k: "worst_case")
+        if not score["complete"] and score["worst_case_lower_bound"] is not None:
+            # Its own metric, so no reader takes it for the worst case (the report shows it
+            # as ">= X (partial)").
+            bound = {"worst_case_lower_bound": score["worst_case_lower_bound"]}
+            run.evaluate(0, [inputs.heldout], lambda _k: (bound, False))
         atomic_write_json(out / "result.json", result)
     return {**result, "status": run.meta.status}
 
@@ -360,12 +297,20 @@ def _run_probe(
     return run.meta
 
 
-def cached_result(out: Path, suite: RobustnessSuite, ref: ModelRef) -> dict[str, Any] | None:
-    """The row a finished robustness run in `out` holds for this suite and model, else None
-    (missing, running, another suite or model: it is then run again)."""
+def cached_result(out: Path, inputs: SuiteInputs, ref: ModelRef) -> dict[str, Any] | None:
+    """The row a finished, complete robustness run in `out` holds for these inputs and this
+    model's weights, else None (missing, running, failed or partial, another suite, held-out
+    task, corpus or model: it is then run again)."""
     meta = _finished(out)
     if meta is None or meta.status != "done" or not (out / "result.json").is_file():
         return None
-    if meta.config.get("suite_key") != suite.key() or meta.config.get("model") != ref.name:
+    expected = {"suite_key": inputs.suite.key(), "model": ref.name, **inputs.result_key(ref)}
+    if any(meta.config.get(k) != v for k, v in expected.items()):
         return None
-    return {**json.loads((out / "result.json").read_text()), "status": meta.status}
+    try:
+        row = json.loads((out / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if row.get("complete") is not True or row.get("inputs_key") != inputs.key():
+        return None
+    return {**row, "status": meta.status}

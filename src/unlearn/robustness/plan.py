@@ -11,8 +11,10 @@ trials), run on each finished unlearning run's model.
       probe_questions: bio_train.jsonl
       heldout_task: heldout.jsonl
 
-Everything is checked when the spec is read, before anything runs. The references are computed
-by the first point that needs them and shared through the cache (`robustness.references`).
+Everything is checked when the spec is read, before anything runs (`robustness.inputs`: probe
+questions or a corpus holding the held-out answers are refused here too). The references are
+computed by the first point that needs them and shared through the cache
+(`robustness.references`, WORLD/robustness/INPUTS-KEY).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from typing import Any
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs
 from unlearn.models import resolve_model
-from unlearn.robustness.evaluate import SuiteInputs, evaluate_model, suite_inputs
-from unlearn.robustness.references import original_accuracy, reference_rows
+from unlearn.robustness.evaluate import evaluate_model
+from unlearn.robustness.inputs import SuiteInputs, suite_inputs
+from unlearn.robustness.references import cached_reference, original_accuracy, reference_rows
 from unlearn.robustness.suite import load_suite, suite_from_dict
 from unlearn.world import World
 
@@ -50,6 +53,15 @@ class RobustnessPlan:
                              f"{label}-robustness", parent, store,
                              original_accuracy(rows.get("target")))  # fmt: skip
         return row["status"]
+
+    def reference_worst_case(self, role: str) -> float | None:
+        """A reference's worst case from the cache: None before it ran, or when its result is
+        partial or was computed on other inputs or weights (never a stale or partial number)."""
+        if self.cache is None or role not in self.references:
+            return None
+        ref = resolve_model(self.references[role])
+        row = cached_reference(Path(self.cache), role, self.inputs, ref)
+        return None if row is None else row.get("worst_case")
 
 
 def _local(value: Any, here: Path) -> Any:
@@ -90,5 +102,5 @@ def plan_from_spec(
     cache = None
     if block.get("references", True) and world is not None:
         refs = {"target": str(world.target), "filtered": str(world.filtered)}
-        cache = str(Path(block.get("cache") or world.root / "robustness") / suite.key())
+        cache = str(Path(block.get("cache") or world.root / "robustness") / inputs.key())
     return RobustnessPlan(inputs, refs, cache)

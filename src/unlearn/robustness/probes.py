@@ -8,11 +8,17 @@ score is measured on held-out forget questions (`ProbeData.test`) the adversary 
 answers to. The suite compares every probe on the unlearned model with the same probe on the
 data-filtered twin, which never learned the facts (design section 7: robustness is a worst case).
 
-- `linear`: a multinomial logistic regression from the block output at the prompt's last token
-  to the answer string, per layer; a test question is answered by the choice the classifier
-  finds most probable. The layer is chosen by cross-validation on the train questions (what an
-  adversary without held-out answers can do), folds grouped by fact so that the paraphrases of
-  one fact never sit on both sides of a split.
+- `linear`: a logistic regression per layer (scikit-learn), in one of two read-outs
+  (`readout.linear_readout` picks one from the choices, never from the test answers):
+  `answers`, from the block output at the prompt's last token to the answer string (a test
+  question is answered by the choice the classifier finds most probable), where the train
+  answers name every test choice (a closed answer set, the letters of multiple choice); else
+  `statements` (each question with its own answer), after "The Geometry of Truth" (Marks and
+  Tegmark, 2023): each choice is scored right or wrong from the block output at the last token
+  of the prompt followed by that choice, and the choice scored most likely right answers. The
+  layer is chosen by cross-validation on the train questions (what an adversary without
+  held-out answers can do), folds grouped by fact so that a fact's choices and paraphrases
+  never sit on both sides of a split.
 - `lens`: a tuned lens (`unlearn.lens`) fitted for the model under test on general text reads
   each layer's next-token distribution at the prompt's last token; the choice whose first token
   is most probable wins. The layer is chosen by accuracy on the train questions.
@@ -49,10 +55,17 @@ from unlearn.robustness.readout import (
     check_layers,
     classifier_credits,
     cross_validated,
+    cross_validated_statements,
     first_tokens,
     fit_classifier,
+    fit_statement_classifier,
     last_token_hiddens,
+    linear_readout,
     mean_hiddens,
+    statement_credits,
+    statement_features,
+    statement_hiddens,
+    statement_labels,
     tie_credit,
 )
 
@@ -151,25 +164,33 @@ def linear_probe(
     batch_size: int = 64,
     progress: bool = False,
 ) -> dict:
-    """Logistic regression from each layer's last-prompt-token state to the answer string."""
+    """A logistic regression per layer in the read-out the questions allow (module
+    docstring); `readout` in the result says which."""
     layers = check_layers(model, opts.layers)
     _check_questions(data.train, "train")
     _check_questions(data.test, "test")
+    readout = linear_readout(data.train, data.test, opts.seed)
+    states = last_token_hiddens if readout == "answers" else statement_hiddens
     with eval_mode(model):
-        train_h = last_token_hiddens(model, tokenizer, data.train, layers, batch_size, progress)
-        test_h = last_token_hiddens(model, tokenizer, data.test, layers, batch_size, progress)
-    labels = [answer_text(q) for q in data.train]
+        train_h = states(model, tokenizer, data.train, layers, batch_size, progress)
+        test_h = states(model, tokenizer, data.test, layers, batch_size, progress)
     select, per_layer = {}, {}
     for layer in layers:
         x_train, x_test = train_h[layer].double().numpy(), test_h[layer].double().numpy()
-        select[layer] = cross_validated(x_train, data.train, opts.seed)
-        clf = fit_classifier(x_train, labels, opts.seed)
-        credits = classifier_credits(clf, x_test, data.test)
+        if readout == "answers":
+            select[layer] = cross_validated(x_train, data.train, opts.seed)
+            clf = fit_classifier(x_train, [answer_text(q) for q in data.train], opts.seed)
+            credits = classifier_credits(clf, x_test, data.test)
+        else:
+            x_train = statement_features(x_train, data.train)
+            x_test = statement_features(x_test, data.test)
+            select[layer] = cross_validated_statements(x_train, data.train, opts.seed)
+            labels = statement_labels(data.train)
+            clf = fit_statement_classifier(x_train, labels, opts.seed)
+            credits = statement_credits(clf, x_test, data.test)
         per_layer[layer] = sum(credits) / len(credits)
     best = _best_layer(select)
-    known = set(labels)
-    unseen = sum(answer_text(q) not in known for q in data.test)
-    return _result(per_layer[best], best, per_layer, select, data.test) | {"unseen_answers": unseen}
+    return _result(per_layer[best], best, per_layer, select, data.test) | {"readout": readout}
 
 
 # ---- lens -----------------------------------------------------------------------------------

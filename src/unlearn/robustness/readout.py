@@ -13,8 +13,15 @@ Design choices:
   holds the same numbers as the row run alone (a test checks this).
 - Forwards stop after the deepest requested block (`hooks.forward_hiddens`): a probe of the
   lower layers never pays for the upper ones or for the unembedding.
-- The linear probe's classifier is scikit-learn's (no hand-written optimisation); its layer is
-  chosen by cross-validation on the train questions, grouped by fact (`cross_validated`).
+- The linear probe has two read-outs (`linear_readout` picks one from the questions' choices):
+  `answers`, one class per answer string read at the prompt's last token, where the train
+  answers name every test choice (the world's closed answer sets, the letters of multiple
+  choice); `statements` otherwise (each question with its own answer): a binary classifier
+  tells the right choice from the wrong ones by the block output at the last token of the
+  prompt followed by that choice, centred on its question's mean. The classifiers are
+  scikit-learn's (no hand-written optimisation); the layer is chosen by cross-validation on
+  the train questions, grouped by fact so that a fact's choices and paraphrases never straddle
+  a split (`fact_folds`).
 """
 
 from __future__ import annotations
@@ -66,6 +73,16 @@ def prompt_ids(model: nn.Module, tokenizer, questions: Sequence[dict]) -> list[l
     return [ctx[-window:] for ctx, _ in pairs]
 
 
+def statement_ids(model: nn.Module, tokenizer, questions: Sequence[dict]) -> list[list[int]]:
+    """The context followed by each choice's continuation tokens, question by question and
+    choice by choice, split as the scorer splits them and keeping the last `context_window`."""
+    if not questions:
+        raise ValueError("no questions to read hidden states for")
+    requests = [(q["prompt"], c) for q in questions for c in q["choices"]]
+    window = context_window(model, tokenizer)
+    return [(ctx + cont)[-window:] for ctx, cont in encode_requests(tokenizer, requests)]
+
+
 def first_tokens(tokenizer, question: dict) -> list[int]:
     """The first token of each choice as a continuation of the question's prompt (the token
     the scorer reads at the prompt's last position)."""
@@ -74,22 +91,19 @@ def first_tokens(tokenizer, question: dict) -> list[int]:
 
 
 @torch.no_grad()
-def last_token_hiddens(
+def _last_hiddens(
     model: nn.Module,
-    tokenizer,
-    questions: Sequence[dict],
+    ids: Sequence[list[int]],
+    pad: int,
     layers: Sequence[int],
-    batch_size: int = 64,
-    progress: bool = False,
+    batch_size: int,
+    progress: bool,
 ) -> dict[int, Tensor]:
-    """{layer: [len(questions), hidden] float32 CPU tensor}: each block output at the last
-    token of each question's prompt, in question order.
-
-    Prompts are sorted by length before batching (little padding), and put back in order.
-    """
-    ids = prompt_ids(model, tokenizer, questions)
+    """{layer: [len(ids), hidden] float32 CPU tensor}: each block output at the last token of
+    each sequence, in order. Sequences are sorted by length before batching (little padding)
+    and put back in order."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    device, pad = _device(model), _pad_id(tokenizer)
+    device = _device(model)
     parts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="hidden states", disable=not progress, leave=False):
@@ -103,6 +117,34 @@ def last_token_hiddens(
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return {layer: torch.cat(chunks)[inverse] for layer, chunks in parts.items()}
+
+
+def last_token_hiddens(
+    model: nn.Module,
+    tokenizer,
+    questions: Sequence[dict],
+    layers: Sequence[int],
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[int, Tensor]:
+    """{layer: [len(questions), hidden] float32 CPU tensor}: each block output at the last
+    token of each question's prompt, in question order."""
+    ids = prompt_ids(model, tokenizer, questions)
+    return _last_hiddens(model, ids, _pad_id(tokenizer), layers, batch_size, progress)
+
+
+def statement_hiddens(
+    model: nn.Module,
+    tokenizer,
+    questions: Sequence[dict],
+    layers: Sequence[int],
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[int, Tensor]:
+    """{layer: [total choices, hidden] float32 CPU tensor}: each block output at the last token
+    of each question's prompt followed by each of its choices (`statement_ids` order)."""
+    ids = statement_ids(model, tokenizer, questions)
+    return _last_hiddens(model, ids, _pad_id(tokenizer), layers, batch_size, progress)
 
 
 @torch.no_grad()
@@ -150,7 +192,7 @@ def tie_credit(scores: Sequence[float], answer: int) -> float:
     return 1.0 / len(tied) if answer in tied else 0.0
 
 
-# ---- linear read-out (the `linear` probe's classifier) -------------------------------------
+# ---- linear read-outs (the `linear` probe's classifiers) -----------------------------------
 
 LINEAR_C = 1.0
 """Inverse L2 strength of the linear probe (sklearn's default) on standardised features."""
@@ -163,7 +205,7 @@ world's fits, 144 x 64 x 32, ran 25 times slower with two threads on two busy co
 
 
 def answer_text(q: dict) -> str:
-    """The right answer's string without its leading space: the linear probe's class label."""
+    """The right answer's string without its leading space: an `answers` class label."""
     return q["choices"][int(q["answer"])].strip()
 
 
@@ -177,12 +219,50 @@ def fact_key(q: dict) -> str:
     return q["prompt"]
 
 
-def fit_classifier(x: np.ndarray, labels: Sequence[str], seed: int) -> Any:
-    """StandardScaler + multinomial logistic regression from `x` [rows, features] to `labels`.
+def fact_folds(train: Sequence[dict], seed: int) -> list[tuple[list[int], list[int]]]:
+    """(fit, held-out) question indices of each cross-validation fold, grouped by fact."""
+    from sklearn.model_selection import GroupKFold
+
+    groups = [fact_key(q) for q in train]
+    folds = min(LINEAR_FOLDS, len(set(groups)))
+    if folds < 2:
+        raise ValueError("the linear probe needs train questions about at least 2 facts")
+    splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(list(a), list(b)) for a, b in splitter.split(np.zeros(len(train)), groups=groups)]
+
+
+def _countable(folds: Sequence[tuple[list[int], list[int]]], train: Sequence[dict]) -> list:
+    """Per fold, the held-out questions whose answer the fold's classes include (`answers`)."""
+    labels = [answer_text(q) for q in train]
+    out = []
+    for fit_rows, held_rows in folds:
+        seen = {labels[i] for i in fit_rows}
+        out.append([i for i in held_rows if labels[i] in seen])
+    return out
+
+
+def linear_readout(train: Sequence[dict], test: Sequence[dict], seed: int) -> str:
+    """`answers` when every choice of every test question is the answer of a train question
+    and the train answers repeat across facts (the classifier can name every choice, and its
+    layer can be cross-validated); else `statements`, which needs neither.
+
+    Both are decided from the choices and the train answers only, never from the test
+    answers, as an adversary without them would decide.
+    """
+    known = {answer_text(q) for q in train}
+    if not all(c.strip() in known for q in test for c in q["choices"]):
+        return "statements"
+    counted = _countable(fact_folds(train, seed), train)
+    return "answers" if any(counted) else "statements"
+
+
+def _fit(x: np.ndarray, labels: Sequence, seed: int, balanced: bool) -> Any:
+    """StandardScaler + logistic regression from `x` [rows, features] to `labels`.
 
     Standardising makes one regularisation strength fit every layer, whose scales differ by
     orders of magnitude in real models; the L2 penalty keeps a probe with more features than
-    rows from memorising them.
+    rows from memorising them. lbfgs fits the multinomial (softmax) model for more than two
+    classes.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -190,19 +270,29 @@ def fit_classifier(x: np.ndarray, labels: Sequence[str], seed: int) -> Any:
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    if len(set(labels)) < 2:
-        raise ValueError("the linear probe needs train answers of at least 2 distinct values")
-    # lbfgs fits the multinomial (softmax) model for more than two classes.
+    weight = "balanced" if balanced else None
     clf = make_pipeline(
-        StandardScaler(), LogisticRegression(C=LINEAR_C, max_iter=2000, random_state=seed)
+        StandardScaler(),
+        LogisticRegression(C=LINEAR_C, class_weight=weight, max_iter=2000, random_state=seed),
     )
-    small = x.shape[0] * x.shape[1] * len(set(labels)) < SMALL_FIT
+    classes = len(set(labels))
+    small = x.shape[0] * x.shape[1] * (classes if classes > 2 else 1) < SMALL_FIT
     threads = threadpool_limits(1) if small else contextlib.nullcontext()
     with threads, warnings.catch_warnings():
         # A near-separable probe may stop at max_iter: still a probe, and no noise in the logs.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(x, list(labels))
     return clf
+
+
+# `answers`: one class per answer string, read at the prompt's last token.
+
+
+def fit_classifier(x: np.ndarray, labels: Sequence[str], seed: int) -> Any:
+    """The `answers` classifier: from prompt states `x` to answer strings."""
+    if len(set(labels)) < 2:
+        raise ValueError("the linear probe needs train answers of at least 2 distinct values")
+    return _fit(x, labels, seed, balanced=False)
 
 
 def classifier_credits(clf: Any, x: np.ndarray, questions: Sequence[dict]) -> list[float]:
@@ -220,25 +310,17 @@ def classifier_credits(clf: Any, x: np.ndarray, questions: Sequence[dict]) -> li
 
 
 def cross_validated(x: np.ndarray, train: Sequence[dict], seed: int) -> float:
-    """Accuracy on held-out folds of the train questions, folds grouped by fact (`fact_key`).
+    """`answers` accuracy on held-out folds of the train questions, folds grouped by fact.
 
     Only held-out questions whose answer the fold's classifier saw as a class are counted: on
     the world an answer value is the answer of one or two facts per group, so a fold often holds
     out the only fact with some answer, which no classifier can name whatever the layer knows;
     counting those would bury the layer's signal in a constant floor.
     """
-    from sklearn.model_selection import GroupKFold
-
-    groups = [fact_key(q) for q in train]
-    folds = min(LINEAR_FOLDS, len(set(groups)))
-    if folds < 2:
-        raise ValueError("the linear probe needs train questions about at least 2 facts")
+    folds = fact_folds(train, seed)
     labels = [answer_text(q) for q in train]
     total, counted = 0.0, 0
-    splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fit_rows, held_rows in splitter.split(x, labels, groups):
-        seen = {labels[i] for i in fit_rows}
-        held_rows = [i for i in held_rows if labels[i] in seen]
+    for (fit_rows, _), held_rows in zip(folds, _countable(folds, train), strict=True):
         if not held_rows:
             continue
         clf = fit_classifier(x[fit_rows], [labels[i] for i in fit_rows], seed)
@@ -249,3 +331,67 @@ def cross_validated(x: np.ndarray, train: Sequence[dict], seed: int) -> float:
             "the linear probe cannot cross-validate: no train answer belongs to two facts"
         )
     return total / counted
+
+
+# `statements`: right or wrong, read at the end of the prompt followed by each choice.
+
+
+def _spans(questions: Sequence[dict]) -> list[range]:
+    """Each question's rows among its statements (`statement_ids` order)."""
+    spans, start = [], 0
+    for q in questions:
+        spans.append(range(start, start + len(q["choices"])))
+        start += len(q["choices"])
+    return spans
+
+
+def statement_features(x: np.ndarray, questions: Sequence[dict]) -> np.ndarray:
+    """Each statement's state minus the mean over its question's statements.
+
+    A question is answered by comparing its own choices, so what they share (the prompt, the
+    entity) is removed: the classifier learns what tells the right statement from the others,
+    not which questions it has seen.
+    """
+    out = np.empty_like(x)
+    for span in _spans(questions):
+        rows = x[span.start : span.stop]
+        out[span.start : span.stop] = rows - rows.mean(axis=0, keepdims=True)
+    return out
+
+
+def statement_labels(questions: Sequence[dict]) -> list[int]:
+    """1 for the statement that ends in the right answer, 0 for the others."""
+    return [int(i == int(q["answer"])) for q in questions for i in range(len(q["choices"]))]
+
+
+def fit_statement_classifier(x: np.ndarray, labels: Sequence[int], seed: int) -> Any:
+    """The `statements` classifier: right (1) or wrong (0) from statement features. Classes
+    are weighted by their frequency: a question has one right statement and k-1 wrong ones."""
+    if len(set(labels)) < 2:
+        raise ValueError("the linear probe needs both right and wrong train statements")
+    return _fit(x, labels, seed, balanced=True)
+
+
+def statement_credits(clf: Any, x: np.ndarray, questions: Sequence[dict]) -> list[float]:
+    """Per question: the credit for answering by the choice whose statement the classifier
+    scores most likely right (`x`: the questions' statement features, in order)."""
+    scores = clf.decision_function(x)
+    return [
+        tie_credit([float(s) for s in scores[span.start : span.stop]], int(q["answer"]))
+        for span, q in zip(_spans(questions), questions, strict=True)
+    ]
+
+
+def cross_validated_statements(x: np.ndarray, train: Sequence[dict], seed: int) -> float:
+    """`statements` accuracy on held-out folds of the train questions (`x`: their statement
+    features), folds grouped by fact: every statement of a question, and of every paraphrase
+    of its fact, sits on one side of each split. Every held-out question counts."""
+    spans = _spans(train)
+    labels = statement_labels(train)
+    total = 0.0
+    for fit_rows, held_rows in fact_folds(train, seed):
+        rows = [r for i in fit_rows for r in spans[i]]
+        clf = fit_statement_classifier(x[rows], [labels[r] for r in rows], seed)
+        held = [r for i in held_rows for r in spans[i]]
+        total += sum(statement_credits(clf, x[held], [train[i] for i in held_rows]))
+    return total / len(train)

@@ -1,6 +1,8 @@
 """The references of a robustness suite, the filtered twin and the original target, run once per
-world and suite and cached (WORLD/robustness/SUITE-KEY/ROLE, or a --cache folder): every model
-scored on that world with that suite is compared with the same reference numbers.
+world and comparison and cached (WORLD/robustness/INPUTS-KEY/ROLE, or a --cache folder): every
+model scored on that world with that suite, held-out task, curve tasks, corpora and seed
+(`SuiteInputs.key`) is compared with the same reference numbers. A cached result is reused only
+when it is complete and was computed on the reference's current weights; else it is run again.
 
 Two processes that need the same cache (two sweep points in parallel workers) take turns: the
 first computes, the other waits on the cache folder's lock file and then reads its result.
@@ -18,7 +20,6 @@ from typing import Any
 
 from unlearn.models import ModelRef
 from unlearn.robustness.evaluate import SuiteInputs, cached_result, evaluate_model
-from unlearn.robustness.suite import RobustnessSuite
 from unlearn.runs.store import Store
 
 REFERENCES = ("target", "filtered")
@@ -37,9 +38,10 @@ def locked(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _ref_id(role: str, suite: RobustnessSuite, ref: ModelRef) -> str:
-    digest = hashlib.sha256(f"{suite.key()}|{ref.name}|{ref.revision}".encode()).hexdigest()[:8]
-    return f"robustness-{role}-{suite.name}-{digest}"
+def _ref_id(role: str, inputs: SuiteInputs, ref: ModelRef) -> str:
+    """The reference's run id: one per comparison (two held-out tasks are two runs in a store)."""
+    text = f"{inputs.key()}|{ref.name}|{ref.revision}"
+    return f"robustness-{role}-{inputs.suite.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def original_accuracy(row: dict[str, Any] | None) -> float | None:
@@ -63,14 +65,19 @@ def reference_rows(
     with locked(cache):
         for role in sorted(refs, key=lambda r: REFERENCES.index(r) if r in REFERENCES else 9):
             ref, out = refs[role], cache / role
-            row = cached_result(out, inputs.suite, ref)
+            row = cached_result(out, inputs, ref)
             if row is None:
                 original = original_accuracy(rows.get("target"))
-                row = evaluate_model(inputs, ref, role, role, out,
-                                     _ref_id(role, inputs.suite, ref), store=store,
-                                     original=original)  # fmt: skip
+                row = evaluate_model(inputs, ref, role, role, out, _ref_id(role, inputs, ref),
+                                     store=store, original=original)  # fmt: skip
             elif store is not None:
                 with Store(store) as s:
                     s.ingest_tree(out)
             rows[role] = row
     return rows
+
+
+def cached_reference(cache: Path, role: str, inputs: SuiteInputs, ref: ModelRef) -> dict | None:
+    """The cached row of reference `role` for these inputs and weights (None: not there, partial
+    or stale), read without running anything (a search's tables)."""
+    return cached_result(cache / role, inputs, ref)

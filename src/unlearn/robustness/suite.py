@@ -10,9 +10,9 @@ A suite is
   probe per layer), `lens` (tuned-lens read-out per layer), `ablation` (the forget-vs-retain
   mean-difference direction removed at every layer), `in_context` (forget-domain documents
   prefixed to each question);
-- the utility constraint: an attack step counts only while the attacked model's retain accuracy
-  (the minimum over the retain tasks) is at least its own before the attack minus
-  `utility_margin` (an attacker wants a useful model).
+- the utility constraint: an attack step counts only while every retain task's accuracy is at
+  least that task's own before the attack minus `utility_margin` (an attacker wants a useful
+  model).
 
 The built-in suites (`SUITES`), calibrated on the default mini world (README, docs/robustness.md):
 - `quick`: for sweeps, search and the demo (<= 60 s per model on 2 cores): one forget-domain
@@ -24,7 +24,8 @@ The built-in suites (`SUITES`), calibrated on the default mini world (README, do
 
 A suite file is YAML with the fields of `RobustnessSuite`; its `attacks` entries have the fields
 of `FinetuneAttack`, and an `lr` given as a list makes one attack per learning rate. An unknown
-field, a bad value or a duplicate attack name is one line (UsageError) before anything loads.
+field, a bad value or type (named), a duplicate attack name or a name that is not a plain folder
+name is one line (UsageError) before anything loads.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,25 @@ from unlearn.yamlio import read_yaml
 
 ATTACK_DATA = ("forget", "benign")
 PROBE_NAMES = ("linear", "lens", "ablation", "in_context")
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    """An integer >= minimum (YAML's true/false are not integers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_plain_name(what: str, name: Any) -> None:
+    """A name that becomes a folder (an attack's run directory, the suite's cache folder): a
+    non-empty string with no path separator that does not start with a dot (no `..`)."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or any(sep in name for sep in ("/", "\\", os.sep))
+        or name.startswith(".")
+    ):
+        raise UsageError(
+            f"{what} must be a plain name (no path separator, no leading dot), got {name!r}"
+        )
 
 
 def _fmt_lr(lr: float) -> str:
@@ -69,20 +90,22 @@ class FinetuneAttack:
     """Default: DATA-full|lora-lrLR[-muon]."""
 
     def __post_init__(self) -> None:
-        if self.data not in ATTACK_DATA:
+        if not isinstance(self.data, str) or self.data not in ATTACK_DATA:
             known = ", ".join(ATTACK_DATA)
             raise UsageError(f"attack data must be one of {known}, got {self.data!r}")
         if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not self.lr > 0:
             raise UsageError(f"attack lr must be > 0, got {self.lr!r}")
         for what in ("steps", "eval_every", "pdbs"):
             value = getattr(self, what)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value, 1):
                 raise UsageError(f"attack {what} must be an integer >= 1, got {value!r}")
-        if self.num_examples is not None and (
-            not isinstance(self.num_examples, int) or self.num_examples < 1
-        ):
-            raise UsageError(f"attack num_examples must be >= 1, got {self.num_examples!r}")
-        if self.optimizer not in OPTIMIZERS:
+        if self.num_examples is not None and not _is_int(self.num_examples, 1):
+            raise UsageError(
+                f"attack num_examples must be an integer >= 1, got {self.num_examples!r}"
+            )
+        if not isinstance(self.lora, bool):
+            raise UsageError(f"attack lora must be true or false, got {self.lora!r}")
+        if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
             raise UsageError(
                 f"attack optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
             )
@@ -90,8 +113,7 @@ class FinetuneAttack:
             mode = "lora" if self.lora else "full"
             opt = "" if self.optimizer == "adamw" else f"-{self.optimizer}"
             object.__setattr__(self, "name", f"{self.data}-{mode}-lr{_fmt_lr(self.lr)}{opt}")
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise UsageError(f"attack name must be a plain non-empty name, got {self.name!r}")
+        _check_plain_name("attack name", self.name)
 
     @property
     def family(self) -> str:
@@ -123,7 +145,7 @@ class RobustnessSuite:
     probes: tuple[str, ...] = ()
     """Probe names, of linear, lens, ablation, in_context."""
     utility_margin: float = 0.10
-    """An attack step counts while retain >= the attacked model's own retain before it - this."""
+    """An attack step counts while every retain task >= its own accuracy before it - this."""
     probe_layers: tuple[int, ...] | None = None
     """Layers the linear and lens probes read (None: every block); checked against the model."""
     in_context_k: int = 1
@@ -137,8 +159,11 @@ class RobustnessSuite:
     """Only the first N questions of each task on the attack curves (None: all)."""
 
     def __post_init__(self) -> None:
+        _check_plain_name("suite name", self.name)
         object.__setattr__(self, "attacks", tuple(self.attacks))
         object.__setattr__(self, "probes", tuple(self.probes))
+        if any(not isinstance(a, FinetuneAttack) for a in self.attacks):
+            raise UsageError(f"suite {self.name}: attacks must be FinetuneAttack entries")
         names = [a.name for a in self.attacks]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
@@ -152,17 +177,25 @@ class RobustnessSuite:
             raise UsageError(f"suite {self.name}: a probe is listed twice")
         if not self.attacks and not self.probes:
             raise UsageError(f"suite {self.name} has no attack and no probe")
-        if not 0 <= self.utility_margin <= 1:
-            raise UsageError(f"utility_margin must be in [0, 1], got {self.utility_margin}")
+        # Types first: a suite file's `utility_margin: "abc"` must name the field, not end in
+        # Python's comparison error.
+        margin = self.utility_margin
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin <= 1:
+            raise UsageError(f"utility_margin must be a number in [0, 1], got {margin!r}")
         if self.probe_layers is not None:
+            if not isinstance(self.probe_layers, (list, tuple)):
+                raise UsageError(
+                    f"probe_layers must be a list of integers >= 0, got {self.probe_layers!r}"
+                )
             layers = tuple(self.probe_layers)
-            if not layers or any(not isinstance(x, int) or x < 0 for x in layers):
-                raise UsageError(f"probe_layers must be integers >= 0, got {list(layers)}")
+            if not layers or not all(_is_int(x, 0) for x in layers):
+                raise UsageError(f"probe_layers must be integers >= 0, got {list(layers)!r}")
             object.__setattr__(self, "probe_layers", layers)
-        if self.in_context_k < 1 or self.lens_steps < 1:
-            raise UsageError("in_context_k and lens_steps must be >= 1")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise UsageError(f"eval_limit must be >= 1, got {self.eval_limit}")
+        for what in ("in_context_k", "lens_steps"):
+            if not _is_int(getattr(self, what), 1):
+                raise UsageError(f"{what} must be an integer >= 1, got {getattr(self, what)!r}")
+        if self.eval_limit is not None and not _is_int(self.eval_limit, 1):
+            raise UsageError(f"eval_limit must be an integer >= 1, got {self.eval_limit!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,7 +277,7 @@ def suite_from_dict(data: Any, where: str, default_name: str = "custom") -> Robu
     values["probes"] = probes
     try:
         return RobustnessSuite(**values)
-    except TypeError as e:
+    except (TypeError, UsageError) as e:
         raise UsageError(f"{where}: {e}") from None
 
 
@@ -265,5 +298,5 @@ def _attacks(entry: Any, where: str, i: int) -> list[FinetuneAttack]:
         raise UsageError(f"{where}: attacks[{i}] names one attack but lists several lr values")
     try:
         return [FinetuneAttack(**{**entry, "lr": lr}) for lr in lrs]
-    except TypeError as e:
+    except (TypeError, UsageError) as e:
         raise UsageError(f"{where}: attacks[{i}]: {e}") from None

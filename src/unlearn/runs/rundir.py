@@ -276,16 +276,7 @@ def check_run_out(
       run of another kind (an attack over an unlearning run) is never replaced or mixed into.
     """
     path = Path(out).expanduser().absolute()
-    resolved = path.resolve()
-    for what, name in (inputs or {}).items():
-        local = _local_path(name)
-        if local is None:
-            continue
-        if local == resolved or resolved in local.parents or local in resolved.parents:
-            raise UsageError(
-                f"--out {path} overlaps the {what} {name}: a run would delete or bury it; "
-                "give another --out"
-            )
+    check_outside_inputs(path, inputs)
     path = check_output_dir(path, "a run directory", _is_run_dir)
     run = RunDir(path)
     if run.exists():
@@ -297,6 +288,23 @@ def check_run_out(
             )
         run.check_reset()
     return path
+
+
+def check_outside_inputs(
+    out: Path, inputs: dict[str, str | os.PathLike | None] | None, flag: str = "--out"
+) -> None:
+    """UsageError when an input ({"input model": path, ...}; hub ids are skipped) lies inside
+    `out`, equals it or contains it (`flag` names the output in the message)."""
+    resolved = out.resolve()
+    for what, name in (inputs or {}).items():
+        local = _local_path(name)
+        if local is None:
+            continue
+        if local == resolved or resolved in local.parents or local in resolved.parents:
+            raise UsageError(
+                f"{flag} {out} overlaps the {what} {name}: a run would delete or bury it; "
+                f"give another {flag}"
+            )
 
 
 class FollowerRunDir(RunDir):

@@ -7,6 +7,7 @@ The spec format is in docs/search.md. The modules, each importing only ones list
 
 space.py    the `space:` block -> `Param`s (Optuna distributions), checked against run fields
 spec.py     YAML -> a validated `Search` (blocks, goal, budget, baselines, robustness plan)
+lock.py     the budget lock: a symlink lock (NFS) that a killed holder cannot keep
 study.py    the Optuna study: journal storage, sampler, pruner, constraint, budget, recovery
 trial.py    one trial: sample, run it as a sweep point, tell the study (pruning, multi-fidelity)
 outputs.py  rows, front, best trial, search.md and best.yaml (plot.py draws pareto.png)

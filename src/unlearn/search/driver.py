@@ -31,6 +31,7 @@ from unlearn.search.study import REFERENCE, ask, check_spec, open_study, recover
 from unlearn.search.trial import run_trial
 from unlearn.sweep.execute import run_point, sweep_lock
 from unlearn.sweep.slurm import CLUSTERS
+from unlearn.sweep.spec import check_out
 from unlearn.sweep.workers import WorkerPool
 
 JOBS_DIR = "jobs"
@@ -60,8 +61,9 @@ def work(search: Search, worker: int = 0, log: Callable[[str], None] = print) ->
 
 
 def reference(search: Search, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Evaluate the baselines (finished ones are kept) and return the target's accuracy on each
-    retain task (ReferenceFailed when it has none)."""
+    """Evaluate the baselines (finished ones are kept) and return the target's accuracy on the
+    selection part of each retain task (ReferenceFailed when one, or its forget accuracy, has
+    no number)."""
     states = {}
     for point in search.baselines:
         state = run_point(point)
@@ -70,8 +72,9 @@ def reference(search: Search, log: Callable[[str], None] = print) -> dict[str, f
         states[point.id] = state
         log(f"baseline {point.baseline.label}: {state.status}")
     target = states[search.baselines[0].id]
-    values = {t: target.retains.get(t) for t in search.retain_tasks}
-    if target.status != "done" or not all(isinstance(v, float) for v in values.values()):
+    values = {t: target.retains.get(search.selection(t)) for t in search.retain_tasks}
+    numbers = [target.forget, *values.values()]  # the forget: whether a trial unlearned at all
+    if target.status != "done" or not all(isinstance(v, float) for v in numbers):
         why = target.error or target.status
         raise ReferenceFailed(
             f"the reference ({search.baselines[0].baseline.label}) has no result: {why}"
@@ -86,6 +89,7 @@ def run_search(
     log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Run (or continue) the search to its budget; writes the outputs and returns them."""
+    check_out(search.out, "search", search.models)  # new, empty or this search's own
     with sweep_lock(search.out, "search"):
         study = open_study(search)
         check_spec(study, search)

@@ -1,5 +1,8 @@
 """pareto.png: every complete trial, the front highlighted, the baselines as reference points.
 
+Every number drawn is on the selection questions (what the search compared), labelled so; the
+chosen trials' report numbers are in search.md.
+
 Left panel: forget accuracy (↓) against the weakest retain task (↑), with the constraint's
 floor; the front is the (forget, retain) front of the complete trials (for a three-objective
 search, the front Optuna found, which a 2-D view cannot show as a line). Right panel, for a
@@ -53,8 +56,8 @@ def plot_front(search: Search, result: SearchResult, path: Path) -> None:
             ax.axhline(min(floors), ls="--", c="tab:green", lw=1,
                        label=f"lowest retain floor (reference - {search.delta:g})")  # fmt: skip
     ax.axvline(CHANCE, ls=":", c="0.4", lw=1, label="chance")
-    ax.set_xlabel(f"{search.forget_task} accuracy (lower is better)")
-    ax.set_ylabel(f"min over retain tasks: {', '.join(search.retain_tasks)}")
+    ax.set_xlabel(f"{search.forget_task} accuracy, selection questions (lower is better)")
+    ax.set_ylabel(f"min over retain tasks: {', '.join(search.retain_tasks)} (selection)")
     ax.legend(fontsize=7, loc="best")
     if robust:
         _worst_case_panel(axes[1], done, front, search)

@@ -17,6 +17,10 @@ Design choices:
   suite (a baseline run, `Search.baselines[0]`); with a world the ignorant checkpoint and the
   filtered twin are evaluated too, as reference points of the plots. A `baselines:` entry with
   role target replaces the default target.
+- Choosing on one set of questions and reporting on another: every trial and baseline
+  evaluates each forget and retain task in two parts (`unlearn.eval.split`: `forget#select`,
+  `forget#report`); the search sees only the selection part, the chosen trials are reported on
+  the report part too. best.yaml keeps the spec's own suite (a replay scores whole tasks).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import ModelArgs
+from unlearn.config import ModelArgs, coerce_values
 from unlearn.errors import UsageError
-from unlearn.eval.suite import SuiteArgs
+from unlearn.eval.split import PARTS, SELECT_FRACTION, with_part
+from unlearn.eval.suite import Suite, SuiteArgs, resolve_suite
 from unlearn.methods import get_method
 from unlearn.recipes.campaign import BASELINES
 from unlearn.recipes.unlearning import run_sections
@@ -45,6 +50,7 @@ from unlearn.sweep.spec import (
     MethodBlock,
     SlurmSettings,
     check_can_create,
+    input_models,
     spec_path,
     typed_values,
 )
@@ -57,6 +63,7 @@ TOP_KEYS = (
     "intermediate", "seed", "slurm",
 )  # fmt: skip
 BLOCK_KEYS = ("method", "base", "space")
+SELECT_PERCENT = f"{100 * SELECT_FRACTION:g}"
 GOALS = ("boundary", "pareto")
 SAMPLERS = ("tpe", "random", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
@@ -92,7 +99,11 @@ class Search:
     baselines: list[Point]
     """Baseline points; the first is the target, the reference of the retain constraint."""
     forget_task: str
+    """The suite's first forget task (its whole key: `selection`/`report` give a part's)."""
     retain_tasks: tuple[str, ...]
+    split_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The suite fields of every trial and baseline: each forget and retain task in its
+    selection and report parts (`unlearn.eval.split`)."""
     robustness: RobustnessPlan | None = None
     """pareto only: the third objective's suite, run on trials that satisfy the constraint."""
     max_forget: float | None = None
@@ -101,6 +112,8 @@ class Search:
     intermediate: int = DEFAULT_INTERMEDIATE
     seed: int = 0
     slurm: SlurmSettings | None = None
+    models: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The input models ({path: what}): OUT may neither hold one nor lie inside one."""
 
     @property
     def journal(self) -> Path:
@@ -110,6 +123,16 @@ class Search:
     @property
     def trials_dir(self) -> Path:
         return self.out / "trials"
+
+    @staticmethod
+    def selection(task: str) -> str:
+        """The key of a task's selection part (what the search chooses on)."""
+        return with_part(task, "select")
+
+    @staticmethod
+    def report(task: str) -> str:
+        """The key of a task's report part (what the chosen trials are reported on)."""
+        return with_part(task, "report")
 
     @property
     def several(self) -> bool:
@@ -129,8 +152,8 @@ class Search:
         under OUT/trials, named by method, values and a hash of the whole config)."""
         block = self.block(method)
         world = _world(str(self.world)) if self.world else None
-        return build_point(method, block.label, {**block.base, **values}, dict(values), None,
-                           world, self.trials_dir, self.store)  # fmt: skip
+        return build_point(method, block.label, {**block.base, **self.split_eval, **values},
+                           dict(values), None, world, self.trials_dir, self.store)  # fmt: skip
 
     def key(self) -> str:
         """A fingerprint of what defines the study (goal, objectives, every block's method, base
@@ -138,6 +161,7 @@ class Search:
         canon = {
             "goal": self.goal, "delta": self.delta, "objectives": self.objectives,
             "robustness": self.robustness.inputs.suite.key() if self.robustness else None,
+            "split_eval": self.split_eval,
             "blocks": [[b.method, b.base, [dataclasses.asdict(p) for p in b.params]]
                        for b in self.blocks],
         }  # fmt: skip
@@ -179,15 +203,18 @@ def load_search(path: str | Path, check_hub: bool = True) -> Search:
 
     suite = eval_block(raw.get("eval"), spec.parent)
     blocks = _blocks(raw, spec.parent, suite)
-    corners = [p for b in blocks for p in _corners(b, world, out, store)]
+    whole = resolve_suite(SuiteArgs(**coerce_values((SuiteArgs,), suite, "eval", "eval")), world)
+    if not whole.retain:
+        raise UsageError(f"spec: goal {goal} needs a retain task (eval: retain_tasks is empty)")
+    split = split_suite(suite, whole)
+    corners = [p for b in blocks for p in _corners(b, split, world, out, store)]
     validate_models(corners, check_hub)
     first = corners[0]
-    if not first.retain_tasks:
-        raise UsageError(f"spec: goal {goal} needs a retain task (eval: retain_tasks is empty)")
-    extra = read_baselines(raw.get("baselines"), spec.parent, suite, world, store)
+    extra = read_baselines(raw.get("baselines"), spec.parent, split, world, store)
     baselines = [build_baseline(b, world, out / "baselines")
-                 for b in _baselines(extra, first, world, suite, store)]  # fmt: skip
+                 for b in _baselines(extra, first, world, split, store)]  # fmt: skip
     validate_models(baselines, check_hub)
+    models = input_models([*corners, *baselines], world)
 
     robustness = plan_from_spec(raw.get("robustness"), spec.parent, world, SuiteArgs(**suite))
     if robustness is not None and goal != "pareto":
@@ -210,9 +237,9 @@ def load_search(path: str | Path, check_hub: bool = True) -> Search:
         raise UsageError(f"spec: seed must be an integer >= 0, got {seed!r}")
     return Search(
         name, spec, world.root if world else None, out, store, blocks, budget, goal,
-        float(delta), baselines, first.forget_task, first.retain_tasks, robustness,
+        float(delta), baselines, whole.forget[0], tuple(whole.retain), split, robustness,
         None if max_forget is None else float(max_forget), _choice(raw, "sampler", SAMPLERS,
-        "tpe"), pruner, intermediate, seed, SlurmSettings.from_spec(raw.get("slurm")),
+        "tpe"), pruner, intermediate, seed, SlurmSettings.from_spec(raw.get("slurm")), models,
     )  # fmt: skip
 
 
@@ -289,7 +316,27 @@ def _blocks(raw: dict, here: Path, suite: dict) -> list[MethodSpace]:
     return blocks
 
 
-def _corners(block: MethodSpace, world: World | None, out: Path, store: Path) -> list[Point]:
+def split_suite(suite: dict[str, Any], whole: Suite) -> dict[str, Any]:
+    """The `eval:` block's suite fields with every forget and retain task in its two parts
+    (`whole`: that suite resolved; its other tasks are listed as they are)."""
+    parted = [t.key for t in whole.tasks if t.part is not None]
+    if parted:
+        raise UsageError(f"eval: {', '.join(parted)}: a search splits every task into its"
+                         " selection and report parts itself; name the whole task")  # fmt: skip
+    fields = dict(suite)
+    for role in ("forget", "retain", "other"):
+        entries = []
+        for t in whole.tasks:
+            if t.role == role:
+                entry = t.source if t.limit is None else f"{t.source}@{t.limit}"
+                entries += [with_part(entry, p) for p in PARTS] if role != "other" else [entry]
+        fields[f"{role}_tasks"] = entries
+    return fields
+
+
+def _corners(
+    block: MethodSpace, split: dict[str, Any], world: World | None, out: Path, store: Path
+) -> list[Point]:
     """Trial configs at the space's low and high corners and at each choice (built, so every
     config check runs); where a value breaks a config, the error names the field."""
     low = {p.field: p.choices[0] if p.kind == "choice" else p.low for p in block.params}
@@ -300,8 +347,8 @@ def _corners(block: MethodSpace, world: World | None, out: Path, store: Path) ->
     points = []
     for values in variants:
         typed = {k: float(v) if isinstance(v, float) else v for k, v in values.items()}
-        points.append(build_point(block.method, block.label, {**block.base, **typed}, typed,
-                                  None, world, out / "trials", store))  # fmt: skip
+        points.append(build_point(block.method, block.label, {**block.base, **split, **typed},
+                                  typed, None, world, out / "trials", store))  # fmt: skip
     return points
 
 
@@ -346,7 +393,9 @@ def describe(search: Search) -> str:
                      " that satisfy the constraint")  # fmt: skip
         limit = "" if search.max_forget is None else f" with forget <= {search.max_forget:g}"
         lines.append(f"  best: the smallest worst case among those{limit}")
-    lines.append(f"  tasks: forget {search.forget_task}; retain {', '.join(search.retain_tasks)}")
+    lines.append(f"  tasks: forget {search.forget_task}; retain {', '.join(search.retain_tasks)};"
+                 f" each split by document index into a selection part ({SELECT_PERCENT}%, the"
+                 " trials are chosen on it) and a report part")  # fmt: skip
     suite_fields = {f.name for f in dataclasses.fields(SuiteArgs)}  # shown as tasks above
     for b in search.blocks:
         fixed = ", ".join(f"{k}={v}" for k, v in b.base.items() if k not in suite_fields)

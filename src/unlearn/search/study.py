@@ -9,8 +9,11 @@ Design choices:
 - One study per OUT, named after the spec, with the spec's fingerprint (`Search.key`) in its
   user attributes: a study made by another spec (another goal, space or base) is refused.
 - The budget counts trials that ended (complete, pruned, failed) and those in flight. Asking
-  for a trial happens under a lock next to the journal (the same symlink lock), so N workers
-  never start more than `budget` trials between them.
+  for a trial happens under a lock next to the journal (OUT/.budget.lock, a symlink lock too,
+  `unlearn.search.lock`), so N workers never start more than `budget` trials between them; a
+  worker killed while holding it does not hang the others or a rerun (its lock is broken).
+  The journal's own lock is Optuna's: its link points at the journal, so a writer killed while
+  appending (a few milliseconds) holds the others up for Optuna's grace period (30 s).
 - A trial still "running" in the journal when a search starts was interrupted (the search
   lock rules out a live one): it is marked failed with `interrupted` and its parameters are
   enqueued again, so the rerun retries that configuration, resuming its run directory's
@@ -27,6 +30,7 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from unlearn.search.lock import SymlinkLock
 from unlearn.search.spec import Search
 
 if TYPE_CHECKING:
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 SPEC_KEY = "spec_key"
 REFERENCE = "reference"
 INTERRUPTED = "interrupted"
+BUDGET_LOCK = ".budget.lock"
 CONSTRAINT = "retain_shortfall"
 """The name of the trial constraint: max over retain tasks of (reference - delta - acc)."""
 
@@ -149,15 +154,10 @@ def counted(study: optuna.Study) -> int:
 
 @contextlib.contextmanager
 def budget_lock(search: Search) -> Iterator[None]:
-    """Held while a worker counts trials and asks for one (safe on NFS, like the journal)."""
-    from optuna.storages.journal import JournalFileSymlinkLock
-
-    lock = JournalFileSymlinkLock(str(search.out / ".budget"))
-    lock.acquire()
-    try:
+    """Held while a worker counts trials and asks for one (safe on NFS, like the journal; a
+    worker killed while holding it does not keep it: `unlearn.search.lock`)."""
+    with SymlinkLock(search.out / BUDGET_LOCK):
         yield
-    finally:
-        lock.release()
 
 
 def ask(study: optuna.Study, search: Search) -> optuna.Trial | None:

@@ -9,6 +9,12 @@ Design choices:
   attributes): neither is ever a value the sampler or a table reads as a result.
 - A stop signal ends the trial's run "preempted" (checkpointed): the trial is failed as
   interrupted and its parameters queued again, so the rerun resumes that run.
+- Everything the search decides on (pruning, the constraint, the objectives) reads the
+  selection part of each task (`Search.selection`); the report part's numbers are kept beside
+  them (the `report` attribute) for the outputs, never shown to the sampler or the pruner.
+- The constraint holds when every retain task is at least reference - delta, compared with a
+  tolerance of TOLERANCE: a retain accuracy exactly on its floor (0.7 against 0.8 - 0.1,
+  which floats compute as 0.7000000000000001) satisfies it.
 - The pruner sees forget accuracy plus the retain shortfall below the constraint (0 when
   satisfied): a trial that unlearns by breaking the model must not look promising.
 - The multi-fidelity rule of a three-objective pareto search: the robustness suite runs only on
@@ -40,18 +46,30 @@ from unlearn.search.spec import Search
 from unlearn.search.study import CONSTRAINT, INTERRUPTED, reference_values
 from unlearn.sweep.execute import run_point
 from unlearn.sweep.points import Point
-from unlearn.sweep.state import PointState
+from unlearn.sweep.state import PointState, final_accs
 
 if TYPE_CHECKING:
     import optuna
 
 WORST = 1.0
 """The worst case given to a pareto trial whose robustness was not measured (infeasible)."""
+TOLERANCE = 1e-9
+"""Accuracies closer than this are equal (the constraint's floor, the target's forget)."""
 
 
 def margin(retains: dict[str, float], reference: dict[str, float], delta: float) -> float:
     """How far the weakest retain task is above its floor, reference - delta (< 0: below)."""
     return min(retains[t] - (reference[t] - delta) for t in reference)
+
+
+def satisfied(margin_: float) -> bool:
+    """Whether a margin satisfies the constraint (at or above the floor, within TOLERANCE)."""
+    return margin_ >= -TOLERANCE
+
+
+def constraint_value(margin_: float) -> float:
+    """The constraint Optuna reads (<= 0: satisfied): the shortfall, 0 within the tolerance."""
+    return min(-margin_, 0.0) if satisfied(margin_) else -margin_
 
 
 def pruning_value(
@@ -71,10 +89,10 @@ def sample(trial: optuna.Trial, search: Search) -> tuple[str, dict[str, Any]]:
     return method, values
 
 
-def _monitor(trial: optuna.Trial, search: Search, point: Point, reference: dict) -> Monitor:
+def _monitor(trial: optuna.Trial, search: Search, reference: dict) -> Monitor:
     def report(part: int, accs: dict[str, float | None]) -> None:
-        forget = accs.get(point.forget_task)
-        retains = {t: accs.get(t) for t in point.retain_tasks}
+        forget = accs.get(search.selection(search.forget_task))
+        retains = {t: accs.get(search.selection(t)) for t in search.retain_tasks}
         if forget is None or any(v is None for v in retains.values()):
             return  # a failed intermediate evaluation: no value, no pruning decision
         trial.report(pruning_value(forget, retains, reference, search.delta), part)  # type: ignore[arg-type]
@@ -113,7 +131,7 @@ def run_trial(
     shown = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in values.items())  # fmt: skip
     log(f"[trial {trial.number}] {method} {shown}: starting ({point.id})")
-    monitor = _monitor(trial, search, point, reference) if search.pruner != "none" else None
+    monitor = _monitor(trial, search, reference) if search.pruner != "none" else None
     overhead = asked_s + time.perf_counter() - start
 
     ran = time.perf_counter()
@@ -156,27 +174,38 @@ def run_trial(
 def _result(
     point: Point, state: PointState, search: Search, reference: dict, attrs: dict[str, Any]
 ) -> tuple[list[float] | None, dict[str, Any], str]:
-    """The objective values of a finished run (None when a number is missing) and its attrs."""
-    forget, retains = state.forget, state.retains
-    numbers = [forget, *retains.values()]
+    """The objective values of a finished run (None when a number is missing) and its attrs:
+    the selection part's numbers, and the report part's under `report`."""
+    forget = state.forget  # the run's first forget task is its selection part
+    retains = {t: state.retains.get(search.selection(t)) for t in search.retain_tasks}
+    report_forget = search.report(search.forget_task)
+    report = {
+        "forget": final_accs(point.run_dir, [report_forget])[report_forget],
+        "retains": {t: state.retains.get(search.report(t)) for t in search.retain_tasks},
+    }
+    numbers = [forget, *retains.values(), report["forget"], *report["retains"].values()]
     if not all(isinstance(v, float) for v in numbers):
         attrs.update(status="failed", error=state.error or "an evaluation has no number")
         return None, attrs, "failed"
     m = margin(retains, reference, search.delta)  # type: ignore[arg-type]
     retain = min(retains.values())  # type: ignore[type-var]
-    attrs.update(forget=forget, retains=retains, retain=retain, margin=m, constraint=-m)
+    attrs.update(forget=forget, retains=retains, retain=retain, margin=m,
+                 constraint=constraint_value(m), report=report)  # fmt: skip
     if search.goal == "boundary":
         return [forget], attrs, "done"  # type: ignore[list-item]
     values = [forget, retain]
     if search.robustness is None:
         return values, attrs, "done"  # type: ignore[return-value]
     attrs["worst_case_measured"] = False
-    if m < 0:
+    if not satisfied(m):
         return [*values, WORST], attrs, "done"  # type: ignore[return-value]
     point.robustness = search.robustness
     state = run_point(point)
     if state.robustness != "done" or state.worst_case is None:
-        attrs.update(status="failed", error=f"robustness suite: {state.robustness}")
+        # A partial suite (an attack or probe without a result) has only a lower bound: no
+        # worst case to select on, so the trial failed.
+        attrs.update(status="failed", error=f"robustness suite: {state.robustness}, no complete "
+                                            "worst case")  # fmt: skip
         return None, attrs, "failed"
     attrs.update(worst_case=state.worst_case, worst_case_measured=True)
     twin = reference_worst_case(search, "filtered")
@@ -196,15 +225,11 @@ def _claimed(locks: Path, point: Point) -> Iterator[None]:
 
 def reference_worst_case(search: Search, role: str | None) -> float | None:
     """A robustness reference's worst case (filtered twin, target) under the search's suite,
-    from the references' cache (None without robustness, or before it ran)."""
-    plan = search.robustness
-    if plan is None or plan.cache is None or role is None:
+    from the references' cache (None without robustness, before it ran, or when the cached
+    result is partial or was computed on other inputs or weights)."""
+    if search.robustness is None or role is None:
         return None
-    path = Path(plan.cache) / role / "result.json"
-    try:
-        return json.loads(path.read_text()).get("worst_case")
-    except (OSError, ValueError):
-        return None
+    return search.robustness.reference_worst_case(role)
 
 
 def _ingest(store: Path, point: Point) -> None:
@@ -230,7 +255,7 @@ def _summary(attrs: dict[str, Any]) -> str:
     if "forget" not in attrs:
         return f": {attrs['error']}" if attrs.get("error") else ""
     text = f": forget {100 * attrs['forget']:.2f}% retain {100 * attrs['retain']:.2f}%"
-    text += f" (margin {100 * attrs['margin']:+.2f})"
+    text += f" (margin {100 * attrs['margin']:+.2f}; selection questions)"
     if attrs.get("worst_case_measured"):
         text += f" worst case {100 * attrs['worst_case']:.2f}%"
     return text

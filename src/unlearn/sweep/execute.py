@@ -42,12 +42,9 @@ from unlearn.runs.rows import RunMeta
 from unlearn.runs.rundir import RunDir, latest_checkpoint
 from unlearn.runs.store import Store
 from unlearn.sweep.points import Point
-from unlearn.sweep.spec import Sweep
+from unlearn.sweep.spec import LOCK_FILE, Sweep
 from unlearn.sweep.state import FINISHED, PointState, inspect_point
 from unlearn.sweep.table import counter, show_value, state_line
-
-LOCK_FILE = ".sweep.lock"
-
 
 # -- running a point --------------------------------------------------------------------------
 
@@ -205,11 +202,17 @@ def sweep_lock(out: Path, what: str = "sweep") -> Iterator[None]:
     """One live sweep (or search) per output directory: what makes a leftover "running" mean
     interrupted."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "w") as f:
+    with open(out / LOCK_FILE, "a+") as f:  # "a+": a refused second process truncates nothing
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UsageError(f"another {what} is running in {out}") from None
+        # The lock file also says who owns OUT (`spec.out_kind`): a sweep never writes into a
+        # search's OUT, nor a search into a sweep's.
+        f.seek(0)
+        f.truncate()
+        f.write(what)
+        f.flush()
         yield  # closing the file releases the lock
 
 

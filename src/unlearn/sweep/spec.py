@@ -38,11 +38,13 @@ from typing import Any
 from unlearn.config import coerce_values
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs
+from unlearn.fsutil import check_output_dir
 from unlearn.methods import get_method
 from unlearn.recipes.attack import ATTACK_SECTIONS
 from unlearn.recipes.distill import DISTILL_PLACED, build_distill_config
 from unlearn.recipes.unlearning import run_sections
 from unlearn.robustness.plan import plan_from_spec
+from unlearn.runs.rundir import check_outside_inputs
 from unlearn.runs.store import check_store
 from unlearn.sweep.inputs import check_keys, eval_block, mapping, read_baselines, with_paths
 from unlearn.sweep.points import (
@@ -198,6 +200,54 @@ def check_can_create(path: Path, key: str) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"spec: {key} {path} cannot be created ({parent} is not writable)")
+
+
+LOCK_FILE = ".sweep.lock"
+"""The lock one live sweep or search holds on its OUT; it also says which of the two owns OUT."""
+OUT_KINDS = ("sweep", "search")
+
+
+def out_kind(out: Path) -> str | None:
+    """Whether `out` is a sweep's or a search's output directory (its lock file says; one
+    written before the lock recorded it: a search's has a study journal), None when neither."""
+    lock = out / LOCK_FILE
+    if not lock.is_file():
+        return None
+    kind = lock.read_text(encoding="utf-8", errors="replace").strip()
+    if kind in OUT_KINDS:
+        return kind
+    return "search" if (out / "study.journal").exists() else "sweep"
+
+
+def input_models(points: Sequence[Point], world: World | None) -> dict[str, str]:
+    """{path or hub id: what it is} of every model the points read (a world's three included)."""
+    models: dict[str, str] = {}
+    if world is not None:
+        for name, path in (("target", world.target), ("checkpoint", world.ignorant_checkpoint),
+                           ("filtered twin", world.filtered)):  # fmt: skip
+            models[str(path)] = f"world's {name} model"
+    for p in points:
+        if p.run_config is None:
+            models.setdefault(str(p.baseline.model_args.model), "baseline model")
+            continue
+        models.setdefault(str(p.run_config.args.model_args.model), "input model")
+        source = getattr(p.run_config.method, "source", None)
+        if source is not None:
+            models.setdefault(str(source), "source checkpoint")
+    return models
+
+
+def check_out(out: Path, kind: str, models: dict[str, str]) -> None:
+    """`out` may receive a `kind` (sweep or search): a new or empty directory or one of its own,
+    holding none of the input `models` and inside none of them (the rules of a run's --out,
+    `runs.rundir.check_run_out`). Checked before anything is written; creates nothing (a dry
+    run or --status, which write nothing, need not call it)."""
+    for path, what in models.items():
+        check_outside_inputs(out, {what: path}, "out")
+    found = out_kind(out) if out.is_dir() else None
+    if found is not None and found != kind:
+        raise UsageError(f"spec: out {out} holds a {found}, this is a {kind}; give another out")
+    check_output_dir(out, f"a {kind} directory", lambda path: out_kind(path) == kind)
 
 
 def _attack_block(value: Any, where: str) -> dict[str, Any] | None:

@@ -95,6 +95,13 @@ def _final_acc(record: RunRecord | None, task: str) -> float | str | None:
     return "failed" if last.status == "failed" else last.value
 
 
+def final_accs(run_dir: Path, tasks: list[str]) -> dict[str, float | str | None]:
+    """Each task's final accuracy in a run directory, as `PointState` reads them ("failed" for
+    a failed evaluation, None when missing)."""
+    record = _read_dir(run_dir)[1]
+    return {task: _final_acc(record, task) for task in tasks}
+
+
 def _duration(record: RunRecord | None) -> float | None:
     meta = record.meta if record else None
     if meta is None or not meta.started or not meta.finished:
@@ -153,9 +160,11 @@ def inspect_point(point: Point) -> PointState:
 
 def _inspect_robustness(point: Point, state: PointState) -> None:
     status, record, error = _read_dir(point.robustness_dir)
-    if (
-        record is not None
-        and record.meta.config.get("suite_key") != point.robustness.inputs.suite.key()
+    inputs = point.robustness.inputs
+    # Another suite, or the same suite on another held-out task, corpus, seed...: stale.
+    if record is not None and (
+        record.meta.config.get("suite_key") != inputs.suite.key()
+        or record.meta.config.get("inputs_key") != inputs.key()
     ):
         status = "stale"
     state.robustness = status

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
+from unlearn.config import check_seed
 from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_dir, atomic_write_json, check_writable_parent, write_jsonl
 from unlearn.world.evaluate import evaluate_world
@@ -110,8 +111,7 @@ def build_world(
     """
     settings = get_preset(preset)
     threads = settings.threads if threads is None else threads
-    if seed < 0:
-        raise UsageError(f"seed must be >= 0, got {seed}")
+    check_seed(seed, "seed")
     if threads < 1:
         raise UsageError(f"threads must be >= 1, got {threads}")
     out = check_out_dir(out)
