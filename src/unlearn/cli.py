@@ -28,6 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def commands_table() -> str:
+    """The README's commands table, from COMMANDS (a test checks that the README holds it)."""
+    rows = ["| command | what it does |", "|---|---|"]
+    rows += [f"| `unlearn {c}` | {help_} |" for c, (_, help_) in COMMANDS.items()]
+    return "\n".join(rows) + "\n"
+
+
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: unlearn COMMAND [options]   (unlearn COMMAND --help for its options)", ""]

@@ -339,7 +339,7 @@ LORA_ALL_LINEAR = "all-linear"
 
 
 @functools.lru_cache(maxsize=16)
-def _module_kinds(ref: ModelRef) -> dict[str, type] | None:
+def module_kinds(ref: ModelRef) -> dict[str, type] | None:
     """{module name: module class} of the model, built on the meta device from its config alone
     (no weights are read or allocated, so this is cheap even for a 7B model); None when the
     model cannot be built that way (some remote code makes real tensors in its constructor)."""
@@ -387,7 +387,7 @@ def check_lora_targets(model_ref: ModelRef, modules: list[str]) -> None:
         raise UsageError("--lora_target_modules is empty (all-linear adapts every linear layer)")
     if LORA_ALL_LINEAR in modules:
         raise UsageError(f"--lora_target_modules: {LORA_ALL_LINEAR} cannot be combined with names")
-    kinds = _module_kinds(model_ref)
+    kinds = module_kinds(model_ref)
     if kinds is None:
         return
     supported = {name for name, kind in kinds.items() if _lora_supported(kind)}

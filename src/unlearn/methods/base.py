@@ -304,6 +304,8 @@ class Method:
     """Base class: subclasses set `name`, `config_cls`, and implement `loss`."""
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    """One line for the methods table (README, `unlearn run --help`)."""
     config_cls: ClassVar[type[MethodConfig]]
     train_defaults: ClassVar[dict] = {}
     """Per-method defaults of TrainConfig / LoraSettings fields (the documented configuration)."""

@@ -71,6 +71,10 @@ class CheckpointTransferConfig(MethodConfig):
 @register
 class CheckpointTransfer(Method):
     name = "checkpoint_transfer"
+    summary = (
+        "pull forget-text activations toward an early checkpoint's that never"
+        " learned the domain, through fitted affine maps"
+    )
     config_cls = CheckpointTransferConfig
     uses = (*SCHEDULED, "layers")  # its forget term is an activation MSE, not forget_loss
     # The documented default configuration (README), calibrated on the default world (format 2):

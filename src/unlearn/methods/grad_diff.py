@@ -51,6 +51,7 @@ def capped_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
 @register
 class GradDiff(Method):
     name = "grad_diff"
+    summary = "gradient ascent on forget text, descent on retain text (Liu et al. 2022)"
     config_cls = GradDiffConfig
     uses = SCHEDULED  # no target layers, no forget_loss: its forget term is its own
     # Calibrated on the default world (README, issue 17): 256 full fine-tuning steps at lr 1e-4

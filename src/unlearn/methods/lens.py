@@ -67,6 +67,7 @@ class LensConfig(MethodConfig):
 @register
 class LensUnlearning(Method):
     name = "lens"
+    summary = "drive every layer's tuned-lens read-out on forget text to uniform"
     config_cls = LensConfig
     uses = (*SCHEDULED, "layers", "forget_loss")
     # The documented default configuration (README), calibrated on the default world (format 2):

@@ -56,6 +56,7 @@ def reference_token_logprobs(ctx: StepContext) -> torch.Tensor:
 @register
 class NPO(Method):
     name = "npo"
+    summary = "negative preference optimisation against the frozen original (Zhang et al. 2024)"
     config_cls = NPOConfig
     uses = SCHEDULED  # no target layers, no forget_loss: its forget term is its own
     # Calibrated on the default world (README, issue 17): the best found keeps every retain task

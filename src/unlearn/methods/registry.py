@@ -5,10 +5,12 @@ that run each method) is made from it, so a new method appears in all of them.""
 
 from __future__ import annotations
 
+from unlearn.config import LoraSettings, TrainConfig
 from unlearn.errors import UsageError
 from unlearn.methods.base import SHARED_SETTINGS, Method
 
 REGISTRY: dict[str, type[Method]] = {}
+_TRAIN_DEFAULTS = {"lr": TrainConfig.lr, "lora": LoraSettings.lora}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -43,4 +45,16 @@ def settings_table() -> str:
         uses = REGISTRY[name].uses
         refused = ", ".join(f"`{s}`" for s in SHARED_SETTINGS if s not in uses) or "none"
         rows.append(f"| `{name}` | {refused} |")
+    return "\n".join(rows) + "\n"
+
+
+def methods_table() -> str:
+    """The README's methods table: every registered method, its one-line summary and its
+    default training mode (a test checks that the README holds exactly this text)."""
+    rows = ["| method | what it does | default training |", "|---|---|---|"]
+    for name in method_names():
+        cls = REGISTRY[name]
+        defaults = {**_TRAIN_DEFAULTS, **cls.train_defaults}
+        mode = "LoRA" if defaults["lora"] else "full fine-tuning"
+        rows.append(f"| `{name}` | {cls.summary} | {mode}, lr {defaults['lr']:g} |")
     return "\n".join(rows) + "\n"

@@ -39,7 +39,7 @@ from unlearn.methods.base import (
     run_forward,
 )
 from unlearn.methods.registry import register
-from unlearn.models import ModelRef, _module_kinds
+from unlearn.models import ModelRef, module_kinds
 
 _MLP_PARAM = re.compile(r"\.(\d+)\.(?:mlp|feed_forward)\.([^.]+)")
 """A parameter (or module) inside block i's MLP, and the MLP's submodule it belongs to
@@ -86,7 +86,7 @@ class RMUConfig(MethodConfig):
     def check_inputs(self, model: ModelRef, n_layers: int) -> None:
         # The parameters that would train, found from the model's config on the meta device: a
         # model whose MLPs are named otherwise is refused before its weights load.
-        kinds = _module_kinds(model)  # None: cannot be built so; checked in setup instead
+        kinds = module_kinds(model)  # None: cannot be built so; checked in setup instead
         if kinds is not None:
             check_trained(self, kinds, trained_blocks(self, n_layers))
 
@@ -128,6 +128,10 @@ def check_trained(cfg: RMUConfig, names: Iterable[str], blocks: list[int]) -> No
 @register
 class RMU(Method):
     name = "rmu"
+    summary = (
+        "push one layer's forget activations toward a scaled random direction"
+        " (Li et al. 2024, WMDP)"
+    )
     config_cls = RMUConfig
     uses = (*SCHEDULED, "layers")  # its forget term is an activation MSE, not forget_loss
     # Calibrated on the default world (README, issue 17): 512 steps at lr 1e-3, c = 20 and

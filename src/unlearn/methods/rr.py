@@ -34,6 +34,10 @@ class RRConfig(MethodConfig):
 @register
 class RR(Method):
     name = "rr"
+    summary = (
+        "circuit breakers: reroute forget representations away from the"
+        " original's (Zou et al. 2024)"
+    )
     config_cls = RRConfig
     # Its coefficients follow their own schedule (`weights`): no ramp start or end fraction.
     uses = ("retain_coef", "remove_coef", "retain_loss", "retain_layers", "layers")

@@ -72,6 +72,7 @@ def phase_layers(cfg: SequentialConfig, n_layers: int) -> list[int]:
 @register
 class Sequential(Method):
     name = "sequential"
+    summary = "unlearn one layer at a time, top down, reading out through the frozen upper blocks"
     config_cls = SequentialConfig
     uses = (*SCHEDULED, "layers", "forget_loss")
     # The documented default configuration (README), calibrated on the default world (format 2):

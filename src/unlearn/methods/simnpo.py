@@ -44,6 +44,7 @@ class SimNPOConfig(MethodConfig):
 @register
 class SimNPO(Method):
     name = "simnpo"
+    summary = "NPO without a reference model, length-normalised (Fan et al. 2024)"
     config_cls = SimNPOConfig
     uses = SCHEDULED  # no target layers, no forget_loss: its forget term is its own
     # Calibrated on the default world (README, issue 17): the best found keeps every retain task
