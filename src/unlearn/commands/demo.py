@@ -67,7 +67,7 @@ BASELINE_SWEEPS = {
         for m in ("grad_diff", "npo", "simnpo", "rmu", "rr")
     ],
 }
-"""`--campaign baselines`: the field's baselines (issue 17) at their documented defaults, in a
+"""`--campaign baselines`: the field's baselines at their documented defaults, in a
 campaign of their own: beside the seed methods the cold demo would pass its 10 minutes."""
 CAMPAIGNS = {"seed": DEMO_SWEEPS, "baselines": BASELINE_SWEEPS}
 DEMO_SUITES = {

@@ -54,7 +54,8 @@ class GradDiff(Method):
     summary = "gradient ascent on forget text, descent on retain text (Liu et al. 2022)"
     config_cls = GradDiffConfig
     uses = SCHEDULED  # no target layers, no forget_loss: its forget term is its own
-    # Calibrated on the default world (README, issue 17): 256 full fine-tuning steps at lr 1e-4
+    # Calibrated on the default world (docs/results/baselines):
+    # 256 full fine-tuning steps at lr 1e-4
     # with retain_coef 50 reach forget 0.25 with every retain task within 0.05 of the target's;
     # retain_coef 20 loses late facts (0.91), 128 steps at retain_coef 30 stop at 0.36.
     train_defaults: ClassVar[dict] = {"lr": 1e-4, "lora": False, "num_train_examples": 2048}

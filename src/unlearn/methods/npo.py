@@ -59,7 +59,8 @@ class NPO(Method):
     summary = "negative preference optimisation against the frozen original (Zhang et al. 2024)"
     config_cls = NPOConfig
     uses = SCHEDULED  # no target layers, no forget_loss: its forget term is its own
-    # Calibrated on the default world (README, issue 17): the best found keeps every retain task
+    # Calibrated on the default world (docs/results/baselines):
+    # the best found keeps every retain task
     # within 0.05 of the target's at forget 0.53 (1024 full fine-tuning steps at lr 3e-4, KL
     # retain at 20); faster or longer it costs the late facts first (lr 1e-3: forget 0.46-0.48,
     # retain_late 0.76-0.78). It does not reach the 0.35 target.

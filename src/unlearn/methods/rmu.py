@@ -134,7 +134,8 @@ class RMU(Method):
     )
     config_cls = RMUConfig
     uses = (*SCHEDULED, "layers")  # its forget term is an activation MSE, not forget_loss
-    # Calibrated on the default world (README, issue 17): 512 steps at lr 1e-3, c = 20 and
+    # Calibrated on the default world (docs/results/baselines):
+    # 512 steps at lr 1e-3, c = 20 and
     # retain_coef 20 reach forget 0.29 with every retain task within 0.05 of the target's;
     # retain_coef 5 wipes the retain facts too (0.25-0.31), 100 barely unlearns (0.76). (These
     # were measured with the whole MLPs training, today's --trained_params mlp.)

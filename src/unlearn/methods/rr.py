@@ -41,7 +41,8 @@ class RR(Method):
     config_cls = RRConfig
     # Its coefficients follow their own schedule (`weights`): no ramp start or end fraction.
     uses = ("retain_coef", "remove_coef", "retain_loss", "retain_layers", "layers")
-    # Calibrated on the default world (README, issue 17): 128 full fine-tuning steps at lr 1e-3
+    # Calibrated on the default world (docs/results/baselines):
+    # 128 full fine-tuning steps at lr 1e-3
     # reach forget 0.29 with every retain task within 0.05 of the target's (lr 3e-3: 0.25 but
     # near-domain 0.88).
     train_defaults: ClassVar[dict] = {"lr": 1e-3, "lora": False}

@@ -47,7 +47,8 @@ class SimNPO(Method):
     summary = "NPO without a reference model, length-normalised (Fan et al. 2024)"
     config_cls = SimNPOConfig
     uses = SCHEDULED  # no target layers, no forget_loss: its forget term is its own
-    # Calibrated on the default world (README, issue 17): the best found keeps every retain task
+    # Calibrated on the default world (docs/results/baselines):
+    # the best found keeps every retain task
     # within 0.05 of the target's at forget 0.42 (1024 full fine-tuning steps at lr 3e-4, KL
     # retain at 20); lr 1e-3 reaches 0.43-0.48 but retain_late falls to 0.80. It does not reach
     # the 0.35 target.

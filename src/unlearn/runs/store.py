@@ -61,7 +61,7 @@ from unlearn.runs.rundir import RunDir
 from unlearn.runs.status import effective_status
 
 SCHEMA_VERSION = 3
-"""2 added the probe and robustness run kinds (issue 16), 3 the status pruned (issue 18); an
+"""2 added the probe and robustness run kinds, 3 the status pruned; an
 older store is migrated in place when opened (`_migrate`), its rows kept."""
 MIGRATED = (1, 2)
 """Schema versions `_migrate` brings to SCHEMA_VERSION."""

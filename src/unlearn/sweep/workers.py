@@ -14,7 +14,7 @@ Design choices:
   `run_point`, like the sequential executor, so it does the same work wherever it runs.
 - The cores are split: each worker uses cores // N torch threads (at least 1), set when it
   starts (and OMP_NUM_THREADS for anything it launches). Tiny models scale poorly with threads,
-  so 2 workers x 1 thread beat 1 worker x 2 threads on 2 cores (README, issue 14).
+  so 2 workers x 1 thread beat 1 worker x 2 threads on 2 cores (measured in CHANGELOG.md).
 - At most N jobs are in flight, in submission order; the next starts when one ends, so a job's
   `on_start` is when it really starts. Background jobs start only when no other job waits: a
   campaign's independent work (attacks on reference models) fills workers a sweep leaves idle

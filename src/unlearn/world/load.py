@@ -19,7 +19,7 @@ from unlearn.eval.questions import read_questions
 from unlearn.fsutil import read_jsonl
 
 WORLD_FORMAT = 2
-"""2 added the retain_late and near_domain tasks and the general_ppl perplexity task (issue 15).
+"""2 added the retain_late and near_domain tasks and the general_ppl perplexity task.
 A format-1 world is refused with one line naming the command that rebuilds it: its models never
 saw the new facts, so no evaluation of it could be compared with a format-2 world's."""
 WORLD_FILE = "world.json"

@@ -9,7 +9,7 @@ Design choices:
 - After phase 1 the two phase-2 runs share nothing (own data stream, own copy of the phase-1
   weights and optimizer state), so they can run at once. On 2 cores, two processes x 1 thread
   finish the default preset's phase 2 in 169-175 s against about 190 s for one process x 2
-  threads running one after the other (README, issue 14): a smaller gain than the sweep's
+  threads running one after the other (measured in CHANGELOG.md): a smaller gain than the sweep's
   workers get, since pretraining batches (32 x 64 tokens) use a second thread better.
 - Spawned, never forked: the parent already runs torch's thread pools. The child runs the same
   `train_twin` as a sequential build, so with the same thread count both give bit-identical
