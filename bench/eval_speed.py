@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from unlearn.models import load_model, load_tokenizer, resolve_model
+    from unlearn.models.load import load_model, load_tokenizer
+    from unlearn.models.refs import resolve_model
     from unlearn.world import load_world
 
     print(f"torch threads: {torch.get_num_threads()}")

@@ -5,8 +5,8 @@
 For each method and mode (LoRA / full), one process times three kinds of optimizer steps on the
 same forget + retain micro-batches, same optimizer, same mode:
 - method: the method's step, frozen work (source activations, reference outputs) computed;
-- cached: the method's step with the frozen cache warm (unlearn.frozen_cache), as in every epoch
-  after the first and every sweep point after the first on the same examples;
+- cached: the method's step with the frozen cache warm (unlearn.training.frozen_cache), as in
+  every epoch after the first and every sweep point after the first on the same examples;
 - plain: next-token CE on the forget and the retain micro-batch (plain fine-tuning).
 
 Built to be trusted on a noisy shared machine: after a warm-up, the kinds are *interleaved*
@@ -44,10 +44,10 @@ KINDS = ("method", "cached", "plain")
 def measure(world: str, method: str, mode: str, steps: int, rounds: int, pdbs: int) -> dict:
     import torch
 
-    from unlearn import frozen_cache
-    from unlearn.finetune import LanguageModeling
+    from unlearn.objectives import get_objective
     from unlearn.recipes.unlearning import build_run_config, prepare, validate
-    from unlearn.train import Plan, TrainState, train
+    from unlearn.training import frozen_cache
+    from unlearn.training.loop import Plan, TrainState, train
 
     with tempfile.TemporaryDirectory() as out:
         overrides = {
@@ -63,7 +63,7 @@ def measure(world: str, method: str, mode: str, steps: int, rounds: int, pdbs: i
         cfg = build_run_config(method, overrides)
         p = prepare(cfg, validate(cfg), Path(out))
         phase = p.method.phases(1)[0]
-        plain = LanguageModeling(with_retain=True)
+        plain = get_objective("language_modeling")(with_retain=True)
         cache = frozen_cache.FrozenCache(Path(out) / "frozen-cache")
         cuda = p.device.type == "cuda"
 

@@ -1,4 +1,4 @@
-"""Helpers for tests of the fitted-lens / affine-map cache (unlearn.fitting)."""
+"""Helpers for tests of the fitted-lens / affine-map cache (unlearn.readouts.fitting)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def fitting_env(model_dir, tmp_path, world_root=None, **changes):
     from types import SimpleNamespace
 
     from unlearn.methods.base import MethodEnv
-    from unlearn.models import load_tokenizer, resolve_model
+    from unlearn.models.load import load_tokenizer
+    from unlearn.models.refs import resolve_model
 
     settings = {
         "model_name": str(model_dir),
@@ -34,7 +35,7 @@ def fitting_env(model_dir, tmp_path, world_root=None, **changes):
 
 
 def count_fits(monkeypatch, module: str, name: str) -> list[int]:
-    """Count calls of `module.name` (the function that really fits, where `unlearn.fitting`
+    """Count calls of `module.name` (the function that really fits, where `unlearn.readouts.fitting`
     calls it)."""
     mod = importlib.import_module(module)
     real, calls = getattr(mod, name), []

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from tiny_models import tiny_gpt_neox
-from unlearn.affine import AffineMaps
-from unlearn.lens import TunedLens
 from unlearn.methods.base import Method
 from unlearn.methods.checkpoint_transfer import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.methods.lens import LensConfig, LensUnlearning
+from unlearn.readouts.affine import AffineMaps
+from unlearn.readouts.tuned_lens import TunedLens
 
 
 def random_maps(layers: list[int], d: int = 32, seed: int = 3) -> AffineMaps:

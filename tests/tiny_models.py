@@ -59,8 +59,8 @@ def linked_world_copy(world, dest: Path) -> Path:
 def lora_copy(base: torch.nn.Module, r: int, seed: int) -> torch.nn.Module:
     """A LoRA-wrapped copy of `base` (no dropout) whose adapters change its outputs: B is drawn
     at random (peft starts it at zero, where adapters are the identity), in eval mode."""
-    from unlearn.config import LoraSettings
-    from unlearn.models import attach_lora
+    from unlearn.config.settings import LoraSettings
+    from unlearn.models.lora import attach_lora
 
     model = attach_lora(copy.deepcopy(base), LoraSettings(lora_r=r, lora_dropout=0.0))
     g = torch.Generator().manual_seed(seed)

@@ -42,8 +42,8 @@ Design choices:
   micro-batch of a step (DDP `no_sync`, FSDP2 `set_requires_gradient_sync(False)`).
 - Saving: FSDP2 gathers a full state dict on CPU (`get_model_state_dict(full_state_dict=True,
   cpu_offload=True)`); rank 0 loads it into a freshly built unsharded model (re-attaching the LoRA
-  adapters) and writes it with `models.save_model` (atomic, merged if asked). Under DDP every rank
-  already holds the full model; rank 0 writes it.
+  adapters) and writes it with `unlearn.models.save.save_model` (atomic, merged if asked). Under
+  DDP every rank already holds the full model; rank 0 writes it.
 - Watchdog: the process group's timeout (`--collective_timeout`, default 300 s) ends a
   collective that waits longer, instead of hanging forever when ranks took different paths or
   one died; the loop reports it as `CollectiveFailure` (one line naming the rank and the step,
@@ -82,10 +82,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unlearn import models
 from unlearn.errors import CollectiveFailure, UsageError
-from unlearn.hooks import get_blocks
-from unlearn.models import default_device, is_peft
+from unlearn.models import save as model_save
+from unlearn.models.load import default_device
+from unlearn.models.lora import is_peft
+from unlearn.readouts.hooks import get_blocks
 
 MODES = ("none", "ddp", "fsdp2")
 DEFAULT_TIMEOUT_S = 300.0
@@ -343,7 +344,8 @@ class Parallel:
         merge: bool = True,
         extra_files: dict[str, str] | None = None,
     ) -> dict[str, str]:
-        """Save like `models.save_model` (rank 0 writes, atomically); returns the paths.
+        """Save like `unlearn.models.save.save_model` (rank 0 writes, atomically); returns the
+        paths.
 
         A failed save (disk full) raises on every rank: rank 0 tells the others, which would
         otherwise wait for it at the next collective forever.
@@ -355,13 +357,13 @@ class Parallel:
         error: BaseException | None = None
         if self.is_main:
             try:
-                paths = models.save_model(model, tokenizer, out_dir, merge, extra_files)
+                paths = model_save.save_model(model, tokenizer, out_dir, merge, extra_files)
             except Exception as e:
                 if not self.enabled or self.world_size == 1:
                     raise
                 error = e
         else:
-            paths = {"adapter": str(out_dir / "adapter")} if models.is_peft(model) else {}
+            paths = {"adapter": str(out_dir / "adapter")} if is_peft(model) else {}
             if merge or not paths:
                 paths["model"] = str(out_dir / "model")
         if self.enabled and self.world_size > 1:

@@ -35,8 +35,9 @@ class Pruned(Exception):
 
 
 class Preempted(Exception):
-    """Training stopped on a signal after writing a checkpoint at `step` (unlearn.resume); the run
-    is marked `preempted` and the command exits 75 (rerunning it resumes)."""
+    """Training stopped on a signal after writing a checkpoint at `step`
+    (unlearn.training.checkpointer); the run is marked `preempted` and the command exits 75
+    (rerunning it resumes)."""
 
     def __init__(self, step: int, signum: int, path: Path) -> None:
         super().__init__(

@@ -1,4 +1,4 @@
-"""`--config FILE` of `unlearn run` and `unlearn attack` (unlearn.configfile): a run.json replays
+"""`--config FILE` of `unlearn run` and `unlearn attack` (unlearn.config.files): a run.json replays
 its run bit for bit, flags override a YAML file, bad files are one line before anything loads."""
 
 from __future__ import annotations
@@ -102,12 +102,12 @@ BAD = [
 def test_bad_config_file_is_one_line_and_exit_2(
     tiny_world, tmp_path, capsys, monkeypatch, name, content, message
 ):
-    import unlearn.models
+    import transformers
 
     def no_weights(*a, **k):
         raise AssertionError("weights were loaded before validation finished")
 
-    monkeypatch.setattr(unlearn.models, "load_model", no_weights)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
     path = tmp_path / name
     if content == "attack":  # a run.json of another kind
         config = build_attack_config({"model": "m", "world": "w", "out": "o"}).to_dict()

@@ -8,8 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from unlearn.cliutil import ArgumentParser
-from unlearn.config import LoraSettings, ModelArgs, TrainConfig, build_sections, coerce_values
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.config.settings import (
+    LoraSettings,
+    ModelArgs,
+    TrainConfig,
+    build_sections,
+    coerce_values,
+)
 from unlearn.errors import UsageError
 from unlearn.recipes.attack import AttackArgs, build_attack_config
 from unlearn.recipes.unlearning import RunArgs, build_run_config

@@ -291,7 +291,7 @@ def test_cli_lm_eval_equals_native_on_a_world(tiny_world, tmp_path):
 
 def test_lm_eval_builtin_tasks_are_found_in_its_index():
     """A name that is neither a world nor a bundled task is looked up in lm-eval's own index
-    (MMLU: the seeds' retain benchmark). Indexing loads no dataset, and the index is built once
-    per process (the same cached scan as test_unknown_task_is_a_usage_error's)."""
+    (MMLU: the reference campaign's retain benchmark). Indexing loads no dataset, and the index is
+    built once per process (the same cached scan as test_unknown_task_is_a_usage_error's)."""
     tm = harness._task_manager(["mmlu", "wmdp_bio_robust"])
     assert {"mmlu", "wmdp_bio_robust"} <= set(tm.all_tasks)

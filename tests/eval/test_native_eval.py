@@ -9,7 +9,8 @@ import torch
 
 from unlearn.eval.collapse import collapse_report
 from unlearn.eval.native import QuestionScore, _rows, encode_requests, score_questions, summarize
-from unlearn.models import load_model, load_tokenizer, resolve_model
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.models.refs import resolve_model
 
 QUESTIONS = [
     # Punctuation: one token each after the prompt's tokens (the question is one shared row).
@@ -102,7 +103,7 @@ def test_a_model_that_always_picks_one_position_is_flagged():
 
 
 def test_cli_eval_on_the_tiny_world(tiny_world, tmp_path, capsys):
-    """`unlearn eval` writes the documented JSON and prints the seeds' table row."""
+    """`unlearn eval` writes the documented JSON and prints the reference campaign's table row."""
     import json
 
     from unlearn.cli import main

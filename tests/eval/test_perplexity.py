@@ -15,7 +15,8 @@ from tiny_models import tiny_llama
 from unlearn.errors import UsageError
 from unlearn.eval.perplexity import _windows, evaluate_perplexity, read_documents
 from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
-from unlearn.models import load_model, load_tokenizer, resolve_model
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.models.refs import resolve_model
 from unlearn.runs.rows import eval_rows
 from unlearn.world import evaluate_world
 

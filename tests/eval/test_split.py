@@ -10,7 +10,8 @@ import pytest
 from unlearn.errors import UsageError
 from unlearn.eval.split import part_indices, split_entry
 from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
-from unlearn.models import load_model, load_tokenizer, resolve_model
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.models.refs import resolve_model
 
 WORDS = ["river", "mill", "bread", "market", "north", "sea", "fever", "rash", "cough", "virus"]
 

@@ -17,7 +17,8 @@ from unlearn.eval.harness import HarnessError
 from unlearn.eval.letter import letter_prompt
 from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
 from unlearn.eval.tasks import TASKS_DIR
-from unlearn.models import load_model, load_tokenizer, resolve_model
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.models.refs import resolve_model
 
 WORDS = [
     "river", "mill", "bread", "market", "north", "sea", "fever",

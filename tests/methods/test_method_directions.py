@@ -20,9 +20,8 @@ import torch
 
 from tiny_methods import lens_method, transfer_method
 from tiny_models import lora_copy, tiny_gpt_neox, tiny_llama
-from unlearn.config import LoraSettings, TrainConfig
+from unlearn.config.settings import LoraSettings, TrainConfig
 from unlearn.data.batching import Batch, ExampleStream, collate
-from unlearn.hooks import get_blocks, replace_output
 from unlearn.methods.base import (
     Phase,
     Reference,
@@ -33,8 +32,9 @@ from unlearn.methods.base import (
 from unlearn.methods.checkpoint_transfer import CheckpointTransfer, CheckpointTransferConfig
 from unlearn.methods.lens import LensConfig, LensUnlearning
 from unlearn.methods.sequential import Sequential, SequentialConfig
-from unlearn.models import attach_lora
-from unlearn.train import make_plan, train
+from unlearn.models.lora import attach_lora
+from unlearn.readouts.hooks import get_blocks, replace_output
+from unlearn.training.loop import make_plan, train
 
 N, VOCAB = 4, 64
 

@@ -13,18 +13,13 @@ import torch
 from torch import nn
 
 from tiny_models import lora_copy, tiny_gpt_neox
-from unlearn.config import LoraSettings
+from unlearn.config.settings import LoraSettings
 from unlearn.errors import UsageError
-from unlearn.hooks import forward_hiddens, get_blocks
-from unlearn.models import (
-    adapters_disabled,
-    attach_lora,
-    eval_mode,
-    load_model,
-    load_tokenizer,
-    model_num_layers,
-    resolve_model,
-)
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.models.lora import attach_lora
+from unlearn.models.modes import adapters_disabled, eval_mode
+from unlearn.models.refs import model_num_layers, resolve_model
+from unlearn.readouts.hooks import forward_hiddens, get_blocks
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "llama"])
@@ -237,15 +232,18 @@ def test_few_step_run_on_llama_with_local_corpora(tiny_hf_models, tmp_path, caps
 
 
 def test_check_lora_targets_reads_module_names_without_weights(tiny_hf_models, monkeypatch):
-    from unlearn import models
+    import transformers
+
+    from unlearn.models import lora
 
     neox = resolve_model(tiny_hf_models["gpt_neox"])
     llama = resolve_model(tiny_hf_models["llama"])
     # Names as peft matches them: a module's last name or a dotted suffix; all-linear alone.
-    models.check_lora_targets(neox, ["query_key_value", "attention.dense", "dense_4h_to_h"])
-    models.check_lora_targets(llama, ["q_proj", "v_proj", "mlp.down_proj"])
-    models.check_lora_targets(llama, ["all-linear"])
-    monkeypatch.setattr(models, "load_model", None)  # no weights may load for the check
+    lora.check_lora_targets(neox, ["query_key_value", "attention.dense", "dense_4h_to_h"])
+    lora.check_lora_targets(llama, ["q_proj", "v_proj", "mlp.down_proj"])
+    lora.check_lora_targets(llama, ["all-linear"])
+    # No weights may load for the check.
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", None)
     bad = [
         (neox, ["query_key_value", "q_proj"], r"no module named 'q_proj' \(modules LoRA"),
         (llama, ["input_layernorm"], "LlamaRMSNorm modules, which LoRA cannot adapt"),
@@ -254,7 +252,7 @@ def test_check_lora_targets_reads_module_names_without_weights(tiny_hf_models, m
     ]
     for ref, modules, message in bad:
         with pytest.raises(UsageError, match=message) as e:
-            models.check_lora_targets(ref, modules)
+            lora.check_lora_targets(ref, modules)
         assert "\n" not in str(e.value)
 
 

@@ -10,9 +10,15 @@ from transformers import GPTNeoXForCausalLM
 
 from fit_helpers import FIT_TEXTS, count_fits, fitting_env
 from tiny_models import tiny_gpt_neox
-from unlearn.affine import AffineMaps, RidgeAccumulator, fit_affine, load_affine, save_affine
 from unlearn.errors import UsageError
-from unlearn.hooks import forward_hiddens
+from unlearn.readouts.affine import (
+    AffineMaps,
+    RidgeAccumulator,
+    fit_affine,
+    load_affine,
+    save_affine,
+)
+from unlearn.readouts.hooks import forward_hiddens
 
 
 def linear_data(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -257,21 +263,22 @@ def test_fit_affine_rejects_bad_input():
         fit_affine(model, model, batches(1, 1), [], layers=[0], alpha=0.1)
 
 
-# ---- the fitted-affine cache (unlearn.fitting) --------------------------------------------------
+# ---- the fitted-affine cache (unlearn.readouts.fitting) ------------------------------------------
 
 
 def test_cached_affine_maps_are_keyed_on_revisions_dtype_and_corpus(
     tiny_hf_models, tmp_path, monkeypatch
 ):
-    from unlearn.fitting import fitted_affine
     from unlearn.methods.checkpoint_transfer import CheckpointTransferConfig
-    from unlearn.models import ModelRef, load_model, resolve_model
+    from unlearn.models.load import load_model
+    from unlearn.models.refs import ModelRef, resolve_model
+    from unlearn.readouts.fitting import fitted_affine
 
     model_dir = tiny_hf_models["gpt_neox"]
     model = load_model(resolve_model(str(model_dir)))
     source = tiny_gpt_neox(3, vocab=model.config.vocab_size, seed=1)  # same width and vocab
     cfg = CheckpointTransferConfig(affine_examples=2)
-    fits = count_fits(monkeypatch, "unlearn.fitting", "fit_affine")
+    fits = count_fits(monkeypatch, "unlearn.readouts.fitting", "fit_affine")
 
     def fit(source_revision=None, **change):
         ref = ModelRef(str(model_dir), source_revision)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tiny_models import tiny_gpt_neox, tiny_llama
-from unlearn.hooks import capture, get_blocks, project_out, replace_output, run_above
+from unlearn.readouts.hooks import capture, get_blocks, project_out, replace_output, run_above
 
 N = 4
 
@@ -213,8 +213,8 @@ def test_get_blocks_is_remembered_and_follows_a_replaced_block_list():
 
 
 def test_get_blocks_through_a_wrapper_is_the_wrapped_models_list():
-    from unlearn.config import LoraSettings
-    from unlearn.models import attach_lora
+    from unlearn.config.settings import LoraSettings
+    from unlearn.models.lora import attach_lora
 
     model = tiny_gpt_neox(N)
     blocks = get_blocks(model)  # remembered before wrapping

@@ -10,15 +10,10 @@ from transformers import GPTNeoXForCausalLM
 from fit_helpers import FIT_TEXTS, count_fits, fitting_env
 from tiny_models import tiny_gpt_neox
 from unlearn.errors import UsageError
-from unlearn.hooks import capture
-from unlearn.lens import (
-    TunedLens,
-    evaluate_lens,
-    find_final_norm,
-    load_lens,
-    save_lens,
-    train_lens,
-)
+from unlearn.readouts.hooks import capture
+from unlearn.readouts.lens_files import load_lens, save_lens
+from unlearn.readouts.lens_training import train_lens
+from unlearn.readouts.tuned_lens import TunedLens, evaluate_lens, find_final_norm
 
 N = 4
 D = 32
@@ -123,13 +118,13 @@ def test_training_reduces_kl_and_leaves_model_untouched():
 
 
 def test_frozen_forwards_reused_across_passes_give_the_same_lens(monkeypatch):
-    import unlearn.lens as lens_module
+    import unlearn.readouts.lens_training as lens_module
 
     model = tiny_model(initializer_range=0.2)
     calls = []
-    forward = lens_module._final_logits_and_hiddens
+    forward = lens_module.final_logits_and_hiddens
     monkeypatch.setattr(
-        lens_module, "_final_logits_and_hiddens", lambda *a: calls.append(1) or forward(*a)
+        lens_module, "final_logits_and_hiddens", lambda *a: calls.append(1) or forward(*a)
     )
     kept, _ = train_lens(model, token_batches(4, 1), [1], steps=12, progress=False)
     assert len(calls) == 4  # 3 passes over 4 batches, each forward computed once
@@ -290,7 +285,7 @@ def test_identity_lens_is_exact_for_other_families(family):
     torch.testing.assert_close(lens.to_logits(model, hs[2], 2), logits, rtol=0, atol=0)
 
 
-# ---- the fitted-lens cache (unlearn.fitting) ----------------------------------------------------
+# ---- the fitted-lens cache (unlearn.readouts.fitting) --------------------------------------------
 
 
 def test_cached_lens_is_keyed_on_model_revision_weights_dtype_and_corpus(
@@ -298,12 +293,13 @@ def test_cached_lens_is_keyed_on_model_revision_weights_dtype_and_corpus(
 ):
     import shutil
 
-    from unlearn.fitting import fitted_lens
-    from unlearn.models import load_model, resolve_model
+    from unlearn.models.load import load_model
+    from unlearn.models.refs import resolve_model
+    from unlearn.readouts.fitting import fitted_lens
 
     model_dir = shutil.copytree(tiny_hf_models["gpt_neox"], tmp_path / "model")
     model = load_model(resolve_model(str(model_dir)))
-    fits = count_fits(monkeypatch, "unlearn.fitting", "train_lens")
+    fits = count_fits(monkeypatch, "unlearn.readouts.fitting", "train_lens")
     env = fitting_env(model_dir, tmp_path)
     fitted_lens(model, env, [1], steps=2)
     fitted_lens(model, env, [0, 1], steps=2)
@@ -333,8 +329,9 @@ def test_cached_lens_is_keyed_on_model_revision_weights_dtype_and_corpus(
 def test_read_only_world_caches_the_lens_in_the_run_dir(tiny_hf_models, tmp_path, capsys):
     import os
 
-    from unlearn.fitting import fitted_lens
-    from unlearn.models import load_model, resolve_model
+    from unlearn.models.load import load_model
+    from unlearn.models.refs import resolve_model
+    from unlearn.readouts.fitting import fitted_lens
 
     model_dir = tiny_hf_models["gpt_neox"]
     model = load_model(resolve_model(str(model_dir)))
@@ -359,16 +356,17 @@ def test_read_only_world_caches_the_lens_in_the_run_dir(tiny_hf_models, tmp_path
 def test_read_only_world_still_serves_its_cached_lens(
     tiny_hf_models, tmp_path, capsys, monkeypatch
 ):
-    import unlearn.fitting
-    from unlearn.fitting import fitted_lens
-    from unlearn.models import load_model, resolve_model
+    import unlearn.readouts.fitting
+    from unlearn.models.load import load_model
+    from unlearn.models.refs import resolve_model
+    from unlearn.readouts.fitting import fitted_lens
 
     model_dir = tiny_hf_models["gpt_neox"]
     model = load_model(resolve_model(str(model_dir)))
     env = fitting_env(model_dir, tmp_path)
     fitted_lens(model, env, [1], steps=2)  # cached in the (writable) world
-    monkeypatch.setattr(unlearn.fitting, "_can_write", lambda directory: False)
-    fits = count_fits(monkeypatch, "unlearn.fitting", "train_lens")
+    monkeypatch.setattr(unlearn.readouts.fitting, "_can_write", lambda directory: False)
+    fits = count_fits(monkeypatch, "unlearn.readouts.fitting", "train_lens")
     capsys.readouterr()
     fitted_lens(model, env, [1], steps=2)
     assert fits == [] and "note:" not in capsys.readouterr().err
@@ -376,7 +374,7 @@ def test_read_only_world_still_serves_its_cached_lens(
 
 
 def test_can_write_makes_a_real_write_attempt(tmp_path):
-    from unlearn.fitting import _can_write
+    from unlearn.readouts.fitting import _can_write
 
     assert _can_write(tmp_path / "new" / "cache")
     (tmp_path / "file").write_text("")
@@ -419,7 +417,7 @@ def cache_lens(cache, repo_id, lens_dir, folder="", revision="main", repo_type="
 
 
 def test_hub_lens_forms():
-    from unlearn.lens_hub import HubLens, parse_hub_lens
+    from unlearn.readouts.lens_hub import HubLens, parse_hub_lens
 
     assert parse_hub_lens("EleutherAI/deep-ignorance-unfiltered-lens") == HubLens(
         "EleutherAI/deep-ignorance-unfiltered-lens"
@@ -433,8 +431,8 @@ def test_hub_lens_forms():
 
 
 def test_lens_loads_by_hub_id_offline(tmp_path, offline_hub):
-    from unlearn.lens_hub import resolve_lens
-    from unlearn.models import ModelRef
+    from unlearn.models.refs import ModelRef
+    from unlearn.readouts.lens_hub import resolve_lens
 
     lens = randomize(TunedLens.for_model(tiny_model()))
     save_lens(lens, tmp_path / "lens", model_name="someone/tiny-model")
@@ -460,7 +458,7 @@ def test_lens_loads_by_hub_id_offline(tmp_path, offline_hub):
 
 
 def test_missing_hub_lens_is_one_usage_line(tmp_path, offline_hub):
-    from unlearn.lens_hub import resolve_lens
+    from unlearn.readouts.lens_hub import resolve_lens
 
     with pytest.raises(UsageError) as e:
         resolve_lens("nobody/made-up-lens")
@@ -492,7 +490,8 @@ def test_run_with_a_hub_lens_offline(tiny_hf_models, tmp_path, offline_hub, monk
     that is not cached: one line, exit 2, and no weights loaded."""
     import unlearn.recipes.unlearning
     from unlearn.cli import main
-    from unlearn.models import load_model, resolve_model
+    from unlearn.models.load import load_model
+    from unlearn.models.refs import resolve_model
     from unlearn.runs.rundir import RunDir
 
     model_dir = tiny_hf_models["gpt_neox"]

@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tiny_models import lora_copy, tiny_gpt_neox
-from unlearn import losses
 from unlearn.cli import main as cli
-from unlearn.config import TrainConfig
+from unlearn.config.settings import TrainConfig
 from unlearn.data.batching import Batch, ExampleStream, collate
 from unlearn.errors import UsageError
 from unlearn.methods.base import Method, Reference, StepContext
@@ -24,7 +23,8 @@ from unlearn.methods.npo import NPO, NPOConfig
 from unlearn.methods.rmu import RMU, RMUConfig
 from unlearn.methods.rr import RR, RRConfig
 from unlearn.methods.simnpo import SimNPO, SimNPOConfig
-from unlearn.train import make_plan, train
+from unlearn.training import losses
+from unlearn.training.loop import make_plan, train
 
 VOCAB = 64
 

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from unlearn.config import ModelArgs
+from unlearn.config.settings import ModelArgs
 from unlearn.errors import UsageError
-from unlearn.models import load_model, load_tokenizer, resolve_model
-from unlearn.recipes.evaluate import EvalConfig, evaluate
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.models.refs import resolve_model
+from unlearn.recipes.evaluation import EvalConfig, evaluate
 from unlearn.world import evaluate_world
 
 
@@ -58,7 +59,7 @@ def test_ppl_tasks_are_native_with_the_lm_eval_child_process(tiny_world, tmp_pat
         sent.extend(names)
         return {name: {"acc": 0.5, "n": 4} for name in names}
 
-    monkeypatch.setattr("unlearn.recipes.evaluate.run_saved", fake_saved)
+    monkeypatch.setattr("unlearn.recipes.evaluation.run_saved", fake_saved)
     cfg = EvalConfig(
         world=str(tiny_world.root),
         model_args=ModelArgs(str(tiny_world.target)),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from unlearn.config import ModelArgs
+from unlearn.config.settings import ModelArgs
 from unlearn.errors import UsageError
 from unlearn.recipes.fit import fit_inputs
 
@@ -31,7 +31,7 @@ def test_fit_inputs_resolve_the_model_default_the_layers_and_read_the_texts(
 def test_a_cache_entry_is_fitted_under_a_lock_other_fitters_wait_for(tmp_path):
     import fcntl
 
-    from unlearn.fitting import _fitting
+    from unlearn.readouts.fitting import _fitting
 
     cache = tmp_path / "lenses" / "abc123"
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from unlearn.errors import UsageError
-from unlearn.recipes.checkpoints import (
+from unlearn.recipes.source_checkpoints import (
     NOTE_LEARNING,
     NOTE_RANDOM,
     NOTE_VIABLE,

@@ -19,9 +19,10 @@ import torch
 
 from unlearn.eval.letter import as_cloze
 from unlearn.eval.native import encode_requests, evaluate_questions
-from unlearn.fitting import general_texts
-from unlearn.hooks import get_blocks
-from unlearn.models import load_model, load_tokenizer, resolve_model
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.models.refs import resolve_model
+from unlearn.readouts.fitting import general_texts
+from unlearn.readouts.hooks import get_blocks
 from unlearn.robustness.probes import PROBES, ProbeData, ProbeOptions, run_probe
 from unlearn.robustness.readout import (
     cross_validated_statements,

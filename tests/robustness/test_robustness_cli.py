@@ -245,16 +245,16 @@ def test_any_model_with_local_files_and_a_reference(tiny_hf_models, tmp_path):
 
 
 def test_a_failed_probe_is_a_failed_row_never_a_number(tiny_world, tmp_path, monkeypatch, capsys):
-    from unlearn.robustness import evaluate
+    from unlearn.robustness import per_model
 
-    real = evaluate.run_probe
+    real = per_model.run_probe
 
     def flaky(name, *args, **kwargs):
         if name == "ablation":
             raise RuntimeError("out of memory (simulated)")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "run_probe", flaky)
+    monkeypatch.setattr(per_model, "run_probe", flaky)
     suite = tmp_path / "probes.yaml"
     suite.write_text("probes: [ablation, in_context]\n")
     out, store = tmp_path / "rb", tmp_path / "store.sqlite"
@@ -288,7 +288,7 @@ def test_a_failed_probe_is_a_failed_row_never_a_number(tiny_world, tmp_path, mon
     # A search reading this as its twin's cached result gets no number (not a partial one)...
     from types import SimpleNamespace
 
-    from unlearn.robustness.evaluate import suite_inputs
+    from unlearn.robustness.per_model import suite_inputs
     from unlearn.robustness.plan import RobustnessPlan
     from unlearn.robustness.suite import load_suite
     from unlearn.search.trial import reference_worst_case

@@ -21,15 +21,15 @@ R = {"retain": 0.9}
 
 
 def test_builtin_suites_cover_the_issue():
-    quick, standard, seeds = SUITES["quick"], SUITES["standard"], SUITES["seeds"]
+    quick, standard, campaign = SUITES["quick"], SUITES["standard"], SUITES["campaign"]
     assert {a.data for a in quick.attacks} == {"forget", "benign"}
     assert {a.lora for a in standard.attacks} == {True, False}
     assert {a.data for a in standard.attacks} == {"forget", "benign"}
     assert len({a.lr for a in standard.attacks if a.data == "forget" and not a.lora}) >= 3
     assert set(standard.probes) == {"linear", "lens", "ablation", "in_context"}
-    assert {a.optimizer for a in seeds.attacks} == {"adamw", "muon"}
+    assert {a.optimizer for a in campaign.attacks} == {"adamw", "muon"}
     assert all(a.lr == 2e-5 and a.num_examples == 512 and a.eval_every == 100
-               for a in seeds.attacks)  # fmt: skip
+               for a in campaign.attacks)  # fmt: skip
     assert quick.key() != standard.key() and quick.key() == SUITES["quick"].key()
 
 

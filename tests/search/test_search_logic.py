@@ -16,7 +16,6 @@ import unlearn.sweep.execute as execute
 from unlearn.cli import main as cli
 from unlearn.commands.search import main
 from unlearn.errors import UsageError
-from unlearn.resume import EXIT_PREEMPTED
 from unlearn.runs.rows import RunMeta
 from unlearn.runs.rundir import RunDir
 from unlearn.runs.store import Store
@@ -25,6 +24,7 @@ from unlearn.search.space import rounded
 from unlearn.search.spec import Search, load_search
 from unlearn.search.study import open_study
 from unlearn.sweep.execute import sweep_lock
+from unlearn.training.preemption import EXIT_PREEMPTED
 
 
 def _trials(search):

@@ -9,7 +9,6 @@ import pytest
 
 from unlearn import cli
 from unlearn.errors import UsageError
-from unlearn.resume import EXIT_PREEMPTED, read_info
 from unlearn.runs.rows import RunMeta
 from unlearn.runs.rundir import RunDir, latest_checkpoint
 from unlearn.runs.store import Store
@@ -17,6 +16,8 @@ from unlearn.sweep import execute
 from unlearn.sweep.execute import run_sweep
 from unlearn.sweep.spec import load_sweep
 from unlearn.sweep.state import inspect_point
+from unlearn.training.preemption import EXIT_PREEMPTED
+from unlearn.training.tensor_files import read_info
 
 from .helpers import base_spec, fake_run, write_spec
 

@@ -33,7 +33,7 @@ def test_robustness_block_runs_the_suite_on_each_point(tiny_world, tmp_path):
     assert state.status == "done" and state.robustness == "done"
     assert isinstance(state.worst_case, float) and 0 <= state.worst_case <= 1
     assert "worst case" in format_table([state])
-    # The summary's other rows on the held-out task (steps_to_half, issue 16) are not its worst
+    # The summary's other rows on the held-out task (steps_to_half) are not its worst
     # case: a model whose attacks regain half the gap in 20 steps kept reading as 2000%.
     heldout = RunDir(point.robustness_dir).read_meta().config["heldout_task"]
     RunDir(point.robustness_dir).append_eval(0, heldout, {"steps_to_half": 20.0})

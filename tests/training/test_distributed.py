@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tiny_models import tiny_gpt_neox
-from unlearn.config import TrainConfig
+from unlearn.config.settings import TrainConfig
 from unlearn.distributed import MODES, Parallel, check_mode, map_sharded, setup
 from unlearn.errors import UsageError
 
@@ -103,12 +103,12 @@ def _train_tiny(
     first, so what it holds is what the directory holds); returns its hits and misses.
     `wrap_objective(objective, par)` may replace the objective (to make ranks diverge);
     `timeout_s` is the process group's collective timeout, as the worker set it."""
-    from unlearn import frozen_cache
-    from unlearn.config import LoraSettings
+    from unlearn.config.settings import LoraSettings
     from unlearn.data import ExampleStream
     from unlearn.methods.base import Reference
-    from unlearn.models import attach_lora
-    from unlearn.train import make_plan, train
+    from unlearn.models.lora import attach_lora
+    from unlearn.training import frozen_cache
+    from unlearn.training.loop import make_plan, train
 
     torch.set_num_threads(1)
     model = _tiny_model()
@@ -403,7 +403,7 @@ def _full_disk_worker(rank: int, world: int, port: int, root: str) -> None:
     the error, none may wait for rank 0 at the next collective."""
     import torch.distributed as dist
 
-    from unlearn.resume import Checkpointer
+    from unlearn.training.checkpointer import Checkpointer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
@@ -547,7 +547,7 @@ def test_cli_eval_sharded_under_torchrun_equals_one_process(tiny_world, tmp_path
         assert abs(a["correct_prob"] - b["correct_prob"]) < 1e-6
 
 
-# Two kinds of question under the tiny BPE tokenizer (tests/test_native_eval.py checks the row
+# Two kinds of question under the tiny BPE tokenizer (tests/eval/test_native_eval.py checks the row
 # kinds): each choice is one token after the prompt (the question is ONE row), or multi-token
 # answers (one row per choice, 4 rows). Interleaved, round-robin by question gives rank 0 the
 # 1-row questions and rank 1 the 4-row ones.
@@ -577,7 +577,8 @@ def _eval_mixed(rank: int, world: int, mode: str, model_dir: str, out: str) -> N
     row); write the metrics and the number of forwards this rank ran for each."""
     from unlearn.eval.native import evaluate_questions
     from unlearn.eval.perplexity import evaluate_perplexity
-    from unlearn.models import load_model, load_tokenizer, resolve_model
+    from unlearn.models.load import load_model, load_tokenizer
+    from unlearn.models.refs import resolve_model
 
     torch.set_num_threads(1)
     ref = resolve_model(model_dir)

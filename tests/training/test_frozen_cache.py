@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from unlearn import frozen_cache as fc
 from unlearn.errors import UsageError
-from unlearn.frozen_cache import FrozenCache, FrozenCacheArgs
+from unlearn.training import frozen_cache as fc
+from unlearn.training.frozen_cache import FrozenCache, FrozenCacheArgs
 
 WHAT = {"frozen": "reference", "model": {"name": "m", "revision": "r1"}, "dtype": "float32",
         "device": "cpu", "outputs": "hiddens", "layers": [1, 2]}  # fmt: skip
@@ -200,7 +200,7 @@ LR = 3e-4
 
 def _train(tiny_world, tmp_path, method, name, cache: bool, cache_dir, pdbs=4, steps=6):
     from unlearn.recipes.unlearning import build_run_config, prepare, validate
-    from unlearn.train import train
+    from unlearn.training.loop import train
 
     out = tmp_path / name
     cfg = build_run_config(

@@ -10,13 +10,13 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from tiny_models import tiny_gpt_neox
-from unlearn.config import LoraSettings, TrainConfig
+from unlearn.config.settings import LoraSettings, TrainConfig
 from unlearn.data.batching import ExampleStream
 from unlearn.errors import DivergedError, RetainZeroError
 from unlearn.methods.base import Phase, Reference
 from unlearn.methods.sequential import Sequential, SequentialConfig
-from unlearn.models import attach_lora
-from unlearn.train import make_plan, train
+from unlearn.models.lora import attach_lora
+from unlearn.training.loop import make_plan, train
 
 VOCAB = 64
 
@@ -106,7 +106,9 @@ def test_gradient_accumulation_2x2_equals_4x1():
 def test_plan_reports_steps_and_epochs_and_warns(capsys):
     cfg = TrainConfig(num_train_examples=1024, pdbs=4, grad_accum=2, epochs=1)
     plan = make_plan(cfg, 1024, lambda steps: [Phase("main", steps)], world_size=4)
-    assert plan.total_steps == 32 and plan.effective_batch == 32  # the seeds' 1024 -> 32 steps
+    assert (
+        plan.total_steps == 32 and plan.effective_batch == 32
+    )  # the reference campaign's 1024 -> 32 steps
     assert plan.epochs == pytest.approx(1.0)
     model = tiny_model()
     cfg = TrainConfig(lr=1e-3, num_train_examples=8, pdbs=2, grad_accum=2, epochs=3)
@@ -142,7 +144,8 @@ def test_exploding_loss_raises_diverged():
 
 
 def test_retain_term_stuck_at_zero_is_an_error():
-    """The seeds' bug: the 'reference' is the trained model itself, so KL is always exactly 0."""
+    """The reference campaign's bug: the 'reference' is the trained model itself, so KL is always
+    exactly 0."""
     model = tiny_model()
     broken = Reference(model, frozen_copy=model)  # the reference IS the trained model
     broken.copy.requires_grad_(True)
@@ -169,7 +172,8 @@ def test_schedules_reach_the_trainer():
 
 def test_plan_counts_the_epochs_of_every_phase(capsys):
     """Sequential draws steps x effective batch examples in *each* phase from one stream, so 7
-    phases of one epoch each are 7 epochs of data (the seeds' 7 x 128 steps over 1,024)."""
+    phases of one epoch each are 7 epochs of data (the reference campaign's 7 x 128 steps over
+    1,024)."""
     cfg = TrainConfig(num_train_examples=1024, pdbs=4, grad_accum=2, epochs=1)
     phases = lambda steps: [Phase(f"layer {i}", steps, i) for i in range(7)]  # noqa: E731
     plan = make_plan(cfg, 1024, phases, world_size=4)

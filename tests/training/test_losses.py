@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from unlearn.losses import (
+from unlearn.training.losses import (
     activation_mse,
     kl_retain,
     l2_retain,

@@ -7,7 +7,7 @@ from transformers import GPTNeoXForCausalLM
 
 from tiny_models import tiny_gpt_neox
 from unlearn.errors import UsageError
-from unlearn.optim import build_optimizer, describe_routing
+from unlearn.training.optim import build_optimizer, describe_routing
 
 BLOCK_MATRICES = (
     "attention.query_key_value.weight",
@@ -171,7 +171,7 @@ def test_each_optimizer_gets_its_own_base_lr(name, muon_lr, adam_lr, expected):
 
 
 def test_bad_learning_rates_are_usage_errors():
-    from unlearn.config import TrainConfig
+    from unlearn.config.settings import TrainConfig
 
     for field in ("muon_lr", "adam_lr"):
         for bad in (0.0, -1e-3, float("nan"), float("inf")):
@@ -202,13 +202,13 @@ def test_learning_rates_reach_run_configs_and_point_ids():
 def test_schedule_scales_each_group_from_its_own_base(monkeypatch):
     """A short full fine-tuning run with Muon at its own rate and AdamW at another: warmup and
     decay multiply each group's base, and both rates are logged."""
-    import unlearn.train
-    from unlearn.config import TrainConfig
+    import unlearn.training.loop
+    from unlearn.config.settings import TrainConfig
     from unlearn.data.batching import ExampleStream
     from unlearn.methods.base import Reference
     from unlearn.methods.sequential import Sequential, SequentialConfig
-    from unlearn.schedules import lr_mult_at
-    from unlearn.train import make_plan, train
+    from unlearn.training.loop import make_plan, train
+    from unlearn.training.schedules import lr_mult_at
 
     built = []
 
@@ -216,7 +216,7 @@ def test_schedule_scales_each_group_from_its_own_base(monkeypatch):
         built.append(build_optimizer(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(unlearn.train, "build_optimizer", spy)
+    monkeypatch.setattr(unlearn.training.loop, "build_optimizer", spy)
     model = tiny_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     method = Sequential(SequentialConfig(layers=[2]))

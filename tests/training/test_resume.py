@@ -24,24 +24,19 @@ from torch import nn
 
 from unlearn import cli
 from unlearn.errors import Preempted, UsageError
-from unlearn.optim import build_optimizer
-from unlearn.resume import (
-    EXIT_PREEMPTED,
-    Checkpointer,
-    damage,
-    deferring_signals,
-    read_info,
-    stop_requested,
-)
 from unlearn.runs.rundir import RunDir, latest_checkpoint
-from unlearn.train import TrainState
+from unlearn.training.checkpointer import Checkpointer
+from unlearn.training.loop import TrainState
+from unlearn.training.optim import build_optimizer
+from unlearn.training.preemption import EXIT_PREEMPTED, deferring_signals, stop_requested
+from unlearn.training.tensor_files import damage, read_info
 
 CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
     import torch
     torch.set_num_threads(1)
-    import unlearn.resume as resume
+    import unlearn.training.checkpointer as resume
     from unlearn import cli
     from unlearn.runs.rundir import RunDir
 
@@ -62,7 +57,7 @@ CHILD = textwrap.dedent(
         def killer(*args):
             calls.append(1)
             if len(calls) == nth:
-                if name == "_save_tensors":  # die with the file half written
+                if name == "save_tensors":  # die with the file half written
                     with open(args[1], "wb") as f:
                         f.write(b"partial")
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -324,9 +319,9 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_weights(tiny_world, tmp_path
 
 
 KILL_POINTS = [
-    pytest.param(("_save_tensors", 4), 2, id="mid-file"),  # the 2nd checkpoint's model.pt
-    pytest.param(("_fsync_dir", 3), 2, id="before-rename"),  # files written, not renamed
-    pytest.param(("_fsync_dir", 4), 4, id="after-rename"),  # renamed, old one not pruned
+    pytest.param(("save_tensors", 4), 2, id="mid-file"),  # the 2nd checkpoint's model.pt
+    pytest.param(("fsync_dir", 3), 2, id="before-rename"),  # files written, not renamed
+    pytest.param(("fsync_dir", 4), 4, id="after-rename"),  # renamed, old one not pruned
 ]
 
 

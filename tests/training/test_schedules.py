@@ -3,7 +3,7 @@ import math
 import pytest
 
 from unlearn.errors import UsageError
-from unlearn.schedules import forget_coef_at, lr_mult_at, retain_coef_at
+from unlearn.training.schedules import forget_coef_at, lr_mult_at, retain_coef_at
 
 
 def test_retain_ramp_start_middle_end():

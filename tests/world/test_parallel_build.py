@@ -19,7 +19,7 @@ import unlearn.world.pretrain as pretrain_module
 from unlearn.world import PRESETS, build_world
 from unlearn.world.build import ThreadLayout
 from unlearn.world.parallel import TwinProcess, TwinProcessError, available_cores
-from unlearn.world.pretrain import TwinJob, make_model, make_optimizer
+from unlearn.world.phases import TwinJob, make_model, make_optimizer
 
 SHORT = dataclasses.replace(
     PRESETS["tiny"], phase1_steps=2, phase2_steps=2, checkpoint_interval=2, warmup_steps=1

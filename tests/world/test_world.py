@@ -24,7 +24,8 @@ from unlearn.world.generate import (
     TASKS,
     generate,
 )
-from unlearn.world.pretrain import PackedStream, lr_at, make_model, pretrain, training_pools
+from unlearn.world.phases import PackedStream, lr_at, make_model, training_pools
+from unlearn.world.pretrain import pretrain
 from unlearn.world.tokenizer import train_tokenizer
 
 TINY = PRESETS["tiny"]
@@ -367,10 +368,10 @@ def _project_imports(path: Path) -> set[str]:
 
 
 def test_eval_never_imports_the_world():
-    """The world calls the generic evaluator (`unlearn.world.evaluate`); the evaluator and the
+    """The world calls the generic evaluator (`unlearn.world.scoring`); the evaluator and the
     lm-eval adapter get a world's question files as arguments, so eval never imports world."""
     import unlearn.eval
-    import unlearn.world.evaluate
+    import unlearn.world.scoring
 
     eval_dir = Path(unlearn.eval.__file__).parent
     importers = {
@@ -380,4 +381,4 @@ def test_eval_never_imports_the_world():
         for p in eval_dir.rglob("*.py")
     }
     assert {k: v for k, v in importers.items() if v} == {}
-    assert "unlearn.eval.native" in _project_imports(Path(unlearn.world.evaluate.__file__))
+    assert "unlearn.eval.native" in _project_imports(Path(unlearn.world.scoring.__file__))

@@ -12,17 +12,17 @@ Fine-tunes on the world's attack-group documents (or --corpus), evaluating at st
 --config FILE takes the settings from a YAML mapping of the same flat names (relative paths
 against its directory) or from an attack's run directory / run.json (a replay; not its out,
 run_id or store; an attack's run.json does not record --world, so give it again). Flags given on
-the command line override the file; the rules are in unlearn.configfile.
+the command line override the file; the rules are in unlearn.config.files.
 """
 
 from __future__ import annotations
 
-from unlearn.cliutil import ArgumentParser
-from unlearn.config import LoraSettings, TrainConfig
-from unlearn.configfile import add_config_flag, add_sections, check_replay_out, pre_parse
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.config.files import add_config_flag, add_sections, check_replay_out, pre_parse
+from unlearn.config.settings import LoraSettings, TrainConfig
 from unlearn.distributed import is_main
 from unlearn.recipes.attack import ATTACK_TRAIN_DEFAULTS, AttackArgs, AttackConfig, run_attack
-from unlearn.resume import exit_code
+from unlearn.training.preemption import exit_code
 
 
 def parse(argv: list[str] | None) -> AttackConfig:

@@ -6,7 +6,7 @@
     unlearn checkpoints --paths ckpt/step1000 ckpt/step2000 --world /tmp/w
 
 Each checkpoint is evaluated on a forget task and a retain task, in the order given (training
-order), and the table of the seeds is printed (and written with --out):
+order), and the table of the reference campaign is printed (and written with --out):
 
     | Checkpoint | forget | retain | Notes |
     | step-00300 | 22.92% | 93.52% | ~Random (latest viable) |
@@ -34,8 +34,8 @@ Design choices:
 
 from __future__ import annotations
 
-from unlearn.cliutil import ArgumentParser
-from unlearn.recipes.checkpoints import CheckpointsConfig, find_checkpoints
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.recipes.source_checkpoints import CheckpointsConfig, find_checkpoints
 
 
 def main(argv: list[str] | None = None) -> int:

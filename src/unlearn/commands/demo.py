@@ -4,9 +4,9 @@
     unlearn demo --preset tiny --out /tmp/d
 
 Builds (or reuses) the world, evaluates the baselines, runs each seed method (its documented
-default on the default preset, a 2-point sweep on the tiny one) as one sweep, runs the `quick`
-robustness suite (docs/robustness.md) on the best run of each method plus the filtered twin and
-the original target, and writes OUT/report.md with its robustness scorecard and PNG plots.
+default on the default preset, a 2-point sweep on the tiny one) as one sweep, runs the `quick` (or
+`--suite`) robustness suite (docs/robustness.md) on the best run of each method plus the filtered
+twin and the original target, and writes OUT/report.md with its robustness scorecard and PNG plots.
 Re-running resumes: finished stages are skipped.
 
 A method's best run is its lowest forget accuracy among the runs that keep EVERY retain task
@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unlearn.cliutil import ArgumentParser
-from unlearn.config import check_seed
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.config.settings import check_seed
 from unlearn.errors import UsageError
 from unlearn.fsutil import check_writable_parent
 from unlearn.recipes.campaign import (
@@ -34,13 +34,13 @@ from unlearn.recipes.campaign import (
     write_spec,
 )
 from unlearn.report import render_report, summary
-from unlearn.resume import EXIT_PREEMPTED
-from unlearn.robustness.evaluate import suite_inputs
+from unlearn.robustness.per_model import suite_inputs
 from unlearn.robustness.suite import SUITES, FinetuneAttack
 from unlearn.runs.store import Store, check_store
 from unlearn.sweep.execute import SweepPreempted, run_sweep
 from unlearn.sweep.spec import load_sweep
 from unlearn.sweep.workers import WorkerPool, WorkerPoolExecutor, available_cores
+from unlearn.training.preemption import EXIT_PREEMPTED
 from unlearn.world import build_world, load_world
 from unlearn.world.presets import get_preset
 
@@ -103,6 +103,9 @@ class DemoConfig:
     campaign: str = "seed"
     """seed (the three seed methods) or baselines (grad_diff, npo, simnpo, rmu, rr; give --world
     to reuse the seed campaign's world)."""
+    suite: str | None = None
+    """The robustness suite run on each method's best run and on the references: quick (the
+    default), standard or campaign (docs/robustness.md)."""
     workers: int | None = None
     """Sweep points run at once, each in its own process with the cores split between them;
     default: 2 on a machine with 2 or more cores (faster than 1 worker with 2 threads for these
@@ -113,6 +116,8 @@ class DemoConfig:
         check_seed(self.seed)  # before anything prints or builds
         if self.campaign not in CAMPAIGNS:
             raise UsageError(f"--campaign must be one of {', '.join(CAMPAIGNS)}")
+        if self.suite is not None and self.suite not in SUITES:
+            raise UsageError(f"--suite must be one of {', '.join(SUITES)}, got {self.suite!r}")
         if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers must be >= 1, got {self.workers}")
 
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every point of the demo's sweep has the world's default suite, so the same retain tasks.
     tasks = sweep.points[0].retain_tasks if sweep.points else ()
     floors = retain_floors(runs / "baseline-target", tasks, RETAIN_MARGIN)
-    inputs = suite_inputs(DEMO_SUITES[preset], world, progress=False)
+    suite = SUITES[cfg.suite] if cfg.suite else DEMO_SUITES[preset]
+    inputs = suite_inputs(suite, world, progress=False)
     original = final_acc(runs / "baseline-target", inputs.heldout)
     with WorkerPool(workers, print_err) as pool:
         campaign = CampaignRobustness(

@@ -11,11 +11,11 @@ what the distillation bought.
 
 from __future__ import annotations
 
-from unlearn.cliutil import ArgumentParser
-from unlearn.config import TrainConfig
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.config.settings import TrainConfig
 from unlearn.distributed import is_main
 from unlearn.recipes.distill import DISTILL_TRAIN_DEFAULTS, DistillArgs, DistillConfig, run_distill
-from unlearn.resume import exit_code
+from unlearn.training.preemption import exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import sys
 
-from unlearn.cliutil import ArgumentParser
+from unlearn.commands.arguments import ArgumentParser
 from unlearn.distributed import is_main, join_for_evaluation
-from unlearn.recipes.evaluate import EvalConfig, evaluate
+from unlearn.recipes.evaluation import EvalConfig, evaluate
 from unlearn.report.tables import results_table
 
 

@@ -4,7 +4,7 @@
     unlearn fit-affine --source CKPT --target MODEL --texts general.jsonl --out DIR --layers 5 10
 
 Fitted on general text (the world's retain + filler documents), with the MSE reported on other,
-held-out documents. Writes affine.safetensors + metadata.json (see unlearn.affine).
+held-out documents. Writes affine.safetensors + metadata.json (see unlearn.readouts.affine).
 """
 
 from __future__ import annotations
@@ -13,14 +13,20 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unlearn.affine import FORMAT_KIND, METADATA_FILE, WEIGHTS_FILE, fit_affine, save_affine
-from unlearn.cliutil import ArgumentParser
-from unlearn.config import ModelArgs
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.config.settings import ModelArgs
 from unlearn.errors import UsageError
-from unlearn.fitting import text_batches
 from unlearn.fsutil import check_output_dir
 from unlearn.methods.base import default_layers
-from unlearn.models import default_device, load_model, load_tokenizer
+from unlearn.models.load import default_device, load_model, load_tokenizer
+from unlearn.readouts.affine import (
+    FORMAT_KIND,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    fit_affine,
+    save_affine,
+)
+from unlearn.readouts.fitting import text_batches
 from unlearn.recipes.fit import fit_inputs
 
 

@@ -4,7 +4,7 @@
     unlearn fit-lens --model MODEL --texts general.jsonl --out DIR --layers 5 10 15
 
 Written in the tuned-lens library's format (config.json + params.pt), so a lens fitted here loads
-in that library and a lens published in that format loads here (see unlearn.lens).
+in that library and a lens published in that format loads here (see unlearn.readouts.tuned_lens).
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unlearn.cliutil import ArgumentParser
-from unlearn.config import ModelArgs
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.config.settings import ModelArgs
 from unlearn.errors import UsageError
-from unlearn.fitting import text_batches
 from unlearn.fsutil import check_output_dir
-from unlearn.lens import LENS_TYPE, SIDECAR, save_lens, train_lens
-from unlearn.models import default_device, load_model, load_tokenizer
+from unlearn.models.load import default_device, load_model, load_tokenizer
+from unlearn.readouts.fitting import text_batches
+from unlearn.readouts.lens_files import SIDECAR, save_lens
+from unlearn.readouts.lens_training import train_lens
+from unlearn.readouts.tuned_lens import LENS_TYPE
 from unlearn.recipes.fit import fit_inputs
 
 

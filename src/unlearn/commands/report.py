@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from unlearn.cliutil import ArgumentParser
+from unlearn.commands.arguments import ArgumentParser
 from unlearn.errors import UsageError
 from unlearn.fsutil import check_writable_parent
 from unlearn.report import render_report

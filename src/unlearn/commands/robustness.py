@@ -17,7 +17,7 @@ See docs/robustness.md.
 
 from __future__ import annotations
 
-from unlearn.cliutil import ArgumentParser
+from unlearn.commands.arguments import ArgumentParser
 from unlearn.recipes.robustness import RobustnessArgs, run_robustness
 from unlearn.report.robustness import partial_cell
 from unlearn.report.tables import markdown_table, pct

@@ -5,8 +5,8 @@
         --retain_coef 5 --remove_coef 5
 
 With --world and no other flag a method uses its documented default configuration (and fits the
-lenses or affine maps it needs, cached in the world dir). Parameter names follow the seeds:
-retain_coef, remove_coef, num_train_examples, pdbs, grad_accum, lr, lora_r, layers, ...
+lenses or affine maps it needs, cached in the world dir). Parameter names follow the reference
+campaign: retain_coef, remove_coef, num_train_examples, pdbs, grad_accum, lr, lora_r, layers, ...
 
     unlearn run --config best.yaml --out /tmp/r3 --lr 1e-4
     unlearn run --config /tmp/r1 --out /tmp/r1-again
@@ -14,7 +14,7 @@ retain_coef, remove_coef, num_train_examples, pdbs, grad_accum, lr, lora_r, laye
 --config FILE takes the settings from a YAML mapping of the same flat names (relative paths
 against its directory) or from a run directory's run.json (a replay: its method, unless --method
 is given; not its out, run_id or store). Flags given on the command line override the file; the
-rules are in unlearn.configfile.
+rules are in unlearn.config.files.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from unlearn.cliutil import ArgumentParser
-from unlearn.config import LoraSettings, TrainConfig
-from unlearn.configfile import add_config_flag, add_sections, check_replay_out, pre_parse
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.config.files import add_config_flag, add_sections, check_replay_out, pre_parse
+from unlearn.config.settings import LoraSettings, TrainConfig
 from unlearn.distributed import is_main
 from unlearn.methods import REGISTRY, get_method
 from unlearn.recipes.unlearning import RunArgs, RunConfig, run_unlearning
-from unlearn.resume import exit_code
 from unlearn.runs.rundir import RunDir
+from unlearn.training.preemption import exit_code
 
 
 def parse(argv: list[str] | None) -> RunConfig:

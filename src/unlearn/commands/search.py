@@ -7,21 +7,21 @@ the Pareto front (forget, retain, optionally the robustness worst case).
     unlearn search searches/rmu-boundary.yaml --workers 2   # two local processes, one study
     unlearn search searches/rmu-boundary.yaml --executor slurm --workers 8
 
-The spec format is in docs/search.md. Results: OUT/search.md (the boundary table in the seeds'
-format, or the front), OUT/pareto.png, OUT/best.yaml (`unlearn run --config best.yaml`), every
-trial a run directory under OUT/trials indexed in the store. Exit code 0 when the budget is
-spent, 1 when no trial satisfies the constraint while lowering forget below the target's, or
-the reference has no result, 2 on a bad spec or out, 75 when a stop signal ended the search
-(rerun the same command to continue). Trials are chosen on one part of each task's questions
-and the chosen ones reported on the other (docs/search.md).
+The spec format is in docs/search.md. Results: OUT/search.md (the boundary table in the reference
+campaign's format, or the front), OUT/pareto.png, OUT/best.yaml (`unlearn run --config best.yaml`),
+every trial a run directory under OUT/trials indexed in the store. Exit code 0 when the budget is
+spent, 1 when no trial satisfies the constraint while lowering forget below the target's, or the
+reference has no result, 2 on a bad spec or out, 75 when a stop signal ended the search (rerun the
+same command to continue). Trials are chosen on one part of each task's questions and the chosen
+ones reported on the other (docs/search.md).
 """
 
 from __future__ import annotations
 
 import sys
 
-from unlearn.cliutil import ArgumentParser, add_executor_arguments
-from unlearn.resume import EXIT_PREEMPTED
+from unlearn.commands.arguments import ArgumentParser, add_executor_arguments
+from unlearn.training.preemption import EXIT_PREEMPTED
 
 
 def main(argv: list[str] | None = None) -> int:

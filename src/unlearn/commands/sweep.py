@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import sys
 
-from unlearn.cliutil import ArgumentParser, add_executor_arguments
-from unlearn.resume import EXIT_PREEMPTED
+from unlearn.commands.arguments import ArgumentParser, add_executor_arguments
 from unlearn.sweep.execute import SweepPreempted, run_sweep
 from unlearn.sweep.slurm import make_executor, states_with_jobs
 from unlearn.sweep.spec import check_out, input_models, load_sweep
 from unlearn.sweep.state import inspect_point
 from unlearn.sweep.table import count_statuses, describe_points, format_table
+from unlearn.training.preemption import EXIT_PREEMPTED
 from unlearn.world import load_world
 
 

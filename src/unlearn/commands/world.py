@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unlearn.cliutil import ArgumentParser
-from unlearn.config import check_seed
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.config.settings import check_seed
 from unlearn.errors import UsageError
 from unlearn.report.tables import results_table
 from unlearn.world.build import build_world, check_out_dir

@@ -27,8 +27,8 @@ How flags win: the file's values become the parser's defaults (the `default` of 
 `add_arguments`: a dict of every field, so that a file's `max_steps: null` is kept, where
 `set_defaults` would read None as "no default"). A flag given on the command line overrides
 them; every other field keeps the command's own default. Values are checked and coerced like a
-sweep spec's (`unlearn.config.coerce_values`): a wrong type or an unknown key is one UsageError
-line (exit 2) before any weights load.
+sweep spec's (`unlearn.config.settings.coerce_values`): a wrong type or an unknown key is one
+UsageError line (exit 2) before any weights load.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearn.cliutil import ArgumentParser
-from unlearn.config import coerce, coerce_values, section_defaults
+from unlearn.commands.arguments import ArgumentParser
+from unlearn.config.settings import coerce, coerce_values, section_defaults
+from unlearn.config.yamlio import read_yaml
 from unlearn.errors import UsageError
 from unlearn.runs.rows import RunMeta
 from unlearn.runs.rundir import RUN_FILE
 from unlearn.sweep.inputs import EVAL_KEYS, PATH_FIELDS, eval_block, local_path
-from unlearn.yamlio import read_yaml
 
 CONFIG_HELP = (
     "Settings from a file: a YAML mapping of flat field names (lr: 3e-4, ...; relative paths "

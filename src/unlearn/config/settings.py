@@ -32,7 +32,7 @@ from typing import Any
 
 from unlearn.distributed import DEFAULT_TIMEOUT_S, check_mode
 from unlearn.errors import UsageError
-from unlearn.models import ModelRef, resolve_model
+from unlearn.models.refs import ModelRef, resolve_model
 
 if typing.TYPE_CHECKING:
     from unlearn.world import World
@@ -116,7 +116,7 @@ class TrainConfig:
     max_steps: int | None = None
     """Fixed number of optimizer steps (overrides --epochs)."""
     warmup: float = 0.0
-    """Linear LR warmup, as a fraction of the optimizer steps (the seeds used 0.5)."""
+    """Linear LR warmup, as a fraction of the optimizer steps (the reference campaign used 0.5)."""
     lr_decay: str = "constant"
     """LR after warmup: constant, linear or cosine."""
     max_length: int = 256

@@ -1,8 +1,8 @@
 """Tokenized examples and the deterministic example stream the trainer draws from.
 
-An example is one document, truncated to `max_length` tokens (the seeds' num_train_examples counts
-documents). Batches are right-padded with an attention mask; every loss is a masked token mean, so
-padding never counts.
+An example is one document, truncated to `max_length` tokens (the reference campaign's
+num_train_examples counts documents). Batches are right-padded with an attention mask; every loss is
+a masked token mean, so padding never counts.
 
 `ExampleStream` defines a *global* order of examples: epoch e is a permutation seeded by
 (seed, e), and micro-batch k holds examples [k*B, (k+1)*B) of the concatenated epochs. The trainer
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn.frozen_cache import example_digest
+from unlearn.training.frozen_cache import example_digest
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Collapse detection.
 
 A model that answers every question with the same letter or the same string scores near chance,
-which reads as perfect unlearning in a table. The seeds hit exactly this (every "collapsed" KL run
-reported WMDP 0.2673 and MMLU 0.2295). A result is flagged collapsed when one answer position or
-one answer string is chosen for nearly all questions.
+which reads as perfect unlearning in a table. The reference campaign hit exactly this (every
+"collapsed" KL run reported WMDP 0.2673 and MMLU 0.2295). A result is flagged collapsed when one
+answer position or one answer string is chosen for nearly all questions.
 """
 
 from __future__ import annotations

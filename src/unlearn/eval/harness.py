@@ -16,7 +16,7 @@ Design choices:
   choice (target delimiter "", since every choice starts with its space), no BOS token, and the
   bundled cloze `process_results` (acc, acc_norm, correct_prob); letter files use the prompt
   functions of `unlearn.eval.letter` and the tokenizer's default special tokens, as benchmarks
-  do. So both backends give the same accuracy on the same model (tests/test_lm_eval.py).
+  do. So both backends give the same accuracy on the same model (tests/eval/test_lm_eval.py).
 - **Results are read from the dict `simple_evaluate` returns**, never from printed tables:
   `"{metric},{filter}"` entries of `results[task]` (a group's are its aggregate), `n` from
   `n-samples`, and the collapse check from the logged per-document log-likelihoods.
@@ -49,7 +49,7 @@ from unlearn.eval.questions import CLOZE, read_question_file
 from unlearn.eval.split import limited_part
 from unlearn.eval.tasks import TASKS_DIR
 from unlearn.eval.tasks.utils import cloze_results
-from unlearn.models import eval_mode
+from unlearn.models.modes import eval_mode
 
 WORLD_TASK_PREFIX = "world_"
 """lm-eval name of a world task or local question file: `world_forget` is reported as `forget`."""

@@ -17,9 +17,9 @@ on the same task and model. A request is (context, continuation); like lm-eval's
 Questions (`{prompt, choices, answer}`) are requests (prompt, choice): `acc` takes the argmax
 score, `acc_norm` the argmax of score per character of the choice (lm-eval's length
 normalisation), and `correct_prob` is the softmax over the question's choice scores at the right
-answer (the seeds' "cloze correct prob"). Question files are validated as they are read
-(`unlearn.eval.questions`); letter multiple choice (`unlearn.eval.letter`) and lm-eval's own task
-objects (`unlearn.eval.lm_tasks`) are turned into requests and scored here too.
+answer (the reference campaign's "cloze correct prob"). Question files are validated as they are
+read (`unlearn.eval.questions`); letter multiple choice (`unlearn.eval.letter`) and lm-eval's own
+task objects (`unlearn.eval.lm_tasks`) are turned into requests and scored here too.
 
 It is batched: requests that share a context and whose continuations are each one token are one
 row (all read at the context's last position: the same numbers as a row each, one forward instead
@@ -42,7 +42,7 @@ from unlearn.distributed import is_main, map_sharded, world_size
 from unlearn.eval.collapse import collapse_report
 from unlearn.eval.questions import question_problem
 from unlearn.eval.tasks.utils import argmax, correct_prob, per_character
-from unlearn.models import eval_mode
+from unlearn.models.modes import eval_mode
 
 Request = tuple[str, str]
 """(context, continuation), as in an lm-eval loglikelihood request."""

@@ -21,7 +21,7 @@ Design choices:
   every token is still predicted once, and no token is predicted twice. This is cheaper than a
   strided (overlapping) evaluation and gives it an upper bound.
 - The windows are rows, sorted longest first (an out-of-memory shows at the first batch),
-  right-padded, `batch_size` rows per forward under `models.eval_mode` and no_grad; each row's
+  right-padded, `batch_size` rows per forward under `models.modes.eval_mode` and no_grad; each row's
   log-probs are taken in float32 one row at a time, so the float32 copy is one row's logits,
   not the batch's. Under torchrun the batches are shared over the ranks with
   `distributed.map_sharded`, as the question evaluator does; the per-row sums are added in row
@@ -47,7 +47,7 @@ from unlearn.distributed import is_main, map_sharded, world_size
 from unlearn.errors import UsageError
 from unlearn.eval.native import context_window, prefix_token
 from unlearn.fsutil import json_kind, jsonl_rows, read_text
-from unlearn.models import eval_mode
+from unlearn.models.modes import eval_mode
 
 PPL_METRICS = ("ppl", "nll", "tokens")
 """The numbers of a perplexity result that eval rows carry (ppl is the one tables show)."""

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from unlearn.errors import UsageError
 from unlearn.eval.harness import HarnessOptions, evaluate_prepared, prepare_tasks
-from unlearn.models import default_device, load_model, load_tokenizer, resolve_model
+from unlearn.models.load import default_device, load_model, load_tokenizer
+from unlearn.models.refs import resolve_model
 
 
 @dataclass(frozen=True)

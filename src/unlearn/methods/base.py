@@ -7,7 +7,7 @@ trainer weights the terms by their scheduled coefficients (forget: `remove_coef`
 The step context owns every forward pass so frozen-model work is done once per micro-batch: the
 reference's retain outputs and a source model's forget activations are computed under no_grad the
 first time a loss asks for them and reused by every term of that micro-batch. With a frozen cache
-(unlearn.frozen_cache) they are also kept per example and reused across epochs, runs and
+(unlearn.training.frozen_cache) they are also kept per example and reused across epochs, runs and
 processes: `StepContext.frozen` looks them up and computes only what is missing.
 """
 
@@ -23,13 +23,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from unlearn import losses
 from unlearn.data.batching import Batch
 from unlearn.errors import UsageError
-from unlearn.frozen_cache import LOGITS_MAX_BYTES_PER_EXAMPLE, FrozenCache
-from unlearn.hooks import capture, forward_hiddens, num_layers
-from unlearn.models import ModelRef, adapters_disabled, eval_mode
-from unlearn.schedules import forget_coef_at, retain_coef_at
+from unlearn.models.modes import adapters_disabled, eval_mode
+from unlearn.models.refs import ModelRef
+from unlearn.readouts.hooks import capture, forward_hiddens, num_layers
+from unlearn.training import losses
+from unlearn.training.frozen_cache import LOGITS_MAX_BYTES_PER_EXAMPLE, FrozenCache
+from unlearn.training.schedules import forget_coef_at, retain_coef_at
 
 RETAIN_LOSSES = ("kl", "l2", "ce", "mse")
 FORGET_LOSSES = ("random_ce", "max_entropy")
@@ -45,7 +46,8 @@ class MethodConfig:
     remove_coef: float = 5.0
     """Weight of the forget term (decays linearly to forget_end_fraction x remove_coef)."""
     retain_ramp_start: float = 0.25
-    """Retain coefficient at step 0, as a fraction of retain_coef (0 or 0.25 in the seeds)."""
+    """Retain coefficient at step 0, as a fraction of retain_coef (0 or 0.25 in the reference
+    campaign)."""
     forget_end_fraction: float = 0.75
     """Forget coefficient at the last step, as a fraction of remove_coef."""
     retain_loss: str = "kl"
@@ -58,7 +60,7 @@ class MethodConfig:
     """Target layers (block outputs, 0-based); empty = the method's default for the model depth."""
     retain_layers: list[int] = field(default_factory=list)
     """Blocks whose outputs the l2 retain term compares (0-based, mean over them); empty = the
-    method's default, as in the seeds: lens = its target --layers, sequential and
+    method's default, as in the reference campaign: lens = its target --layers, sequential and
     checkpoint_transfer = every block. Only with --retain_loss l2 (kl and ce read the logits)."""
 
     def __post_init__(self) -> None:
@@ -113,8 +115,9 @@ SCHEDULED = ("retain_coef", "remove_coef", "retain_ramp_start", "forget_end_frac
 
 
 def default_layers(n_layers: int) -> list[int]:
-    """Every 5th block on deep models (the seeds' [5, 10, ..., 30] of 32); all inner blocks on
-    small ones. The last block is left out: its output is what the unembedding reads directly."""
+    """Every 5th block on deep models (the reference campaign's [5, 10, ..., 30] of 32); all inner
+    blocks on small ones. The last block is left out: its output is what the unembedding reads
+    directly."""
     if n_layers >= 12:
         return list(range(5, n_layers - 1, 5))
     return list(range(1, n_layers - 1)) or [0]
@@ -144,7 +147,7 @@ class Reference:
 
     With LoRA it is the training model itself with its adapters disabled (no second copy in
     memory); with full fine-tuning it is a frozen copy in the training dtype (never quantised:
-    quantisation noise swamps a KL retain loss, as the seeds' 4-bit reference showed).
+    quantisation noise swamps a KL retain loss, as the reference campaign's 4-bit reference showed).
     """
 
     def __init__(
@@ -223,7 +226,7 @@ class StepContext:
         """Frozen outputs on the `side` ("forget"/"retain") batch: `compute(batch)` returns them
         as {name: [batch, seq, ...]} tensors; `what` says what they are (frozen model identity,
         output kind, layers) or is None when they cannot be cached. Once per micro-batch; with
-        the frozen cache, assembled from per-example entries (unlearn.frozen_cache)."""
+        the frozen cache, assembled from per-example entries (unlearn.training.frozen_cache)."""
         batch = self.forget if side == "forget" else self.retain
         ids = self.forget_ids if side == "forget" else self.retain_ids
 

@@ -1,10 +1,11 @@
 """Checkpoint activation transfer.
 
-Idea (the seeds' "checkpoint transfer", in the spirit of representation-rerouting methods such as
-circuit breakers / RMU): an early pretraining checkpoint that has not yet learned the forget domain
-shows what "not knowing" looks like inside the network. On forget text, pull the trained model's
-block outputs towards that checkpoint's, mapped into the trained model's coordinates by a ridge
-affine map per layer (fitted in closed form on general text, see unlearn.affine):
+Idea (the reference campaign's "checkpoint transfer", in the spirit of representation-rerouting
+methods such as circuit breakers / RMU): an early pretraining checkpoint that has not yet learned
+the forget domain shows what "not knowing" looks like inside the network. On forget text, pull the
+trained model's block outputs towards that checkpoint's, mapped into the trained model's coordinates
+by a ridge affine map per layer (fitted in closed form on general text, see
+unlearn.readouts.affine):
 
     forget = mean_l  masked-token-mean  || h_l(cur, F) - A_l(h_l(source, F)) ||^2 / d
     retain = L2 of every block's output on R (default; `--retain_layers` picks blocks), KL(p_ref ||
@@ -23,12 +24,8 @@ from typing import ClassVar
 
 import torch
 
-from unlearn import losses
-from unlearn.affine import load_affine
 from unlearn.data.batching import Batch
 from unlearn.errors import UsageError
-from unlearn.fitting import fitted_affine, source_model_name
-from unlearn.frozen_cache import frozen_key
 from unlearn.methods.base import (
     SCHEDULED,
     Method,
@@ -38,7 +35,12 @@ from unlearn.methods.base import (
     run_forward,
 )
 from unlearn.methods.registry import register
-from unlearn.models import load_model, resolve_model
+from unlearn.models.load import load_model
+from unlearn.models.refs import resolve_model
+from unlearn.readouts.affine import load_affine
+from unlearn.readouts.fitting import fitted_affine, source_model_name
+from unlearn.training import losses
+from unlearn.training.frozen_cache import frozen_key
 
 
 @dataclass

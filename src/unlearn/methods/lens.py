@@ -1,15 +1,15 @@
 """Tuned-lens unlearning.
 
-Idea (the seeds' lens method): a tuned lens reads a next-token distribution out of every layer.
-Unlearning pushes those intermediate read-outs on forget text to uniform, so the knowledge is not
-just hidden at the last layer but unreadable at every target layer; the retain term keeps the
-hidden states on general text where they were:
+Idea (the reference campaign's lens method): a tuned lens reads a next-token distribution out of
+every layer. Unlearning pushes those intermediate read-outs on forget text to uniform, so the
+knowledge is not just hidden at the last layer but unreadable at every target layer; the retain term
+keeps the hidden states on general text where they were:
 
     forget = mean_l  RandomCE( unembed(norm(lens_l(h_l(cur, F)))) )   (or exact max-entropy)
     retain = L2 ||h_l(cur, R) - h_l(ref, R)|| over the target layers (default), or KL / CE
 
-The L2 retain term compares the target layers only, as in the seeds' code (so `retain_coef`
-values are comparable with theirs); `--retain_layers` chooses other blocks.
+The L2 retain term compares the target layers only, as in the reference campaign's code (so
+`retain_coef` values are comparable with theirs); `--retain_layers` chooses other blocks.
 
 The lens translators and the unembedding used by the forget term are the frozen original model's,
 so the loss cannot be satisfied by changing the read-out instead of the representations.
@@ -23,9 +23,6 @@ from typing import ClassVar
 import torch
 
 from unlearn.errors import UsageError
-from unlearn.fitting import fitted_lens
-from unlearn.lens import check_lens_config, load_lens
-from unlearn.lens_hub import resolve_lens
 from unlearn.methods.base import (
     SCHEDULED,
     Method,
@@ -37,7 +34,10 @@ from unlearn.methods.base import (
     run_forward,
 )
 from unlearn.methods.registry import register
-from unlearn.models import ModelRef
+from unlearn.models.refs import ModelRef
+from unlearn.readouts.fitting import fitted_lens
+from unlearn.readouts.lens_files import check_lens_config, load_lens
+from unlearn.readouts.lens_hub import resolve_lens
 
 
 @dataclass
@@ -91,8 +91,8 @@ class LensUnlearning(Method):
         self.lens.to(env.device).requires_grad_(False)
 
     def default_retain_layers(self) -> list[int]:
-        # The seeds' lens method keeps the hidden states where they were at the layers it
-        # unlearns, not at every block.
+        # The reference campaign's lens method keeps the hidden states where they were at the layers
+        # it unlearns, not at every block.
         return sorted(self.layers)
 
     def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:

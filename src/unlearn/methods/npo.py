@@ -21,10 +21,10 @@ from typing import ClassVar
 
 import torch
 
-from unlearn import losses
 from unlearn.errors import UsageError
 from unlearn.methods.base import SCHEDULED, Method, MethodConfig, StepContext, run_forward
 from unlearn.methods.registry import register
+from unlearn.training import losses
 
 
 @dataclass

@@ -5,7 +5,7 @@ that run each method) is made from it, so a new method appears in all of them.""
 
 from __future__ import annotations
 
-from unlearn.config import LoraSettings, TrainConfig
+from unlearn.config.settings import LoraSettings, TrainConfig
 from unlearn.errors import UsageError
 from unlearn.methods.base import SHARED_SETTINGS, Method
 

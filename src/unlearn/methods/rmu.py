@@ -28,7 +28,6 @@ from typing import ClassVar
 
 import torch
 
-from unlearn import losses
 from unlearn.errors import UsageError
 from unlearn.methods.base import (
     SCHEDULED,
@@ -39,7 +38,9 @@ from unlearn.methods.base import (
     run_forward,
 )
 from unlearn.methods.registry import register
-from unlearn.models import ModelRef, module_kinds
+from unlearn.models.lora import module_kinds
+from unlearn.models.refs import ModelRef
+from unlearn.training import losses
 
 _MLP_PARAM = re.compile(r"\.(\d+)\.(?:mlp|feed_forward)\.([^.]+)")
 """A parameter (or module) inside block i's MLP, and the MLP's submodule it belongs to

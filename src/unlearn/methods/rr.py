@@ -19,9 +19,9 @@ from typing import ClassVar
 
 import torch
 
-from unlearn import losses
 from unlearn.methods.base import Method, MethodConfig, StepContext, run_forward
 from unlearn.methods.registry import register
+from unlearn.training import losses
 
 
 @dataclass

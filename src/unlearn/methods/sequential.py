@@ -1,9 +1,9 @@
 """Sequential back-to-front unlearning.
 
-Idea (the seeds' sequential method): unlearn one layer at a time from the top down. In the phase
-for layer L the current model's h_L on forget text is pushed through the *original* (frozen)
-model's blocks L+1..N, final norm and unembedding, and that read-out is driven to uniform; the
-retain term keeps every block's output on general text close to the original:
+Idea (the reference campaign's sequential method): unlearn one layer at a time from the top down. In
+the phase for layer L the current model's h_L on forget text is pushed through the *original*
+(frozen) model's blocks L+1..N, final norm and unembedding, and that read-out is driven to uniform;
+the retain term keeps every block's output on general text close to the original:
 
     forget = RandomCE( original_{L+1..N}( h_L(cur, F) ) )     (or exact max-entropy)
     retain = L2 over all blocks (default; `--retain_layers` picks others), or KL / CE
@@ -22,7 +22,6 @@ from typing import ClassVar
 import torch
 
 from unlearn.errors import UsageError
-from unlearn.hooks import run_above
 from unlearn.methods.base import (
     SCHEDULED,
     Method,
@@ -34,13 +33,15 @@ from unlearn.methods.base import (
     run_forward,
 )
 from unlearn.methods.registry import register
+from unlearn.readouts.hooks import run_above
 
 
 @dataclass
 class SequentialConfig(MethodConfig):
     retain_loss: str = "l2"
     layer_stride: int = 1
-    """Distance between consecutive phase layers (the seeds used 4 on 32 layers: 28, 24, 20, 16)."""
+    """Distance between consecutive phase layers (the reference campaign used 4 on 32 layers: 28,
+    24, 20, 16)."""
     start_layer: int | None = None
     """First (deepest) phase layer; default: the second-to-last block."""
     num_phases: int | None = None

@@ -7,7 +7,7 @@ A_l(h_l(source)).
 
 Design choices:
 
-- "Layer l" is the output of block l, captured with `unlearn.hooks.forward_hiddens` on both
+- "Layer l" is the output of block l, captured with `unlearn.readouts.hooks.forward_hiddens` on both
   models, never read from `hidden_states` (whose last entry is after the final norm). The
   forward stops after the deepest requested block.
 - The fit is one pass of sufficient statistics: count, sums, XᵀX and XᵀY accumulated in float64
@@ -18,7 +18,7 @@ Design choices:
   alpha then means the same amount of shrinkage for models whose activation scales differ by
   orders of magnitude (layers deeper in a residual stream grow), so one default fits all layers.
 - Quality is measured on HELD-OUT text, never the fitting text: the MSE per token and hidden
-  dimension (the same unit as `unlearn.losses.activation_mse`), and that MSE divided by the
+  dimension (the same unit as `unlearn.training.losses.activation_mse`), and that MSE divided by the
   target's per-dimension variance on the held-out tokens (0 = exact, 1 = no better than
   predicting the mean activation).
 - On disk, `weight` has shape [d_in, d_out] and the map is `x @ weight + bias` (the transpose of
@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_dir, atomic_write_json
-from unlearn.hooks import forward_hiddens, num_layers
-from unlearn.models import eval_mode
+from unlearn.models.modes import eval_mode
+from unlearn.readouts.hooks import forward_hiddens, num_layers
 
 FORMAT_KIND = "unlearn-affine-maps"
 FORMAT_VERSION = 1
@@ -172,7 +172,8 @@ class AffineMaps:
 
     def digest(self, layers: Sequence[int]) -> str:
         """A digest of the maps' weights and biases at `layers`: what transferred targets cached
-        by unlearn.frozen_cache are keyed by (the same file path may hold refitted maps)."""
+        by unlearn.training.frozen_cache are keyed by (the same file path may hold refitted
+        maps)."""
         h = hashlib.sha256()
         for layer in layers:
             for t in (self.weights[layer], self.biases[layer]):

@@ -23,13 +23,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from unlearn.affine import fit_affine, load_affine, save_affine
 from unlearn.data import load_texts
 from unlearn.data.batching import Batch, collate, tokenize_examples
 from unlearn.distributed import is_main
 from unlearn.errors import UsageError
-from unlearn.lens import load_lens, save_lens, train_lens
-from unlearn.models import eval_mode
+from unlearn.models.modes import eval_mode
+from unlearn.readouts.affine import fit_affine, load_affine, save_affine
+from unlearn.readouts.lens_files import load_lens, save_lens
+from unlearn.readouts.lens_training import train_lens
 
 FIT_BATCH_SIZE = 16
 FIT_MAX_LENGTH = 128

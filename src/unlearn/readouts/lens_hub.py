@@ -2,11 +2,13 @@
 
 The forms (a local directory that exists always wins):
 
-- `DIR`: a directory in the tuned-lens format (`config.json` + `params.pt`, see `unlearn.lens`);
+- `DIR`: a directory in the tuned-lens format (`config.json` + `params.pt`, see
+  `unlearn.readouts.lens_files`);
 - `OWNER/NAME`: a hub repository with the lens at its root, as a lens uploaded on its own is
-  (the seeds' `EleutherAI/deep-ignorance-unfiltered-lens`). When the root has no config.json,
-  the tuned-lens library's own layout is tried next: its lens repositories keep one folder per
-  model, `lens/<model id>/`, and the library looks a model's lens up there by the model's name;
+  (the reference campaign's `EleutherAI/deep-ignorance-unfiltered-lens`). When the root has no
+  config.json, the tuned-lens library's own layout is tried next: its lens repositories keep one
+  folder per model, `lens/<model id>/`, and the library looks a model's lens up there by the model's
+  name;
 - `OWNER/NAME:FOLDER`: the lens in that folder of the repository, e.g. the library's published
   lenses, `spaces/AlignmentResearch/tuned-lens:lens/gpt2-large` (a `spaces/` or `datasets/`
   prefix names the repository type, as in hub URLs; the default is a model repository);
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unlearn.errors import UsageError
-from unlearn.models import ModelRef
+from unlearn.models.refs import ModelRef
 
 _HUB_FORM = re.compile(
     r"(?:(?P<kind>models|datasets|spaces)/)?(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"

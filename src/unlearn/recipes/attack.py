@@ -15,29 +15,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-
-from unlearn.config import LoraSettings, ModelArgs, TrainConfig, build_sections
+from unlearn.config.settings import LoraSettings, ModelArgs, TrainConfig, build_sections
 from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.data.corpus import DEFAULT_TEXT_FIELDS
-from unlearn.distributed import setup
 from unlearn.errors import UsageError
-from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
-from unlearn.finetune import LanguageModeling
+from unlearn.eval.suite import SuiteArgs, resolve_suite
 from unlearn.methods.base import Phase
-from unlearn.models import (
-    attach_lora,
-    check_lora_targets,
-    load_model,
-    load_tokenizer,
-)
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.models.lora import attach_lora, check_lora_targets
+from unlearn.objectives import get_objective
+from unlearn.recipes.skeleton import Launch, Session, Trainee, check_destination, run_regime
 from unlearn.recipes.unlearning import suite_fields
-from unlearn.resume import Checkpointer
-from unlearn.runs.lifecycle import run_lifecycle
-from unlearn.runs.rows import RunMeta, utc_now
-from unlearn.runs.rundir import check_run_out
-from unlearn.runs.store import check_store
-from unlearn.train import Plan, train
+from unlearn.runs.rows import RunMeta
+from unlearn.training.loop import Plan, TrainState
 from unlearn.world import load_world
 
 ATTACK_TRAIN_DEFAULTS = {
@@ -131,82 +121,77 @@ def build_attack_config(overrides: dict, where: str = "") -> AttackConfig:
 def run_attack(cfg: AttackConfig) -> RunMeta:
     """Fine-tune and evaluate along the way. Returns the final RunMeta (`unlearn.runs.lifecycle`
     decides its status: failed if any evaluation on the curve failed)."""
-    args, tcfg = cfg.args, cfg.train
-    world = load_world(args.world) if args.world else None
-    suite = resolve_suite(args.suite, world)
-    ref = args.model_args.resolve(world)
-    if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
-        check_lora_targets(ref, cfg.lora.lora_target_modules)
-    if args.corpus:
-        texts = load_documents(args.corpus, args.text_fields)
-    else:  # UsageError for a corpus the world does not have
-        names = args.world_corpora or ["forget_attack"]
-        texts = [text for name in names for text in world.read_corpus(name)]
-    if not texts:
-        raise UsageError("the attack corpus has no documents")
-    # Before anything is written or loaded: OUT must not hold the model, must be ours to replace.
-    out = check_run_out(args.out, "attack", {"input model": ref.name})
-    if args.store:
-        check_store(args.store)
-    prepared = prepare_suite(suite)  # benchmarks' datasets: missing offline is bad input, now
-    par = setup(tcfg.distributed, tcfg.collective_timeout)
-    checkpoint = Checkpointer(out, cfg.to_dict(), every=tcfg.checkpoint_every)
-    fresh = RunMeta(
-        id=args.run_id or out.name,
-        kind="attack",
-        config={**cfg.to_dict(), "suite": suite.roles()},
-        status="running",
-        started=utc_now(),
-        parent=args.parent or str(args.model_args.model),
-    )
-    # Resumes when OUT holds a checkpoint of this config (the curve up to it, failed evaluations
-    # included); records how the attack ends, whatever ends it.
-    with run_lifecycle(fresh, out, par, checkpoint, args.store) as run:
-        device = par.device
-        torch.manual_seed(tcfg.seed)
-        tokenizer = load_tokenizer(ref)
-        examples = tokenize_examples(texts[: tcfg.num_train_examples], tokenizer, tcfg.max_length)
+    return run_regime(Attack(cfg))
+
+
+class Attack:
+    """The tamper-attack regime of the recipe skeleton (`unlearn.recipes.skeleton`)."""
+
+    def __init__(self, cfg: AttackConfig) -> None:
+        self.cfg = cfg
+
+    def launch(self) -> Launch:
+        cfg, args = self.cfg, self.cfg.args
+        world = load_world(args.world) if args.world else None
+        suite = resolve_suite(args.suite, world)
+        self.ref = ref = args.model_args.resolve(world)
+        if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
+            check_lora_targets(ref, cfg.lora.lora_target_modules)
+        if args.corpus:
+            texts = load_documents(args.corpus, args.text_fields)
+        else:  # UsageError for a corpus the world does not have
+            names = args.world_corpora or ["forget_attack"]
+            texts = [text for name in names for text in world.read_corpus(name)]
+        if not texts:
+            raise UsageError("the attack corpus has no documents")
+        self.texts = texts
+        out = check_destination(args.out, "attack", {"input model": ref.name}, args.store)
+        return Launch(
+            kind="attack",
+            out=out,
+            config=cfg.to_dict(),
+            train=cfg.train,
+            suite=suite,
+            run_id=args.run_id,
+            store=args.store,
+            parent=args.parent or str(args.model_args.model),
+            progress=args.progress,
+        )
+
+    def build(self, session: Session) -> Trainee:
+        # Resumes with the curve up to the checkpoint, failed evaluations included.
+        cfg, args, tcfg = self.cfg, self.cfg.args, self.cfg.train
+        tokenizer = load_tokenizer(self.ref)
+        examples = tokenize_examples(
+            self.texts[: tcfg.num_train_examples], tokenizer, tcfg.max_length
+        )
         stream = ExampleStream(examples, tcfg.pdbs, tokenizer.pad_token_id, tcfg.seed)
-        model = load_model(ref, tcfg.dtype, device)
+        model = load_model(self.ref, tcfg.dtype, session.parallel.device)
         if cfg.lora.lora:
             model = attach_lora(model, cfg.lora)
         else:
             model.requires_grad_(True)
-        par.wrap(model)
-        steps, world_size = tcfg.steps(par.world_size), par.world_size
+        session.parallel.wrap(model)
+        world_size = session.parallel.world_size
+        steps = tcfg.steps(world_size)
         plan = Plan(
-            len(examples),
-            steps,
-            [Phase("attack", steps)],
-            tcfg.effective_batch(world_size),
+            len(examples), steps, [Phase("attack", steps)], tcfg.effective_batch(world_size),
             world_size,
-        )
-        tasks = suite.task_keys()
-        score = prepared.scorer(model, tokenizer, args.eval_batch_size)
+        )  # fmt: skip
+        suite = session.suite
+        score = suite.scorer(model, tokenizer, args.eval_batch_size)
 
         def on_step(step: int) -> None:
             if step % args.eval_every == 0 or step == steps:
-                # In eval mode, restored after (models.eval_mode).
-                run.evaluate(step, tasks, score, suite.metric)
+                # In eval mode, restored after (unlearn.models.modes.eval_mode).
+                session.run.evaluate(step, suite.suite.task_keys(), score, suite.suite.metric)
 
-        with checkpoint.catching_signals():
-            state = train(
-                model,
-                LanguageModeling(),
-                None,
-                stream,
-                None,
-                tcfg,
-                plan,
-                on_log=run.log,
-                on_step=on_step,
-                progress=args.progress,
-                device=device,
-                parallel=par,
-                checkpointer=checkpoint,
-            )
+        objective = get_objective("language_modeling")()
+        return Trainee(model, objective, tokenizer, stream, plan, on_step=on_step)
+
+    def finish(self, session: Session, t: Trainee, state: TrainState) -> None:
         model_path = None
-        if args.save_model:
-            model_path = run.save_model(par, model, tokenizer, merge=True)["model"]
-        run.update(final=dict(state.last), model_path=model_path)
-    return run.meta
+        if self.cfg.args.save_model:
+            model_path = session.run.save_model(session.parallel, t.model, t.tokenizer, True)
+            model_path = model_path["model"]
+        session.run.update(final=dict(state.last), model_path=model_path)

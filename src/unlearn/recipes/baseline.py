@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 
-from unlearn.config import ModelArgs
+from unlearn.config.settings import ModelArgs
 from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
-from unlearn.models import default_device, load_model, load_tokenizer
+from unlearn.models.load import default_device, load_model, load_tokenizer
 from unlearn.runs.lifecycle import run_lifecycle
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import check_run_out

@@ -1,7 +1,7 @@
-"""The campaign the seeds run by hand, as one function: baselines -> unlearning sweeps -> a
-robustness suite on the best run of each method (and on the filtered twin and the original
-target, the references of its scorecard) -> report. `unlearn demo` runs it on the mini world;
-every stage resumes from its run directories.
+"""The campaign the reference campaign run by hand, as one function: baselines -> unlearning sweeps
+-> a robustness suite on the best run of each method (and on the filtered twin and the original
+target, the references of its scorecard) -> report. `unlearn demo` runs it on the mini world; every
+stage resumes from its run directories.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from unlearn.config import ModelArgs
+from unlearn.config.settings import ModelArgs
 from unlearn.eval.suite import SuiteArgs
-from unlearn.models import resolve_model
+from unlearn.models.refs import resolve_model
 from unlearn.recipes.baseline import run_baseline
-from unlearn.robustness.evaluate import SuiteInputs, evaluate_model
+from unlearn.robustness.per_model import SuiteInputs, evaluate_model
 from unlearn.runs.lifecycle import mark_failed
 from unlearn.runs.rundir import RunDir
 from unlearn.runs.store import Store

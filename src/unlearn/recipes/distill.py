@@ -26,20 +26,18 @@ from pathlib import Path
 
 import torch
 
-from unlearn.config import ModelArgs, TrainConfig, build_sections
+from unlearn.config.settings import ModelArgs, TrainConfig, build_sections
 from unlearn.data import ExampleStream, load_documents, tokenize_examples
-from unlearn.distributed import setup
 from unlearn.errors import UsageError
-from unlearn.eval.suite import SuiteArgs, prepare_suite, resolve_suite
-from unlearn.finetune import Distillation
+from unlearn.eval.suite import SuiteArgs, resolve_suite
 from unlearn.methods.base import Phase, Reference
-from unlearn.models import load_model, load_tokenizer
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.objectives import get_objective
+from unlearn.recipes.skeleton import Launch, Session, Trainee, check_destination, run_regime
 from unlearn.recipes.unlearning import suite_fields
-from unlearn.runs.lifecycle import run_lifecycle
-from unlearn.runs.rows import RunMeta, utc_now
-from unlearn.runs.rundir import RunDir, check_run_out
-from unlearn.runs.store import check_store
-from unlearn.train import Plan, train
+from unlearn.runs.rows import RunMeta
+from unlearn.runs.rundir import RunDir
+from unlearn.training.loop import Plan, TrainState
 from unlearn.world import load_world
 from unlearn.world.generate import WORLD_RETAIN_CORPORA
 
@@ -151,32 +149,52 @@ def pretraining_compute(world) -> float | None:
 
 def run_distill(cfg: DistillConfig) -> RunMeta:
     """Perturb, distil, save, evaluate. Returns the final RunMeta."""
-    args, tcfg = cfg.args, cfg.train
-    world = load_world(args.world) if args.world else None
-    suite = resolve_suite(args.suite, world)
-    name, parent = teacher_model(args.teacher)
-    ref = ModelArgs(name).resolve(world)
-    if args.corpus:
-        texts = load_documents(args.corpus)
-    else:
-        texts = [t for c in WORLD_RETAIN_CORPORA for t in world.read_corpus(c)]
-    if not texts:
-        raise UsageError("no text to distil on")
-    out = check_run_out(args.out, "unlearn", {"teacher": ref.name})
-    if args.store:
-        check_store(args.store)
-    prepared = prepare_suite(suite)
-    par = setup(tcfg.distributed, tcfg.collective_timeout)
-    fresh = RunMeta(id=args.run_id or out.name, kind="unlearn", method="distill",
-                    config={**cfg.to_dict(), "suite": suite.roles()}, status="running",
-                    started=utc_now(), parent=parent)  # fmt: skip
-    with run_lifecycle(fresh, out, par, None, args.store) as run:
-        device = par.device
-        torch.manual_seed(tcfg.seed)
-        tokenizer = load_tokenizer(ref)
-        examples = tokenize_examples(texts[: tcfg.num_train_examples], tokenizer, tcfg.max_length)
+    return run_regime(Distill(cfg))
+
+
+class Distill:
+    """The distillation regime of the recipe skeleton (`unlearn.recipes.skeleton`)."""
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.cfg = cfg
+
+    def launch(self) -> Launch:
+        cfg, args = self.cfg, self.cfg.args
+        self.world = world = load_world(args.world) if args.world else None
+        suite = resolve_suite(args.suite, world)
+        name, parent = teacher_model(args.teacher)
+        self.ref = ref = ModelArgs(name).resolve(world)
+        if args.corpus:
+            texts = load_documents(args.corpus)
+        else:
+            texts = [t for c in WORLD_RETAIN_CORPORA for t in world.read_corpus(c)]
+        if not texts:
+            raise UsageError("no text to distil on")
+        self.texts = texts
+        out = check_destination(args.out, "unlearn", {"teacher": ref.name}, args.store)
+        return Launch(
+            kind="unlearn",
+            out=out,
+            config=cfg.to_dict(),
+            train=cfg.train,
+            suite=suite,
+            run_id=args.run_id,
+            store=args.store,
+            method="distill",
+            parent=parent,
+            resumable=False,
+            progress=args.progress,
+        )
+
+    def build(self, session: Session) -> Trainee:
+        args, tcfg = self.cfg.args, self.cfg.train
+        par = session.parallel
+        tokenizer = load_tokenizer(self.ref)
+        examples = tokenize_examples(
+            self.texts[: tcfg.num_train_examples], tokenizer, tcfg.max_length
+        )
         stream = ExampleStream(examples, tcfg.pdbs, tokenizer.pad_token_id, tcfg.seed)
-        teacher = load_model(ref, tcfg.dtype, device)
+        teacher = load_model(self.ref, tcfg.dtype, par.device)
         student = copy.deepcopy(teacher)
         perturb_weights(student, args.alpha, args.perturb, tcfg.seed)
         student.requires_grad_(True)
@@ -185,18 +203,20 @@ def run_distill(cfg: DistillConfig) -> RunMeta:
         steps = tcfg.steps(par.world_size)
         plan = Plan(len(examples), steps, [Phase("distill", steps)],
                     tcfg.effective_batch(par.world_size), par.world_size)  # fmt: skip
-        state = train(student, Distillation(), reference, stream, None, tcfg, plan,
-                      on_log=run.log, progress=args.progress, device=device,
-                      parallel=par)  # fmt: skip
-        mean_len = sum(len(e) for e in examples) / len(examples)
-        tokens = plan.examples_drawn * mean_len
+        self.params = sum(p.numel() for p in teacher.parameters())
+        self.mean_len = sum(len(e) for e in examples) / len(examples)
+        objective = get_objective("distillation")()
+        return Trainee(student, objective, tokenizer, stream, plan, reference)
+
+    def finish(self, session: Session, t: Trainee, state: TrainState) -> None:
+        run = session.run
+        tokens = t.plan.examples_drawn * self.mean_len
         final = {k: v for k, v in state.last.items() if k in state.first_values}
-        budget = pretraining_compute(world)
-        params = sum(p.numel() for p in teacher.parameters())
+        budget = pretraining_compute(self.world)
         if budget:  # student forward + backward (6N) and teacher forward (2N) per token
-            final["compute_fraction"] = 8.0 * params * tokens / budget
-        paths = run.save_model(par, student, tokenizer, merge=True)
+            final["compute_fraction"] = 8.0 * self.params * tokens / budget
+        paths = run.save_model(session.parallel, t.model, t.tokenizer, merge=True)
         run.update(final=final, model_path=paths.get("model"))
-        score = prepared.scorer(student, tokenizer, args.eval_batch_size)
-        run.evaluate(steps, suite.task_keys(), score, suite.metric)
-    return run.meta
+        suite = session.suite
+        score = suite.scorer(t.model, t.tokenizer, self.cfg.args.eval_batch_size)
+        run.evaluate(t.plan.total_steps, suite.suite.task_keys(), score, suite.suite.metric)

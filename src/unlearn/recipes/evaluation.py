@@ -17,14 +17,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unlearn.config import ModelArgs
+from unlearn.config.settings import ModelArgs
 from unlearn.distributed import is_main
 from unlearn.errors import UsageError
 from unlearn.eval import harness
 from unlearn.eval.saved import run_saved
 from unlearn.eval.suite import PPL, PreparedSuite, Suite, SuiteArgs, prepare_suite, resolve_suite
 from unlearn.fsutil import atomic_write_json, check_output_file
-from unlearn.models import ModelRef, default_device, load_model, load_tokenizer
+from unlearn.models.load import default_device, load_model, load_tokenizer
+from unlearn.models.refs import ModelRef
 from unlearn.world import load_world
 
 BACKENDS = ("auto", "native", "lm-eval")

@@ -8,11 +8,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unlearn.config import ModelArgs
+from unlearn.config.settings import ModelArgs
 from unlearn.data import load_documents
 from unlearn.errors import UsageError
-from unlearn.fitting import general_texts
-from unlearn.models import ModelRef, model_num_layers
+from unlearn.models.refs import ModelRef, model_num_layers
+from unlearn.readouts.fitting import general_texts
 from unlearn.world import World, load_world
 
 

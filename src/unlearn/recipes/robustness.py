@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import ModelArgs, check_seed
+from unlearn.config.settings import ModelArgs, check_seed
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs
 from unlearn.fsutil import atomic_write_json, check_writable_parent
-from unlearn.models import ModelRef, resolve_model
-from unlearn.robustness.evaluate import (
+from unlearn.models.refs import ModelRef, resolve_model
+from unlearn.robustness.per_model import (
     SuiteInputs,
     check_probe_layers,
     evaluate_model,
@@ -48,7 +48,7 @@ class RobustnessArgs:
     world: str | None = None
     """Mini world: attack corpora, questions, and the reference models (twin and target)."""
     suite: str = "quick"
-    """quick, standard, seeds, or a suite YAML file (docs/robustness.md)."""
+    """quick, standard, campaign, or a suite YAML file (docs/robustness.md)."""
     tasks: SuiteArgs = field(default_factory=SuiteArgs)
     """Tasks on the attack curves (--forget_tasks, --retain_tasks, ...); default on a world:
     forget_heldout and forget, and the retain tasks."""

@@ -18,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unlearn.config import DTYPE_NAMES, ModelArgs
+from unlearn.config.settings import DTYPE_NAMES, ModelArgs
 from unlearn.errors import UsageError
 from unlearn.eval.native import numeric_metrics
 from unlearn.eval.suite import BACKENDS, Suite, SuiteArgs, prepare_suite, resolve_suite
 from unlearn.fsutil import atomic_write_json, atomic_write_text, check_writable_parent
-from unlearn.models import ModelRef, default_device, load_model, load_tokenizer
+from unlearn.models.load import default_device, load_model, load_tokenizer
+from unlearn.models.refs import ModelRef
 from unlearn.report.tables import TASK_HEADERS, markdown_table, result_cell, task_title
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.store import Store, check_store
@@ -115,7 +116,7 @@ class Checkpoint:
 
 @dataclass
 class CheckpointsResult:
-    """What `find_checkpoints` found, and the seeds' table of it."""
+    """What `find_checkpoints` found, and the reference campaign's table of it."""
 
     checkpoints: list[Checkpoint]
     chance: float
@@ -156,8 +157,8 @@ def mark_viable(checkpoints: list[Checkpoint], chance: float, margin: float) -> 
 
 
 def table(checkpoints: list[Checkpoint], forget_task: str, retain_task: str) -> str:
-    """The seeds' markdown table: | Checkpoint | forget | retain | Notes |, each result cell by
-    the one rule (a missing or failed result is a word, never a number)."""
+    """The reference campaign's markdown table: | Checkpoint | forget | retain | Notes |, each
+    result cell by the one rule (a missing or failed result is a word, never a number)."""
     rows = [
         [c.label, result_cell(c.forget, failed="failed"), result_cell(c.retain, failed="failed"),
          c.note]
@@ -270,7 +271,8 @@ def find_checkpoints(cfg: CheckpointsConfig) -> CheckpointsResult:
     n = next((c.forget["n"] for c in checkpoints if c.forget.get("n")), 1)
     margin = cfg.margin if cfg.margin is not None else default_margin(chance, n)
     latest = mark_viable(checkpoints, chance, margin)
-    # The seeds' headers: the benchmark's name (`WMDP Bio Robust | MMLU`); world tasks as named.
+    # The reference campaign's headers: the benchmark's name (`WMDP Bio Robust | MMLU`); world tasks
+    # as named.
     text = table(checkpoints, *(k if k in TASK_HEADERS else task_title(k) for k in keys))
     verdict = (
         f"latest viable source checkpoint: {checkpoints[latest].label}"

@@ -19,32 +19,24 @@ from pathlib import Path
 import simple_parsing
 import torch
 
-from unlearn.config import LoraSettings, ModelArgs, TrainConfig, build_sections
+from unlearn.config.settings import LoraSettings, ModelArgs, TrainConfig, build_sections
 from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.data.corpus import DEFAULT_TEXT_FIELDS, mix_documents, sample_documents
 from unlearn.distributed import Parallel, setup
 from unlearn.errors import UsageError
-from unlearn.eval.suite import Suite, SuiteArgs, prepare_suite, resolve_suite
-from unlearn.fitting import general_texts
-from unlearn.frozen_cache import FrozenCache, FrozenCacheArgs, frozen_key
-from unlearn.frozen_cache import from_args as frozen_from_args
+from unlearn.eval.suite import Suite, SuiteArgs, resolve_suite
 from unlearn.methods import get_method
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, Reference
 from unlearn.methods.registry import method_names
-from unlearn.models import (
-    ModelRef,
-    attach_lora,
-    check_lora_targets,
-    load_model,
-    load_tokenizer,
-    model_num_layers,
-)
-from unlearn.resume import Checkpointer
-from unlearn.runs.lifecycle import run_lifecycle
-from unlearn.runs.rows import RunMeta, utc_now
-from unlearn.runs.rundir import check_run_out
-from unlearn.runs.store import check_store
-from unlearn.train import Plan, TrainState, make_plan, train
+from unlearn.models.load import load_model, load_tokenizer
+from unlearn.models.lora import attach_lora, check_lora_targets
+from unlearn.models.refs import ModelRef, model_num_layers
+from unlearn.readouts.fitting import general_texts
+from unlearn.recipes.skeleton import Launch, Session, Trainee, check_destination, run_regime
+from unlearn.runs.rows import RunMeta
+from unlearn.training.frozen_cache import FrozenCache, FrozenCacheArgs, frozen_key
+from unlearn.training.frozen_cache import from_args as frozen_from_args
+from unlearn.training.loop import Plan, TrainState, make_plan
 from unlearn.world import load_world
 from unlearn.world.generate import WORLD_RETAIN_CORPORA
 
@@ -215,9 +207,7 @@ def validate(cfg: RunConfig) -> Validated:
     # The output directory and the store before anything is written or loaded: OUT must not
     # hold the model (reset deletes OUT/model) and must be ours to replace.
     inputs = {"input model": ref.name, "source checkpoint": getattr(cfg.method, "source", None)}
-    out = check_run_out(args.out, "unlearn", inputs)
-    if args.store:
-        check_store(args.store)
+    out = check_destination(args.out, "unlearn", inputs, args.store)
     if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
         check_lora_targets(ref, cfg.lora.lora_target_modules)
     fields = args.text_fields
@@ -332,66 +322,62 @@ class Monitor:
 def run_unlearning(cfg: RunConfig, monitor: Monitor | None = None) -> RunMeta:
     """Train, save, evaluate. Returns the final RunMeta (status done/collapsed/diverged/failed,
     or pruned by the `monitor`; `unlearn.runs.lifecycle` decides it)."""
-    args = cfg.args
-    v = validate(cfg)  # nothing heavy before this has passed
-    # Benchmarks' datasets are loaded now: one missing offline is bad input, found before
-    # any weights load or any step is trained.
-    suite = prepare_suite(v.suite) if v.suite is not None else None
-    out = v.out
-    par = setup(cfg.train.distributed, cfg.train.collective_timeout)
-    checkpoint = Checkpointer(out, cfg.to_dict(), every=cfg.train.checkpoint_every)
-    fresh = RunMeta(
-        id=args.run_id or out.name,
-        kind="unlearn",
-        method=args.method,
-        config={**cfg.to_dict(), **({"suite": v.suite.roles()} if v.suite else {})},
-        status="running",
-        started=utc_now(),
-    )
-    # Resumes when OUT holds a checkpoint of this config; records how the run ends, whatever
-    # ends it.
-    with run_lifecycle(fresh, out, par, checkpoint, args.store) as run:
-        p = prepare(cfg, v, out, par)
+    return run_regime(Unlearning(cfg, monitor))
+
+
+class Unlearning:
+    """The unlearning regime of the recipe skeleton (`unlearn.recipes.skeleton`)."""
+
+    def __init__(self, cfg: RunConfig, monitor: Monitor | None = None) -> None:
+        self.cfg, self.monitor = cfg, monitor
+
+    def launch(self) -> Launch:
+        cfg, args = self.cfg, self.cfg.args
+        self.validated = validate(cfg)
+        return Launch(
+            kind="unlearn",
+            out=self.validated.out,
+            config=cfg.to_dict(),
+            train=cfg.train,
+            suite=self.validated.suite,
+            run_id=args.run_id,
+            store=args.store,
+            method=args.method,
+            progress=args.progress,
+        )
+
+    def build(self, session: Session) -> Trainee:
+        p = prepare(self.cfg, self.validated, session.out, session.parallel)
         on_step = None
-        if monitor is not None and suite is not None:
-            on_step = _monitoring(monitor, run, suite, p, args.eval_batch_size, par)
-        with checkpoint.catching_signals():
-            state = train(
-                p.model,
-                p.method,
-                p.reference,
-                p.forget,
-                p.retain,
-                cfg.train,
-                p.plan,
-                state=TrainState(),
-                on_log=run.log,
-                on_step=on_step,
-                progress=args.progress,
-                device=p.device,
-                parallel=par,
-                checkpointer=checkpoint,
-                frozen_cache=p.frozen_cache,
-            )
+        if self.monitor is not None and session.suite is not None:
+            on_step = _monitoring(self.monitor, session, p, self.cfg.args.eval_batch_size)
+        return Trainee(
+            p.model, p.method, p.tokenizer, p.forget, p.plan, p.reference, p.retain, on_step,
+            p.frozen_cache,
+        )  # fmt: skip
+
+    def finish(self, session: Session, t: Trainee, state: TrainState) -> None:
+        run = session.run
         # The loss terms and their weighted total; coefficients, lr and grad norm are in
         # metrics.jsonl.
         final = {k: v for k, v in state.last.items() if k in state.first_values or k == "loss"}
-        paths = run.save_model(par, p.model, p.tokenizer, merge=cfg.lora.merge)
+        paths = run.save_model(session.parallel, t.model, t.tokenizer, merge=self.cfg.lora.merge)
         run.update(
             final=final,
             model_path=paths.get("model", paths.get("adapter")),
-            config={**run.meta.config, **p.method.describe()},
+            config={**run.meta.config, **t.objective.describe()},
         )
-        if suite is not None:  # the live model, in memory: no save/load round trip
-            score = suite.scorer(p.model, p.tokenizer, args.eval_batch_size)
-            run.evaluate(p.plan.total_steps, suite.suite.task_keys(), score, suite.suite.metric)
-    return run.meta
+        if session.suite is not None:  # the live model, in memory: no save/load round trip
+            suite = session.suite
+            score = suite.scorer(t.model, t.tokenizer, self.cfg.args.eval_batch_size)
+            run.evaluate(t.plan.total_steps, suite.suite.task_keys(), score, suite.suite.metric)
 
 
-def _monitoring(monitor: Monitor, run, suite, p: Prepared, batch_size: int, par: Parallel):
+def _monitoring(monitor: Monitor, session: Session, p: Prepared, batch_size: int):
     """The training loop's on_step for `monitor`: evaluate, record (not final), report."""
-    if par.world_size > 1:
+    if session.parallel.world_size > 1:
         raise UsageError("intermediate evaluations (a search's pruner) run in one process only")
+    run, suite = session.run, session.suite
     score = suite.scorer(p.model, p.tokenizer, batch_size)
     tasks = suite.suite.task_keys()
 

@@ -49,8 +49,8 @@ TASK_TITLES = {
     "wmdp_bio_cloze": "WMDP Bio Cloze", "wmdp_chem": "WMDP Chem", "wmdp_cyber": "WMDP Cyber",
     "mmlu": "MMLU", "mmlu_stem": "MMLU STEM",
 }  # fmt: skip
-"""Benchmarks' names as papers and the seeds' tables write them; other tasks are title-cased
-from their names, with these words in capitals:"""
+"""Benchmarks' names as papers and the reference campaign's tables write them; other tasks are
+title-cased from their names, with these words in capitals:"""
 ACRONYMS = frozenset({"mmlu", "wmdp", "stem", "mcqa", "bbh", "gsm8k", "arc", "qa"})
 ARROWS = {"forget": " (↓)", "retain": " (↑)"}
 """A task's role in its suite (unlearn.eval.suite) says which way is better."""
@@ -74,7 +74,8 @@ Result = EvalRow | Mapping[str, Any] | float | str | None
 
 
 def pct(value: float | None) -> str:
-    """0.30125 -> "30.12%" (the seeds' tables: percentages, 2 decimals); None -> "-"."""
+    """0.30125 -> "30.12%" (the reference campaign's tables: percentages, 2 decimals); None ->
+    "-"."""
     return MISSING if value is None else f"{100 * value:.2f}%"
 
 

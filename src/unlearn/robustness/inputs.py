@@ -31,7 +31,7 @@ from typing import Any
 from unlearn.errors import UsageError
 from unlearn.eval.questions import read_question_file
 from unlearn.eval.suite import Suite, SuiteArgs, resolve_suite
-from unlearn.models import ModelRef
+from unlearn.models.refs import ModelRef
 from unlearn.robustness.suite import FinetuneAttack, RobustnessSuite
 from unlearn.world import World
 
@@ -46,7 +46,7 @@ WORLD_CURVE_TASKS = {
 (reported) and every retain task (the utility constraint). forget_attack and perplexity are
 left out: each curve point costs their evaluation."""
 PROBE_DTYPE = "float32"
-"""The dtype the probes load the model in (`models.load_model`'s default), part of the key."""
+"""The dtype the probes load the model in (`models.load.load_model`'s default), part of the key."""
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,10 @@ from typing import Any
 from unlearn.errors import UsageError
 from unlearn.eval.letter import as_cloze
 from unlearn.eval.questions import LETTER, read_question_file
-from unlearn.fitting import general_texts
 from unlearn.fsutil import atomic_write_json
-from unlearn.models import ModelRef, default_device, load_model, load_tokenizer, model_num_layers
+from unlearn.models.load import default_device, load_model, load_tokenizer
+from unlearn.models.refs import ModelRef, model_num_layers
+from unlearn.readouts.fitting import general_texts
 from unlearn.recipes.attack import build_attack_config, run_attack
 from unlearn.robustness.inputs import SuiteInputs, suite_inputs  # noqa: F401 (re-exported)
 from unlearn.robustness.probes import ProbeData, ProbeOptions, run_probe

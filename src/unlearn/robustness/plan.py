@@ -25,9 +25,9 @@ from typing import Any
 
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs
-from unlearn.models import resolve_model
-from unlearn.robustness.evaluate import evaluate_model
+from unlearn.models.refs import resolve_model
 from unlearn.robustness.inputs import SuiteInputs, suite_inputs
+from unlearn.robustness.per_model import evaluate_model
 from unlearn.robustness.references import cached_reference, original_accuracy, reference_rows
 from unlearn.robustness.suite import load_suite, suite_from_dict
 from unlearn.world import World

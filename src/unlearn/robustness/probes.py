@@ -19,9 +19,10 @@ data-filtered twin, which never learned the facts (design section 7: robustness 
   layer is chosen by cross-validation on the train questions (what an adversary without
   held-out answers can do), folds grouped by fact so that a fact's choices and paraphrases
   never sit on both sides of a split.
-- `lens`: a tuned lens (`unlearn.lens`) fitted for the model under test on general text reads
-  each layer's next-token distribution at the prompt's last token; the choice whose first token
-  is most probable wins. The layer is chosen by accuracy on the train questions.
+- `lens`: a tuned lens (`unlearn.readouts.tuned_lens`) fitted for the model under test on
+  general text reads each layer's next-token distribution at the prompt's last token; the
+  choice whose first token is most probable wins. The layer is chosen by accuracy on the train
+  questions.
 - `ablation`: directional ablation. Per layer, the unit mean difference between forget-domain
   and retain activations is removed from the output of every block at once
   (`hooks.project_out`), and the test questions are scored by the normal cloze scorer.
@@ -32,7 +33,7 @@ Every probe returns a JSON-able dict {"acc", "layer", "per_layer", "select", "n"
 (`per_layer` and `select` are empty where no layer is chosen). Ties between choices earn the
 expected credit of breaking them at random (`readout.tie_credit`). A probe that cannot run
 raises ValueError with the reason: a made-up number would read as a result. The model's weights
-and modes are left as found (`models.eval_mode`; hooks live only inside context managers).
+and modes are left as found (`models.modes.eval_mode`; hooks live only inside context managers).
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ from torch import nn
 
 from unlearn.eval.native import context_window, encode_requests, evaluate_questions
 from unlearn.eval.questions import question_problem
-from unlearn.fitting import text_batches
-from unlearn.hooks import num_layers, project_out
-from unlearn.lens import TunedLens, train_lens
-from unlearn.models import eval_mode
+from unlearn.models.modes import eval_mode
+from unlearn.readouts.fitting import text_batches
+from unlearn.readouts.hooks import num_layers, project_out
+from unlearn.readouts.lens_training import train_lens
+from unlearn.readouts.tuned_lens import TunedLens
 from unlearn.robustness.readout import (
     answer_text,
     check_layers,
@@ -131,6 +133,25 @@ def _check_questions(questions: Sequence[dict], what: str) -> None:
             raise ValueError(f"{what} question {i}: {problem}")
 
 
+def _prologue(
+    name: str,
+    model: nn.Module,
+    data: ProbeData,
+    opts: ProbeOptions,
+    questions: tuple[str, ...] = ("test",),
+    texts: tuple[str, ...] = (),
+) -> list[int]:
+    """What every probe checks before it reads anything, the same way for all of them: the
+    layers against the model, each question set it reads (non-empty, well-formed) and the texts
+    it needs. Returns the layers to probe."""
+    layers = check_layers(model, opts.layers)
+    for what in questions:
+        _check_questions(getattr(data, what), what)
+    if any(not getattr(data, what) for what in texts):
+        raise ValueError(f"the {name} probe needs {' and '.join(texts)}")
+    return layers
+
+
 def _chance(questions: Sequence[dict]) -> float:
     return sum(1.0 / len(q["choices"]) for q in questions) / len(questions)
 
@@ -166,9 +187,7 @@ def linear_probe(
 ) -> dict:
     """A logistic regression per layer in the read-out the questions allow (module
     docstring); `readout` in the result says which."""
-    layers = check_layers(model, opts.layers)
-    _check_questions(data.train, "train")
-    _check_questions(data.test, "test")
+    layers = _prologue("linear", model, data, opts, questions=("train", "test"))
     readout = linear_readout(data.train, data.test, opts.seed)
     states = last_token_hiddens if readout == "answers" else statement_hiddens
     with eval_mode(model):
@@ -205,7 +224,8 @@ def _fit_lens(
     progress: bool,
 ) -> tuple[TunedLens, dict[str, float]]:
     """A tuned lens for `layers` fitted on the general text, batched as `unlearn fit-lens` and
-    `unlearn.fitting` batch it; the last block's lens is the identity and needs no fitting."""
+    `unlearn.readouts.fitting` batch it; the last block's lens is the identity and needs no
+    fitting."""
     trained = [layer for layer in layers if layer < num_layers(model) - 1]
     if not trained:
         return TunedLens.for_model(model, layers), {}
@@ -263,9 +283,7 @@ def lens_probe(
     the right answer is among the k tied at the top (`tie_credit`). `shared_first_token` counts
     the test questions whose right answer shares its first token with another choice.
     """
-    layers = check_layers(model, opts.layers)
-    _check_questions(data.train, "train")
-    _check_questions(data.test, "test")
+    layers = _prologue("lens", model, data, opts, questions=("train", "test"))
     with eval_mode(model):
         lens, kl = _fit_lens(model, tokenizer, data, layers, opts, progress)
         select = _lens_credits(model, lens, tokenizer, data.train, layers, batch_size, progress)
@@ -300,10 +318,8 @@ def ablation_probe(
     them removed is the adversary's single attempt, so there is no layer to choose (`layer` is
     None). `direction_norm` is each mean difference's length before normalising.
     """
-    layers = check_layers(model, opts.layers)
-    _check_questions(data.test, "test")
-    if not data.forget_texts or not data.retain_texts:
-        raise ValueError("the ablation probe needs forget_texts and retain_texts")
+    texts = ("forget_texts", "retain_texts")
+    layers = _prologue("ablation", model, data, opts, texts=texts)
     with eval_mode(model):
         forget = mean_hiddens(model, tokenizer, data.forget_texts, layers, batch_size)
         retain = mean_hiddens(model, tokenizer, data.retain_texts, layers, batch_size)
@@ -361,7 +377,7 @@ def in_context_probe(
     progress: bool = False,
 ) -> dict:
     """Score the test questions with k forget-domain documents prefixed to each prompt."""
-    _check_questions(data.test, "test")
+    _prologue("in_context", model, data, opts)
     texts = [t for t in data.forget_texts if t.strip()]
     if len(texts) < opts.k:
         raise ValueError(
@@ -402,5 +418,5 @@ def run_probe(
     """
     if name not in PROBES:
         raise ValueError(f"unknown probe {name!r} (choose from {', '.join(PROBES)})")
-    check_layers(model, opts.layers)
+    check_layers(model, opts.layers)  # before a probe's own checks: one message for all
     return {"probe": name} | PROBES[name](model, tokenizer, data, opts, batch_size, progress)

@@ -2,8 +2,8 @@
 
 Design choices:
 
-- "Layer l" is the output of block l, read with `unlearn.hooks` (never HF's `hidden_states`), so
-  a probe at layer l reads what a lens or affine map at layer l is fitted on.
+- "Layer l" is the output of block l, read with `unlearn.readouts.hooks` (never HF's
+  `hidden_states`), so a probe at layer l reads what a lens or affine map at layer l is fitted on.
 - A question's prompt is tokenized exactly as the native cloze scorer tokenizes its context
   (`unlearn.eval.native.encode_requests`, no special tokens as for the world's tasks, trailing
   whitespace moved to the continuation, the last `context_window` tokens kept), so the last
@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from unlearn.data.batching import collate, tokenize_examples
 from unlearn.eval.native import context_window, encode_requests
-from unlearn.fitting import FIT_MAX_LENGTH
-from unlearn.hooks import forward_hiddens, num_layers
+from unlearn.readouts.fitting import FIT_MAX_LENGTH
+from unlearn.readouts.hooks import forward_hiddens, num_layers
 
 
 def check_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:

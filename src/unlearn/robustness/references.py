@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from unlearn.models import ModelRef
-from unlearn.robustness.evaluate import SuiteInputs, cached_result, evaluate_model
+from unlearn.models.refs import ModelRef
+from unlearn.robustness.per_model import SuiteInputs, cached_result, evaluate_model
 from unlearn.runs.store import Store
 
 REFERENCES = ("target", "filtered")

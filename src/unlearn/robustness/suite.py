@@ -1,5 +1,5 @@
 """Robustness suites: the documented lists of attacks and probes a model's worst case is taken
-over (`unlearn robustness --suite quick|standard|seeds|FILE.yaml`).
+over (`unlearn robustness --suite quick|standard|campaign|FILE.yaml`).
 
 A suite is
 - fine-tuning attacks (`FinetuneAttack`): full fine-tuning or LoRA at one learning rate, on
@@ -19,8 +19,8 @@ The built-in suites (`SUITES`), calibrated on the default mini world (README, do
   and one benign full fine-tuning attack and three probes that need no training;
 - `standard`: the full grid (full and LoRA, three learning rates on forget-domain data, two on
   benign data) and every probe (<= 10 minutes per model on 2 cores);
-- `seeds`: the seeds' protocol for GPU users (512 forget-domain examples, lr 2e-5, AdamW and
-  Muon, evaluation every 100 steps, long runs) plus every probe.
+- `campaign`: the reference campaign's protocol for GPU users (512 forget-domain examples, lr 2e-5,
+  AdamW and Muon, evaluation every 100 steps, long runs) plus every probe.
 
 A suite file is YAML with the fields of `RobustnessSuite`; its `attacks` entries have the fields
 of `FinetuneAttack`, and an `lr` given as a list makes one attack per learning rate. An unknown
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import OPTIMIZERS
+from unlearn.config.settings import OPTIMIZERS
+from unlearn.config.yamlio import read_yaml
 from unlearn.errors import UsageError
-from unlearn.yamlio import read_yaml
 
 ATTACK_DATA = ("forget", "benign")
 PROBE_NAMES = ("linear", "lens", "ablation", "in_context")
@@ -230,8 +230,8 @@ SUITES: dict[str, RobustnessSuite] = {
         ),
         probes=PROBE_NAMES,
     ),
-    "seeds": RobustnessSuite(
-        name="seeds",
+    "campaign": RobustnessSuite(
+        name="campaign",
         attacks=tuple(
             FinetuneAttack(
                 "forget", 2e-5, steps=1000, eval_every=100, pdbs=8, num_examples=512, optimizer=opt

@@ -32,11 +32,11 @@ from typing import Any
 
 from unlearn.distributed import Parallel
 from unlearn.errors import SaveFailed, UsageError
-from unlearn.resume import Checkpointer
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import FollowerRunDir, RunDir
 from unlearn.runs.status import COLLAPSE_MARKS, error_text, outcome_of, worse
 from unlearn.runs.store import Store
+from unlearn.training.checkpointer import Checkpointer
 
 
 class ActiveRun:

@@ -46,7 +46,8 @@ from unlearn.runs.rows import (
 
 RUN_FILE, METRICS_FILE, EVALS_FILE = "run.json", "metrics.jsonl", "evals.jsonl"
 CHECKPOINT_DIR, STEP_PREFIX = "checkpoint", "step-"
-"""Resumable checkpoints live in OUT/checkpoint/step-NNNNNNNN (written by unlearn.resume)."""
+"""Resumable checkpoints live in OUT/checkpoint/step-NNNNNNNN (written by
+unlearn.training.checkpointer)."""
 SAVED_DIRS = ("model", "adapter")
 """What a run saves into its directory besides the files above (OUT/model, OUT/adapter)."""
 OWNER_FILE = "unlearn_run.json"

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from unlearn.errors import UsageError
-from unlearn.resume import deferring_signals, stop_requested
 from unlearn.runs.store import Store
 from unlearn.search.outputs import SearchResult, collect, write_outputs
 from unlearn.search.spec import Search
@@ -33,6 +32,7 @@ from unlearn.sweep.execute import run_point, sweep_lock
 from unlearn.sweep.slurm import CLUSTERS
 from unlearn.sweep.spec import check_out
 from unlearn.sweep.workers import WorkerPool
+from unlearn.training.preemption import deferring_signals, stop_requested
 
 JOBS_DIR = "jobs"
 

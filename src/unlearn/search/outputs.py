@@ -4,8 +4,8 @@ Design choices:
 - Rows are read from the study (numbers, set only for complete trials) and the baselines' run
   directories. A pruned, failed, interrupted or running trial shows its status word and no
   number, wherever it appears (`report.tables.result_cell`): it is never a result.
-- The boundary table follows the seeds' tables: the baselines first, then one row per trial
-  with the fields the search varied, then each task (forget ↓, retain ↑) as a percentage, the
+- The boundary table follows the reference campaign's tables: the baselines first, then one row per
+  trial with the fields the search varied, then each task (forget ↓, retain ↑) as a percentage, the
   constraint margin and the status. It holds the trials nearest the boundary (smallest
   |margin|, the best always included), sorted by forget accuracy; every trial is in the table
   below it.

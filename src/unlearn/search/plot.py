@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unlearn.report.analysis import pareto_front
 from unlearn.report.plots import BASELINE_MARKERS, CHANCE, new_figure, save_figure
-from unlearn.search.outputs import SearchResult
 from unlearn.search.spec import Search
+
+if TYPE_CHECKING:  # outputs.py draws the front with this module
+    from unlearn.search.outputs import SearchResult
 
 
 def plot_front(search: Search, result: SearchResult, path: Path) -> None:

@@ -27,7 +27,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from unlearn.config import coerce_values, flat_fields
+from unlearn.config.settings import coerce_values, flat_fields
 from unlearn.errors import UsageError
 
 KINDS = ("float", "log", "int", "choice")

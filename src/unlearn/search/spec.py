@@ -33,7 +33,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import ModelArgs, coerce_values
+from unlearn.config.settings import ModelArgs, coerce_values
+from unlearn.config.yamlio import read_yaml
 from unlearn.errors import UsageError
 from unlearn.eval.split import PARTS, SELECT_FRACTION, with_part
 from unlearn.eval.suite import Suite, SuiteArgs, resolve_suite
@@ -55,7 +56,6 @@ from unlearn.sweep.spec import (
     typed_values,
 )
 from unlearn.world import World, load_world
-from unlearn.yamlio import read_yaml
 
 TOP_KEYS = (
     "name", "world", "out", "store", "method", "methods", "base", "space", "budget", "goal",

@@ -36,7 +36,6 @@ from unlearn.recipes.attack import run_attack
 from unlearn.recipes.baseline import run_baseline
 from unlearn.recipes.distill import run_distill
 from unlearn.recipes.unlearning import Monitor, run_unlearning
-from unlearn.resume import deferring_signals, stop_requested
 from unlearn.runs.lifecycle import mark_failed
 from unlearn.runs.rows import RunMeta
 from unlearn.runs.rundir import RunDir, latest_checkpoint
@@ -45,6 +44,7 @@ from unlearn.sweep.points import Point
 from unlearn.sweep.spec import LOCK_FILE, Sweep
 from unlearn.sweep.state import FINISHED, PointState, inspect_point
 from unlearn.sweep.table import counter, show_value, state_line
+from unlearn.training.preemption import deferring_signals, stop_requested
 
 # -- running a point --------------------------------------------------------------------------
 

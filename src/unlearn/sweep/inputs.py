@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import ModelArgs, coerce_values
+from unlearn.config.settings import ModelArgs, coerce_values
 from unlearn.errors import UsageError
 from unlearn.eval.suite import QUESTION_SUFFIXES, SuiteArgs
 from unlearn.sweep.points import Baseline

@@ -22,11 +22,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unlearn.config import OPERATIONAL_FIELDS, ModelArgs
+from unlearn.config.settings import OPERATIONAL_FIELDS, ModelArgs
 from unlearn.data import CorpusSpec
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs, resolve_suite
-from unlearn.models import ModelRef, check_lora_targets
+from unlearn.models.lora import check_lora_targets
+from unlearn.models.refs import ModelRef
 from unlearn.recipes.attack import AttackConfig, build_attack_config
 from unlearn.recipes.unlearning import RunConfig, build_run_config, validate
 from unlearn.world import World
@@ -46,7 +47,8 @@ ABBREVIATIONS = {
     "layers": "L",
     "optimizer": "",
 }
-"""Short names in point ids (the seeds' tables say rc/rm); other fields keep their name."""
+"""Short names in point ids (the reference campaign's tables say rc/rm); other fields keep their
+name."""
 
 
 BASELINE = "baseline"

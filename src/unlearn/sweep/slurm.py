@@ -30,9 +30,9 @@ Design choices:
   the id of the job it runs in (`unlearn.runs.lifecycle.current_job_id`) in run.json.
   `--status` reads jobs.json and asks SLURM (sacct, through submitit) for each recorded job's state.
 - Preemption: a training run turns SIGTERM/SIGUSR1/SIGUSR2 (submitit asks SLURM for USR2 before
-  the time limit) into a checkpoint and status "preempted" (unlearn.resume). The driver resubmits
-  such a point up to `requeue` times; the new job resumes from the checkpoint. Without a live
-  driver, rerunning `unlearn sweep` does the same.
+  the time limit) into a checkpoint and status "preempted" (unlearn.training.checkpointer). The
+  driver resubmits such a point up to `requeue` times; the new job resumes from the checkpoint.
+  Without a live driver, rerunning `unlearn sweep` does the same.
 - A rerun of the sweep reattaches to recorded SLURM jobs that are still queued or running
   instead of submitting duplicates (a driver killed while its jobs ran).
 - Several tasks per job (torchrun-style DDP/FSDP2 inside one job): each task exports the

@@ -35,7 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import coerce_values
+from unlearn.config.settings import coerce_values
+from unlearn.config.yamlio import read_yaml
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs
 from unlearn.fsutil import check_output_dir
@@ -55,7 +56,6 @@ from unlearn.sweep.points import (
     validate_models,
 )
 from unlearn.world import World, load_world
-from unlearn.yamlio import read_yaml
 
 TOP_KEYS = (
     "name", "world", "out", "store", "method", "base", "grid", "points", "attack", "sweeps",

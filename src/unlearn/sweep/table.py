@@ -3,8 +3,8 @@
 Every result cell goes through `unlearn.report.tables.result_cell`, the project's one rule: a
 missing or failed result is a word, never a number (a failed evaluation read as chance accuracy
 would look like perfect unlearning). Sweep tables show accuracies as fractions with three
-decimals, the seeds' compact style. With several retain tasks "retain (min)" is their minimum
-(`unlearn.report.analysis.retain_aggregate`), and each task has its own column.
+decimals, the reference campaign's compact style. With several retain tasks "retain (min)" is their
+minimum (`unlearn.report.analysis.retain_aggregate`), and each task has its own column.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ def state_line(state: PointState) -> str:
 
 
 def format_table(states: Sequence[PointState], jobs: dict[str, str] | None = None) -> str:
-    """A markdown table of the points (what the seeds' result tables hold), then the errors.
-    With `jobs` ({point id: "JOBID STATE"}, from unlearn.sweep.slurm) a job column is added."""
+    """A markdown table of the points (what the reference campaign's result tables hold), then the
+    errors. With `jobs` ({point id: "JOBID STATE"}, from unlearn.sweep.slurm) a job column is
+    added."""
     with_attack = any(s.attack is not None for s in states)
     tasks = retain_tasks(states)
     each = tasks if len(tasks) > 1 else []

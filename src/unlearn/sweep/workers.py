@@ -41,12 +41,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from unlearn.errors import UsageError
-from unlearn.resume import deferring_signals
 from unlearn.runs.rows import RunMeta
 from unlearn.sweep.execute import Executor, OnDone, OnStart, SweepPreempted, record_failure
 from unlearn.sweep.execute import run_point as _run_point
 from unlearn.sweep.points import Point
 from unlearn.sweep.state import PointState, inspect_point
+from unlearn.training.preemption import deferring_signals
 from unlearn.world.parallel import available_cores
 
 

@@ -8,7 +8,8 @@ Schedules are measured in optimizer steps (never micro-batches or dataset size).
 to resume sits in `TrainState`. Guards:
 - a non-finite term, or one above `diverge_factor` x max(its first value, 1), raises DivergedError;
 - a retain coefficient > 0 whose term stays exactly 0 once the model has moved raises
-  RetainZeroError (the seeds' "retain loss was always 0" bug: a reference equal to the model).
+  RetainZeroError (the reference campaign's "retain loss was always 0" bug: a reference equal to the
+  model).
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from unlearn.config import TrainConfig
+from unlearn.config.settings import TrainConfig
 from unlearn.data.batching import ExampleStream
 from unlearn.distributed import Parallel
 from unlearn.errors import DivergedError, RetainZeroError
-from unlearn.frozen_cache import FrozenCache
 from unlearn.methods.base import Phase, Reference, StepContext
-from unlearn.optim import build_optimizer
-from unlearn.resume import Checkpointer
-from unlearn.schedules import lr_mult_at
+from unlearn.training.checkpointer import Checkpointer
+from unlearn.training.frozen_cache import FrozenCache
+from unlearn.training.optim import build_optimizer
+from unlearn.training.schedules import lr_mult_at
 
 RETAIN_ZERO_CHECK_STEP = 3
 """Optimizer step by which a retain term that is exactly 0 since step 1 counts as a bug."""
@@ -59,7 +60,8 @@ class TrainState:
 
 @dataclass
 class Plan:
-    """What a run will do, printed before it starts (the seeds' silent-epoch pitfall)."""
+    """What a run will do, printed before it starts (the reference campaign's silent-epoch
+    pitfall)."""
 
     unique_examples: int
     steps_per_phase: int
@@ -128,10 +130,10 @@ def train(
     `parallel` (DDP/FSDP2 under torchrun, see unlearn.distributed) runs each micro-batch's
     objective, synchronises gradients on the last micro-batch of a step and averages logged
     values over ranks; without it the loop is one plain process.
-    `checkpointer` (unlearn.resume) restores a saved checkpoint before the first step and saves
-    after steps (periodically, or on SIGTERM, then raising Preempted).
-    `frozen_cache` (unlearn.frozen_cache) keeps frozen-model outputs per example across epochs
-    and runs; the losses are the same with or without it, up to float rounding.
+    `checkpointer` (unlearn.training.checkpointer) restores a saved checkpoint before the first
+    step and saves after steps (periodically, or on SIGTERM, then raising Preempted).
+    `frozen_cache` (unlearn.training.frozen_cache) keeps frozen-model outputs per example across
+    epochs and runs; the losses are the same with or without it, up to float rounding.
     """
     state = state or TrainState()
     par = parallel or Parallel(rank=rank, device=torch.device(device))

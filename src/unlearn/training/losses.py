@@ -51,12 +51,12 @@ def random_target_ce(
 ) -> Tensor:
     """Forget term: cross-entropy against uniformly random token ids, divided by log V.
 
-    The seeds' random-target forget loss (used by the tuned-lens and sequential unlearning
-    methods): each valid position gets an independent target drawn uniformly from the
-    vocabulary, so the expected loss is minimised by the uniform distribution, where it equals 1
-    (in units of log V). It is a one-sample estimate of `max_entropy`. Every valid position gets
-    a target, whichever token it would predict. `generator` makes the draw reproducible; it may
-    live on another device than `logits` (the ids are moved).
+    The reference campaign's random-target forget loss (used by the tuned-lens and sequential
+    unlearning methods): each valid position gets an independent target drawn uniformly from the
+    vocabulary, so the expected loss is minimised by the uniform distribution, where it equals 1 (in
+    units of log V). It is a one-sample estimate of `max_entropy`. Every valid position gets a
+    target, whichever token it would predict. `generator` makes the draw reproducible; it may live
+    on another device than `logits` (the ids are moved).
     """
     batch, seq, vocab = logits.shape
     device = generator.device if generator is not None else logits.device
@@ -84,9 +84,9 @@ def max_entropy(logits: Tensor, mask: Tensor) -> Tensor:
 def kl_retain(ref_logits: Tensor, cur_logits: Tensor, mask: Tensor) -> Tensor:
     """Retain term: KL(p_ref || p_cur) in nats, summed over the vocabulary, masked token mean.
 
-    The forward KL to the frozen reference's next-token distribution on retain data (the seeds'
-    default retain loss for checkpoint transfer; an option elsewhere). Both distributions come
-    from float32 log-softmax, so no probability is exponentiated and logged again.
+    The forward KL to the frozen reference's next-token distribution on retain data (the reference
+    campaign's default retain loss for checkpoint transfer; an option elsewhere). Both distributions
+    come from float32 log-softmax, so no probability is exponentiated and logged again.
     """
     if ref_logits.shape != cur_logits.shape:
         raise ValueError(
@@ -109,10 +109,10 @@ def l2_retain(ref_hiddens: Sequence[Tensor], cur_hiddens: Sequence[Tensor], mask
 
     For each layer, the Euclidean norm (not its square) of h_cur - h_ref at every valid token,
     masked token mean; then the mean over layers. The norm rather than the squared error follows
-    the seeds' "L2 norm between hidden states" (used as the default retain loss of tuned-lens and
-    sequential unlearning); it grows linearly with drift, so it keeps pulling on small deviations
-    where a squared error would fade. Its gradient at zero distance is zero (not NaN), so the
-    first step, where the model still equals the reference, is safe.
+    the reference campaign's "L2 norm between hidden states" (used as the default retain loss of
+    tuned-lens and sequential unlearning); it grows linearly with drift, so it keeps pulling on
+    small deviations where a squared error would fade. Its gradient at zero distance is zero (not
+    NaN), so the first step, where the model still equals the reference, is safe.
     """
     _check_layers(ref_hiddens, cur_hiddens, "l2_retain")
     per_layer = []
@@ -128,7 +128,7 @@ def activation_mse(pred: Sequence[Tensor], target: Sequence[Tensor], mask: Tenso
     For each layer, the mean over the hidden dimension of (pred - target)^2 at every valid token,
     masked token mean; then the mean over layers. `target` is A_l(h_l(source)), the affine-mapped
     activations of the early (ignorant) checkpoint, and is detached. The per-dimension mean makes
-    the value comparable with the held-out MSE reported by `unlearn.affine.fit_affine`.
+    the value comparable with the held-out MSE reported by `unlearn.readouts.affine.fit_affine`.
     """
     _check_layers(pred, target, "activation_mse")
     per_layer = []
@@ -158,7 +158,7 @@ def lm_ce(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
 def token_logprobs(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
     """log π(token t | tokens < t) at every position t of [B, T] (float32), zero at position 0
     and wherever t or t-1 is padding: the same pairs `lm_ce` scores. Shaped like the input, so
-    a frozen model's values can be cached per example (`unlearn.frozen_cache`)."""
+    a frozen model's values can be cached per example (`unlearn.training.frozen_cache`)."""
     batch, seq, _ = logits.shape
     if input_ids.shape != (batch, seq):
         raise ValueError(f"input_ids {tuple(input_ids.shape)} do not match logits {(batch, seq)}")

@@ -2,20 +2,21 @@
 
 Routing for "muon" is by module membership and shape, never by size: a trainable parameter goes to
 `torch.optim.Muon` exactly when it is a 2-D tensor inside the transformer block list
-(`unlearn.hooks.get_blocks`): attention and MLP weight matrices in full fine-tuning, the
+(`unlearn.readouts.hooks.get_blocks`): attention and MLP weight matrices in full fine-tuning, the
 `lora_A` / `lora_B` matrices of the blocks with LoRA. Everything else (token embeddings, the
 unembedding, norms, biases, any non-2-D tensor) goes to AdamW, which Muon's orthogonalised update
-does not suit. The seeds routed by a parameter-count threshold, which sent the largest matrices to
-AdamW and diverged; membership cannot make that mistake. Frozen parameters are given to neither.
+does not suit. The reference campaign routed by a parameter-count threshold, which sent the largest
+matrices to AdamW and diverged; membership cannot make that mistake. Frozen parameters are given to
+neither.
 
 By default one learning rate serves both: Muon runs with `adjust_lr_fn="match_rms_adamw"`, which
 scales each matrix's step to the RMS of an AdamW step (0.2 * sqrt(max(rows, cols)) * lr), so
 AdamW's learning rate and decoupled weight decay carry over. `muon_lr` gives Muon a rate of its
 own instead, on Muon's own scale (torch's "original" adjustment, sqrt(max(1, rows/cols)) * lr, for
-which 0.02 is the usual value, as in the seeds' muon_lr / adam_lr grids): a rate tuned apart from
-AdamW's has no reason to be expressed in AdamW's units. `adam_lr` likewise replaces `lr` for the
-AdamW groups. AdamW applies weight decay to tensors of two or more dimensions only; decaying norm
-gains and biases toward zero is never wanted.
+which 0.02 is the usual value, as in the reference campaign's muon_lr / adam_lr grids): a rate tuned
+apart from AdamW's has no reason to be expressed in AdamW's units. `adam_lr` likewise replaces `lr`
+for the AdamW groups. AdamW applies weight decay to tensors of two or more dimensions only; decaying
+norm gains and biases toward zero is never wanted.
 
 `MultiOptimizer` holds the optimizers by name and looks like one optimizer to the trainer. The
 trainer schedules the learning rate itself, each step: `group["lr"] = group["base_lr"] * mult`
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from unlearn.errors import UsageError
-from unlearn.hooks import get_blocks
+from unlearn.readouts.hooks import get_blocks
 
 OPTIMIZERS = ("adamw", "muon")
 

@@ -3,7 +3,7 @@
 Every schedule takes `step` (0-based count of optimizer steps already taken) and `total_steps`
 (optimizer steps in the run, or in the phase for the sequential method, whose ramps restart each
 phase). Micro-batches and dataset size never enter, so changing gradient accumulation or the
-number of processes leaves every schedule unchanged (a pitfall the seeds hit).
+number of processes leaves every schedule unchanged (a pitfall the reference campaign hit).
 
 Conventions:
 

@@ -6,9 +6,9 @@ question sets. See docs/world.md.
 """
 
 from unlearn.world.build import build_world
-from unlearn.world.evaluate import WORLD_TASKS, evaluate_world
 from unlearn.world.load import World, load_world
 from unlearn.world.presets import PRESETS, Preset, get_preset
+from unlearn.world.scoring import WORLD_TASKS, evaluate_world
 
 __all__ = [
     "PRESETS",

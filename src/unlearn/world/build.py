@@ -32,15 +32,16 @@ from pathlib import Path
 
 from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from unlearn.config import check_seed
+from unlearn.config.settings import check_seed
 from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_dir, atomic_write_json, check_writable_parent, write_jsonl
-from unlearn.world.evaluate import evaluate_world
 from unlearn.world.generate import CORPUS_PHASES, generate
 from unlearn.world.load import WORLD_FILE, World, load_world
 from unlearn.world.parallel import available_cores
+from unlearn.world.phases import torch_threads
 from unlearn.world.presets import get_preset
-from unlearn.world.pretrain import pretrain, torch_threads
+from unlearn.world.pretrain import pretrain
+from unlearn.world.scoring import evaluate_world
 from unlearn.world.tokenizer import train_tokenizer
 
 QUESTION_FILES = {

@@ -10,8 +10,9 @@ Two domains of invented facts:
 - *retain*: people and towns with everyday attributes (stand-ins for general knowledge), in two
   sets: `retain` (documents in both pretraining phases, so the ignorant checkpoint knows them) and
   `retain_late` (other people and towns, same relations, whose documents first appear in phase 2
-  beside the forget documents: like the seeds' early checkpoint, which is weaker at everything,
-  the ignorant checkpoint is at chance on them and "rewind to the checkpoint" loses them).
+  beside the forget documents: like the reference campaign's early checkpoint, which is weaker at
+  everything, the ignorant checkpoint is at chance on them and "rewind to the checkpoint" loses
+  them).
 - *near domain*: benign facts about every pathogen (what it is named after, when it was first
   described, where its reference samples are kept), in documents of their own that hold no
   forget relation, so the data filter keeps them and the filtered twin knows them. A method that

@@ -50,7 +50,7 @@ from types import TracebackType
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from unlearn.world.pretrain import PhaseResult, TwinJob, make_model, train_twin
+from unlearn.world.phases import PhaseResult, TwinJob, make_model, train_twin
 
 PHASE1_FILE = "phase1.pt"
 RESULT_FILE = "twin.pt"

@@ -21,9 +21,7 @@ Design choices:
 
 from __future__ import annotations
 
-
 import contextlib
-import copy
 import math
 import random
 import time

@@ -16,21 +16,27 @@ The parts (model, packed streams, one phase, the twin's phase 2) are in `unlearn
 
 from __future__ import annotations
 
-
-import contextlib
 import copy
-import math
-import random
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
-from unlearn.world.generate import CORPUS_PHASES
+from unlearn.world.parallel import TwinProcess
+from unlearn.world.phases import (
+    PackedStream,
+    PhaseResult,
+    TwinJob,
+    make_model,
+    make_optimizer,
+    torch_threads,
+    train_phase,
+    train_twin,
+    training_pools,
+)
 from unlearn.world.presets import Preset
 
 
@@ -101,9 +107,6 @@ def pretrain(
     t0 = time.perf_counter()
     with torch_threads(phase2_threads):
         if parallel:
-            # Imported here: unlearn.world.parallel imports this module.
-            from unlearn.world.parallel import TwinProcess
-
             threads = torch.get_num_threads()
             with TwinProcess(twin_job, model, optimizer, threads, workdir) as twin_process:
                 target_phase2 = train_target("phase 2 (target; filtered twin in a 2nd process)")

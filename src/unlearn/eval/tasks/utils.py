@@ -8,8 +8,8 @@ each choice's continuation, in choice order. From those we report, per document:
 - `acc_norm` (cloze tasks only): the same on log-likelihood per character of the choice string,
   lm-eval's length normalisation;
 - `correct_prob`: the softmax over the choices' log-likelihoods, taken at the right answer. This
-  is the seeds' "cloze correct prob": it moves smoothly while accuracy sits at a plateau, and its
-  chance level is 1/len(choices).
+  is the reference campaign's "cloze correct prob": it moves smoothly while accuracy sits at a
+  plateau, and its chance level is 1/len(choices).
 
 Every metric is aggregated with `mean` in the YAMLs, so lm-eval's stderr is the sample standard
 error, as in the native evaluator. The gold answer is the document's integer `answer` field.

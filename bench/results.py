@@ -1,0 +1,251 @@
+"""Regenerate the result pages in docs/results/ with the tool itself (`make results`).
+
+    python bench/results.py                      # every page (hours on a 2-core CPU)
+    python bench/results.py demo search/pareto-robust
+
+Each page is a list of `unlearn` commands run in a work directory (default out/results), then
+the files the tool wrote are copied into docs/results/PAGE/ (replacing that page only). The
+mini world is built once, in WORK/world, and every page uses it. docs/results/README.md is the
+index: every page with the commands that produced it, its wall time and its date; the timings
+of pages not regenerated this time are kept from their last run (docs/results/index.json).
+
+A page's work directory is removed before its commands run, so a timing never measures a
+resume; only directories this script created (they hold its marker file) are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+MARKER = ".made-by-bench-results"
+
+
+@dataclass(frozen=True)
+class Page:
+    commands: tuple[tuple[str, ...], ...]
+    """`unlearn` argument lists; {work} is the page's work directory, {world} the world, {spec}
+    the page's spec rewritten to use them."""
+    files: tuple[str, ...]
+    """Files copied from the page's output directory (relative to {work})."""
+    spec: str | None = None
+    """A sweep or search spec (repo-relative) whose `world` and `out` the script points at its
+    own directories."""
+    what: str = ""
+
+
+DEMO_FILES = ("report.md", "forget_vs_retain.png", "robustness_curves.png")
+SEARCH_FILES = ("out/search.md", "out/best.yaml", "out/pareto.png")
+
+
+def _search(name: str) -> Page:
+    return Page(
+        (("search", "{spec}", "--workers", "2"),),
+        SEARCH_FILES,
+        spec=f"examples/searches/{name}.yaml",
+        what=f"the search spec examples/searches/{name}.yaml",
+    )
+
+
+PAGES = {
+    "demo": Page(
+        (("demo", "--world", "{world}", "--out", "{work}"),),
+        DEMO_FILES,
+        what="the three seed methods at their defaults, `quick` robustness suite",
+    ),
+    "baselines": Page(
+        (("demo", "--campaign", "baselines", "--world", "{world}", "--out", "{work}"),),
+        DEMO_FILES,
+        what="the field's baselines at their defaults, `quick` robustness suite",
+    ),
+    "robustness-standard": Page(
+        (("demo", "--suite", "standard", "--world", "{world}", "--out", "{work}"),),
+        DEMO_FILES,
+        what="the three seed methods at their defaults, `standard` robustness suite",
+    ),
+    "calibration": Page(
+        (
+            ("sweep", "{spec}", "--workers", "2"),
+            ("report", "--store", "{work}/store.sqlite", "--out", "{work}/report"),
+        ),
+        ("report/report.md", "report/forget_vs_retain.png"),
+        spec="examples/results/calibration.yaml",
+        what="the grids the seed methods' defaults were chosen from",
+    ),
+    **{
+        f"search/{name}": _search(name)
+        for name in (
+            "boundary-lens",
+            "boundary-checkpoint-transfer",
+            "boundary-sequential",
+            "pareto-robust",
+        )
+    },
+}
+
+
+def _fresh_dir(path: Path) -> None:
+    """An empty directory at `path`, removing only one this script made before."""
+    if path.exists():
+        if not (path / MARKER).exists():
+            sys.exit(f"results: {path} exists and was not made by this script; move it away")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARKER).write_text("made by bench/results.py\n")
+
+
+def _point_spec(page: Page, work: Path, world: Path) -> Path:
+    """The page's spec with `world` and `out` (and a sweep's `store`) in `work`."""
+    spec = yaml.safe_load((ROOT / page.spec).read_text())
+    spec["world"] = str(world)
+    spec["out"] = str(work / "out")
+    if "sweeps" in spec:
+        spec["store"] = str(work / "store.sqlite")
+    path = work / Path(page.spec).name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _run(argv: list[str], log) -> None:
+    print("$ unlearn " + " ".join(argv), flush=True)
+    log.write("$ unlearn " + " ".join(argv) + "\n")
+    log.flush()
+    unlearn = Path(sys.executable).with_name("unlearn")
+    done = subprocess.run([str(unlearn), *argv], stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"results: `unlearn {' '.join(argv)}` exited {done.returncode} (log: {log.name})")
+
+
+def _publish(page_name: str, files: dict[str, Path]) -> None:
+    """Replace docs/results/PAGE with `files`, atomically (temp dir, then rename)."""
+    target = RESULTS / page_name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    for name, source in files.items():
+        shutil.copy2(source, tmp / name)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def regenerate(name: str, work_root: Path, world: Path) -> dict:
+    page = PAGES[name]
+    work = work_root / name
+    _fresh_dir(work)
+    spec = _point_spec(page, work, world) if page.spec else None
+    commands = [
+        [a.format(work=work, world=world, spec=spec) for a in argv] for argv in page.commands
+    ]
+    t0 = time.time()
+    with open(work / "commands.log", "w") as log:
+        for argv in commands:
+            _run(argv, log)
+    seconds = time.time() - t0
+    files = {Path(f).name: work / f for f in page.files}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        sys.exit(f"results: page {name}: the tool wrote no {', '.join(missing)}")
+    _publish(name, files)
+    shown = [" ".join(argv).replace(str(work_root), "WORK") for argv in commands]
+    return {
+        "commands": [f"unlearn {c}" for c in shown],
+        "spec": page.spec,
+        "what": page.what,
+        "seconds": round(seconds),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+
+
+def write_index(entries: dict[str, dict]) -> None:
+    (RESULTS / "index.json").write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    lines = [
+        "# Results",
+        "",
+        "Every page here was produced by the tool; `make results` regenerates them all",
+        '(`make results PAGES="demo search/pareto-robust"` some of them) with',
+        "bench/results.py, which writes this index. WORK is its work directory (out/results); the",
+        "mini world is built once in WORK/world with `unlearn world build --out WORK/world`",
+        f"(default preset, seed 0): {entries.get('_world', {}).get('seconds', 'not yet timed')} s.",
+        "",
+        "| page | what | commands | wall time | date | machine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, page in PAGES.items():
+        e = entries.get(name)
+        path = f"{name}/search.md" if name.startswith("search/") else f"{name}/report.md"
+        if e is None:  # a page from before this script: its commands, no timing yet
+            spec = f"WORK/{name}/{Path(page.spec).name}" if page.spec else None
+            shown = [
+                "unlearn "
+                + " ".join(page.commands[i]).format(
+                    work=f"WORK/{name}", world="WORK/world", spec=spec
+                )
+                for i in range(len(page.commands))
+            ]
+            e = {"commands": shown, "spec": page.spec, "what": page.what, "seconds": None,
+                 "date": "not yet run by `make results`", "machine": "-"}  # fmt: skip
+        commands = "<br>".join(f"`{c}`" for c in e["commands"])
+        if e.get("spec"):
+            commands += f"<br>(spec: {e['spec']})"
+        minutes = "-" if e["seconds"] is None else f"{e['seconds'] / 60:.0f} min"
+        lines.append(
+            f"| [{name}]({path}) | {e['what']} | {commands} | {minutes} | {e['date']} "
+            f"| {e['machine']} |"
+        )
+    timed = [e["seconds"] for n, e in entries.items() if n in PAGES]
+    total = f"{sum(timed) / 3600:.1f} h" if timed else "-"
+    lines += ["", f"Wall time of the {len(timed)} timed pages, one after another: {total}.", ""]
+    (RESULTS / "README.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pages", nargs="*", help=f"pages (default: all): {', '.join(PAGES)}")
+    parser.add_argument("--work", default=str(ROOT / "out" / "results"))
+    parser.add_argument("--index", action="store_true", help="only rewrite docs/results/README.md")
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.pages if p not in PAGES]
+    if unknown:
+        print(f"results: unknown page {unknown[0]!r} (choose from {', '.join(PAGES)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    work = Path(args.work).resolve()
+    index = RESULTS / "index.json"
+    entries = json.loads(index.read_text()) if index.exists() else {}
+    if args.index:
+        write_index(entries)
+        return 0
+    world = work / "world"
+    if not (world / "world.json").exists():
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(work / "world-build.log", "w") as log:
+            _run(["world", "build", "--out", str(world)], log)
+        entries["_world"] = {"seconds": round(time.time() - t0)}
+    for name in args.pages or list(PAGES):
+        entries[name] = regenerate(name, work, world)
+        write_index(entries)
+        print(f"results: {name}: {entries[name]['seconds']} s", flush=True)
+    write_index(entries)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Models by reference (local directory or hub id): resolving, loading, LoRA, computing modes,
+saving."""
