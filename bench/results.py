@@ -86,6 +86,11 @@ PAGES = {
         spec="examples/results/calibration.yaml",
         what="the grids the seed methods' defaults were chosen from",
     ),
+    "training-memory": Page(
+        (("python", "bench/memory.py", "--out", "{work}/report.md"),),
+        ("report.md",),
+        what="peak memory with and without activation checkpointing, bf16 against float32",
+    ),
     **{
         f"search/{name}": _search(name)
         for name in (
@@ -121,13 +126,17 @@ def _point_spec(page: Page, work: Path, world: Path) -> Path:
 
 
 def _run(argv: list[str], log) -> None:
-    print("$ unlearn " + " ".join(argv), flush=True)
-    log.write("$ unlearn " + " ".join(argv) + "\n")
+    shown = " ".join(argv) if argv[0] == "python" else "unlearn " + " ".join(argv)
+    print("$ " + shown, flush=True)
+    log.write("$ " + shown + "\n")
     log.flush()
-    unlearn = Path(sys.executable).with_name("unlearn")
-    done = subprocess.run([str(unlearn), *argv], stdout=log, stderr=subprocess.STDOUT)
+    if argv[0] == "python":  # a bench script of this repository
+        command = [sys.executable, str(ROOT / argv[1]), *argv[2:]]
+    else:
+        command = [str(Path(sys.executable).with_name("unlearn")), *argv]
+    done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if done.returncode != 0:
-        sys.exit(f"results: `unlearn {' '.join(argv)}` exited {done.returncode} (log: {log.name})")
+        sys.exit(f"results: `{shown}` exited {done.returncode} (log: {log.name})")
 
 
 def _publish(page_name: str, files: dict[str, Path]) -> None:
@@ -152,6 +161,7 @@ def regenerate(name: str, work_root: Path, world: Path) -> dict:
     commands = [
         [a.format(work=work, world=world, spec=spec) for a in argv] for argv in page.commands
     ]
+    load = os.getloadavg()[0]  # other work on the machine slows a page down: say how busy it was
     t0 = time.time()
     with open(work / "commands.log", "w") as log:
         for argv in commands:
@@ -164,12 +174,12 @@ def regenerate(name: str, work_root: Path, world: Path) -> dict:
     _publish(name, files)
     shown = [" ".join(argv).replace(str(work_root), "WORK") for argv in commands]
     return {
-        "commands": [f"unlearn {c}" for c in shown],
+        "commands": [c if c.startswith("python") else f"unlearn {c}" for c in shown],
         "spec": page.spec,
         "what": page.what,
         "seconds": round(seconds),
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {load:.1f} at start",
     }
 
 
@@ -193,11 +203,9 @@ def write_index(entries: dict[str, dict]) -> None:
         if e is None:  # a page from before this script: its commands, no timing yet
             spec = f"WORK/{name}/{Path(page.spec).name}" if page.spec else None
             shown = [
-                "unlearn "
-                + " ".join(page.commands[i]).format(
-                    work=f"WORK/{name}", world="WORK/world", spec=spec
-                )
-                for i in range(len(page.commands))
+                ("" if argv[0] == "python" else "unlearn ")
+                + " ".join(argv).format(work=f"WORK/{name}", world="WORK/world", spec=spec)
+                for argv in page.commands
             ]
             e = {"commands": shown, "spec": page.spec, "what": page.what, "seconds": None,
                  "date": "not yet run by `make results`", "machine": "-"}  # fmt: skip
@@ -209,9 +217,16 @@ def write_index(entries: dict[str, dict]) -> None:
             f"| [{name}]({path}) | {e['what']} | {commands} | {minutes} | {e['date']} "
             f"| {e['machine']} |"
         )
-    timed = [e["seconds"] for n, e in entries.items() if n in PAGES]
+    timed = [e["seconds"] for n, e in entries.items() if n in PAGES and e["seconds"] is not None]
     total = f"{sum(timed) / 3600:.1f} h" if timed else "-"
-    lines += ["", f"Wall time of the {len(timed)} timed pages, one after another: {total}.", ""]
+    lines += [
+        "",
+        f"Wall time of the {len(timed)} timed pages, one after another: {total}.",
+        "",
+        "Not made by `make results`: [gpu-check.md](gpu-check.md), the GPU check "
+        "(`bash bench/gpu_check.sh`), which needs a machine with CUDA devices.",
+        "",
+    ]
     (RESULTS / "README.md").write_text("\n".join(lines))
 
 

@@ -10,11 +10,13 @@ same forget + retain micro-batches, same optimizer, same mode:
 - plain: next-token CE on the forget and the retain micro-batch (plain fine-tuning).
 
 Built to be trusted on a noisy shared machine: after a warm-up, the kinds are *interleaved*
-(each round times `--steps` steps of each, in a rotating order) so that a slow spell hits all of
-them alike, and each round gives one ratio per kind; the table shows the median ratio over the
-rounds and its spread (min-max). The setup (loading, fitting lenses/affine maps, cached in the
-world dir) is not timed. Peak memory: CUDA max allocated per kind; on the CPU the process's peak
-RSS (one process serves all three kinds, so one number).
+(each round times `--steps` steps of each, in a rotating order; bench/interleave.py, shared with
+bench/throughput.py) so that a slow spell hits all of them alike, and each round gives one ratio
+per kind; the table shows the median ratio over the rounds and its spread (min-max). The setup
+(loading, fitting lenses/affine maps, cached in the world dir) is not timed. Peak memory per
+kind: what its steps added on top of what was held before them (gradients, optimizer state,
+activations, frozen outputs): CUDA allocated memory, or on the CPU resident memory
+(bench/interleave.PeakMemory).
 
 A ratio below 1 is possible and not an error: a method's forget forward stops after its deepest
 target layer and reads no logits (checkpoint transfer, L2 retain), while the plain step runs the
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from interleave import PeakMemory, Timed, interleaved, ratio_cell
 from unlearn.methods.registry import method_names
 
 METHODS = tuple(method_names())
@@ -67,48 +69,36 @@ def measure(world: str, method: str, mode: str, steps: int, rounds: int, pdbs: i
         cache = frozen_cache.FrozenCache(Path(out) / "frozen-cache")
         cuda = p.device.type == "cuda"
 
-        def run(kind: str) -> tuple[float, float]:
+        peak = PeakMemory(p.device)
+        cached_misses: list[int] = []  # per call of the "cached" kind
+
+        def run(kind: str) -> Timed:
             objective = plain if kind == "plain" else p.method
             # One step more, started after it: a run's first step computes its frozen outputs
             # live (StepContext.first_step), and the timed steps continue a trained model.
             phases = [type(phase)(phase.name, steps + 1, phase.layer)]
             plan = Plan(len(p.forget.examples), steps + 1, phases, pdbs, 1)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+            misses = cache.misses
+            peak.start()
             t0 = time.perf_counter()
             train(p.model, objective, p.reference, p.forget, p.retain, cfg.train, plan,
                   state=TrainState(step=1), progress=False, device=p.device,
                   frozen_cache=cache if kind == "cached" else None)  # fmt: skip
             if cuda:
                 torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
-            return (time.perf_counter() - t0) / steps, peak
+            seconds = (time.perf_counter() - t0) / steps
+            if kind == "cached":
+                cached_misses.append(cache.misses - misses)
+            return Timed(seconds, peak.stop())
 
-        for kind in KINDS:  # warm-up: allocator, kernels, lazy init; fills the frozen cache
-            run(kind)
-        cold_misses = cache.misses
-        times: dict[str, list[float]] = {k: [] for k in KINDS}
-        peaks: dict[str, float] = dict.fromkeys(KINDS, 0.0)
-        for r in range(rounds):
-            order = KINDS[r % 3 :] + KINDS[: r % 3]  # no kind always runs first or last
-            for kind in order:
-                seconds, peak = run(kind)
-                times[kind].append(seconds)
-                peaks[kind] = max(peaks[kind], peak)
-        # The timed "cached" steps found every frozen output in the cache.
-        assert cache.misses == cold_misses, "the frozen cache missed after the warm-up"
-        if not cuda:
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            peaks = dict.fromkeys(KINDS, rss)
+        timed = interleaved(KINDS, run, rounds)
+        # The timed "cached" steps (every call after the warm-up) found every frozen output in
+        # the cache.
+        assert not any(cached_misses[1:]), "the frozen cache missed after the warm-up"
+        times = {k: [t.seconds for t in ts] for k, ts in timed.items()}
+        peaks = {k: max(t.peak_bytes for t in ts) / 2**20 for k, ts in timed.items()}
         return {"times": times, "peak_mb": peaks, "device": p.device.type,
                 "cache_hits": cache.hits, "cache_misses": cache.misses}  # fmt: skip
-
-
-def summary(times: dict[str, list[float]], kind: str) -> tuple[float, float, float]:
-    """Median, min and max over rounds of kind's step time / the plain step time that round."""
-    ratios = [t / pl for t, pl in zip(times[kind], times["plain"], strict=True)]
-    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,14 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         " rounds of (step / plain step of the same round) [min-max]\n"
     )
     print("| method | mode | plain FT step (s) | method / plain | cached / plain |"
-          " peak mem method / cached / plain (MB) |")  # fmt: skip
+          " step memory method / cached / plain (MiB) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for method, mode, res in rows:
         t, peak = res["times"], res["peak_mb"]
-        cells = []
-        for kind in ("method", "cached"):
-            med, lo, hi = summary(t, kind)
-            cells.append(f"{med:.2f} [{lo:.2f}-{hi:.2f}]")
+        cells = [ratio_cell(t, kind, "plain") for kind in ("method", "cached")]
         mem = " / ".join(f"{peak[k]:.0f}" for k in KINDS)
         print(f"| {method} | {mode} | {statistics.median(t['plain']):.4f} | {cells[0]} |"
               f" {cells[1]} | {mem} |")  # fmt: skip

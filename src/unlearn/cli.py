@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("unlearn.commands.sweep", "run a grid of runs -> eval -> attack"),
     "search": ("unlearn.commands.search", "Optuna search: forget/retain boundary or Pareto front"),
     "report": ("unlearn.commands.report", "markdown tables and plots from a results store"),
+    "push": ("unlearn.commands.push", "upload a run's model and its model card to the hub"),
     "demo": ("unlearn.commands.demo", "the whole campaign on the mini world"),
 }
 

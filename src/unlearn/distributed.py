@@ -122,14 +122,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def check_mode(mode: str, optimizer: str = "adamw") -> None:
+def check_mode(mode: str) -> None:
     """Validate --distributed before anything loads (UsageError with one line)."""
     if mode not in MODES:
         raise UsageError(f"unknown --distributed {mode!r} (choose from {', '.join(MODES)})")
-    if mode == "fsdp2" and optimizer == "muon":
-        raise UsageError(
-            "--optimizer muon needs whole weight matrices; use --distributed ddp with muon"
-        )
 
 
 def _init_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -233,11 +229,13 @@ class Parallel:
         rank must run the same number of them."""
         return self.mode == "fsdp2" and self.world_size > 1
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, mixed_precision: str = "no") -> nn.Module:
         """Wrap the trained model for gradients (DDP) or shard it in place (FSDP2).
 
         Returns the module the methods use (the model itself in every mode); call it after
-        anything that reads whole weights (method setup: lens or affine fitting).
+        anything that reads whole weights (method setup: lens or affine fitting). Under FSDP2,
+        `mixed_precision` (bf16) becomes its mixed-precision policy: parameters gathered in the
+        compute dtype, gradients reduced in float32, the sharded master weights in float32.
         """
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -249,11 +247,16 @@ class Parallel:
                 find_unused_parameters=True,
             )
         elif self.mode == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            policy = MixedPrecisionPolicy()
+            if mixed_precision == "bf16":
+                policy = MixedPrecisionPolicy(
+                    param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+                )
             for block in get_blocks(model):
-                fully_shard(block)
-            fully_shard(model, reshard_after_forward=False)
+                fully_shard(block, mp_policy=policy)
+            fully_shard(model, reshard_after_forward=False, mp_policy=policy)
             self._root = model
         return model
 

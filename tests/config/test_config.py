@@ -89,17 +89,19 @@ RUN_KEYS = [
     "retain_loss", "forget_loss", "layers", "retain_layers", "layer_stride", "start_layer",
     "num_phases", "lr", "optimizer", "muon_lr", "adam_lr", "weight_decay", "num_train_examples",
     "pdbs", "grad_accum", "epochs", "max_steps", "warmup", "lr_decay", "max_length", "grad_clip",
-    "seed", "dtype", "diverge_factor", "log_every", "checkpoint_every", "distributed",
-    "collective_timeout", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "merge", "model", "revision", "world", "retain_mix", "mix_fraction",
+    "seed", "dtype", "mixed_precision", "gradient_checkpointing", "diverge_factor", "log_every",
+    "checkpoint_every", "distributed", "collective_timeout", "lora", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules", "merge", "model", "revision", "world", "retain_mix",
+    "mix_fraction",
 ]  # fmt: skip
-"""(muon_lr and adam_lr came later; None in them equals a missing key when a resume compares.)"""
+"""(muon_lr and adam_lr came later; None in them equals a missing key when a resume compares;
+so do mixed_precision and gradient_checkpointing at their defaults: config.ADDED_FIELDS.)"""
 ATTACK_KEYS = [
     "lr", "optimizer", "muon_lr", "adam_lr", "weight_decay", "num_train_examples", "pdbs",
     "grad_accum", "epochs", "max_steps", "warmup", "lr_decay", "max_length", "grad_clip", "seed",
-    "dtype", "diverge_factor", "log_every", "checkpoint_every", "distributed", "collective_timeout",
-    "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge", "model",
-    "corpus", "eval_every",
+    "dtype", "mixed_precision", "gradient_checkpointing", "diverge_factor", "log_every",
+    "checkpoint_every", "distributed", "collective_timeout", "lora", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules", "merge", "model", "corpus", "eval_every",
 ]  # fmt: skip
 
 
@@ -247,3 +249,14 @@ def test_specs_refuse_a_setting_the_method_ignores(tiny_world, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_from_before_the_added_fields_compares_equal():
+    from unlearn.training.checkpointer import _comparable
+
+    now = build_run_config("npo", {"world": "w", "out": "o"}).to_dict()
+    before = {
+        k: v for k, v in now.items() if k not in ("mixed_precision", "gradient_checkpointing")
+    }
+    assert _comparable(before) == _comparable(now)
+    assert _comparable({**before, "mixed_precision": "bf16"}) != _comparable(now)

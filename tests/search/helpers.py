@@ -65,7 +65,7 @@ def accuracies(retain_coef: float) -> tuple[float, float]:
 
 
 def fake_baseline(label, model_args, suite_args, out, role=None, world=None, store=None,
-                  batch_size=64, run_id=None):  # fmt: skip
+                  batch_size=64, run_id=None, tracking=None):  # fmt: skip
     run_dir = RunDir(out)
     run_dir.write_run(RunMeta(run_id or Path(out).name, "baseline", config={"name": label,
                               "role": role}, status="running"))  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 from unlearn.commands.arguments import ArgumentParser
 from unlearn.config.settings import TrainConfig
 from unlearn.distributed import is_main
+from unlearn.recipes.best_step import best_line
 from unlearn.recipes.distill import DISTILL_TRAIN_DEFAULTS, DistillArgs, DistillConfig, run_distill
 from unlearn.training.preemption import exit_code
 
@@ -30,4 +31,6 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"distill {meta.id}: {meta.status}{cost}" + (f" ({meta.error})" if meta.error else "")
         )
+        if (line := best_line(meta)) is not None:
+            print(line)
     return exit_code(meta.status, ok=("done", "collapsed"))

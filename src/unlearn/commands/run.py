@@ -27,6 +27,7 @@ from unlearn.config.files import add_config_flag, add_sections, check_replay_out
 from unlearn.config.settings import LoraSettings, TrainConfig
 from unlearn.distributed import is_main
 from unlearn.methods import REGISTRY, get_method
+from unlearn.recipes.best_step import best_line
 from unlearn.recipes.unlearning import RunArgs, RunConfig, run_unlearning
 from unlearn.runs.rundir import RunDir
 from unlearn.training.preemption import exit_code
@@ -60,7 +61,10 @@ def print_evals(run_dir: str) -> None:
     is better), or why there is none."""
 
     evals = [e for e in RunDir(run_dir).read().evals if e.metric in ("acc", "ppl")]
-    for e in evals:
+    # Rows are appended in step order: the final evaluation's row of a task replaces those of
+    # evaluations during training (--eval_every).
+    final = {(e.task, e.metric): e for e in evals}
+    for e in final.values():
         if e.value is None:
             value = f"failed ({e.error})"
         else:
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if meta.model_path:
         print(f"model: {meta.model_path}")
+    if (line := best_line(meta)) is not None:
+        print(line)
     print_evals(cfg.args.out)
     return code
 

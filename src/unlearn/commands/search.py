@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 
 from unlearn.commands.arguments import ArgumentParser, add_executor_arguments
+from unlearn.tracking import TrackingArgs, for_many
 from unlearn.training.preemption import EXIT_PREEMPTED
 
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "trials run at once: local processes (the cores split) or submitit jobs, all sharing"
         " the study",
     )
+    parser.add_arguments(TrackingArgs, dest="tracking")
     ns = parser.parse_args(argv)
     if ns.workers < 1:
         parser.error(f"--workers must be >= 1, got {ns.workers}")
@@ -46,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     from unlearn.search.outputs import best_line, collect, render, status_line
     from unlearn.search.spec import describe, load_search
     from unlearn.search.study import open_study
+    from unlearn.sweep.points import track
 
     search = load_search(ns.spec, check_hub=not (ns.dry_run or ns.status))
+    # Every trial's runs and the baselines, in one group of the project (docs/tracking.md).
+    search.tracking = for_many(ns.tracking, search.name, "search")
+    for point in search.baselines if search.tracking is not None else ():
+        track(point, search.tracking)
     if ns.dry_run:
         print(describe(search))
         return 0

@@ -17,10 +17,12 @@ import sys
 
 from unlearn.commands.arguments import ArgumentParser, add_executor_arguments
 from unlearn.sweep.execute import SweepPreempted, run_sweep
+from unlearn.sweep.points import track
 from unlearn.sweep.slurm import make_executor, states_with_jobs
 from unlearn.sweep.spec import check_out, input_models, load_sweep
 from unlearn.sweep.state import inspect_point
 from unlearn.sweep.table import count_statuses, describe_points, format_table
+from unlearn.tracking import TrackingArgs, for_many
 from unlearn.training.preemption import EXIT_PREEMPTED
 from unlearn.world import load_world
 
@@ -49,12 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         help="refuse a spec that expands to more points than this: a grid with one list too"
         " many is refused before its points are built (docs/sweeps.md)",
     )
+    parser.add_arguments(TrackingArgs, dest="tracking")
     ns = parser.parse_args(argv)
 
     if ns.workers < 1:  # before the spec is read: nothing runs, nothing is written
         parser.error(f"--workers must be >= 1, got {ns.workers}")
     # Listing or reading statuses needs nothing from the hub: a dry run works offline.
     sweep = load_sweep(ns.spec, ns.max_points, check_hub=not (ns.dry_run or ns.status))
+    # Every run of every point, in one group of the project (docs/tracking.md).
+    tracking = for_many(ns.tracking, sweep.name, "sweep")
+    for point in sweep.points if tracking is not None else ():
+        track(point, tracking)
     if ns.dry_run:
         print(describe_points(sweep))
         return 0

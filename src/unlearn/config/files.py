@@ -58,7 +58,7 @@ INFORMATIONAL_KEYS = ("suite",)
 suite's roles (`run_unlearning`, `run_attack`). Dropped when a run.json is read."""
 NOT_REPLAYED = ("out", "run_id", "store")
 """Where a run wrote: taken from a YAML file, never from a run.json (a replay is a new run)."""
-LOCAL_FIELDS = ("world", "out", "store", "frozen_cache_dir")
+LOCAL_FIELDS = ("world", "out", "store", "frozen_cache_dir", "tracking_dir")
 """Fields that are always local paths: relative ones resolve against the YAML file's folder."""
 
 

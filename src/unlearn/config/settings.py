@@ -40,6 +40,7 @@ if typing.TYPE_CHECKING:
 OPTIMIZERS = ("adamw", "muon")
 LR_DECAYS = ("constant", "linear", "cosine")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -87,6 +88,9 @@ def check_seed(value: object, name: str = "--seed") -> None:
 OPERATIONAL_FIELDS = ("progress", "checkpoint_every", "collective_timeout")
 """Fields that cannot change a run's result: a resume may change them, and they are not part of
 a sweep point's identity."""
+ADDED_FIELDS = {"mixed_precision": "no", "gradient_checkpointing": False}
+"""Training fields added after runs were recorded without them: a missing one means its default,
+so a checkpoint written before the field existed still resumes."""
 
 
 @dataclass
@@ -126,7 +130,15 @@ class TrainConfig:
     seed: int = 0
     """Seed of the data order, dropout and any random targets (an integer >= 0)."""
     dtype: str = "float32"
-    """Training dtype of the model and of the frozen reference (never quantised)."""
+    """Stored dtype of the model's weights and of the frozen reference (never quantised)."""
+    mixed_precision: str = "no"
+    """Compute in bf16 or fp16 under autocast while the weights and the optimizer state stay in
+    float32 (fp16 adds a gradient scaler); frozen models compute in the same dtype. no: compute
+    in --dtype."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them
+    (non-reentrant activation checkpointing): far less activation memory for about one more
+    forward per step."""
     diverge_factor: float = 1000.0
     """A loss term above this multiple of its first value (and of 1.0) marks the run diverged."""
     log_every: int = 1
@@ -166,7 +178,22 @@ class TrainConfig:
             raise UsageError(f"unknown lr_decay {self.lr_decay!r} (choose from {LR_DECAYS})")
         if self.dtype not in DTYPE_NAMES:
             raise UsageError(f"unknown dtype {self.dtype!r} (choose from {DTYPE_NAMES})")
-        check_mode(self.distributed, self.optimizer)
+        check_mode(self.distributed)
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise UsageError(
+                f"unknown mixed_precision {self.mixed_precision!r} (choose from {MIXED_PRECISIONS})"
+            )
+        if self.mixed_precision != "no" and self.dtype != "float32":
+            raise UsageError(
+                f"--mixed_precision {self.mixed_precision} keeps float32 master weights: it needs"
+                f" --dtype float32, got --dtype {self.dtype}"
+            )
+        if self.mixed_precision == "fp16" and self.distributed == "fsdp2":
+            # fp16's gradient scaler is not wired to FSDP2's sharded gradients here; bf16 needs
+            # no scaler and is what FSDP2 runs use.
+            raise UsageError(
+                "--mixed_precision fp16 is not supported with --distributed fsdp2: use bf16"
+            )
 
     def steps(self, world_size: int = 1) -> int:
         """Optimizer steps: explicit, or epochs x examples / effective batch (rounded up)."""

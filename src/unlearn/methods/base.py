@@ -386,6 +386,9 @@ class MethodEnv:
     device: torch.device
     dtype: str
     """Training dtype: lenses and affine maps are fitted on the model in it."""
+    mixed_precision: str = "no"
+    """The training loop's compute dtype (--mixed_precision): frozen outputs computed in it are
+    cached under it."""
     world: object | None = None
     """The mini World when running on one (fitted helpers are cached in its directory)."""
     fit_texts: list[str] = field(default_factory=list)

@@ -94,7 +94,7 @@ class CheckpointTransfer(Method):
             source, cfg.source_revision, trust_remote_code=env.trust_remote_code
         )
         self.source = load_model(source_ref, env.dtype, env.device).requires_grad_(False)
-        self.source_key = frozen_key(source_ref, env.dtype, env.device)
+        self.source_key = frozen_key(source_ref, env.dtype, env.device, env.mixed_precision)
         if cfg.affine:
             self.maps = load_affine(Path(cfg.affine))
             missing = sorted(set(self.layers) - set(self.maps.layers))

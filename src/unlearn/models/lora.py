@@ -9,7 +9,7 @@ import functools
 import torch
 
 from unlearn.errors import UsageError
-from unlearn.models.refs import ModelRef
+from unlearn.models.refs import ModelRef, meta_model_or_note
 
 LORA_ALL_LINEAR = "all-linear"
 """peft's name for every linear layer of the blocks (the default `--lora_target_modules`)."""
@@ -18,27 +18,10 @@ LORA_ALL_LINEAR = "all-linear"
 @functools.lru_cache(maxsize=16)
 def module_kinds(ref: ModelRef) -> dict[str, type] | None:
     """{module name: module class} of the model, built on the meta device from its config alone
-    (no weights are read or allocated, so this is cheap even for a 7B model); None when the
-    model cannot be built that way (some remote code makes real tensors in its constructor)."""
-    import sys
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(
-            ref.name, revision=ref.revision, trust_remote_code=ref.trust_remote_code
-        )
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                config, trust_remote_code=ref.trust_remote_code
-            )
-    except Exception as e:  # not a verdict on the names: peft still checks them at load time
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(
-            f"note: cannot list the modules of {ref} without its weights ({first});"
-            " --lora_target_modules is checked when the model loads",
-            file=sys.stderr,
-        )
+    (`refs.meta_model`); None when the model cannot be built that way (some remote code makes
+    real tensors in its constructor)."""
+    model = meta_model_or_note(ref, "--lora_target_modules is checked when the model loads")
+    if model is None:
         return None
     return {name: type(module) for name, module in model.named_modules() if name}
 

@@ -8,13 +8,19 @@ bad `--model` fails with one line before any weights load.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unlearn.errors import UsageError
 from unlearn.fsutil import check_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 """Weight files of a local model directory."""
@@ -174,3 +180,29 @@ def model_num_layers(ref: ModelRef) -> int:
         if isinstance(getattr(config, attr, None), int):
             return getattr(config, attr)
     raise UsageError(f"{ref}: cannot tell the number of layers from its config")
+
+
+@functools.lru_cache(maxsize=16)
+def meta_model(ref: ModelRef) -> torch.nn.Module:
+    """The model built on the meta device from its config alone: its module tree and class
+    attributes, with no weight read or allocated (cheap even for a 7B model). Raises whatever
+    transformers raises when the model cannot be built that way."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        ref.name, revision=ref.revision, trust_remote_code=ref.trust_remote_code
+    )
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=ref.trust_remote_code)
+
+
+def meta_model_or_note(ref: ModelRef, later: str) -> torch.nn.Module | None:
+    """`meta_model(ref)`, or None with a note on stderr saying what is checked `later` instead
+    (some remote code makes real tensors in its constructor)."""
+    try:
+        return meta_model(ref)
+    except Exception as e:  # not a verdict on the model: the check runs when it loads
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"note: cannot build {ref} without its weights ({first}); {later}", file=sys.stderr)
+        return None

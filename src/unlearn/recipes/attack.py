@@ -21,12 +21,14 @@ from unlearn.data.corpus import DEFAULT_TEXT_FIELDS
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs, resolve_suite
 from unlearn.methods.base import Phase
+from unlearn.models.gradient_checkpointing import enable_gradient_checkpointing
 from unlearn.models.load import load_model, load_tokenizer
 from unlearn.models.lora import attach_lora, check_lora_targets
 from unlearn.objectives import get_objective
 from unlearn.recipes.skeleton import Launch, Session, Trainee, check_destination, run_regime
 from unlearn.recipes.unlearning import suite_fields
 from unlearn.runs.rows import RunMeta
+from unlearn.tracking import TrackingArgs
 from unlearn.training.loop import Plan, TrainState
 from unlearn.world import load_world
 
@@ -74,6 +76,9 @@ class AttackArgs:
     progress: bool = True
     save_model: bool = False
     """Also save the attacked model at OUT/model."""
+    tracking: TrackingArgs = field(default_factory=TrackingArgs)
+    """Experiment trackers (--report_to, --project, --run_name, --group, --tags,
+    --tracking_dir): operational, not part of the run's config."""
 
     def __post_init__(self) -> None:
         if not self.model_args.model:
@@ -149,6 +154,7 @@ class Attack:
         return Launch(
             kind="attack",
             out=out,
+            model=ref,
             config=cfg.to_dict(),
             train=cfg.train,
             suite=suite,
@@ -156,6 +162,7 @@ class Attack:
             store=args.store,
             parent=args.parent or str(args.model_args.model),
             progress=args.progress,
+            tracking=args.tracking,
         )
 
     def build(self, session: Session) -> Trainee:
@@ -167,11 +174,13 @@ class Attack:
         )
         stream = ExampleStream(examples, tcfg.pdbs, tokenizer.pad_token_id, tcfg.seed)
         model = load_model(self.ref, tcfg.dtype, session.parallel.device)
+        if tcfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         if cfg.lora.lora:
             model = attach_lora(model, cfg.lora)
         else:
             model.requires_grad_(True)
-        session.parallel.wrap(model)
+        session.parallel.wrap(model, tcfg.mixed_precision)
         world_size = session.parallel.world_size
         steps = tcfg.steps(world_size)
         plan = Plan(

@@ -21,6 +21,7 @@ from unlearn.runs.lifecycle import run_lifecycle
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import check_run_out
 from unlearn.runs.store import check_store
+from unlearn.tracking import TrackingArgs
 from unlearn.world import load_world
 
 
@@ -34,8 +35,10 @@ def run_baseline(
     store: str | os.PathLike | None = None,
     batch_size: int = 64,
     run_id: str | None = None,
+    tracking: TrackingArgs | None = None,
 ) -> RunMeta:
-    """Evaluate the model on the suite as a baseline run at `out`; returns its final RunMeta."""
+    """Evaluate the model on the suite as a baseline run at `out`; returns its final RunMeta
+    (reported to the experiment trackers of `tracking`, if any)."""
     loaded = load_world(world) if world is not None else None
     suite = resolve_suite(suite_args, loaded)
     ref = model_args.resolve(loaded)
@@ -52,7 +55,7 @@ def run_baseline(
         config={"name": label, "role": role, "model": ref.name, "revision": ref.revision,
                 "suite": suite.roles()},
     )  # fmt: skip
-    with run_lifecycle(fresh, path, store=store) as run:
+    with run_lifecycle(fresh, path, store=store, tracking=tracking) as run:
         model, tokenizer = load_model(ref, device=default_device()), load_tokenizer(ref)
         score = prepared.scorer(model, tokenizer, batch_size)
         run.evaluate(0, suite.task_keys(), score, suite.metric)

@@ -31,12 +31,21 @@ from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.errors import UsageError
 from unlearn.eval.suite import SuiteArgs, resolve_suite
 from unlearn.methods.base import Phase, Reference
+from unlearn.models.gradient_checkpointing import enable_gradient_checkpointing
 from unlearn.models.load import load_model, load_tokenizer
 from unlearn.objectives import get_objective
+from unlearn.recipes.best_step import BestKeeper
+from unlearn.recipes.eval_curve import (
+    CurveArgs,
+    curve_fields,
+    final_evaluation,
+    live_evaluations,
+)
 from unlearn.recipes.skeleton import Launch, Session, Trainee, check_destination, run_regime
 from unlearn.recipes.unlearning import suite_fields
 from unlearn.runs.rows import RunMeta
 from unlearn.runs.rundir import RunDir
+from unlearn.tracking import TrackingArgs
 from unlearn.training.loop import Plan, TrainState
 from unlearn.world import load_world
 from unlearn.world.generate import WORLD_RETAIN_CORPORA
@@ -66,9 +75,15 @@ class DistillArgs:
     suite: SuiteArgs = field(default_factory=SuiteArgs)
     """Tasks evaluated after distillation (default: the world's)."""
     eval_batch_size: int = 64
+    curve: CurveArgs = field(default_factory=CurveArgs)
+    """Evaluation during distillation (--eval_every, --save_best, --delta; step 0 is the
+    perturbed student)."""
     run_id: str | None = None
     store: str | None = None
     progress: bool = True
+    tracking: TrackingArgs = field(default_factory=TrackingArgs)
+    """Experiment trackers (--report_to, --project, --run_name, --group, --tags,
+    --tracking_dir): operational, not part of the run's config."""
 
     def __post_init__(self) -> None:
         if not self.teacher:
@@ -92,7 +107,7 @@ class DistillConfig:
         a = self.args
         return {**dataclasses.asdict(self.train), "teacher": a.teacher, "world": a.world,
                 "corpus": a.corpus, "alpha": a.alpha, "perturb": a.perturb,
-                **suite_fields(a.suite)}  # fmt: skip
+                **suite_fields(a.suite), **curve_fields(a.curve)}  # fmt: skip
 
 
 DISTILL_SECTIONS = (DistillArgs, TrainConfig)
@@ -157,11 +172,13 @@ class Distill:
 
     def __init__(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
+        self.keeper: BestKeeper | None = None
 
     def launch(self) -> Launch:
         cfg, args = self.cfg, self.cfg.args
         self.world = world = load_world(args.world) if args.world else None
         suite = resolve_suite(args.suite, world)
+        args.curve.check(cfg.train, suite)
         name, parent = teacher_model(args.teacher)
         self.ref = ref = ModelArgs(name).resolve(world)
         if args.corpus:
@@ -175,6 +192,7 @@ class Distill:
         return Launch(
             kind="unlearn",
             out=out,
+            model=ref,
             config=cfg.to_dict(),
             train=cfg.train,
             suite=suite,
@@ -184,6 +202,7 @@ class Distill:
             parent=parent,
             resumable=False,
             progress=args.progress,
+            tracking=args.tracking,
         )
 
     def build(self, session: Session) -> Trainee:
@@ -198,15 +217,21 @@ class Distill:
         student = copy.deepcopy(teacher)
         perturb_weights(student, args.alpha, args.perturb, tcfg.seed)
         student.requires_grad_(True)
+        if tcfg.gradient_checkpointing:
+            enable_gradient_checkpointing(student)
         reference = Reference(student, frozen_copy=teacher)
-        par.wrap(student)
+        par.wrap(student, tcfg.mixed_precision)
         steps = tcfg.steps(par.world_size)
         plan = Plan(len(examples), steps, [Phase("distill", steps)],
                     tcfg.effective_batch(par.world_size), par.world_size)  # fmt: skip
         self.params = sum(p.numel() for p in teacher.parameters())
         self.mean_len = sum(len(e) for e in examples) / len(examples)
         objective = get_objective("distillation")()
-        return Trainee(student, objective, tokenizer, stream, plan, reference)
+        if args.curve.save_best:
+            self.keeper = BestKeeper.open(session, args.curve.margin, merge=True)
+        on_step = live_evaluations(session, student, tokenizer, args.eval_batch_size, steps,
+                                   args.curve.eval_every, keeper=self.keeper)  # fmt: skip
+        return Trainee(student, objective, tokenizer, stream, plan, reference, on_step=on_step)
 
     def finish(self, session: Session, t: Trainee, state: TrainState) -> None:
         run = session.run
@@ -217,6 +242,5 @@ class Distill:
             final["compute_fraction"] = 8.0 * self.params * tokens / budget
         paths = run.save_model(session.parallel, t.model, t.tokenizer, merge=True)
         run.update(final=final, model_path=paths.get("model"))
-        suite = session.suite
-        score = suite.scorer(t.model, t.tokenizer, self.cfg.args.eval_batch_size)
-        run.evaluate(t.plan.total_steps, suite.suite.task_keys(), score, suite.suite.metric)
+        final_evaluation(session, t.model, t.tokenizer, self.cfg.args.eval_batch_size,
+                         t.plan.total_steps, self.keeper)  # fmt: skip

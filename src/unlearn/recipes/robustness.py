@@ -13,6 +13,7 @@ robustness gap of each model is its worst case minus the twin's.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,11 @@ from unlearn.robustness.per_model import (
 from unlearn.robustness.references import original_accuracy, reference_rows
 from unlearn.robustness.score import gap
 from unlearn.robustness.suite import SUITES, RobustnessSuite, load_suite
+from unlearn.runs.cards import refresh_cards, saved_run
 from unlearn.runs.rows import RunMeta
 from unlearn.runs.rundir import RunDir, check_run_out
 from unlearn.runs.store import check_store
+from unlearn.tracking import TrackingArgs, for_group
 from unlearn.world import World, load_world
 
 
@@ -78,6 +81,10 @@ class RobustnessArgs:
     eval_batch_size: int = 64
     seed: int = 0
     progress: bool = True
+    tracking: TrackingArgs = field(default_factory=TrackingArgs)
+    """Experiment trackers (--report_to, --project, --run_name, --group, --tags,
+    --tracking_dir): the robustness run, its attacks and probes, and the references it runs,
+    in one group (default: its run id)."""
 
     def __post_init__(self) -> None:
         if not self.model_args.model:
@@ -151,10 +158,37 @@ def run_robustness(args: RobustnessArgs) -> dict[str, Any]:
         # directory first, so the model's own run finds it its own.
         RunDir(out).write_run(RunMeta(run_id, "robustness", status="pending",
                                       config={"label": label, "role": "model"}))  # fmt: skip
-    rows = reference_rows(inputs, refs, cache, args.store) if refs else {}
+    tracking = for_group(args.tracking, run_id)  # the references: named by their own ids
+    rows = reference_rows(inputs, refs, cache, args.store, tracking) if refs else {}
     rows[label] = evaluate_model(inputs, ref, label, "model", out, run_id, args.parent,
-                                 args.store, original_accuracy(rows.get("target")))  # fmt: skip
-    return write_report(out / "robustness.json", label, suite, inputs, rows)
+                                 args.store, original_accuracy(rows.get("target")),
+                                 for_group(args.tracking, run_id, keep_name=True))  # fmt: skip
+    report = write_report(out / "robustness.json", label, suite, inputs, rows)
+    update_model_card(ref, report, out)
+    return report
+
+
+def card_summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """What a model card says of the model's row of robustness.json: the worst case (complete,
+    or only a lower bound), what reached it, the gap to the filtered twin."""
+    row = report["models"][report["model"]]
+    keys = ("complete", "worst_case", "worst_case_lower_bound", "worst_attack", "gap_to_filtered",
+            "status", "failed", "missing_families")  # fmt: skip
+    summary = {k: row.get(k) for k in keys}
+    summary["complete"] = bool(row.get("complete"))
+    filtered = report["models"].get("filtered", {}).get("worst_case")
+    return {"suite": report["suite"], "heldout_task": report["heldout_task"], **summary,
+            "filtered_worst_case": filtered, "run": str(out)}  # fmt: skip
+
+
+def update_model_card(ref: ModelRef, report: dict[str, Any], out: Path) -> None:
+    """Put the worst case into the card of the model when it is a run's saved model (its
+    stamp proves it); any other model (a hub id, a world model) has no card of ours."""
+    run = saved_run(ref.name)
+    if run is None:
+        return
+    for card in refresh_cards(run, robustness=card_summary(report, out)):
+        print(f"updated the model card {card}", file=sys.stderr)
 
 
 def write_report(

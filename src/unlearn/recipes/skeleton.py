@@ -25,10 +25,13 @@ import torch
 from unlearn.data import ExampleStream
 from unlearn.distributed import Parallel, setup
 from unlearn.eval.suite import PreparedSuite, Suite, prepare_suite
+from unlearn.models.gradient_checkpointing import check_gradient_checkpointing
+from unlearn.models.refs import ModelRef
 from unlearn.runs.lifecycle import ActiveRun, run_lifecycle
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import check_run_out
 from unlearn.runs.store import check_store
+from unlearn.tracking import TrackingArgs
 from unlearn.training.checkpointer import Checkpointer
 from unlearn.training.frozen_cache import FrozenCache
 from unlearn.training.loop import Plan, TrainState, train
@@ -61,9 +64,13 @@ class Launch:
     store: str | None = None
     method: str | None = None
     parent: str | None = None
+    model: ModelRef | None = None
+    """The model that will train, checked for what the training settings need before it loads."""
     resumable: bool = True
     """Write checkpoints (periodically and on a stop signal) and resume from them."""
     progress: bool = True
+    tracking: TrackingArgs | None = None
+    """Experiment trackers to report the run to (`unlearn.tracking`; not part of its config)."""
 
 
 @dataclass
@@ -105,6 +112,8 @@ def run_regime(regime: Regime) -> RunMeta:
     decides its status (done, collapsed, diverged, preempted, pruned or failed) whatever ends
     the run."""
     launch = regime.launch()  # nothing heavy before this has passed
+    if launch.train.gradient_checkpointing and launch.model is not None:
+        check_gradient_checkpointing(launch.model)
     # Benchmarks' datasets are loaded now: one missing offline is bad input, found before any
     # weights load or any step is trained.
     suite = prepare_suite(launch.suite) if launch.suite is not None else None
@@ -124,7 +133,7 @@ def run_regime(regime: Regime) -> RunMeta:
         parent=launch.parent,
     )
     # Resumes when OUT holds a checkpoint of this config; records how the run ends.
-    with run_lifecycle(fresh, launch.out, par, checkpointer, launch.store) as run:
+    with run_lifecycle(fresh, launch.out, par, checkpointer, launch.store, launch.tracking) as run:
         session = Session(run, par, suite, launch.out)
         torch.manual_seed(tcfg.seed)
         t = regime.build(session)
@@ -140,6 +149,7 @@ def run_regime(regime: Regime) -> RunMeta:
                 t.plan,
                 state=TrainState(),
                 on_log=run.log,
+                on_timing=run.log_timing,
                 on_step=t.on_step,
                 progress=launch.progress,
                 device=par.device,

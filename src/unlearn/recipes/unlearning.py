@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,15 +27,26 @@ from unlearn.eval.suite import Suite, SuiteArgs, resolve_suite
 from unlearn.methods import get_method
 from unlearn.methods.base import Method, MethodConfig, MethodEnv, Reference
 from unlearn.methods.registry import method_names
+from unlearn.models.gradient_checkpointing import enable_gradient_checkpointing
 from unlearn.models.load import load_model, load_tokenizer
 from unlearn.models.lora import attach_lora, check_lora_targets
 from unlearn.models.refs import ModelRef, model_num_layers
 from unlearn.readouts.fitting import general_texts
+from unlearn.recipes.best_step import BestKeeper
+from unlearn.recipes.eval_curve import (
+    CurveArgs,
+    Monitor,
+    curve_fields,
+    final_evaluation,
+    live_evaluations,
+)
 from unlearn.recipes.skeleton import Launch, Session, Trainee, check_destination, run_regime
 from unlearn.runs.rows import RunMeta
+from unlearn.tracking import TrackingArgs
 from unlearn.training.frozen_cache import FrozenCache, FrozenCacheArgs, frozen_key
 from unlearn.training.frozen_cache import from_args as frozen_from_args
 from unlearn.training.loop import Plan, TrainState, make_plan
+from unlearn.training.precision import match_frozen_copy
 from unlearn.world import load_world
 from unlearn.world.generate import WORLD_RETAIN_CORPORA
 
@@ -74,6 +84,8 @@ class RunArgs:
     suite: SuiteArgs = field(default_factory=SuiteArgs)
     """The evaluation suite (--forget_tasks, --retain_tasks, --other_tasks, --eval_limit)."""
     eval_batch_size: int = 64
+    curve: CurveArgs = field(default_factory=CurveArgs)
+    """Evaluation during training (--eval_every, --save_best, --delta; recipes.eval_curve)."""
     run_id: str | None = None
     """Id in run.json and the store (default: the run directory's name)."""
     store: str | None = None
@@ -84,6 +96,9 @@ class RunArgs:
     """The frozen-output cache (--frozen_cache, --frozen_cache_dir, --frozen_cache_gb,
     --frozen_cache_memory_gb): where it lives does not change a run's results, so it is not
     part of its config."""
+    tracking: TrackingArgs = field(default_factory=TrackingArgs)
+    """Experiment trackers (--report_to, --project, --run_name, --group, --tags,
+    --tracking_dir): operational, not part of the run's config."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -129,6 +144,7 @@ class RunConfig:
                 if getattr(self.args, k)
             },
             **suite_fields(self.args.suite),
+            **curve_fields(self.args.curve),
         }
 
 
@@ -262,13 +278,16 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
     retain = ExampleStream(retain_ex, tcfg.pdbs, pad, tcfg.seed + 1)
 
     model = load_model(v.model_ref, tcfg.dtype, device)
+    if tcfg.gradient_checkpointing:  # before LoRA wraps it: the base model's blocks checkpoint
+        enable_gradient_checkpointing(model)
     # The original weights: constant during the run (LoRA freezes them; full fine-tuning copies).
-    ref_key = frozen_key(v.model_ref, tcfg.dtype, device)
+    ref_key = frozen_key(v.model_ref, tcfg.dtype, device, tcfg.mixed_precision)
     if cfg.lora.lora:
         model = attach_lora(model, cfg.lora)
         reference = Reference(model, key=ref_key)
     else:
-        reference = Reference(model, frozen_copy=copy.deepcopy(model), key=ref_key)
+        frozen = match_frozen_copy(copy.deepcopy(model), tcfg.mixed_precision, tcfg.distributed)
+        reference = Reference(model, frozen_copy=frozen, key=ref_key)
         model.requires_grad_(True)
     method = get_method(cfg.args.method)(cfg.method)
     # Lenses / affine maps are fitted on the world's general text, or else on the retain sample
@@ -283,7 +302,7 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
         p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise UsageError(f"method {cfg.args.method} leaves no parameter of the model to train")
-    par.wrap(model)
+    par.wrap(model, tcfg.mixed_precision)
     plan = make_plan(tcfg, len(forget_ex), method.phases, par.world_size)
     world_root = v.world.root if v.world is not None else None  # type: ignore[attr-defined]
     frozen = frozen_from_args(cfg.args.cache, world_root, out)
@@ -292,31 +311,6 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
     return Prepared(
         model, reference, method, tokenizer, forget, retain, plan, device, v.world, par, frozen
     )
-
-
-@dataclass
-class Monitor:
-    """Intermediate evaluations while a run trains (a search's pruner, unlearn.search).
-
-    Training is cut into `parts` equal parts; after each but the last (the final evaluation
-    follows it) the suite is scored on the live model, the rows are recorded in evals.jsonl at
-    that step, and `report(k, {task: acc})` is called with the part's number k (runs of
-    different lengths report at the same fractions, which is what a pruner compares); it may
-    raise `unlearn.errors.Pruned`, which ends the run with status pruned (no result)."""
-
-    parts: int
-    report: Callable[[int, dict[str, float | None]], None]
-
-    def __post_init__(self) -> None:
-        if self.parts < 2:
-            raise UsageError(f"intermediate evaluations need parts >= 2, got {self.parts}")
-
-    def part_at(self, step: int, total: int) -> int | None:
-        """The part k whose end is optimizer step `step` of `total` (None: not an end)."""
-        for k in range(1, self.parts):
-            if step == max(1, round(total * k / self.parts)) and step < total:
-                return k
-        return None
 
 
 def run_unlearning(cfg: RunConfig, monitor: Monitor | None = None) -> RunMeta:
@@ -330,13 +324,16 @@ class Unlearning:
 
     def __init__(self, cfg: RunConfig, monitor: Monitor | None = None) -> None:
         self.cfg, self.monitor = cfg, monitor
+        self.keeper: BestKeeper | None = None
 
     def launch(self) -> Launch:
         cfg, args = self.cfg, self.cfg.args
         self.validated = validate(cfg)
+        args.curve.check(cfg.train, self.validated.suite)
         return Launch(
             kind="unlearn",
             out=self.validated.out,
+            model=self.validated.model_ref,
             config=cfg.to_dict(),
             train=cfg.train,
             suite=self.validated.suite,
@@ -344,13 +341,18 @@ class Unlearning:
             store=args.store,
             method=args.method,
             progress=args.progress,
+            tracking=args.tracking,
         )
 
     def build(self, session: Session) -> Trainee:
         p = prepare(self.cfg, self.validated, session.out, session.parallel)
-        on_step = None
-        if self.monitor is not None and session.suite is not None:
-            on_step = _monitoring(self.monitor, session, p, self.cfg.args.eval_batch_size)
+        args = self.cfg.args
+        if args.curve.save_best:  # a resumed run keeps the best it had chosen
+            self.keeper = BestKeeper.open(session, args.curve.margin, self.cfg.lora.merge)
+        on_step = live_evaluations(
+            session, p.model, p.tokenizer, args.eval_batch_size, p.plan.total_steps,
+            args.curve.eval_every, self.monitor, self.keeper,
+        )  # fmt: skip
         return Trainee(
             p.model, p.method, p.tokenizer, p.forget, p.plan, p.reference, p.retain, on_step,
             p.frozen_cache,
@@ -367,35 +369,11 @@ class Unlearning:
             model_path=paths.get("model", paths.get("adapter")),
             config={**run.meta.config, **t.objective.describe()},
         )
-        if session.suite is not None:  # the live model, in memory: no save/load round trip
-            suite = session.suite
-            score = suite.scorer(t.model, t.tokenizer, self.cfg.args.eval_batch_size)
-            run.evaluate(t.plan.total_steps, suite.suite.task_keys(), score, suite.suite.metric)
-
-
-def _monitoring(monitor: Monitor, session: Session, p: Prepared, batch_size: int):
-    """The training loop's on_step for `monitor`: evaluate, record (not final), report."""
-    if session.parallel.world_size > 1:
-        raise UsageError("intermediate evaluations (a search's pruner) run in one process only")
-    run, suite = session.run, session.suite
-    score = suite.scorer(p.model, p.tokenizer, batch_size)
-    tasks = suite.suite.task_keys()
-
-    def on_step(step: int) -> None:
-        part = monitor.part_at(step, p.plan.total_steps) if step else None
-        if part is None:
-            return
-        accs: dict[str, float | None] = {}
-
-        def scored(task: str):
-            metrics, collapsed = score(task)
-            accs[task] = metrics.get("acc")
-            return metrics, collapsed
-
-        run.evaluate(step, tasks, scored, suite.suite.metric, final=False)
-        monitor.report(part, accs)
-
-    return on_step
+        if session.suite is not None:
+            final_evaluation(
+                session, t.model, t.tokenizer, self.cfg.args.eval_batch_size,
+                t.plan.total_steps, self.keeper,
+            )  # fmt: skip
 
 
 def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:
@@ -409,6 +387,7 @@ def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) ->
         tokenizer=tokenizer,
         device=device,
         dtype=tcfg.dtype,
+        mixed_precision=tcfg.mixed_precision,
         world=world,
         fit_texts=general[cut:],
         heldout_texts=general[:cut],

@@ -271,6 +271,35 @@ def plot_tamper_curves(
     save_figure(fig, path)
 
 
+def plot_training_curves(
+    curves: Sequence[tuple[str, Sequence[tuple[int, float]], Sequence[tuple[int, float]]]],
+    forget: str,
+    retain: str,
+    path: Path,
+) -> None:
+    """Runs evaluated while they trained: [(legend label, [(step, forget acc), ...], [(step,
+    retain acc), ...]), ...]; each run one colour, forget solid, retain dashed (hollow
+    markers), so unlearning and the damage it does read off one picture."""
+    fig = new_figure()
+    ax = fig.add_subplot()
+    for i, (name, forgets, retains) in enumerate(curves):
+        color, marker = f"C{i % 10}", MARKERS[i % len(MARKERS)]
+        if forgets:
+            ax.plot(*zip(*forgets, strict=True), marker=marker, ms=4, lw=1.5, color=color,
+                    label=f"{name}: forget")  # fmt: skip
+        if retains:
+            ax.plot(*zip(*retains, strict=True), marker=marker, ms=4, mfc="none", lw=1.2,
+                    ls="--", color=color, label=f"{name}: retain")  # fmt: skip
+    ax.axhline(CHANCE, color="tab:red", lw=1, ls=":", label=f"chance ({CHANCE:.2f})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy")
+    # The task names can be long (the retain minimum lists its tasks): a subtitle, not the axis.
+    ax.set_title(f"Evaluation during training\nsolid: {forget}; dashed: {retain}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    save_figure(fig, path)
+
+
 def plot_worst_case_curves(
     curves: Sequence[tuple[str, Sequence[tuple[int, float, bool]]]],
     references: Sequence[tuple[str, float]],

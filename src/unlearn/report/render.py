@@ -1,7 +1,8 @@
 """The report: load a results store, write `report.md` with its tables and the PNGs beside it.
 
-`render_report(store, out_dir)` writes `report.md` and, beside it, `forget_vs_retain.png` and
-`tamper_curves.png` (when there is something to plot).
+`render_report(store, out_dir)` writes `report.md` and, beside it, `forget_vs_retain.png`,
+`training_curves.png` (`report.curves`) and `tamper_curves.png` (when there is something to
+plot).
 
 Design choices:
 - Every result cell goes through `tables.result_cell`: a number only for a finished run with a
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from unlearn.fsutil import atomic_write_text
 from unlearn.report.analysis import middle_step, tamper_summary
+from unlearn.report.curves import TRAINING_PNG, training_section
 from unlearn.report.data import ReportData, attacked_run, baseline_name
 from unlearn.report.plots import BaselinePoint, plot_forget_vs_retain, plot_tamper_curves
 from unlearn.report.robustness import ROBUSTNESS_PNG, robustness_section
@@ -351,7 +353,9 @@ def summary(store: Store, out_dir: str | Path, best: Sequence[str] = ()) -> str:
     if scorecard is not None:
         parts.append(scorecard)
     plots = [
-        name for name in (SCATTER_PNG, TAMPER_PNG, ROBUSTNESS_PNG) if (out_dir / name).exists()
+        name
+        for name in (SCATTER_PNG, TRAINING_PNG, TAMPER_PNG, ROBUSTNESS_PNG)
+        if (out_dir / name).exists()
     ]
     if plots:
         parts.append("plots: " + ", ".join(str(out_dir / name) for name in plots))
@@ -391,6 +395,10 @@ def render_report(store: Store, out_dir: str | Path) -> Path:
             "Black markers are the baseline models (forget, retain in the legend); the dashed "
             f"line joins the Pareto front.{note}"
         )
+
+    curves = training_section(data, store, out_dir)  # runs evaluated while they trained
+    if curves is not None:
+        parts.append(curves)
 
     if data.attacks or not data.robustness:  # a campaign with suites only has no tamper table
         parts.append(tamper_section(data, store))

@@ -43,6 +43,7 @@ from unlearn.robustness.suite import FinetuneAttack, RobustnessSuite
 from unlearn.runs.lifecycle import run_lifecycle
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import RunDir, check_run_out
+from unlearn.tracking import TrackingArgs, for_group
 from unlearn.world.generate import PATHOGEN_RELATIONS
 
 
@@ -160,9 +161,11 @@ def evaluate_model(
     parent: str | None = None,
     store: str | Path | None = None,
     original: float | None = None,
+    tracking: TrackingArgs | None = None,
 ) -> dict[str, Any]:
     """Run the suite on `ref` into the robustness run directory `out`; returns the model's row
-    (`result.json`). `original` is the original target's held-out accuracy (half recovery)."""
+    (`result.json`). `original` is the original target's held-out accuracy (half recovery).
+    `tracking` reports the robustness run, and its attacks and probes in its group."""
     suite = inputs.suite
     check_probe_layers(suite, ref)
     out = check_run_out(out, "robustness", {"input model": ref.name})
@@ -174,17 +177,18 @@ def evaluate_model(
               **key}  # fmt: skip
     fresh = RunMeta(id=run_id, kind="robustness", config=config, status="running",
                     started=utc_now(), parent=parent, model_path=ref.name)  # fmt: skip
-    with run_lifecycle(fresh, out, store=store) as run:
+    children = for_group(tracking, run_id) if tracking is not None else None
+    with run_lifecycle(fresh, out, store=store, tracking=tracking) as run:
         _remove_stale(out, suite, keep_none=recorded is not None and recorded != key)
         attacks = []
         for attack in suite.attacks:
-            row = _attack(inputs, attack, ref, out, run_id, store, original)
+            row = _attack(inputs, attack, ref, out, run_id, store, original, children)
             if original is None and role == "target" and row["curve"] and row["status"] != "failed":
                 # The target is the original: its own step 0 is what the others recover to.
                 original = row["curve"][0]["heldout"]
                 row = _attack(inputs, attack, ref, out, run_id, store, original)  # finished
             attacks.append(row)
-        probes = _probes(inputs, ref, out, run_id, store)
+        probes = _probes(inputs, ref, out, run_id, store, children)
         score = model_score(attacks, probes)
         result = {"label": label, "role": role, "model": ref.name, "run_id": run_id,
                   "heldout_task": inputs.heldout, "retain_tasks": inputs.resolved.retain,
@@ -225,6 +229,7 @@ def _attack(
     run_id: str,
     store: str | Path | None,
     original: float | None,
+    tracking: TrackingArgs | None = None,
 ) -> dict[str, Any]:
     run_dir = out / "attacks" / attack.name
     child_id = f"{run_id}-{attack.name}"
@@ -235,6 +240,8 @@ def _attack(
     }, f"attack {attack.name}")  # fmt: skip
     meta = _finished(run_dir, cfg.to_dict())
     if meta is None:
+        if tracking is not None:  # operational: not in the config compared just above
+            cfg.args.tracking = tracking
         meta = run_attack(cfg)
     margin = inputs.suite.utility_margin
     return attack_row(attack.name, attack.family, meta.status, _curve(run_dir, inputs), margin,
@@ -242,7 +249,12 @@ def _attack(
 
 
 def _probes(
-    inputs: SuiteInputs, ref: ModelRef, out: Path, run_id: str, store: str | Path | None
+    inputs: SuiteInputs,
+    ref: ModelRef,
+    out: Path,
+    run_id: str,
+    store: str | Path | None,
+    tracking: TrackingArgs | None = None,
 ) -> list[dict[str, Any]]:
     suite = inputs.suite
     opts = ProbeOptions(suite.probe_layers, suite.in_context_k, suite.lens_steps, inputs.seed)
@@ -257,7 +269,8 @@ def _probes(
             if loaded is None:
                 data = probe_data(inputs)
                 loaded = (load_model(ref, device=default_device()), load_tokenizer(ref), data)
-            meta = _run_probe(name, loaded, opts, inputs, run_dir, child_id, run_id, config, store)
+            meta = _run_probe(name, loaded, opts, inputs, run_dir, child_id, run_id, config, store,
+                              tracking)  # fmt: skip
         result = None
         if (run_dir / "probe.json").is_file():
             result = json.loads((run_dir / "probe.json").read_text())
@@ -275,13 +288,14 @@ def _run_probe(
     parent: str,
     config: dict,
     store: str | Path | None,
+    tracking: TrackingArgs | None = None,
 ) -> RunMeta:
     model, tokenizer, data = loaded
     run_dir = check_run_out(run_dir, "probe")
     (run_dir / "probe.json").unlink(missing_ok=True)
     fresh = RunMeta(id=child_id, kind="probe", config=config, status="running",
                     started=utc_now(), parent=parent, model_path=config["model"])  # fmt: skip
-    with run_lifecycle(fresh, run_dir, store=store) as run:
+    with run_lifecycle(fresh, run_dir, store=store, tracking=tracking) as run:
 
         def score(_key: str) -> tuple[dict, bool]:
             result = run_probe(name, model, tokenizer, data, opts, inputs.eval_batch_size,

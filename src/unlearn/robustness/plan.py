@@ -30,6 +30,7 @@ from unlearn.robustness.inputs import SuiteInputs, suite_inputs
 from unlearn.robustness.per_model import evaluate_model
 from unlearn.robustness.references import cached_reference, original_accuracy, reference_rows
 from unlearn.robustness.suite import load_suite, suite_from_dict
+from unlearn.tracking import TrackingArgs
 from unlearn.world import World
 
 PLAN_KEYS = ("suite", "references", "corpus", "benign_corpus", "probe_questions", "heldout_task",
@@ -45,13 +46,22 @@ class RobustnessPlan:
     """role -> model path of the references (empty: none)."""
     cache: str | None = None
 
-    def run(self, model: str, label: str, out: Path, parent: str | None, store) -> str:
-        """The suite on `model` into `out` (a robustness run dir); returns its status."""
+    def run(
+        self,
+        model: str,
+        label: str,
+        out: Path,
+        parent: str | None,
+        store,
+        tracking: TrackingArgs | None = None,
+    ) -> str:
+        """The suite on `model` into `out` (a robustness run dir); returns its status.
+        `tracking` (a sweep's or search's, grouped) reports its runs."""
         refs = {role: resolve_model(path) for role, path in self.references.items()}
-        rows = reference_rows(self.inputs, refs, Path(self.cache), store) if refs else {}
+        rows = reference_rows(self.inputs, refs, Path(self.cache), store, tracking) if refs else {}
         row = evaluate_model(self.inputs, resolve_model(model), label, "model", out,
                              f"{label}-robustness", parent, store,
-                             original_accuracy(rows.get("target")))  # fmt: skip
+                             original_accuracy(rows.get("target")), tracking)  # fmt: skip
         return row["status"]
 
     def reference_worst_case(self, role: str) -> float | None:

@@ -21,6 +21,7 @@ from typing import Any
 from unlearn.models.refs import ModelRef
 from unlearn.robustness.per_model import SuiteInputs, cached_result, evaluate_model
 from unlearn.runs.store import Store
+from unlearn.tracking import TrackingArgs
 
 REFERENCES = ("target", "filtered")
 """Reference models, in the order they run: the target first (the original accuracy)."""
@@ -58,9 +59,11 @@ def reference_rows(
     refs: dict[str, ModelRef],
     cache: Path,
     store: str | os.PathLike | None,
+    tracking: TrackingArgs | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{role: row} of the references in `refs` (target first), each from the cache when this
-    suite already ran on it there, else run now into it; indexed in `store` either way."""
+    suite already ran on it there, else run now into it (reported with `tracking`); indexed in
+    `store` either way."""
     rows: dict[str, dict[str, Any]] = {}
     with locked(cache):
         for role in sorted(refs, key=lambda r: REFERENCES.index(r) if r in REFERENCES else 9):
@@ -69,7 +72,8 @@ def reference_rows(
             if row is None:
                 original = original_accuracy(rows.get("target"))
                 row = evaluate_model(inputs, ref, role, role, out, _ref_id(role, inputs, ref),
-                                     store=store, original=original)  # fmt: skip
+                                     store=store, original=original,
+                                     tracking=tracking)  # fmt: skip
             elif store is not None:
                 with Store(store) as s:
                     s.ingest_tree(out)

@@ -17,7 +17,8 @@ Every kind of run (unlearning, attack, baseline evaluation; a sweep's points) go
 - a clean exit is "done" made worse by the evaluations recorded with `ActiveRun.evaluate`; the
   checkpoint is discarded and the run indexed again.
 Ranks other than 0 of a torchrun job get a follower run directory (in memory, writes nothing);
-only rank 0 touches the store.
+only rank 0 touches the store, and reports to experiment trackers (`unlearn.tracking`: a copy of
+each row, closed after the run's ending is recorded, whatever it is).
 """
 
 from __future__ import annotations
@@ -30,23 +31,34 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from unlearn.distributed import Parallel
+from unlearn.distributed import Parallel, is_main
 from unlearn.errors import SaveFailed, UsageError
+from unlearn.runs.cards import card_files, refresh_cards
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import FollowerRunDir, RunDir
 from unlearn.runs.status import COLLAPSE_MARKS, error_text, outcome_of, worse
 from unlearn.runs.store import Store
+from unlearn.tracking import Reporter, RunInfo, TrackingArgs
 from unlearn.training.checkpointer import Checkpointer
 
 
 class ActiveRun:
     """The handle a recipe gets inside `run_lifecycle`: log, save, evaluate; `meta` at the end."""
 
-    def __init__(self, run: RunDir, meta: RunMeta, out: Path) -> None:
+    def __init__(
+        self, run: RunDir, meta: RunMeta, out: Path, reporter: Reporter | None = None
+    ) -> None:
         self.dir, self.meta, self.out = run, meta, out
+        record = run.read()
         # A resumed run keeps the evaluations it recorded before its checkpoint, failures too.
-        failed = any(e.status == "failed" for e in run.read().evals)
+        failed = any(e.status == "failed" for e in record.evals)
         self.eval_status = "failed" if failed else "done"
+        self.reporter = reporter or Reporter()
+        """Experiment trackers (`unlearn.tracking`): a copy of what the run records."""
+        self.results: dict[str, Any] = {}
+        """{TASK/METRIC: value} of the latest final evaluation of each task (for trackers)."""
+        # Rows a resumed run kept (up to its checkpoint's step) are already reported.
+        self.first_step = 1 + max((r.step for r in (*record.metrics, *record.evals)), default=-1)
 
     @property
     def id(self) -> str:
@@ -55,6 +67,12 @@ class ActiveRun:
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Append logged values (the training loop's `on_log`)."""
         self.dir.append_metrics(step, values)
+        self.reporter.metrics(step, values)
+
+    def log_timing(self, step: int, values: dict[str, float]) -> None:
+        """Wall-clock values of a logged step (the loop's `on_timing`: throughput): trackers
+        only, since metrics.jsonl holds what a rerun reproduces."""
+        self.reporter.metrics(step, values)
 
     def update(self, **fields: Any) -> RunMeta:
         """Change run.json fields other than the status (the lifecycle owns that)."""
@@ -63,13 +81,17 @@ class ActiveRun:
         self.meta = self.dir.update(**fields)
         return self.meta
 
-    def save_model(self, parallel: Parallel, model, tokenizer, merge: bool) -> dict[str, str]:
-        """Save the trained model into OUT (stamped as this run's); a save the machine refuses
-        (disk full, quota, file size limit) ends the run as failed with one line."""
+    def save_model(
+        self, parallel: Parallel, model, tokenizer, merge: bool, into: Path | None = None
+    ) -> dict[str, str]:
+        """Save the trained model into OUT, or into the folder `into` (--save_best's OUT/best),
+        stamped as this run's, with its model card (the card in OUT gets the results when the
+        run ends); a save the machine refuses (disk full, quota, file size limit) ends the run
+        as failed with one line."""
+        extra = {**self.dir.owner_files(self.meta), **card_files(self.meta, self.out)}
+        where = self.out if into is None else into
         try:
-            return parallel.save_model(
-                model, tokenizer, self.out, merge=merge, extra_files=self.dir.owner_files(self.meta)
-            )
+            return parallel.save_model(model, tokenizer, where, merge=merge, extra_files=extra)
         except OSError as e:
             raise SaveFailed(f"saving the model failed: {e}") from e
 
@@ -103,11 +125,27 @@ class ActiveRun:
                 outcome = worse(outcome, "failed")
                 continue
             self.dir.append_eval(step, task, metrics)
+            self.reporter.evaluation(step, task, metrics)
+            if final:
+                self.results.update({f"{task}/{k}": v for k, v in metrics.items()})
             if collapsed and self.meta.kind in COLLAPSE_MARKS:
                 outcome = worse(outcome, "collapsed")
         if final:
             self.eval_status = worse(self.eval_status, outcome)
         return outcome
+
+    def _tracked_config(self) -> dict[str, Any]:
+        m = self.meta
+        return {"kind": m.kind, "method": m.method, "parent": m.parent, **m.config}
+
+    def run_info(self) -> RunInfo:
+        """The run as a tracker sees it when it opens."""
+        m = self.meta
+        return RunInfo(m.id, m.kind, self.out, self._tracked_config(), m.started, self.first_step)
+
+    def report_end(self) -> None:
+        """Tell the trackers how the run ended: status, final loss terms, final results."""
+        self.reporter.end(self.meta.status, self.meta.final, self.results, self._tracked_config())
 
 
 def current_job_id() -> str | None:
@@ -152,13 +190,35 @@ def run_lifecycle(
     parallel: Parallel | None = None,
     checkpointer: Checkpointer | None = None,
     store: str | os.PathLike | None = None,
+    tracking: TrackingArgs | None = None,
 ) -> Iterator[ActiveRun]:
     """Open (or resume) the run at `out`, yield its handle, then record how it ended.
 
     `fresh` is the run.json of a new run (status "running"). With a checkpointer, a checkpoint of
     the same configuration in OUT is resumed, and a finished run discards it. The store, if any,
     is indexed on rank 0 when the run starts and again when it ends, whatever the ending.
+    `tracking` reports the run to experiment trackers (rank 0, `unlearn.tracking`).
     """
+    # The trackers close (a W&B run finishes) once the run's ending is recorded, whatever it is:
+    # the reporter is closed after `_lifecycle` has left.
+    reporter = Reporter()
+    with (
+        contextlib.closing(reporter),
+        _lifecycle(fresh, out, parallel, checkpointer, store, tracking, reporter) as active,
+    ):
+        yield active
+
+
+@contextlib.contextmanager
+def _lifecycle(
+    fresh: RunMeta,
+    out: str | os.PathLike,
+    parallel: Parallel | None,
+    checkpointer: Checkpointer | None,
+    store: str | os.PathLike | None,
+    tracking: TrackingArgs | None,
+    reporter: Reporter,
+) -> Iterator[ActiveRun]:
     par = parallel or Parallel()
     out = Path(out)
     run = RunDir(out) if par.is_main else FollowerRunDir(out)
@@ -166,8 +226,10 @@ def run_lifecycle(
     index = Store(store) if store and par.is_main else None
     if index is not None:
         index.upsert_run(meta, out)
-    active = ActiveRun(run, meta, out)
+    active = ActiveRun(run, meta, out, reporter)
     try:
+        if tracking is not None and par.is_main and is_main():  # only rank 0 reports
+            reporter.open(tracking, active.run_info())
         yield active
     except BaseException as caught:
         # A collective's timeout outside the training loop (a save, the evaluation) too.
@@ -179,13 +241,19 @@ def run_lifecycle(
         if outcome.finished:
             fields["finished"] = utc_now()
         active.meta = run.update(**fields)
+        active.report_end()
         if not outcome.reraise and (par.is_main or outcome.every_rank):
             print(f"{fresh.kind} {active.id}: {outcome.status}: {error}", file=sys.stderr)
+        if par.is_main:  # a model saved before the failure: its card says how the run ended
+            refresh_cards(out)
         _index(index, out)
         if outcome.reraise:
             raise
         return
     active.meta = run.update(status=active.eval_status, finished=utc_now())
+    active.report_end()
+    if par.is_main:  # the evaluation ran after the save: the saved card gets its results now
+        refresh_cards(out)
     if checkpointer is not None:
         checkpointer.discard()
     _index(index, out)

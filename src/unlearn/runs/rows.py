@@ -77,6 +77,9 @@ class RunMeta:
     error: str | None = None
     final: dict[str, float | None] = field(default_factory=dict)
     """Final value of each named loss term (None when non-finite)."""
+    best: dict[str, Any] | None = None
+    """The evaluated step whose model --save_best kept in OUT/best, with its scores
+    (`unlearn.recipes.best_step`); None without one."""
     format: int = FORMAT
 
     def __post_init__(self) -> None:
@@ -94,6 +97,8 @@ class RunMeta:
             raise UsageError(f"run {self.id!r}: config must be a dict")
         if not isinstance(self.final, dict):
             raise UsageError(f"run {self.id!r}: final must be a dict of loss term values")
+        if self.best is not None and not isinstance(self.best, dict):
+            raise UsageError(f"run {self.id!r}: best must be a dict or null")
         self.final = {
             str(k): _finite_or_none(v, f"final loss {k!r}") for k, v in self.final.items()
         }

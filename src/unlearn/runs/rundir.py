@@ -5,10 +5,14 @@ job never writes the results store directly: it writes its own run directory, an
 (`unlearn.runs.store`) ingests run directories into an index that can always be rebuilt from them.
 
     run.json        {"format": 1, "id", "kind", "method", "config", "status", "created",
-                     "started", "finished", "job_id", "model_path", "parent", "error", "final"}
+                     "started", "finished", "job_id", "model_path", "parent", "error", "final",
+                     "best"}
     metrics.jsonl   {"step", "name", "value"}                    one row per logged value
     evals.jsonl     {"step", "task", "metric", "value", "stderr", "status", "error"}
     model/, adapter/  saved by the run, each with its stamp unlearn_run.json {"run", "created"}
+                      and its model card README.md (unlearn.runs.cards)
+    best/             --save_best: model/ (and adapter/) of the best evaluated step, best.json
+                      and the stamp (unlearn.recipes.best_step)
 
 Design choices:
 - run.json is rewritten whole through a temp file + rename, so a reader sees the old or the new
@@ -50,6 +54,10 @@ CHECKPOINT_DIR, STEP_PREFIX = "checkpoint", "step-"
 unlearn.training.checkpointer)."""
 SAVED_DIRS = ("model", "adapter")
 """What a run saves into its directory besides the files above (OUT/model, OUT/adapter)."""
+BEST_DIR = "best"
+"""OUT/best (--save_best): a folder of saved directories like OUT's, stamped like them; reset
+deletes it under the same rule. Not among SAVED_DIRS: its card is not rewritten with the final
+results, which are not its model's."""
 OWNER_FILE = "unlearn_run.json"
 """Stamp inside each saved directory: {"run": id, "created": time} of the run that saved it. A
 later run in the same directory deletes OUT/model or OUT/adapter only if its stamp names the run
@@ -131,7 +139,7 @@ class RunDir:
 
     def check_reset(self) -> None:
         """UsageError unless `reset` would delete only what an earlier run here wrote."""
-        for name in SAVED_DIRS:
+        for name in (*SAVED_DIRS, BEST_DIR):
             saved = self.path / name
             if (saved.exists() or saved.is_symlink()) and not self.owns(saved):
                 raise UsageError(
@@ -149,7 +157,7 @@ class RunDir:
         import shutil
 
         self.check_reset()
-        for name in SAVED_DIRS:
+        for name in (*SAVED_DIRS, BEST_DIR):
             if (self.path / name).exists():
                 shutil.rmtree(self.path / name)
         for f in (self.run_file, self.metrics_file, self.evals_file):

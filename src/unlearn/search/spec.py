@@ -45,7 +45,14 @@ from unlearn.robustness.plan import RobustnessPlan, plan_from_spec
 from unlearn.runs.store import check_store
 from unlearn.search.space import Param, parse_space, study_name
 from unlearn.sweep.inputs import check_keys, eval_block, mapping, read_baselines, with_paths
-from unlearn.sweep.points import Baseline, Point, build_baseline, build_point, validate_models
+from unlearn.sweep.points import (
+    Baseline,
+    Point,
+    build_baseline,
+    build_point,
+    track,
+    validate_models,
+)
 from unlearn.sweep.spec import (
     SWEEP_RUN_FIELDS,
     MethodBlock,
@@ -55,6 +62,7 @@ from unlearn.sweep.spec import (
     spec_path,
     typed_values,
 )
+from unlearn.tracking import TRACKING_FIELDS, TrackingArgs
 from unlearn.world import World, load_world
 
 TOP_KEYS = (
@@ -114,6 +122,9 @@ class Search:
     slurm: SlurmSettings | None = None
     models: dict[str, str] = dataclasses.field(default_factory=dict)
     """The input models ({path: what}): OUT may neither hold one nor lie inside one."""
+    tracking: TrackingArgs | None = None
+    """The experiment trackers every trial reports to, grouped (the command's --report_to
+    ...: not part of the spec, nor of `key`)."""
 
     @property
     def journal(self) -> Path:
@@ -152,8 +163,9 @@ class Search:
         under OUT/trials, named by method, values and a hash of the whole config)."""
         block = self.block(method)
         world = _world(str(self.world)) if self.world else None
-        return build_point(method, block.label, {**block.base, **self.split_eval, **values},
-                           dict(values), None, world, self.trials_dir, self.store)  # fmt: skip
+        point = build_point(method, block.label, {**block.base, **self.split_eval, **values},
+                            dict(values), None, world, self.trials_dir, self.store)  # fmt: skip
+        return track(point, self.tracking) if self.tracking is not None else point
 
     def key(self) -> str:
         """A fingerprint of what defines the study (goal, objectives, every block's method, base
@@ -308,7 +320,7 @@ def _blocks(raw: dict, here: Path, suite: dict) -> list[MethodSpace]:
         typed = typed_values(merged.base, sections, f"{method} config", SWEEP_RUN_FIELDS,
                              f"{label}: base")  # fmt: skip
         block_space = {**space, **mapping(entry.get("space"), f"{label}: space")}
-        params = parse_space(block_space, sections, SWEEP_RUN_FIELDS, label)
+        params = parse_space(block_space, sections, (*SWEEP_RUN_FIELDS, *TRACKING_FIELDS), label)
         clash = sorted(p.field for p in params if p.field in typed)
         if clash:
             raise UsageError(f"{label}: {', '.join(clash)} both fixed in base and searched")

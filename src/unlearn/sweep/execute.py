@@ -66,7 +66,7 @@ def run_point(point: Point, monitor: Monitor | None = None) -> PointState:
             meta = RunMeta(point.id, "baseline", config={"name": b.label, "role": b.role})
             _guarded(point.run_dir, meta, lambda: run_baseline(
                 b.label, b.model_args, b.suite, point.run_dir, b.role, b.world, None,
-                b.eval_batch_size, point.id,
+                b.eval_batch_size, point.id, tracking=point.tracking,
             ))  # fmt: skip
             state = inspect_point(point)
         return state
@@ -96,7 +96,8 @@ def run_point(point: Point, monitor: Monitor | None = None) -> PointState:
         model = str(point.run_dir / "model")
         # Not cleared: its finished attacks and probes are kept and skipped (robustness.evaluate).
         state = _then(point, state, state.robustness, point.robustness_dir, meta,
-                      lambda: plan.run(model, point.id, point.robustness_dir, point.id, store),
+                      lambda: plan.run(model, point.id, point.robustness_dir, point.id, store,
+                                       point.tracking),
                       clear=False)  # fmt: skip
     return state
 

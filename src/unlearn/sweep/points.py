@@ -30,6 +30,7 @@ from unlearn.models.lora import check_lora_targets
 from unlearn.models.refs import ModelRef
 from unlearn.recipes.attack import AttackConfig, build_attack_config
 from unlearn.recipes.unlearning import RunConfig, build_run_config, validate
+from unlearn.tracking import TrackingArgs
 from unlearn.world import World
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class Point:
     """The spec's `distill:` block for this point: UNDO on its model once it is done."""
     robustness: RobustnessPlan | None = None
     """The spec's `robustness:` suite, run on the point's model once it is done."""
+    tracking: TrackingArgs | None = None
+    """The experiment trackers its runs report to (`track`; never part of its config or id)."""
 
     @property
     def distill_dir(self) -> Path:
@@ -141,6 +144,17 @@ def build_point(
 def world_tag(world: World | None) -> str:
     """What a point id hashes of the world: its preset and seed ("none" without a world)."""
     return f"{world.preset}-{world.seed}" if world is not None else "none"
+
+
+def track(point: Point, tracking: TrackingArgs) -> Point:
+    """Report every run of `point` (its unlearning, attack, distillation, robustness suite, or
+    its baseline evaluation) with `tracking`, a sweep's or search's trackers, grouped
+    (`unlearn.tracking.for_group`). Operational: the point's configs and id do not change."""
+    point.tracking = tracking
+    for cfg in (point.run_config, point.attack_config, point.distill):
+        if cfg is not None:
+            cfg.args.tracking = tracking
+    return point
 
 
 def build_baseline(baseline: Baseline, world: World | None, out: Path) -> Point:

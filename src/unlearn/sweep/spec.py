@@ -55,6 +55,7 @@ from unlearn.sweep.points import (
     check_distinct,
     validate_models,
 )
+from unlearn.tracking import TRACKING_FIELDS
 from unlearn.world import World, load_world
 
 TOP_KEYS = (
@@ -156,7 +157,7 @@ def load_sweep(path: str | Path, max_points: int = MAX_POINTS, check_hub: bool =
 def _distill_config(value: Any, point: Point, world: World | None, store: Path):
     """The `distill:` block as the point's DistillConfig (its teacher: the point's run)."""
     block = {} if value is True else mapping(value, "distill")
-    placed = sorted(k for k in block if k in DISTILL_PLACED)
+    placed = sorted(k for k in block if k in (*DISTILL_PLACED, *TRACKING_FIELDS))
     if placed:
         raise UsageError(f"distill: {', '.join(placed)} set by the sweep itself, remove them")
     _needs_merged_model(point)
@@ -354,7 +355,12 @@ def typed_values(
 ) -> dict:
     """The spec's values checked and coerced by the config builder's own rules (ints become
     floats for float fields, so `5` and `5.0` give one id); the fields the sweep sets itself
-    are refused."""
+    are refused, and so is experiment tracking (the command's --report_to ... reports every run
+    of the sweep: tracking is never part of a point)."""
+    tracked = sorted(k for k in values if k in TRACKING_FIELDS)
+    if tracked:
+        raise UsageError(f"{where}: {', '.join(tracked)}: experiment tracking is set on the"
+                         " command line (--report_to ...), not in a spec")  # fmt: skip
     taken = sorted(k for k in values if k in managed)
     if taken:
         raise UsageError(f"{where}: {', '.join(taken)} set by the sweep itself, remove them")

@@ -66,10 +66,11 @@ import torch.distributed as dist
 from torch import nn
 
 from unlearn import distributed
-from unlearn.config.settings import OPERATIONAL_FIELDS
+from unlearn.config.settings import ADDED_FIELDS, OPERATIONAL_FIELDS
 from unlearn.errors import Preempted, UsageError
 from unlearn.fsutil import atomic_write_text
 from unlearn.runs.rundir import CHECKPOINT_DIR, STEP_PREFIX, checkpoints
+from unlearn.training.optim import torch_optimizers
 from unlearn.training.preemption import SIGNALS, current_latch
 from unlearn.training.tensor_files import (
     FORMAT,
@@ -83,7 +84,7 @@ from unlearn.training.tensor_files import (
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The config as JSON would give it back, without the fields a resume may change."""
-    normal = json.loads(json.dumps(config))
+    normal = {**ADDED_FIELDS, **json.loads(json.dumps(config))}
     return {k: v for k, v in normal.items() if k not in OPERATIONAL_FIELDS}
 
 
@@ -100,12 +101,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    """The torch optimizers behind a `MultiOptimizer` (or a plain optimizer)."""
-    inner = getattr(optimizer, "optimizers", None)
-    return list(inner.values()) if isinstance(inner, dict) else [optimizer]
 
 
 class Checkpointer:
@@ -253,7 +248,7 @@ class Checkpointer:
         options = StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
         )
-        model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=options)
+        model_sd, optim_sd = get_state_dict(model, torch_optimizers(optimizer), options=options)
         rng = [_rng_state()]
         if world_size > 1:
             rng = [None] * world_size
@@ -333,7 +328,7 @@ class Checkpointer:
 
         set_state_dict(
             model,
-            _optimizers(optimizer),
+            torch_optimizers(optimizer),
             model_state_dict=load("model.pt"),
             optim_state_dict=load("optimizer.pt"),
             # Frozen parameters are not in the checkpoint: they come from the model's files.

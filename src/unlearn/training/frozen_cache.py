@@ -368,13 +368,16 @@ def from_args(
     return FrozenCache(directory, args.frozen_cache_gb, args.frozen_cache_memory_gb)
 
 
-def frozen_key(model, dtype: str, device: torch.device | str) -> dict:
+def frozen_key(model, dtype: str, device: torch.device | str, mixed_precision: str = "no") -> dict:
     """The identity of a frozen model's weights as computed: `model` is a `models.ModelRef`
-    (its cache_key: name, revision, local weight files), plus the dtype, the device type and on
-    the CPU the thread count (kernels, and CPU reductions split over threads, differ by float
-    rounding: entries are shared only where they are the numbers this process would compute)."""
+    (its cache_key: name, revision, local weight files), plus the dtype, the compute dtype under
+    mixed precision, the device type and on the CPU the thread count (kernels, and CPU
+    reductions split over threads, differ by float rounding: entries are shared only where they
+    are the numbers this process would compute)."""
     kind = torch.device(device).type
     key = {"model": model.cache_key(), "dtype": dtype, "device": kind}
+    if mixed_precision != "no":  # absent otherwise: keys of runs without it stay as they were
+        key["mixed_precision"] = mixed_precision
     if kind == "cpu":
         key["threads"] = torch.get_num_threads()
     return key

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,8 +32,11 @@ from unlearn.methods.base import Phase, Reference, StepContext
 from unlearn.training.checkpointer import Checkpointer
 from unlearn.training.frozen_cache import FrozenCache
 from unlearn.training.optim import build_optimizer
+from unlearn.training.precision import Precision
 from unlearn.training.schedules import lr_mult_at
 
+THROUGHPUT = "tokens_per_s"
+"""The wall-clock value `on_timing` gets: tokens (forget and retain, every process) per second."""
 RETAIN_ZERO_CHECK_STEP = 3
 """Optimizer step by which a retain term that is exactly 0 since step 1 counts as a bug."""
 
@@ -56,6 +60,8 @@ class TrainState:
     retain_seen_nonzero: bool = False
     last: dict[str, float] = field(default_factory=dict)
     """Latest logged values (loss terms, coefficients, lr, grad norm)."""
+    scaler: dict | None = None
+    """The fp16 gradient scaler's state (`precision.Precision.state`; None without one)."""
 
 
 @dataclass
@@ -122,11 +128,14 @@ def train(
     parallel: Parallel | None = None,
     checkpointer: Checkpointer | None = None,
     frozen_cache: FrozenCache | None = None,
+    on_timing: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainState:
     """Run the plan from `state.step` to the end; returns the final state.
 
     on_log(step, values) receives each metric row; on_step(step) runs after every optimizer step
     (and once before the first, with step 0), e.g. for an attack's evaluation curve.
+    on_timing(step, {THROUGHPUT: tokens/s}) comes with each row: wall-clock, so not in the row,
+    whose values a rerun reproduces (experiment trackers plot it, unlearn.tracking).
     `parallel` (DDP/FSDP2 under torchrun, see unlearn.distributed) runs each micro-batch's
     objective, synchronises gradients on the last micro-batch of a step and averages logged
     values over ranks; without it the loop is one plain process.
@@ -149,6 +158,8 @@ def train(
     if checkpointer is not None:
         # A checkpoint's weights, optimizer moments, RNG and step replace the fresh ones.
         state = checkpointer.restore(model, optimizer, TrainState) or state
+    precision = Precision(cfg.mixed_precision, device)
+    precision.load_state(state.scaler)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
@@ -186,6 +197,7 @@ def train(
                 group["lr"] = group["base_lr"] * lr_mult
 
             sums: dict[str, float] = {}
+            tokens, started = 0, time.perf_counter()
             for a in range(cfg.grad_accum):
                 k = (state.step * cfg.grad_accum + a) * plan.world_size + rank
                 ctx = StepContext(
@@ -205,21 +217,25 @@ def train(
                     first_step=state.step == 0,
                 )
                 with par.micro_batch(last=a == cfg.grad_accum - 1):
-                    terms = par.loss(lambda ctx=ctx: objective.loss(ctx))
-                    total = sum(weights.get(name, 0.0) * value for name, value in terms.items())
-                    (total / cfg.grad_accum).backward()  # type: ignore[union-attr]
+                    with precision.autocast():
+                        terms = par.loss(lambda ctx=ctx: objective.loss(ctx))
+                        total = sum(weights.get(n, 0.0) * value for n, value in terms.items())
+                    precision.backward(total / cfg.grad_accum)  # type: ignore[arg-type]
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item() / cfg.grad_accum
+                tokens += ctx.forget.num_tokens + (ctx.retain.num_tokens if ctx.retain else 0)
             sums = par.mean(sums)  # every rank logs and guards the same global values
             _check_terms(sums, state, weights, cfg)
+            precision.unscale(optimizer)
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 if cfg.grad_clip > 0
                 else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             )
-            optimizer.step()
+            precision.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            state.scaler = precision.state()
             values = {
                 **sums,
                 **{f"coef_{n}": w for n, w in weights.items()},
@@ -232,6 +248,9 @@ def train(
                 state.step % cfg.log_every == 0 or state.step == plan.total_steps
             ):
                 on_log(state.step, values)
+                if on_timing is not None:  # this rank's count x processes: ranks draw alike
+                    seconds = time.perf_counter() - started
+                    on_timing(state.step, {THROUGHPUT: tokens * plan.world_size / seconds})
             bar.update(1)
             bar.set_postfix({n: f"{v:.4g}" for n, v in sums.items()}, refresh=False)
             if on_step is not None:

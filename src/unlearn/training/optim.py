@@ -35,6 +35,7 @@ from torch import nn
 
 from unlearn.errors import UsageError
 from unlearn.readouts.hooks import get_blocks
+from unlearn.training.sharded_muon import ShardedMuon
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -140,7 +141,8 @@ def build_optimizer(
     optimizers: dict[str, torch.optim.Optimizer] = {}
     if routes.get("muon"):
         base = lr if muon_lr is None else muon_lr
-        optimizers["muon"] = torch.optim.Muon(
+        # FSDP2 shards the matrices: ShardedMuon gathers each one to orthogonalise it.
+        optimizers["muon"] = ShardedMuon(
             [{"params": [p for _, p in routes["muon"]], "optimizer": "muon", "base_lr": base}],
             lr=base,
             weight_decay=weight_decay,
@@ -158,3 +160,9 @@ def build_optimizer(
         ]
         optimizers["adamw"] = torch.optim.AdamW(groups, lr=base, betas=betas, eps=eps)
     return MultiOptimizer(optimizers)
+
+
+def torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind a `MultiOptimizer` (or a plain optimizer)."""
+    inner = getattr(optimizer, "optimizers", None)
+    return list(inner.values()) if isinstance(inner, dict) else [optimizer]

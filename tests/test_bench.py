@@ -1,0 +1,98 @@
+"""The benchmarks in bench/ run: throughput on a tiny model, the GPU check's refusal without a GPU,
+and the pieces they share (interleaved timing, the MFU table)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a bench/ script as a module (they import each other as top-level modules)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module
+
+
+def test_interleaved_rounds_rotate_after_one_warm_up_call_each(bench):
+    interleave = bench("interleave")
+    calls: list[str] = []
+
+    def run(kind: str):
+        calls.append(kind)
+        return interleave.Timed({"a": 1.0, "b": 2.0, "c": 3.0}[kind], 0)
+
+    timed = interleave.interleaved(["a", "b", "c"], run, rounds=3)
+    assert calls == ["a", "b", "c", *"abc", *"bca", *"cab"]  # no kind always first or last
+    times = {k: [t.seconds for t in ts] for k, ts in timed.items()}
+    assert interleave.ratio(times, "c", "a") == (3.0, 3.0, 3.0)
+    assert interleave.ratio_cell(times, "b", "a") == "2.00 [2.00-2.00]"
+
+
+def test_peak_memory_sees_an_allocation(bench):
+    interleave = bench("interleave")
+    peak = interleave.PeakMemory(torch.device("cpu"))
+    peak.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    used = peak.stop()
+    del block
+    assert used >= 48 * 2**20
+
+
+def test_mfu_uses_the_dense_bf16_peak_of_known_devices(bench):
+    throughput = bench("throughput")
+    assert throughput.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert throughput.peak_tflops("NVIDIA H100 PCIe") == 756  # not the SXM part's peak
+    assert throughput.peak_tflops("NVIDIA H200") == 989
+    assert throughput.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert throughput.peak_tflops("Some Future GPU") is None
+    assert throughput.mfu(100_000_000, 1_000_000, 989) == pytest.approx(6e14 / 989e12)
+    assert throughput.mfu(100_000_000, 1_000_000, 989, devices=2) == pytest.approx(3e14 / 989e12)
+    assert throughput.mfu(100_000_000, 1_000_000, None) is None
+
+
+def test_throughput_small_times_plain_fine_tuning_beside_methods(tmp_path):
+    """The same code path as the ~100M measurement, on a tiny model: a LoRA method (lens, with
+    its stand-in lens) and a full fine-tuning one, each uncached and with a warm frozen cache,
+    beside plain fine-tuning of each mode."""
+    out = tmp_path / "throughput.md"
+    argv = [sys.executable, str(BENCH / "throughput.py"), "--small", "--methods", "rmu,lens",
+            "--steps", "1", "--rounds", "1", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:3])
+        for line in out.read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| step")
+    }
+    assert rows == {
+        ("plain fine-tuning", "full"),
+        ("plain fine-tuning", "lora"),
+        ("rmu", "full"),
+        ("rmu, frozen cache warm", "full"),
+        ("lens", "lora"),
+        ("lens, frozen cache warm", "lora"),
+    }
+    if not torch.cuda.is_available():
+        assert "CUDA only" in out.read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_gpu_check_refuses_without_a_cuda_device_in_one_line():
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert done.returncode != 0
+    assert done.stderr.startswith("gpu_check: no CUDA device visible")
+    assert len(done.stderr.strip().splitlines()) == 1
