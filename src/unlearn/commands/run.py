@@ -25,17 +25,24 @@ import sys
 from unlearn.commands.arguments import ArgumentParser
 from unlearn.config.files import add_config_flag, add_sections, check_replay_out, pre_parse
 from unlearn.config.settings import LoraSettings, TrainConfig
-from unlearn.distributed import is_main
+from unlearn.distributed import env_world_size, is_main
 from unlearn.methods import REGISTRY, get_method
+from unlearn.models.refs import meta_model_or_note
 from unlearn.recipes.best_step import best_line
-from unlearn.recipes.unlearning import RunArgs, RunConfig, run_unlearning
+from unlearn.recipes.unlearning import RunArgs, RunConfig, run_unlearning, validate
 from unlearn.runs.rundir import RunDir
+from unlearn.training.memory_plan import PlanArgs, device_memory, plan_memory
 from unlearn.training.preemption import exit_code
 
 
 def parse(argv: list[str] | None) -> RunConfig:
+    """The run's config from the command line (`parse_all` without the plan options)."""
+    return parse_all(argv)[0]
+
+
+def parse_all(argv: list[str] | None) -> tuple[RunConfig, PlanArgs]:
     """Two passes: --method and --config first, then the flags of that method's config (with
-    the file's values as their defaults)."""
+    the file's values as their defaults), and the memory plan's options (not part of the run)."""
     pre = ArgumentParser(prog="unlearn run", add_help=False)
     pre.add_argument("--method", default=None, choices=sorted(REGISTRY))
     known, file = pre_parse(argv, pre, "unlearn")
@@ -51,9 +58,23 @@ def parse(argv: list[str] | None) -> RunConfig:
         file = dataclasses.replace(file, values={**file.values, "method": method})
     base = {**method_cls.train_defaults, "method": method}
     add_sections(parser, sections, base, file, f"{method} config")
+    parser.add_arguments(PlanArgs, dest="plan")
     ns = parser.parse_args(argv)
     check_replay_out(file, ns.args.out)
-    return RunConfig(args=ns.args, train=ns.train, lora=ns.lora, method=ns.method_cfg)
+    cfg = RunConfig(args=ns.args, train=ns.train, lora=ns.lora, method=ns.method_cfg)
+    return cfg, ns.plan
+
+
+def dry_run(cfg: RunConfig, plan_args: PlanArgs) -> int:
+    """Every check a run makes before its weights load, then the memory plan; nothing is
+    written or loaded."""
+    validated = validate(cfg)
+    model = meta_model_or_note(validated.model_ref, "no memory plan without its weights")
+    if model is None:
+        return 1
+    plan = plan_memory(model, cfg.train, cfg.lora, env_world_size())
+    print(plan.render(device_memory(plan_args)))
+    return 0
 
 
 def print_evals(run_dir: str) -> None:
@@ -73,7 +94,9 @@ def print_evals(run_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(argv)
+    cfg, plan_args = parse_all(argv)
+    if plan_args.dry_run:
+        return dry_run(cfg, plan_args)
     meta = run_unlearning(cfg)
     code = exit_code(meta.status, ok=("done", "collapsed"))
     if not is_main():  # under torchrun only rank 0 reports
