@@ -91,6 +91,27 @@ PAGES = {
         ("report.md",),
         what="peak memory with and without activation checkpointing, bf16 against float32",
     ),
+    "eval-speed": Page(
+        (
+            (
+                "python",
+                "bench/eval_speed.py",
+                "--world",
+                "{world}",
+                "--mmlu",
+                "1000",
+                "--out",
+                "{work}/report.md",
+            ),
+        ),
+        ("report.md",),
+        what="the native evaluator against lm-eval: the same accuracies, and the speed ratio",
+    ),
+    "demo-cold": Page(
+        (("python", "bench/demo_cold.py", "--out", "{work}/report.md"),),
+        ("report.md",),
+        what="`make venv` and `make demo` on a fresh clone of the committed HEAD, timed",
+    ),
     **{
         f"search/{name}": _search(name)
         for name in (

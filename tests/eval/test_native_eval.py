@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from unlearn.eval.collapse import collapse_report
-from unlearn.eval.native import QuestionScore, _rows, encode_requests, score_questions, summarize
+from unlearn.eval.encoding import encode_requests, rows_of
+from unlearn.eval.native import QuestionScore, score_questions, summarize
 from unlearn.models.load import load_model, load_tokenizer
 from unlearn.models.refs import resolve_model
 
@@ -46,7 +47,7 @@ def hand_loglik(model, tokenizer, prompt: str, choice: str) -> float:
 def test_both_row_kinds_are_exercised(model_and_tokenizer):
     _, tok = model_and_tokenizer
     requests = [(q["prompt"], c) for q in QUESTIONS for c in q["choices"]]
-    rows = _rows(encode_requests(tok, requests), max_length=None)
+    rows = rows_of(encode_requests(tok, requests), max_length=None)
     shared = [r for r in rows if len(r.reads) == 4]
     # The one-token questions (requests 0-3 and 4-7) share a row each.
     assert {r.reads[0][0] for r in shared} == {0, 4}

@@ -317,6 +317,26 @@ def test_eval_mode_of_a_lora_model_sets_flags_without_train(monkeypatch):
     assert all(_flags(model))
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_a_loaded_model_keeps_its_own_layers_and_the_fast_eval_mode(
+    tiny_hf_models, family, monkeypatch
+):
+    """A model loaded from a directory has no hub kernels (transformers 5 turns them on when the
+    `kernels` package is installed, and then re-selects them on every train()/eval()), so
+    eval_mode flips flags without calling train()."""
+    model = load_model(resolve_model(str(tiny_hf_models[family])))
+    assert not getattr(model, "use_kernels", False)
+    model = attach_lora(model, LoraSettings(lora_r=2)).train()
+
+    def no_train(self, mode=True):
+        raise AssertionError("train() called")
+
+    monkeypatch.setattr(nn.Module, "train", no_train)
+    with eval_mode(model):
+        assert not any(_flags(model))
+    assert all(_flags(model))
+
+
 class _TrainSideEffect(nn.Linear):
     """A module whose train() does more than set flags (as DoRA's clears a cache)."""
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from unlearn.eval.encoding import encode_requests
 from unlearn.eval.letter import as_cloze
-from unlearn.eval.native import encode_requests, evaluate_questions
+from unlearn.eval.native import evaluate_questions
 from unlearn.models.load import load_model, load_tokenizer
 from unlearn.models.refs import resolve_model
 from unlearn.readouts.fitting import general_texts

@@ -40,12 +40,10 @@ from tqdm.auto import tqdm
 
 from unlearn.distributed import is_main, map_sharded, world_size
 from unlearn.eval.collapse import collapse_report
+from unlearn.eval.encoding import Request, Row, encoded_rows
 from unlearn.eval.questions import question_problem
 from unlearn.eval.tasks.utils import argmax, correct_prob, per_character
 from unlearn.models.modes import eval_mode
-
-Request = tuple[str, str]
-"""(context, continuation), as in an lm-eval loglikelihood request."""
 
 
 @dataclass(frozen=True)
@@ -69,99 +67,6 @@ class QuestionScore:
     @property
     def correct_prob(self) -> float:
         return correct_prob(self.loglik, self.answer)
-
-
-@dataclass(frozen=True)
-class _Row:
-    """One sequence to run and the request scores read from it.
-
-    `reads` holds (request idx, first predicting position, target ids): the request's score is
-    the sum of log p(target_k) at positions first + k.
-    """
-
-    ids: list[int]
-    reads: list[tuple[int, int, list[int]]]
-
-
-def _encoder(tokenizer, special_tokens: bool | None):
-    """`encode(texts) -> ids lists` with lm-eval's rule for special tokens (module docstring)."""
-    bos = tokenizer.decode(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else None
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        if special_tokens is False:
-            return tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batched call
-        has_bos = [bool(bos) and t.startswith(bos) for t in texts]
-        plain = [t for t, b in zip(texts, has_bos, strict=True) if not b]
-        ids = iter(tokenizer(plain, add_special_tokens=True)["input_ids"] if plain else [])
-        return [
-            tokenizer.encode(t, add_special_tokens=False) if b else next(ids)
-            for t, b in zip(texts, has_bos, strict=True)
-        ]
-
-    return encode
-
-
-def prefix_token(tokenizer) -> int:
-    """The token a sequence starts from when nothing precedes it: BOS, else EOS (lm-eval's
-    rule; the world's tokenizer has only EOS, its document separator)."""
-    bos = tokenizer.bos_token_id
-    return bos if bos is not None else tokenizer.eos_token_id
-
-
-def encode_requests(
-    tokenizer, requests: Sequence[Request], special_tokens: bool | None = False
-) -> list[tuple[list[int], list[int]]]:
-    """(context ids, continuation ids) of each request, as lm-eval's HF model splits them."""
-    pairs = []
-    for context, continuation in requests:
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        pairs.append((context, continuation))
-    encode = _encoder(tokenizer, special_tokens)
-    # A question's choices share its context: each distinct context is encoded once.
-    unique = list(dict.fromkeys(c for c, _ in pairs if c))
-    wholes_text = [c + x for c, x in pairs if c]
-    encoded = encode(unique + wholes_text) if unique else []
-    contexts = dict(zip(unique, encoded[: len(unique)], strict=True))
-    wholes = iter(encoded[len(unique) :])
-    out = []
-    for context, continuation in pairs:
-        if not context:  # lm-eval: the prefix token is the context
-            out.append(([prefix_token(tokenizer)], encode([continuation])[0]))
-            continue
-        ctx, whole = contexts[context], next(wholes)
-        out.append((ctx, whole[len(ctx) :]))
-    return out
-
-
-def _rows(encoded: Sequence[tuple[list[int], list[int]]], max_length: int | None) -> list[_Row]:
-    """The fewest sequences that score every request.
-
-    Requests with the same context whose continuations are each one token extending that
-    context's own tokens are read from ONE forward of the context, at its last position. A
-    sequence longer than `max_length` + 1 keeps its last tokens, as lm-eval does.
-    """
-    rows: list[_Row] = []
-    shared: dict[tuple[int, ...], _Row] = {}
-    for i, (ctx, cont) in enumerate(encoded):
-        if not cont:
-            raise ValueError("a continuation adds no tokens to its context")
-        fed = (ctx + cont)[:-1]
-        if max_length is not None and len(fed) > max_length:
-            fed = fed[-max_length:]
-        read = (i, len(fed) - len(cont), cont)
-        if read[1] < 0:
-            raise ValueError(f"a continuation of {len(cont)} tokens exceeds the context window")
-        if len(cont) == 1:  # `fed` is the context's tokens (their last max_length)
-            key = tuple(fed)
-            if key not in shared:
-                shared[key] = _Row(fed, [])
-                rows.append(shared[key])
-            shared[key].reads.append(read)
-            continue
-        rows.append(_Row(fed, [read]))
-    return rows
 
 
 def context_window(model: torch.nn.Module, tokenizer) -> int:
@@ -197,8 +102,7 @@ def score_requests(
     would not do: a question is 1 row or one per choice, so equal question counts can still mean
     unequal forwards.
     """
-    encoded = encode_requests(tokenizer, requests, special_tokens)
-    rows = _rows(encoded, context_window(model, tokenizer))
+    rows = encoded_rows(tokenizer, requests, special_tokens, context_window(model, tokenizer))
     device = next(model.parameters()).device
     # Longest first: the first batch is the biggest, so an out-of-memory shows up at once.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
@@ -220,7 +124,7 @@ def score_requests(
 
 
 def _score_batch(
-    model: torch.nn.Module, rows: Sequence[_Row], pad_id: int, device: torch.device
+    model: torch.nn.Module, rows: Sequence[Row], pad_id: int, device: torch.device
 ) -> dict[int, tuple[float, bool]]:
     """One right-padded forward of `rows`: {request idx: (log-likelihood, greedy)}."""
     width = max(len(row.ids) for row in rows)

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from unlearn.distributed import is_main, map_sharded, world_size
 from unlearn.errors import UsageError
-from unlearn.eval.native import context_window, prefix_token
+from unlearn.eval.encoding import prefix_token
+from unlearn.eval.native import context_window
 from unlearn.fsutil import json_kind, jsonl_rows, read_text
 from unlearn.models.modes import eval_mode
 

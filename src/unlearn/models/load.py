@@ -37,8 +37,24 @@ def load_model(
         revision=ref.revision,
         dtype=DTYPES[dtype],
         trust_remote_code=ref.trust_remote_code,
+        **no_hub_kernels(),
     )
     return model.to(device).eval()
+
+
+def no_hub_kernels() -> dict[str, bool]:
+    """`from_pretrained` keywords that keep transformers' own PyTorch layers.
+
+    Since transformers 5 a model loads with hub kernels on whenever the `kernels` package is
+    installed: layers are swapped for kernels fetched from the Hub (a network call on a GPU node,
+    and numbers that depend on what the Hub serves that day), and every `train()` / `eval()`
+    re-runs the kernel selection, which cost about 6% of an unlearning run's time on the mini
+    world, where the reference model flips modes twice per step. Transformers 4 never turned
+    them on, and its `from_pretrained` does not know the keyword.
+    """
+    import transformers
+
+    return {"use_kernels": False} if int(transformers.__version__.split(".")[0]) >= 5 else {}
 
 
 def default_device() -> torch.device:

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from unlearn.eval.native import context_window, encode_requests, evaluate_questions
+from unlearn.eval.encoding import encode_requests
+from unlearn.eval.native import context_window, evaluate_questions
 from unlearn.eval.questions import question_problem
 from unlearn.models.modes import eval_mode
 from unlearn.readouts.fitting import text_batches

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from unlearn.data.batching import collate, tokenize_examples
-from unlearn.eval.native import context_window, encode_requests
+from unlearn.eval.encoding import encode_requests
+from unlearn.eval.native import context_window
 from unlearn.readouts.fitting import FIT_MAX_LENGTH
 from unlearn.readouts.hooks import forward_hiddens, num_layers
 

@@ -35,6 +35,7 @@ from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 from unlearn.config.settings import check_seed
 from unlearn.errors import UsageError
 from unlearn.fsutil import atomic_dir, atomic_write_json, check_writable_parent, write_jsonl
+from unlearn.models.load import no_hub_kernels
 from unlearn.world.generate import CORPUS_PHASES, generate
 from unlearn.world.load import WORLD_FILE, World, load_world
 from unlearn.world.parallel import available_cores
@@ -192,7 +193,9 @@ def _build_into(root: Path, preset: str, seed: int, progress: bool, layout: Thre
         groups=data.groups,
         perplexity={task: root / rel for task, rel in PERPLEXITY_FILES.items()},
     )
-    ignorant = GPTNeoXForCausalLM.from_pretrained(str(world.ignorant_checkpoint))
+    ignorant = GPTNeoXForCausalLM.from_pretrained(
+        str(world.ignorant_checkpoint), **no_hub_kernels()
+    )
     baseline = {}
     for name, model in (
         ("target", result.target),
