@@ -72,6 +72,11 @@ PAGES = {
         DEMO_FILES,
         what="the field's baselines at their defaults, `quick` robustness suite",
     ),
+    "tamper": Page(
+        (("demo", "--campaign", "tamper", "--world", "{world}", "--out", "{work}"),),
+        DEMO_FILES,
+        what="the tamper-resistant methods and step modifiers at their first settings, `quick`",
+    ),
     "robustness-standard": Page(
         (("demo", "--suite", "standard", "--world", "{world}", "--out", "{work}"),),
         DEMO_FILES,

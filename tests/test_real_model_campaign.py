@@ -171,7 +171,8 @@ def test_campaign_on_a_real_model_without_a_world(
 
     # The scorecard: each family's worst case, the overall one and what reached it.
     titles = {"finetune-forget": "fine-tune, forget data",
-              "finetune-benign": "fine-tune, benign data", "probe-linear": "linear probe",
+              "finetune-benign": "fine-tune, benign data", "quant-int8": "int8 quantisation",
+              "quant-int4": "int4 quantisation", "probe-linear": "linear probe",
               "probe-ablation": "direction ablation", "probe-in_context": "in-context"}  # fmt: skip
     assert list(rb["families"]) == list(titles)
     assert sections["Robustness scorecard"] == [
@@ -182,7 +183,7 @@ def test_campaign_on_a_real_model_without_a_world(
     ]  # fmt: skip
     # The worst-case plot: the worst fine-tuning attack's curve (step, held-out acc, counts).
     curves, references, task = plotted["plot_worst_case_curves"][:3]
-    attacks = {a["name"]: a for a in rb["attacks"]}
+    attacks = {a["name"]: a for a in rb["attacks"] if a["kind"] == "finetune"}
     worst = max(a["worst_case"] for a in attacks.values())
     drawn = {
         name: [(p["step"], p["heldout"], p["counts"]) for p in a["curve"]]

@@ -61,6 +61,11 @@ def _quiet_libraries() -> None:
     import logging
 
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    # transformers imports torchao (the quantisation attack's library) whenever it is installed;
+    # torchao then warns about each optional CUDA kernel a CPU build cannot load, and torch about
+    # each enum it registers: lines on every command, for kernels the project never calls.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,26 @@ BASELINE_SWEEPS = {
 }
 """`--campaign baselines`: the field's baselines at their documented defaults, in a
 campaign of their own: beside the seed methods the cold demo would pass its 10 minutes."""
-CAMPAIGNS = {"seed": DEMO_SWEEPS, "baselines": BASELINE_SWEEPS}
+TAMPER_SWEEPS = {
+    "default": [
+        {"method": "repnoise"},
+        {"method": "tar"},
+        # The step modifiers on two baselines: a latent adversary at block 1 of 6, whose
+        # outputs have a median norm of about 35 on the default world (so 4 is about 11%), and
+        # a sharpness-aware step of 0.01 in weight space. First points, not calibrated.
+        {"method": "rmu", "base": {"lat_eps": 4.0}},
+        {"method": "npo", "base": {"sam_rho": 0.01}},
+    ],
+    "tiny": [
+        {"method": "repnoise", "base": {"max_steps": 20}},
+        {"method": "tar", "base": {"max_steps": 20}},
+        {"method": "rmu", "base": {"max_steps": 20, "lat_eps": 2.0}},
+        {"method": "npo", "base": {"max_steps": 20, "sam_rho": 0.01}},
+    ],
+}
+"""`--campaign tamper`: the tamper-resistant methods and the step modifiers at their first
+settings."""
+CAMPAIGNS = {"seed": DEMO_SWEEPS, "baselines": BASELINE_SWEEPS, "tamper": TAMPER_SWEEPS}
 DEMO_SUITES = {
     "default": SUITES["quick"],
     "tiny": dataclasses.replace(
@@ -101,8 +120,9 @@ class DemoConfig:
     world: str | None = None
     """Use this existing world instead of OUT/world."""
     campaign: str = "seed"
-    """seed (the three seed methods) or baselines (grad_diff, npo, simnpo, rmu, rr; give --world
-    to reuse the seed campaign's world)."""
+    """seed (the three seed methods), baselines (grad_diff, npo, simnpo, rmu, rr) or tamper
+    (repnoise, tar, rmu with a latent adversary, npo with a sharpness-aware step); give --world
+    to reuse the seed campaign's world."""
     suite: str | None = None
     """The robustness suite run on each method's best run and on the references: quick (the
     default), standard or campaign (docs/robustness.md)."""

@@ -88,9 +88,12 @@ def check_seed(value: object, name: str = "--seed") -> None:
 OPERATIONAL_FIELDS = ("progress", "checkpoint_every", "collective_timeout")
 """Fields that cannot change a run's result: a resume may change them, and they are not part of
 a sweep point's identity."""
-ADDED_FIELDS = {"mixed_precision": "no", "gradient_checkpointing": False}
+ADDED_FIELDS = {"mixed_precision": "no", "gradient_checkpointing": False,
+                "lat_eps": 0.0, "lat_steps": 4, "lat_layers": [], "sam_rho": 0.0}  # fmt: skip
 """Training fields added after runs were recorded without them: a missing one means its default,
-so a checkpoint written before the field existed still resumes."""
+so a checkpoint written before the field existed still resumes. (The step modifiers' fields,
+`training.modifiers.StepModifiers`, are recorded only when given; their defaults here keep a
+config that names them at their defaults equal to one that does not.)"""
 
 
 @dataclass

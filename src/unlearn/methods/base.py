@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from unlearn.config.settings import LoraSettings, TrainConfig
 from unlearn.data.batching import Batch
 from unlearn.errors import UsageError
 from unlearn.models.modes import adapters_disabled, eval_mode
@@ -105,6 +106,11 @@ class MethodConfig:
         """Checks of the method's own inputs (helper files, hub ids) that need no weights; run
         by the recipe's validation, after `check_layers`. Nothing to check by default."""
 
+    def check_training(self, model: ModelRef, train: TrainConfig, lora: LoraSettings) -> None:
+        """The method's limits on the training settings (a data-parallel mode it cannot run
+        under, a batch too small to split) and its training inputs, before weights load; run by
+        the recipe's validation after `check_inputs`. None by default."""
+
 
 SHARED_SETTINGS = tuple(f.name for f in dataclasses.fields(MethodConfig))
 """The settings every method's config has; each method declares those it reads (`Method.uses`)."""
@@ -159,6 +165,10 @@ class Reference:
         """The original weights' identity (model cache key, dtype, device) for the frozen cache;
         None: its outputs are never cached. Constant either way: LoRA freezes the base weights
         and the full fine-tuning reference is a frozen copy."""
+        self.active = 0
+        """How many `use` contexts are open: with LoRA the original is the trained module
+        itself, so a hook on it that must leave the original's forwards alone (the latent
+        adversary's, unlearn.training.modifiers) checks this."""
         if frozen_copy is not None:
             frozen_copy.eval().requires_grad_(False)
         elif not hasattr(model, "disable_adapter"):
@@ -167,11 +177,15 @@ class Reference:
     @contextlib.contextmanager
     def use(self) -> Iterator[nn.Module]:
         """The original model, in eval mode (no dropout), for forwards inside the context."""
-        if self.copy is not None:
-            yield self.copy
-            return
-        with eval_mode(self.model), adapters_disabled(self.model):
-            yield self.model
+        self.active += 1
+        try:
+            if self.copy is not None:
+                yield self.copy
+                return
+            with eval_mode(self.model), adapters_disabled(self.model):
+                yield self.model
+        finally:
+            self.active -= 1
 
     def outputs_key(self, kind: str, layers: Sequence[int]) -> dict | None:
         """What identifies the reference's `kind` outputs at `layers` in the frozen cache."""
@@ -315,6 +329,11 @@ class Method:
     uses: ClassVar[tuple[str, ...]]
     """The shared settings (`SHARED_SETTINGS`) this method reads; `register` requires it. Any
     other one set to a value other than its default is refused (`check_settings`)."""
+    step_modifier: object | None = None
+    """How the training loop computes this method's micro-batch gradients when a step modifier
+    (latent adversary, sharpness-aware step: `unlearn.training.modifiers.StepModifier`) is
+    configured; None: the loop's plain forward and backward. Set by the recipe, never read by
+    the method itself."""
 
     @classmethod
     def check_settings(cls, cfg: MethodConfig) -> None:

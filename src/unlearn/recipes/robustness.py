@@ -12,6 +12,7 @@ robustness gap of each model is its worst case minus the twin's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -51,7 +52,10 @@ class RobustnessArgs:
     world: str | None = None
     """Mini world: attack corpora, questions, and the reference models (twin and target)."""
     suite: str = "quick"
-    """quick, standard, campaign, or a suite YAML file (docs/robustness.md)."""
+    """quick, standard, searched, campaign, or a suite YAML file (docs/robustness.md)."""
+    attack_budget: int | None = None
+    """New fine-tuning attacks an Optuna search tries on each model after the suite's grid
+    (default: the suite's own; `searched` has 8, the others 0)."""
     tasks: SuiteArgs = field(default_factory=SuiteArgs)
     """Tasks on the attack curves (--forget_tasks, --retain_tasks, ...); default on a world:
     forget_heldout and forget, and the retain tasks."""
@@ -94,7 +98,14 @@ class RobustnessArgs:
         if self.eval_batch_size < 1:
             raise UsageError(f"--eval_batch_size must be >= 1, got {self.eval_batch_size}")
         check_seed(self.seed)
-        load_suite(self.suite)  # an unknown suite or a bad file: one line, now
+        self.resolved_suite()  # an unknown suite, a bad file or budget: one line, now
+
+    def resolved_suite(self) -> RobustnessSuite:
+        """The suite, with --attack_budget applied."""
+        suite = load_suite(self.suite)
+        if self.attack_budget is None:
+            return suite
+        return dataclasses.replace(suite, attack_budget=self.attack_budget)
 
 
 def _same(a: ModelRef, b: ModelRef) -> bool:
@@ -130,7 +141,7 @@ def run_robustness(args: RobustnessArgs) -> dict[str, Any]:
     """Run the suite on the model (and the references), write OUT/robustness.json; returns it.
     Every input is checked before any weights load (UsageError)."""
     world = load_world(args.world) if args.world else None
-    suite = load_suite(args.suite)
+    suite = args.resolved_suite()
     inputs = suite_inputs(suite, world, args.tasks, args.heldout_task, args.corpus,
                           args.benign_corpus, args.probe_questions, args.eval_batch_size,
                           args.seed, args.progress)  # fmt: skip

@@ -32,6 +32,7 @@ from unlearn.models.load import load_model, load_tokenizer
 from unlearn.models.lora import attach_lora, check_lora_targets
 from unlearn.models.refs import ModelRef, model_num_layers
 from unlearn.readouts.fitting import general_texts
+from unlearn.readouts.hooks import num_layers
 from unlearn.recipes.best_step import BestKeeper
 from unlearn.recipes.eval_curve import (
     CurveArgs,
@@ -46,6 +47,7 @@ from unlearn.tracking import TrackingArgs
 from unlearn.training.frozen_cache import FrozenCache, FrozenCacheArgs, frozen_key
 from unlearn.training.frozen_cache import from_args as frozen_from_args
 from unlearn.training.loop import Plan, TrainState, make_plan
+from unlearn.training.modifiers import StepModifiers, build_modifier, modifier_fields
 from unlearn.training.precision import match_frozen_copy
 from unlearn.world import load_world
 from unlearn.world.generate import WORLD_RETAIN_CORPORA
@@ -86,6 +88,9 @@ class RunArgs:
     eval_batch_size: int = 64
     curve: CurveArgs = field(default_factory=CurveArgs)
     """Evaluation during training (--eval_every, --save_best, --delta; recipes.eval_curve)."""
+    modifiers: StepModifiers = field(default_factory=StepModifiers)
+    """Step modifiers any method can train with (--lat_eps, --lat_steps, --lat_layers,
+    --sam_rho; training.modifiers): part of the run's config."""
     run_id: str | None = None
     """Id in run.json and the store (default: the run directory's name)."""
     store: str | None = None
@@ -128,6 +133,7 @@ class RunConfig:
         # Every way to a run config (flags, --config files, sweep points, search trials) ends
         # here: a setting the method would ignore is refused, not recorded as if it mattered.
         get_method(self.args.method).check_settings(self.method)
+        self.args.modifiers.check_mode(self.train.distributed)
 
     def to_dict(self) -> dict:
         return {
@@ -145,6 +151,7 @@ class RunConfig:
             },
             **suite_fields(self.args.suite),
             **curve_fields(self.args.curve),
+            **modifier_fields(self.args.modifiers),
         }
 
 
@@ -219,10 +226,13 @@ def validate(cfg: RunConfig) -> Validated:
     ref = args.model_args.resolve(world, default=world.target if world else None)
     n_layers = model_num_layers(ref)
     cfg.method.check_layers(n_layers)
+    cfg.args.modifiers.check_layers(n_layers)
     cfg.method.check_inputs(ref, n_layers)  # e.g. a --lens hub id, found before weights load
+    cfg.method.check_training(ref, cfg.train, cfg.lora)  # e.g. tar: no fsdp2
     # The output directory and the store before anything is written or loaded: OUT must not
     # hold the model (reset deletes OUT/model) and must be ours to replace.
-    inputs = {"input model": ref.name, "source checkpoint": getattr(cfg.method, "source", None)}
+    inputs = {"input model": ref.name, "source checkpoint": getattr(cfg.method, "source", None),
+              "initial safeguard": getattr(cfg.method, "safeguard", None)}  # fmt: skip
     out = check_destination(args.out, "unlearn", inputs, args.store)
     if cfg.lora.lora:  # peft would report a bad name only after the weights loaded
         check_lora_targets(ref, cfg.lora.lora_target_modules)
@@ -296,6 +306,8 @@ def prepare(cfg: RunConfig, v: Validated, out: Path, par: Parallel | None = None
     env = _method_env(v.world, v.model_ref, tokenizer, device, tcfg, general, out)
     with par.main_first():  # rank 0 fits and caches lenses / affine maps, the others load them
         method.setup(model, env)
+    # The loop asks it for each micro-batch's gradients (None: both modifiers off).
+    method.step_modifier = build_modifier(cfg.args.modifiers, num_layers(model))
     frozen_params = [p for name, p in model.named_parameters()
                      if p.requires_grad and not method.trainable(name)]  # fmt: skip
     for p in frozen_params:  # before wrapping: DDP and FSDP2 see which parameters train
@@ -367,13 +379,19 @@ class Unlearning:
         run.update(
             final=final,
             model_path=paths.get("model", paths.get("adapter")),
-            config={**run.meta.config, **t.objective.describe()},
+            config={**run.meta.config, **t.objective.describe(), **_modifier_describe(t)},
         )
         if session.suite is not None:
             final_evaluation(
                 session, t.model, t.tokenizer, self.cfg.args.eval_batch_size,
                 t.plan.total_steps, self.keeper,
             )  # fmt: skip
+
+
+def _modifier_describe(t: Trainee) -> dict:
+    """The step modifier's resolved defaults (its latent adversary's blocks), if it has one."""
+    modifier = getattr(t.objective, "step_modifier", None)
+    return modifier.describe() if modifier is not None else {}
 
 
 def _method_env(world, model_ref, tokenizer, device, tcfg, retain_texts, out) -> MethodEnv:

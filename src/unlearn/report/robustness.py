@@ -25,10 +25,15 @@ from unlearn.report.plots import plot_worst_case_curves
 from unlearn.report.tables import MISSING, markdown_table, pct, result_cell
 from unlearn.robustness.score import (
     FAMILY_ORDER,
+    LATENT_NAME,
     SCORED_ATTACK,
+    SEARCH_FAMILY,
+    START_NAME,
     constrained_curve,
     curve_point,
     gap,
+    quant_name,
+    trial_name,
 )
 from unlearn.runs.store import Store, StoredRun
 
@@ -38,10 +43,14 @@ ROBUSTNESS_PNG = "robustness_curves.png"
 FAMILY_TITLES = {
     "finetune-forget": "fine-tune, forget data",
     "finetune-benign": "fine-tune, benign data",
+    "finetune-searched": "fine-tune, searched",
     "probe-linear": "linear probe",
     "probe-lens": "tuned-lens read-out",
     "probe-ablation": "direction ablation",
     "probe-in_context": "in-context",
+    "quant-int8": "int8 quantisation",
+    "quant-int4": "int4 quantisation",
+    "latent": "latent perturbation",
 }
 
 
@@ -50,6 +59,14 @@ def _families(run: StoredRun) -> dict[str, str]:
     suite = run.config.get("suite_def") or {}
     names = {a["name"]: f"finetune-{a['data']}" for a in suite.get("attacks") or []}
     names.update({p: f"probe-{p}" for p in suite.get("probes") or []})
+    # A quantisation scheme and the latent attack are each a family of one row, named alike.
+    names.update({quant_name(s): quant_name(s) for s in suite.get("quantize") or []})
+    if suite.get("latent") is not None:
+        names[LATENT_NAME] = LATENT_NAME
+    # The attack search's rows: the grid's best carried over, then its trials.
+    budget = suite.get("attack_budget") or 0
+    if budget:
+        names.update({n: SEARCH_FAMILY for n in (START_NAME, *map(trial_name, range(budget)))})
     return names
 
 
@@ -166,7 +183,8 @@ def _table(data: ReportData, runs: list[StoredRun], by_id: dict, key: str) -> st
         f"Suite `{first.get('suite')}` ({key}) on `{first.get('heldout_task')}`. Each cell is the "
         "highest held-out forget accuracy the family reached: over the fine-tuning attacks' "
         "steps that keep every retain task within the suite's utility margin of its own "
-        "accuracy before the attack, and over the probes' read-outs; step 0 (no attack) counts, "
+        "accuracy before the attack, over the quantised and latent-perturbed models under the "
+        "same margin, and over the probes' read-outs; step 0 (no attack) counts, "
         "so a cell is never below the model's own accuracy for attacks. gap to twin = worst "
         "case minus the filtered twin's under the identical suite and inputs (both complete); "
         "half recovery = the fewest attack steps to regain half the gap between the model and "

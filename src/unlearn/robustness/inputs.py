@@ -11,9 +11,10 @@ Design choices:
 - `SuiteInputs.key()` is a digest of everything besides the model that changes a result: the
   suite, the held-out task and the curve's tasks (question files by content), every attack's
   full run config (seed, dtype, limits, lengths), the corpora and probe questions by content,
-  the world (its world.json) and the evaluation batch size. Cached references live in a folder
-  named by it and record it, with the model's weights identity (`ModelRef.cache_key`), so a
-  reference is reused only for the identical comparison.
+  the world (its world.json), the evaluation batch size and, with a quantisation attack, the
+  quantisation library's version. Cached references live in a folder named by it and record
+  it, with the model's weights identity (`ModelRef.cache_key`), so a reference is reused only
+  for the identical comparison.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from unlearn.distributed import env_world_size
 from unlearn.errors import UsageError
 from unlearn.eval.questions import read_question_file
 from unlearn.eval.suite import Suite, SuiteArgs, resolve_suite
 from unlearn.models.refs import ModelRef
+from unlearn.robustness.quantize import library_version
 from unlearn.robustness.suite import FinetuneAttack, RobustnessSuite
 from unlearn.world import World
 
@@ -115,6 +118,8 @@ class SuiteInputs:
             "eval_batch_size": self.eval_batch_size,
             "seed": self.seed,
         }
+        if self.suite.quantize:  # another torchao may round (or pick groups) differently
+            payload["quant_library"] = library_version()
         text = json.dumps(payload, sort_keys=True, default=str)
         return f"{self.suite.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
@@ -175,7 +180,7 @@ def suite_inputs(
     )
     if heldout not in resolved.forget:
         raise UsageError(f"--heldout_task {heldout} is not a forget task of the curve suite")
-    if suite.attacks and not resolved.retain:
+    if (suite.attacks or suite.weightless_names()) and not resolved.retain:
         raise UsageError("the utility constraint needs a retain task (give --retain_tasks)")
     unlearned = next((t for t in resolved.forget if t != heldout), None)
     held = resolved.task(heldout)
@@ -199,9 +204,18 @@ def _check_files(
     """The checks that read at most a small file: run before the curve's tasks resolve."""
     from unlearn.data.corpus import CorpusSpec
 
+    if suite.weightless_names() and env_world_size() > 1:
+        # Each rank would load, quantise and perturb its own copy and write the same runs.
+        raise UsageError(
+            "the quantisation and latent attacks run in one process: run the suite without torchrun"
+        )
+    if suite.quantize:
+        library_version()  # the quantisation library is installed and imports, now
     if world is None:
         kinds = {a.data for a in suite.attacks}
-        if "forget" in kinds and not forget_corpus:
+        if suite.attack_budget:  # the attack search's data too
+            kinds |= set(suite.attack_space.data)
+        if ("forget" in kinds or suite.latent is not None) and not forget_corpus:
             raise UsageError("without --world, --corpus (forget-domain documents) is required")
         if ("benign" in kinds or suite.probes) and not benign_corpus:
             raise UsageError("without --world, --benign_corpus (benign documents) is required")

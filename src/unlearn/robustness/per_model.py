@@ -9,7 +9,8 @@ Layout of OUT (a robustness run directory):
 
     OUT/run.json, evals.jsonl       the summary run (kind robustness)
     OUT/attacks/NAME/               one attack run per suite attack (kind attack, evals.jsonl)
-    OUT/probes/NAME/                one probe run per suite probe (kind probe, probe.json)
+    OUT/probes/NAME/                one probe run per suite probe (kind probe, probe.json),
+                                    and per quantisation scheme and latent attack (`weightless`)
     OUT/result.json                 this model's row of robustness.json
 
 Rerunning skips each attack and probe that finished with the same configuration, so a killed
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,21 @@ from unlearn.models.load import default_device, load_model, load_tokenizer
 from unlearn.models.refs import ModelRef, model_num_layers
 from unlearn.readouts.fitting import general_texts
 from unlearn.recipes.attack import build_attack_config, run_attack
+from unlearn.robustness.attack_search import searched_rows
+from unlearn.robustness.children import finished_run as _finished
+from unlearn.robustness.children import run_error as _error
 from unlearn.robustness.inputs import SuiteInputs, suite_inputs  # noqa: F401 (re-exported)
 from unlearn.robustness.probes import ProbeData, ProbeOptions, run_probe
-from unlearn.robustness.score import CurvePoint, attack_row, curve_point, model_score, probe_row
+from unlearn.robustness.score import (
+    CurvePoint,
+    attack_row,
+    curve_point,
+    model_score,
+    probe_row,
+    trial_name,
+)
 from unlearn.robustness.suite import FinetuneAttack, RobustnessSuite
+from unlearn.robustness.weightless import weightless_rows
 from unlearn.runs.lifecycle import run_lifecycle
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import RunDir, check_run_out
@@ -48,13 +61,20 @@ from unlearn.world.generate import PATHOGEN_RELATIONS
 
 
 def check_probe_layers(suite: RobustnessSuite, ref: ModelRef) -> None:
-    """UsageError for a probe layer outside the model's blocks (from its config, no weights)."""
-    if suite.probe_layers is None or not ({"linear", "lens"} & set(suite.probes)):
+    """UsageError for a probe or latent-attack layer outside the model's blocks (from its
+    config, no weights)."""
+    checks = []
+    if suite.probe_layers is not None and {"linear", "lens"} & set(suite.probes):
+        checks.append(("probe_layers", suite.probe_layers))
+    if suite.latent is not None and suite.latent.layers is not None:
+        checks.append(("latent layers", suite.latent.layers))
+    if not checks:
         return
     n = model_num_layers(ref)
-    bad = [layer for layer in suite.probe_layers if not 0 <= layer < n]
-    if bad:
-        raise UsageError(f"probe_layers {bad} outside the model's blocks 0..{n - 1}")
+    for what, layers in checks:
+        bad = [layer for layer in layers if not 0 <= layer < n]
+        if bad:
+            raise UsageError(f"{what} {bad} outside the model's blocks 0..{n - 1}")
 
 
 def probe_data(inputs: SuiteInputs) -> ProbeData:
@@ -99,33 +119,6 @@ def _curve(run_dir: Path, inputs: SuiteInputs) -> list[CurvePoint]:
             for step, values in sorted(by_step.items())]  # fmt: skip
 
 
-def _finished(run_dir: Path, config: dict | None = None) -> RunMeta | None:
-    """The run in `run_dir` if it ended (not running or preempted) with this config."""
-    if not RunDir(run_dir).exists():
-        return None
-    try:
-        meta = RunDir(run_dir).read_meta()
-    except UsageError:
-        return None
-    if meta.status in ("running", "pending", "preempted"):
-        return None
-    if config is not None and meta.status == "failed":
-        return None  # an attack or probe that failed is tried again (a diverged one is a result)
-    if config is not None:
-        stored = {k: v for k, v in meta.config.items() if k != "suite"}
-        if stored != json.loads(json.dumps(config)):
-            return None
-    return meta
-
-
-def _error(run_dir: Path, meta: RunMeta) -> str | None:
-    """Why a run has no result: its own error, else its first failed evaluation's."""
-    if meta.error:
-        return meta.error
-    failed = [e for e in RunDir(run_dir).read().evals if e.status == "failed"]
-    return f"evaluation of {failed[0].task} failed: {failed[0].error}" if failed else None
-
-
 def _recorded_key(out: Path) -> dict[str, Any] | None:
     """The result key the robustness run in `out` recorded (None: none there)."""
     if not RunDir(out).exists():
@@ -141,7 +134,9 @@ def _remove_stale(out: Path, suite: RobustnessSuite, keep_none: bool = False) ->
     """Remove our children that are not this suite's (all of them with `keep_none`: they ran
     on other inputs or other weights, and an attack's config names its corpus by path and its
     model by name only, so they would be taken as finished)."""
-    keep = {"attacks": {a.name for a in suite.attacks}, "probes": set(suite.probes)}
+    trials = {trial_name(i) for i in range(suite.attack_budget)}  # the attack search's
+    keep = {"attacks": {a.name for a in suite.attacks} | trials,
+            "probes": {*suite.probes, *suite.weightless_names()}}  # fmt: skip
     for sub, names in keep.items():
         folder = out / sub
         if not folder.is_dir():
@@ -188,6 +183,14 @@ def evaluate_model(
                 original = row["curve"][0]["heldout"]
                 row = _attack(inputs, attack, ref, out, run_id, store, original)  # finished
             attacks.append(row)
+        if suite.attack_budget:
+
+            def trial(attack: FinetuneAttack) -> dict[str, Any]:
+                return _attack(inputs, attack, ref, out, run_id, store, original, children)
+
+            attacks += searched_rows(suite.attacks, attacks, suite.attack_budget, inputs.seed,
+                                     trial, suite.attack_space, _log)  # fmt: skip
+        attacks += weightless_rows(inputs, ref, out, run_id, store, children)
         probes = _probes(inputs, ref, out, run_id, store, children)
         score = model_score(attacks, probes)
         result = {"label": label, "role": role, "model": ref.name, "run_id": run_id,
@@ -329,3 +332,7 @@ def cached_result(out: Path, inputs: SuiteInputs, ref: ModelRef) -> dict[str, An
     if row.get("complete") is not True or row.get("inputs_key") != inputs.key():
         return None
     return {**row, "status": meta.status}
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

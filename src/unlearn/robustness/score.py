@@ -7,6 +7,9 @@ its scorecard from the store with the same functions, so the two can never disag
   `utility_margin` (the search's rule: a minimum over tasks would let a non-minimal task fall
   far past the margin). Steps that break it stay on the curve, marked, and are never the worst
   case. Step 0 always counts: the unattacked model is part of the worst case.
+- A quantisation or latent attack (`weightless_row`) is a two-point curve: the model as it is
+  (step 0) and the attacked model (step 1), under the same utility constraint, so an attack
+  that breaks a retain task is shown, with what it cost, but never counted.
 - A failed attack (failed or collapsed run, or a failed evaluation on its curve) or a failed
   probe is a failed row: it has no number and is listed, never scored. A diverged attack keeps
   the steps it evaluated before diverging: they are what the adversary reached.
@@ -24,9 +27,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+LATENT_NAME = "latent"
+"""The latent attack's row name and scorecard family."""
+SEARCH_FAMILY = "finetune-searched"
+"""The scorecard column of the attack search's best attack."""
+SEARCH_TRIAL_PREFIX = "search-"
+"""Names (and run folders) of the attack search's trials: search-00, search-01, ..."""
+START_NAME = "search-start"
+"""The row that carries the grid's most damaging attack into the search's family."""
+
+
+def quant_name(scheme: str) -> str:
+    """A quantisation scheme's row name and scorecard family: quant-int8, quant-int4."""
+    return f"quant-{scheme}"
+
+
+def trial_name(number: int) -> str:
+    """The attack search's trial `number`: search-00, search-01, ..."""
+    return f"{SEARCH_TRIAL_PREFIX}{number:02d}"
+
+
 FAMILY_ORDER = (
     "finetune-forget",
     "finetune-benign",
+    "finetune-searched",
+    "quant-int8",
+    "quant-int4",
+    "latent",
     "probe-linear",
     "probe-lens",
     "probe-ablation",
@@ -167,6 +194,47 @@ def probe_row(
         return row
     row.update(dict(result or {}))
     row["worst_case"] = float(acc)
+    return row
+
+
+def weightless_row(
+    name: str,
+    kind: str,
+    status: str,
+    result: Mapping[str, Any] | None,
+    margin: float,
+    error: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """A quantisation or latent attack's row (family = its name). `result` holds the attacked
+    model's held-out accuracy `acc` and retain accuracies `retains`, and `base`: the same of the
+    model as it is ({"heldout", "retains"}). Its curve is step 0 (the model) and step 1 (the
+    attacked model) under the utility constraint; the worst case is the highest counting one
+    (step 0 always counts, as for a fine-tuning attack), `counts` says whether the attacked model
+    did, and `retain_cost` is each retain task's accuracy change (attacked minus base)."""
+    row: dict[str, Any] = {"name": name, "family": name, "kind": kind, "run_id": run_id,
+                           "status": status, "error": error}  # fmt: skip
+    base = (result or {}).get("base")
+    if status != "done" or not result or not base:
+        row.update(status="failed", worst_case=None, error=error or "no result")
+        return row
+    retains, before = dict(result.get("retains") or {}), dict(base.get("retains") or {})
+    points = [CurvePoint(0, base.get("heldout"), before),
+              CurvePoint(1, result.get("acc"), retains)]  # fmt: skip
+    curve = constrained_curve(points, margin)
+    counting = [r for r in curve if r["counts"]]
+    row.update({k: v for k, v in result.items() if k not in row})
+    row["curve"] = curve
+    if not counting:
+        failed = base.get("errors") or {}
+        why = next((f"evaluation of {t} before the attack failed: {e}" for t, e in failed.items()),
+                   "no evaluated step")  # fmt: skip
+        row.update(status="failed", worst_case=None, error=error or why)
+        return row
+    cost = {t: None if v is None or before.get(t) is None else v - before[t]
+            for t, v in retains.items()}  # fmt: skip
+    row.update(worst_case=max(r["heldout"] for r in counting), counts=curve[1]["counts"],
+               retain_cost=cost)  # fmt: skip
     return row
 
 

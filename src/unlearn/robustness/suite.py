@@ -10,22 +10,33 @@ A suite is
   probe per layer), `lens` (tuned-lens read-out per layer), `ablation` (the forget-vs-retain
   mean-difference direction removed at every layer), `in_context` (forget-domain documents
   prefixed to each question);
+- quantisation attacks (`quantize`: int8, int4; `unlearn.robustness.quantize`), the model's
+  block weights rounded to a low-bit grid, and the latent attack (`latent`, a `LatentAttack`;
+  `unlearn.robustness.latent`), a universal residual-stream perturbation optimised on
+  forget-domain documents; each scored on the held-out questions and every retain task with
+  the model left unchanged on disk;
 - the utility constraint: an attack step counts only while every retain task's accuracy is at
   least that task's own before the attack minus `utility_margin` (an attacker wants a useful
   model).
 
 The built-in suites (`SUITES`), calibrated on the default mini world (README, docs/robustness.md):
 - `quick`: for sweeps, search and the demo (<= 60 s per model on 2 cores): one forget-domain
-  and one benign full fine-tuning attack and three probes that need no training;
+  and one benign full fine-tuning attack, three probes that need no training and the int8 and
+  int4 quantisation attacks;
 - `standard`: the full grid (full and LoRA, three learning rates on forget-domain data, two on
-  benign data) and every probe (<= 10 minutes per model on 2 cores);
+  benign data), every probe, both quantisation schemes and the latent attack (<= 10 minutes per
+  model on 2 cores);
+- `searched`: `standard` plus an attack search (`unlearn.robustness.attack_search`) of
+  `attack_budget` (8; `--attack_budget N`) new fine-tuning attacks per model;
 - `campaign`: the reference campaign's protocol for GPU users (512 forget-domain examples, lr 2e-5,
-  AdamW and Muon, evaluation every 100 steps, long runs) plus every probe.
+  AdamW and Muon, evaluation every 100 steps, long runs) plus every probe, both quantisation
+  schemes and the latent attack.
 
 A suite file is YAML with the fields of `RobustnessSuite`; its `attacks` entries have the fields
-of `FinetuneAttack`, and an `lr` given as a list makes one attack per learning rate. An unknown
-field, a bad value or type (named), a duplicate attack name or a name that is not a plain folder
-name is one line (UsageError) before anything loads.
+of `FinetuneAttack`, and an `lr` given as a list makes one attack per learning rate; `latent` is
+a mapping of `LatentAttack` fields (`{}` or `true`: the defaults). An unknown field, an unknown
+quantisation scheme, a bad value or type (named), a duplicate attack name or a name that is not
+a plain folder name is one line (UsageError) before anything loads.
 """
 
 from __future__ import annotations
@@ -33,107 +44,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from unlearn.config.settings import OPTIMIZERS
 from unlearn.config.yamlio import read_yaml
 from unlearn.errors import UsageError
+from unlearn.robustness.attacks import (
+    AttackSpace,
+    FinetuneAttack,
+    LatentAttack,
+    check_plain_name,
+    is_int,
+)
+from unlearn.robustness.quantize import SCHEMES
+from unlearn.robustness.score import LATENT_NAME, SEARCH_TRIAL_PREFIX, quant_name
 
-ATTACK_DATA = ("forget", "benign")
 PROBE_NAMES = ("linear", "lens", "ablation", "in_context")
-
-
-def _is_int(value: Any, minimum: int) -> bool:
-    """An integer >= minimum (YAML's true/false are not integers here)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _check_plain_name(what: str, name: Any) -> None:
-    """A name that becomes a folder (an attack's run directory, the suite's cache folder): a
-    non-empty string with no path separator that does not start with a dot (no `..`)."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or any(sep in name for sep in ("/", "\\", os.sep))
-        or name.startswith(".")
-    ):
-        raise UsageError(
-            f"{what} must be a plain name (no path separator, no leading dot), got {name!r}"
-        )
-
-
-def _fmt_lr(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
-
-
-@dataclass(frozen=True)
-class FinetuneAttack:
-    """One fine-tuning attack of a suite."""
-
-    data: str = "forget"
-    """forget (forget-domain documents the model was not unlearned on) or benign (retain and
-    filler text only)."""
-    lr: float = 1e-3
-    lora: bool = False
-    """LoRA (rank 16 on every linear layer of the blocks) instead of full fine-tuning."""
-    steps: int = 60
-    optimizer: str = "adamw"
-    eval_every: int = 20
-    pdbs: int = 16
-    """Documents per optimizer step."""
-    num_examples: int | None = None
-    """Documents to train on (None: all of the attack corpus)."""
-    name: str | None = None
-    """Default: DATA-full|lora-lrLR[-muon]."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.data, str) or self.data not in ATTACK_DATA:
-            known = ", ".join(ATTACK_DATA)
-            raise UsageError(f"attack data must be one of {known}, got {self.data!r}")
-        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not self.lr > 0:
-            raise UsageError(f"attack lr must be > 0, got {self.lr!r}")
-        for what in ("steps", "eval_every", "pdbs"):
-            value = getattr(self, what)
-            if not _is_int(value, 1):
-                raise UsageError(f"attack {what} must be an integer >= 1, got {value!r}")
-        if self.num_examples is not None and not _is_int(self.num_examples, 1):
-            raise UsageError(
-                f"attack num_examples must be an integer >= 1, got {self.num_examples!r}"
-            )
-        if not isinstance(self.lora, bool):
-            raise UsageError(f"attack lora must be true or false, got {self.lora!r}")
-        if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
-            raise UsageError(
-                f"attack optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
-            )
-        if self.name is None:
-            mode = "lora" if self.lora else "full"
-            opt = "" if self.optimizer == "adamw" else f"-{self.optimizer}"
-            object.__setattr__(self, "name", f"{self.data}-{mode}-lr{_fmt_lr(self.lr)}{opt}")
-        _check_plain_name("attack name", self.name)
-
-    @property
-    def family(self) -> str:
-        """The scorecard column this attack counts in."""
-        return f"finetune-{self.data}"
-
-    def overrides(self) -> dict[str, Any]:
-        """Its fields as attack-run config values (`build_attack_config`)."""
-        values = {
-            "lr": float(self.lr),
-            "lora": self.lora,
-            "max_steps": self.steps,
-            "optimizer": self.optimizer,
-            "eval_every": self.eval_every,
-            "pdbs": self.pdbs,
-            "grad_accum": 1,
-            "warmup": 0.0,
-            "num_train_examples": self.num_examples or 100_000,
-        }
-        return values
 
 
 @dataclass(frozen=True)
@@ -157,9 +85,18 @@ class RobustnessSuite:
     """Steps to fit the tuned lens of the model under test (the lens probe)."""
     eval_limit: int | None = None
     """Only the first N questions of each task on the attack curves (None: all)."""
+    quantize: tuple[str, ...] = ()
+    """Weight-only quantisation schemes to attack with, of int8, int4 (one row each)."""
+    latent: LatentAttack | None = None
+    """The latent-space attack (None: none)."""
+    attack_budget: int = 0
+    """New fine-tuning attacks an Optuna search tries on each model, starting from this suite's
+    grid (`unlearn.robustness.attack_search`; 0: no search)."""
+    attack_space: AttackSpace = field(default_factory=AttackSpace)
+    """Where the attack search looks (with `attack_budget`)."""
 
     def __post_init__(self) -> None:
-        _check_plain_name("suite name", self.name)
+        check_plain_name("suite name", self.name)
         object.__setattr__(self, "attacks", tuple(self.attacks))
         object.__setattr__(self, "probes", tuple(self.probes))
         if any(not isinstance(a, FinetuneAttack) for a in self.attacks):
@@ -168,6 +105,26 @@ class RobustnessSuite:
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise UsageError(f"suite {self.name}: attack name(s) {repeated} appear twice")
+        if not isinstance(self.quantize, (list, tuple)) or not all(
+            isinstance(s, str) for s in self.quantize
+        ):
+            raise UsageError(f"quantize must be a list of scheme names, got {self.quantize!r}")
+        object.__setattr__(self, "quantize", tuple(self.quantize))
+        for scheme in self.quantize:
+            if scheme not in SCHEMES:
+                raise UsageError(
+                    f"suite {self.name}: unknown quantisation scheme {scheme!r} (known: "
+                    f"{', '.join(SCHEMES)})"
+                )
+        if len(set(self.quantize)) != len(self.quantize):
+            raise UsageError(f"suite {self.name}: a quantisation scheme is listed twice")
+        if self.latent is not None and not isinstance(self.latent, LatentAttack):
+            raise UsageError(f"suite {self.name}: latent must be a LatentAttack")
+        # Every row of the result is found by its name: an attack may not take another's.
+        reserved = {*PROBE_NAMES, *(quant_name(s) for s in SCHEMES), LATENT_NAME}
+        taken = sorted(set(names) & reserved)
+        if taken:
+            raise UsageError(f"suite {self.name}: attack name(s) {taken} are reserved")
         for probe in self.probes:
             if probe not in PROBE_NAMES:
                 raise UsageError(
@@ -175,7 +132,7 @@ class RobustnessSuite:
                 )
         if len(set(self.probes)) != len(self.probes):
             raise UsageError(f"suite {self.name}: a probe is listed twice")
-        if not self.attacks and not self.probes:
+        if not (self.attacks or self.probes or self.quantize or self.latent):
             raise UsageError(f"suite {self.name} has no attack and no probe")
         # Types first: a suite file's `utility_margin: "abc"` must name the field, not end in
         # Python's comparison error.
@@ -188,14 +145,29 @@ class RobustnessSuite:
                     f"probe_layers must be a list of integers >= 0, got {self.probe_layers!r}"
                 )
             layers = tuple(self.probe_layers)
-            if not layers or not all(_is_int(x, 0) for x in layers):
+            if not layers or not all(is_int(x, 0) for x in layers):
                 raise UsageError(f"probe_layers must be integers >= 0, got {list(layers)!r}")
             object.__setattr__(self, "probe_layers", layers)
         for what in ("in_context_k", "lens_steps"):
-            if not _is_int(getattr(self, what), 1):
+            if not is_int(getattr(self, what), 1):
                 raise UsageError(f"{what} must be an integer >= 1, got {getattr(self, what)!r}")
-        if self.eval_limit is not None and not _is_int(self.eval_limit, 1):
+        if not isinstance(self.attack_space, AttackSpace):
+            raise UsageError(f"suite {self.name}: attack_space must be an AttackSpace")
+        if not is_int(self.attack_budget, 0):
+            raise UsageError(f"attack_budget must be an integer >= 0, got {self.attack_budget!r}")
+        if any(n.startswith(SEARCH_TRIAL_PREFIX) for n in names):
+            raise UsageError(
+                f"suite {self.name}: attack names starting with {SEARCH_TRIAL_PREFIX!r} are the "
+                "attack search's"
+            )
+        if self.eval_limit is not None and not is_int(self.eval_limit, 1):
             raise UsageError(f"eval_limit must be an integer >= 1, got {self.eval_limit!r}")
+
+    def weightless_names(self) -> list[str]:
+        """Row names of the attacks that change no stored weight, in the result's order: each
+        quantisation scheme's, then the latent attack's."""
+        names = [quant_name(s) for s in self.quantize]
+        return [*names, LATENT_NAME] if self.latent is not None else names
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,6 +191,7 @@ SUITES: dict[str, RobustnessSuite] = {
             FinetuneAttack("benign", 1e-3, steps=40, eval_every=20),
         ),
         probes=("linear", "ablation", "in_context"),
+        quantize=tuple(SCHEMES),
     ),
     "standard": RobustnessSuite(
         name="standard",
@@ -229,6 +202,8 @@ SUITES: dict[str, RobustnessSuite] = {
             FinetuneAttack("benign", 1e-2, lora=True, steps=60, eval_every=20),
         ),
         probes=PROBE_NAMES,
+        quantize=tuple(SCHEMES),
+        latent=LatentAttack(),
     ),
     "campaign": RobustnessSuite(
         name="campaign",
@@ -239,8 +214,16 @@ SUITES: dict[str, RobustnessSuite] = {
             for opt in OPTIMIZERS
         ),
         probes=PROBE_NAMES,
+        quantize=tuple(SCHEMES),
+        # 4 documents a step: the backward pass keeps every block's activations of the batch,
+        # beside a 7B model's 28 GB of float32 weights (a rough estimate, not measured on a GPU:
+        # tens of GB for 16 x 256 tokens, a quarter of that for 4).
+        latent=LatentAttack(pdbs=4),
     ),
 }
+# `standard` and an attack search of 8 new fine-tuning attacks per model (`--attack_budget N`
+# changes the count): what a tuned adversary reaches beside the fixed grid's worst case.
+SUITES["searched"] = dataclasses.replace(SUITES["standard"], name="searched", attack_budget=8)
 
 
 def load_suite(name_or_file: str) -> RobustnessSuite:
@@ -275,9 +258,50 @@ def suite_from_dict(data: Any, where: str, default_name: str = "custom") -> Robu
     if not isinstance(probes, list):
         raise UsageError(f"{where}: probes must be a list of names")
     values["probes"] = probes
+    quantize = values.get("quantize") or []
+    if not isinstance(quantize, list):
+        raise UsageError(f"{where}: quantize must be a list of scheme names")
+    values["quantize"] = quantize
+    values["latent"] = _latent(values.get("latent"), where)
+    if "attack_space" in values:
+        values["attack_space"] = _attack_space(values["attack_space"], where)
     try:
         return RobustnessSuite(**values)
     except (TypeError, UsageError) as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _latent(entry: Any, where: str) -> LatentAttack | None:
+    """A suite file's `latent:` (null or false: none; true or a mapping: the attack)."""
+    if entry is None or entry is False:
+        return None
+    if entry is True:
+        return LatentAttack()
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: latent must be a mapping of its settings, true or false")
+    known = {f.name for f in dataclasses.fields(LatentAttack)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise UsageError(f"{where}: latent has unknown field(s) {unknown} (known: {sorted(known)})")
+    try:
+        return LatentAttack(**entry)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _attack_space(entry: Any, where: str) -> AttackSpace:
+    """A suite file's `attack_space:` mapping (its fields default to `AttackSpace`'s)."""
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: attack_space must be a mapping of its settings")
+    known = {f.name for f in dataclasses.fields(AttackSpace)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise UsageError(
+            f"{where}: attack_space has unknown field(s) {unknown} (known: {sorted(known)})"
+        )
+    try:
+        return AttackSpace(**entry)
+    except UsageError as e:
         raise UsageError(f"{where}: {e}") from None
 
 

@@ -31,6 +31,7 @@ from unlearn.errors import DivergedError, RetainZeroError
 from unlearn.methods.base import Phase, Reference, StepContext
 from unlearn.training.checkpointer import Checkpointer
 from unlearn.training.frozen_cache import FrozenCache
+from unlearn.training.modifiers import MicroBatch, StepModifier
 from unlearn.training.optim import build_optimizer
 from unlearn.training.precision import Precision
 from unlearn.training.schedules import lr_mult_at
@@ -42,6 +43,11 @@ RETAIN_ZERO_CHECK_STEP = 3
 
 
 class Objective(Protocol):
+    """What the loop trains. An objective may also carry `step_modifier` (a
+    `training.modifiers.StepModifier`, or None): then the modifier computes each micro-batch's
+    gradients (latent adversary, sharpness-aware step) instead of the plain forward and
+    backward."""
+
     phase: Phase | None
 
     def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]: ...
@@ -163,6 +169,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
+    modifier: StepModifier | None = getattr(objective, "step_modifier", None)
+    if modifier is not None:
+        modifier.check(par)
     if rank == 0:
         print(plan.describe(cfg), file=sys.stderr)
         if plan.epochs > 1.0 + 1e-9:
@@ -217,10 +226,14 @@ def train(
                     first_step=state.step == 0,
                 )
                 with par.micro_batch(last=a == cfg.grad_accum - 1):
-                    with precision.autocast():
-                        terms = par.loss(lambda ctx=ctx: objective.loss(ctx))
-                        total = sum(weights.get(n, 0.0) * value for n, value in terms.items())
-                    precision.backward(total / cfg.grad_accum)  # type: ignore[arg-type]
+                    if modifier is None:
+                        with precision.autocast():
+                            terms = par.loss(lambda ctx=ctx: objective.loss(ctx))
+                            total = sum(weights.get(n, 0.0) * value for n, value in terms.items())
+                        precision.backward(total / cfg.grad_accum)  # type: ignore[arg-type]
+                    else:  # a step modifier (LAT, SAM) computes this micro-batch's gradients
+                        mb = MicroBatch(objective, weights, cfg.grad_accum, precision, par, params)
+                        terms = modifier.micro_batch(ctx, mb)
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item() / cfg.grad_accum
                 tokens += ctx.forget.num_tokens + (ctx.retain.num_tokens if ctx.retain else 0)
