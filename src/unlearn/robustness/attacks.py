@@ -22,6 +22,17 @@ def is_int(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def layer_tuple(value: Any, what: str) -> tuple[int, ...]:
+    """A non-empty list of block indices (integers >= 0) as a tuple; UsageError naming `what`
+    otherwise (checked against the model's depth once it is known)."""
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"{what} must be a list of integers >= 0, got {value!r}")
+    layers = tuple(value)
+    if not layers or not all(is_int(x, 0) for x in layers):
+        raise UsageError(f"{what} must be integers >= 0, got {list(layers)!r}")
+    return layers
+
+
 def check_plain_name(what: str, name: Any) -> None:
     """A name that becomes a folder (an attack's run directory, the suite's cache folder): a
     non-empty string with no path separator that does not start with a dot (no `..`)."""
@@ -180,14 +191,7 @@ class LatentAttack:
 
     def __post_init__(self) -> None:
         if self.layers is not None:
-            if not isinstance(self.layers, (list, tuple)):
-                raise UsageError(
-                    f"latent layers must be a list of integers >= 0, got {self.layers!r}"
-                )
-            layers = tuple(self.layers)
-            if not layers or not all(is_int(x, 0) for x in layers):
-                raise UsageError(f"latent layers must be integers >= 0, got {list(layers)!r}")
-            object.__setattr__(self, "layers", layers)
+            object.__setattr__(self, "layers", layer_tuple(self.layers, "latent layers"))
         for what in ("radius", "lr"):
             value = getattr(self, what)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:

@@ -57,6 +57,7 @@ from unlearn.robustness.attacks import (
     LatentAttack,
     check_plain_name,
     is_int,
+    layer_tuple,
 )
 from unlearn.robustness.quantize import SCHEMES
 from unlearn.robustness.score import LATENT_NAME, SEARCH_TRIAL_PREFIX, quant_name
@@ -140,14 +141,7 @@ class RobustnessSuite:
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin <= 1:
             raise UsageError(f"utility_margin must be a number in [0, 1], got {margin!r}")
         if self.probe_layers is not None:
-            if not isinstance(self.probe_layers, (list, tuple)):
-                raise UsageError(
-                    f"probe_layers must be a list of integers >= 0, got {self.probe_layers!r}"
-                )
-            layers = tuple(self.probe_layers)
-            if not layers or not all(is_int(x, 0) for x in layers):
-                raise UsageError(f"probe_layers must be integers >= 0, got {list(layers)!r}")
-            object.__setattr__(self, "probe_layers", layers)
+            object.__setattr__(self, "probe_layers", layer_tuple(self.probe_layers, "probe_layers"))
         for what in ("in_context_k", "lens_steps"):
             if not is_int(getattr(self, what), 1):
                 raise UsageError(f"{what} must be an integer >= 1, got {getattr(self, what)!r}")
@@ -279,28 +273,24 @@ def _latent(entry: Any, where: str) -> LatentAttack | None:
         return LatentAttack()
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: latent must be a mapping of its settings, true or false")
-    known = {f.name for f in dataclasses.fields(LatentAttack)}
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise UsageError(f"{where}: latent has unknown field(s) {unknown} (known: {sorted(known)})")
-    try:
-        return LatentAttack(**entry)
-    except UsageError as e:
-        raise UsageError(f"{where}: {e}") from None
+    return _settings(LatentAttack, entry, "latent", where)
 
 
 def _attack_space(entry: Any, where: str) -> AttackSpace:
     """A suite file's `attack_space:` mapping (its fields default to `AttackSpace`'s)."""
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: attack_space must be a mapping of its settings")
-    known = {f.name for f in dataclasses.fields(AttackSpace)}
+    return _settings(AttackSpace, entry, "attack_space", where)
+
+
+def _settings(cls: type, entry: dict, what: str, where: str) -> Any:
+    """`cls(**entry)`, an unknown field or a bad value one line naming `what` and `where`."""
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(entry) - known)
     if unknown:
-        raise UsageError(
-            f"{where}: attack_space has unknown field(s) {unknown} (known: {sorted(known)})"
-        )
+        raise UsageError(f"{where}: {what} has unknown field(s) {unknown} (known: {sorted(known)})")
     try:
-        return AttackSpace(**entry)
+        return cls(**entry)
     except UsageError as e:
         raise UsageError(f"{where}: {e}") from None
 
