@@ -15,12 +15,18 @@ Design choices:
   `max_memory_allocated` minus `memory_allocated` at the start; on the CPU the resident
   high-water mark (VmHWM) minus the resident size at the start, the high-water mark reset before
   each call through /proc/self/clear_refs (Linux), so each kind gets its own number in one
-  process. Where the reset is refused, the process-wide peak (ru_maxrss) is used instead and
+  process. Before that reset, freed heap memory is handed back to the system (glibc's
+  malloc_trim): the allocator otherwise keeps what an earlier call freed resident, the next call
+  reuses it without raising the resident size, and its peak would read as ~0. Where the reset
+  is refused, the process-wide peak (ru_maxrss) is used instead and
   `PeakMemory.per_call` is False: then every kind's number includes every earlier call's peak.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import resource
 import statistics
 from collections.abc import Callable, Sequence
@@ -48,6 +54,15 @@ def _status_bytes(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
+def _trim_heap() -> None:
+    """Return freed heap memory to the system (glibc); elsewhere nothing to do. The earlier
+    call's objects are collected first: an optimizer or a graph kept alive by a cycle would
+    otherwise still hold its memory."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory of a stretch of work on `device`: `start()`, the work, then `stop()`."""
 
@@ -61,6 +76,7 @@ class PeakMemory:
     def _reset_cpu_peak(self) -> None:
         if not self.per_call:
             return
+        _trim_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # "5": reset the peak resident size to the current one

@@ -96,3 +96,32 @@ def test_gpu_check_refuses_without_a_cuda_device_in_one_line():
     assert done.returncode != 0
     assert done.stderr.startswith("gpu_check: no CUDA device visible")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_peak_memory_sees_heap_memory_an_earlier_call_freed(bench):
+    # Small blocks live in the allocator's heap, which keeps what a call freed: without handing
+    # it back before the next call, that call's identical work would read as ~0 bytes.
+    interleave = bench("interleave")
+    peak = interleave.PeakMemory(torch.device("cpu"))
+    used = []
+    for _ in range(2):
+        peak.start()
+        blocks = [torch.ones(4096) for _ in range(4096)]  # 4096 x 16 KiB, touched
+        used.append(peak.stop())
+        del blocks
+    assert min(used) >= 48 * 2**20, used
+
+
+def test_step_cost_entries_name_a_method_and_its_run_settings(bench, tiny_world):
+    step_cost = bench("step_cost")
+    assert step_cost.parse_entry("rmu") == ("rmu", {})
+    assert step_cost.parse_entry("rmu+lat_eps=4+lat_layers=[1]") == (
+        "rmu",
+        {"lat_eps": 4, "lat_layers": [1]},
+    )
+    with pytest.raises(ValueError, match="METHOD\\+FIELD=VALUE"):
+        step_cost.parse_entry("npo+sam_rho")
+    # A modifier changes the step that is timed: SAM takes a second forward and backward.
+    res = step_cost.measure(str(tiny_world.root), "npo+sam_rho=0.01", "full", 1, 1, 2)
+    assert set(res["times"]) == {"method", "cached", "plain"}
+    assert all(t > 0 for ts in res["times"].values() for t in ts)
