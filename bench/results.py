@@ -75,7 +75,7 @@ PAGES = {
     "tamper": Page(
         (("demo", "--campaign", "tamper", "--world", "{world}", "--out", "{work}"),),
         DEMO_FILES,
-        what="the tamper-resistant methods and step modifiers at their first settings, `quick`",
+        what="the tamper-resistant methods at their defaults and two step modifiers, `quick`",
     ),
     "robustness-standard": Page(
         (("demo", "--suite", "standard", "--world", "{world}", "--out", "{work}"),),
@@ -91,10 +91,37 @@ PAGES = {
         spec="examples/results/calibration.yaml",
         what="the grids the seed methods' defaults were chosen from",
     ),
+    "calibration-tamper": Page(
+        (
+            ("sweep", "{spec}", "--workers", "2"),
+            ("report", "--store", "{work}/store.sqlite", "--out", "{work}/report"),
+        ),
+        ("report/report.md", "report/forget_vs_retain.png"),
+        spec="examples/results/calibration-tamper.yaml",
+        what="the grids the tamper-resistant methods' defaults were chosen from",
+    ),
     "training-memory": Page(
         (("python", "bench/memory.py", "--out", "{work}/report.md"),),
         ("report.md",),
         what="peak memory with and without activation checkpointing, bf16 against float32",
+    ),
+    "throughput": Page(
+        (
+            (
+                "python",
+                "bench/throughput.py",
+                "--pdbs",
+                "2",
+                "--rounds",
+                "1",
+                "--steps",
+                "1",
+                "--out",
+                "{work}/report.md",
+            ),
+        ),
+        ("report.md",),
+        what="every method's step beside plain fine-tuning on a ~100M Llama at 512 tokens",
     ),
     "eval-speed": Page(
         (
@@ -124,6 +151,7 @@ PAGES = {
             "boundary-checkpoint-transfer",
             "boundary-sequential",
             "pareto-robust",
+            "pareto-tamper",
         )
     },
 }

@@ -1,6 +1,11 @@
 """Cost of one unlearning optimizer step relative to one plain fine-tuning step.
 
     .venv/bin/python bench/step_cost.py --world /tmp/w [--methods lens,sequential] [--rounds 7]
+    .venv/bin/python bench/step_cost.py --world /tmp/w --methods rmu+lat_eps=4,npo+sam_rho=0.01
+
+A `--methods` entry is a method name, optionally followed by `+FIELD=VALUE` run settings (a
+step modifier such as `lat_eps` or `sam_rho`, or any `unlearn run` field; VALUE is read as YAML):
+the step is then that method's step with those settings.
 
 For each method and mode (LoRA / full), one process times three kinds of optimizer steps on the
 same forget + retain micro-batches, same optimizer, same mode:
@@ -43,7 +48,21 @@ MODES = ("lora", "full")
 KINDS = ("method", "cached", "plain")
 
 
-def measure(world: str, method: str, mode: str, steps: int, rounds: int, pdbs: int) -> dict:
+def parse_entry(entry: str) -> tuple[str, dict]:
+    """`METHOD[+FIELD=VALUE...]` -> (method, run settings); ValueError on a malformed entry."""
+    import yaml
+
+    method, *settings = entry.split("+")
+    overrides = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{entry!r}: expected METHOD+FIELD=VALUE, got {setting!r}")
+        overrides[key] = yaml.safe_load(value)
+    return method, overrides
+
+
+def measure(world: str, entry: str, mode: str, steps: int, rounds: int, pdbs: int) -> dict:
     import torch
 
     from unlearn.objectives import get_objective
@@ -51,8 +70,10 @@ def measure(world: str, method: str, mode: str, steps: int, rounds: int, pdbs: i
     from unlearn.training import frozen_cache
     from unlearn.training.loop import Plan, TrainState, train
 
+    method, settings = parse_entry(entry)
     with tempfile.TemporaryDirectory() as out:
         overrides = {
+            **settings,
             "world": world,
             "out": out,
             "lora": mode == "lora",
@@ -113,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.pdbs < 1:
         parser.error("--steps, --rounds and --pdbs must be >= 1")
+    try:
+        for entry in args.methods.split(","):
+            parse_entry(entry)
+    except ValueError as e:
+        parser.error(str(e))
     if args.one:
         res = measure(args.world, *args.one, args.steps, args.rounds, args.pdbs)
         print(json.dumps(res))

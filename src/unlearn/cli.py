@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from unlearn.errors import UsageError
+from unlearn.quiet import quiet_libraries
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("unlearn.commands.world", "build the mini world (corpus, tokenizer, models)"),
@@ -43,31 +44,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bars say what is happening; silence the libraries' per-load chatter."""
-    import os
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
-    # Offline, the hub client logs every retry before the final error we turn into one line.
-    import logging
-
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    # transformers imports torchao (the quantisation attack's library) whenever it is installed;
-    # torchao then warns about each optional CUDA kernel a CPU build cannot load, and torch about
-    # each enum it registers: lines on every command, for kernels the project never calls.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -82,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"unlearn: error: unknown command {command!r} (see unlearn --help)", file=sys.stderr)
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return int(module.main(rest) or 0)

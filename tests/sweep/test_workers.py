@@ -81,3 +81,34 @@ def test_pool_starts_background_jobs_last_and_returns_failures_as_results():
     results = {name: f for f, name in jobs.items()}
     assert results["a"].result() == 2.0 and results["bg"].result() == 3.0
     assert isinstance(results["bad"].exception(), ValueError)  # a failure, never a number
+
+
+def test_a_worker_process_starts_with_the_library_chatter_silenced(monkeypatch):
+    # A spawned worker starts with fresh logger levels: its initializer must silence them again.
+    import logging
+
+    import torch
+
+    from unlearn.quiet import start_worker
+
+    torchao_log = logging.getLogger("torchao")
+    monkeypatch.setattr(torchao_log, "level", logging.WARNING)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    try:
+        start_worker(threads)
+    finally:
+        torch.set_num_threads(threads)
+    assert torchao_log.level == logging.ERROR
+
+
+def test_the_worker_initializer_module_imports_no_heavy_library():
+    # A spawned worker imports the initializer's module before the initializer runs: that import
+    # must not pull in transformers (and with it torchao, whose warnings it is there to silence).
+    import subprocess
+    import sys
+
+    code = "import sys, unlearn.quiet; print(sorted({'transformers', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -75,7 +75,8 @@ TAMPER_SWEEPS = {
         {"method": "tar"},
         # The step modifiers on two baselines: a latent adversary at block 1 of 6, whose
         # outputs have a median norm of about 35 on the default world (so 4 is about 11%), and
-        # a sharpness-aware step of 0.01 in weight space. First points, not calibrated.
+        # a sharpness-aware step of 0.01 in weight space. Single points; the search
+        # examples/searches/pareto-tamper.yaml explores both.
         {"method": "rmu", "base": {"lat_eps": 4.0}},
         {"method": "npo", "base": {"sam_rho": 0.01}},
     ],
@@ -86,8 +87,8 @@ TAMPER_SWEEPS = {
         {"method": "npo", "base": {"max_steps": 20, "sam_rho": 0.01}},
     ],
 }
-"""`--campaign tamper`: the tamper-resistant methods and the step modifiers at their first
-settings."""
+"""`--campaign tamper`: the tamper-resistant methods at their defaults, and the step modifiers
+on two baselines."""
 CAMPAIGNS = {"seed": DEMO_SWEEPS, "baselines": BASELINE_SWEEPS, "tamper": TAMPER_SWEEPS}
 DEMO_SUITES = {
     "default": SUITES["quick"],

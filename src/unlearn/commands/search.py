@@ -27,7 +27,7 @@ from unlearn.training.preemption import EXIT_PREEMPTED
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="unlearn search", description=__doc__)
-    parser.add_argument("spec", help="the search spec (YAML)")
+    parser.add_argument("spec", metavar="SPEC", help="the search spec (YAML)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--dry-run", "--dry_run", action="store_true", help="validate the spec, show the space"

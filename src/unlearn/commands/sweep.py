@@ -29,7 +29,7 @@ from unlearn.world import load_world
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="unlearn sweep", description=__doc__)
-    parser.add_argument("spec", help="the sweep spec (YAML)")
+    parser.add_argument("spec", metavar="SPEC", help="the sweep spec (YAML)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--dry-run", "--dry_run", action="store_true", help="list the points and exit"

@@ -41,6 +41,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from unlearn.errors import UsageError
+from unlearn.quiet import start_worker
 from unlearn.runs.rows import RunMeta
 from unlearn.sweep.execute import Executor, OnDone, OnStart, SweepPreempted, record_failure
 from unlearn.sweep.execute import run_point as _run_point
@@ -59,13 +60,6 @@ def check_workers(workers: object) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UsageError(f"--workers must be an integer >= 1, got {workers!r}")
     return workers
-
-
-def _start_worker(threads: int) -> None:
-    import torch  # already imported by the modules this worker unpickled; threads set now
-
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
 
 
 def _deferring(fn: Callable[..., Any], *args: Any) -> Any:
@@ -104,7 +98,7 @@ class WorkerPool:
         context = multiprocessing.get_context("spawn")
         threads = threads_per_worker(self.workers)
         self._pool = futures.ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_start_worker, initargs=(threads,)
+            self.workers, mp_context=context, initializer=start_worker, initargs=(threads,)
         )
         return self
 
