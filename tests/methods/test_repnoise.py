@@ -73,7 +73,10 @@ def test_terms_inside_the_method_match_plain_forwards():
     model = tiny_gpt_neox(4, seed=0, initializer_range=0.2)
     g = torch.Generator().manual_seed(0)
     batch = collate([torch.randint(1, 64, (n,), generator=g).tolist() for n in (9, 12, 6)], 0)
-    cfg = RepNoiseConfig(layers=[0, 2], noise_bandwidths=[1.0, 3.0], noise_tokens=1000)
+    # The CE retain term, checked by hand here (the default KL is the term every method shares).
+    cfg = RepNoiseConfig(
+        layers=[0, 2], noise_bandwidths=[1.0, 3.0], noise_tokens=1000, retain_loss="ce"
+    )
     method = RepNoise(cfg)
     method.setup(model, None)
     assert method.layers == [0, 2]
@@ -95,7 +98,7 @@ def test_terms_inside_the_method_match_plain_forwards():
     pairs = batch.mask[:, :-1] & batch.mask[:, 1:]
     assert float(terms["forget"]) == pytest.approx(float(-torch.log1p(-p)[pairs].mean()), rel=1e-5)
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1][pairs], batch.input_ids[:, 1:][pairs])
-    assert float(terms["retain"]) == pytest.approx(float(ce), rel=1e-5)  # default retain: LM CE
+    assert float(terms["retain"]) == pytest.approx(float(ce), rel=1e-5)
 
 
 def test_weights_and_default_layers():
@@ -104,6 +107,7 @@ def test_weights_and_default_layers():
     assert method.weights(9, 10) == {"forget": 2.0, "retain": 3.0, "noise": 0.5}  # constant
     method.setup(tiny_gpt_neox(3), None)
     assert method.layers == [0, 1, 2]  # every block by default
+    assert RepNoiseConfig().retain_loss == "kl"  # the calibrated default
 
 
 def test_trains_a_few_steps_through_the_loop(tiny_world, tmp_path):

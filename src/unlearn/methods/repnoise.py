@@ -3,7 +3,7 @@ Mechanism Against Harmful Finetuning", arXiv 2405.14577).
 
     forget = mean over scored forget tokens of -log(1 - p_θ(x_t | x_<t))   (bounded ascent)
     noise  = mean_l MMD²_k(h_l(θ, forget), N(0, I))                        (every block)
-    retain = CE(π_θ, retain)             (default; --retain_loss kl, l2 or mse also work)
+    retain = KL(π_θ0 ‖ π_θ) on retain    (default; --retain_loss ce, l2 or mse also work)
     loss   = remove_coef · forget + noise_coef · noise + retain_coef · retain
 
 The idea: a harmful fine-tune needs the forget domain's information to still be recoverable
@@ -55,12 +55,12 @@ from unlearn.training import losses
 @dataclass
 class RepNoiseConfig(MethodConfig):
     retain_coef: float = 5.0
-    """Weight of the retain term. With 5 and lr 3e-4 every retain task of the default world
-    stays within 0.05 of the target's; stronger settings that bring forget under 0.35 cost
-    retain_late up to 0.34 (docs/results/tamper)."""
+    """Weight of the retain term. With 5, KL retain and lr 1e-4 every retain task of the
+    default world stays within 0.05 of the target's; the settings that bring forget under
+    0.35 cost retain_late 0.15 to 0.33 (docs/results/calibration-tamper)."""
     remove_coef: float = 1.0
     """Weight of the bounded ascent term (forget)."""
-    retain_loss: str = "ce"
+    retain_loss: str = "kl"
     retain_ramp_start: float = 1.0
     forget_end_fraction: float = 1.0
     noise_coef: float = 4.0
@@ -137,7 +137,7 @@ class RepNoise(Method):
     # fine-tuning) is the starting point. On the default world a step took 0.67 s on one
     # shared CPU thread (grad_diff's 0.29 s: the kernels of 256 tokens at six blocks cost as
     # much as the forwards), so the run takes about 3 minutes.
-    train_defaults: ClassVar[dict] = {"lr": 3e-4, "lora": False, "num_train_examples": 2048}
+    train_defaults: ClassVar[dict] = {"lr": 1e-4, "lora": False, "num_train_examples": 2048}
 
     def setup(self, model: torch.nn.Module, env: MethodEnv) -> None:
         super().setup(model, env)
