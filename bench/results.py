@@ -46,6 +46,11 @@ class Page:
     """A sweep or search spec (repo-relative) whose `world` and `out` the script points at its
     own directories."""
     what: str = ""
+    accept: tuple[int, ...] = (0,)
+    """Exit codes that still produce the page (a search with no trial that meets its goal
+    exits 1, and its front is the result)."""
+    optional: tuple[str, ...] = ()
+    """Files of `files` that may be missing (a search without a best trial has no best.yaml)."""
 
 
 DEMO_FILES = ("report.md", "forget_vs_retain.png", "robustness_curves.png")
@@ -58,6 +63,8 @@ def _search(name: str) -> Page:
         SEARCH_FILES,
         spec=f"examples/searches/{name}.yaml",
         what=f"the search spec examples/searches/{name}.yaml",
+        accept=(0, 1),
+        optional=("out/best.yaml",),
     )
 
 
@@ -76,6 +83,45 @@ PAGES = {
         (("demo", "--campaign", "tamper", "--world", "{world}", "--out", "{work}"),),
         DEMO_FILES,
         what="the tamper-resistant methods at their defaults and two step modifiers, `quick`",
+    ),
+    "tamper-standard": Page(
+        (
+            (
+                "run",
+                "--method",
+                "tar",
+                "--world",
+                "{world}",
+                "--out",
+                "{work}/tar",
+                "--run_id",
+                "tar-default",
+                "--store",
+                "{work}/store.sqlite",
+                "--progress",
+                "false",
+            ),
+            (
+                "robustness",
+                "--model",
+                "{work}/tar/model",
+                "--world",
+                "{world}",
+                "--suite",
+                "standard",
+                "--out",
+                "{work}/robustness-tar",
+                "--parent",
+                "tar-default",
+                "--store",
+                "{work}/store.sqlite",
+                "--progress",
+                "false",
+            ),
+            ("report", "--store", "{work}/store.sqlite", "--out", "{work}/report"),
+        ),
+        ("report/report.md", "report/forget_vs_retain.png", "report/robustness_curves.png"),
+        what="tar at its default under the `standard` suite (latent and quantisation attacks)",
     ),
     "robustness-standard": Page(
         (("demo", "--suite", "standard", "--world", "{world}", "--out", "{work}"),),
@@ -179,7 +225,7 @@ def _point_spec(page: Page, work: Path, world: Path) -> Path:
     return path
 
 
-def _run(argv: list[str], log) -> None:
+def _run(argv: list[str], log, accept: tuple[int, ...] = (0,)) -> None:
     shown = " ".join(argv) if argv[0] == "python" else "unlearn " + " ".join(argv)
     print("$ " + shown, flush=True)
     log.write("$ " + shown + "\n")
@@ -189,7 +235,7 @@ def _run(argv: list[str], log) -> None:
     else:
         command = [str(Path(sys.executable).with_name("unlearn")), *argv]
     done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    if done.returncode != 0:
+    if done.returncode not in accept:
         sys.exit(f"results: `{shown}` exited {done.returncode} (log: {log.name})")
 
 
@@ -207,21 +253,33 @@ def _publish(page_name: str, files: dict[str, Path]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def regenerate(name: str, work_root: Path, world: Path) -> dict:
+def regenerate(name: str, work_root: Path, world: Path, resume: bool = False) -> dict:
+    """Run the page's commands in a fresh work directory and publish its files. With `resume`
+    a work directory this script made is kept: a sweep or search picks up where an interrupted
+    run stopped, and the wall time counts from that run's start."""
     page = PAGES[name]
     work = work_root / name
-    _fresh_dir(work)
+    started = None
+    if resume and (work / MARKER).exists():
+        started = (work / MARKER).stat().st_mtime
+    else:
+        _fresh_dir(work)
     spec = _point_spec(page, work, world) if page.spec else None
     commands = [
         [a.format(work=work, world=world, spec=spec) for a in argv] for argv in page.commands
     ]
     load = os.getloadavg()[0]  # other work on the machine slows a page down: say how busy it was
-    t0 = time.time()
-    with open(work / "commands.log", "w") as log:
+    t0 = time.time() if started is None else started
+    with open(work / "commands.log", "a" if started else "w") as log:
         for argv in commands:
-            _run(argv, log)
+            _run(argv, log, page.accept)
     seconds = time.time() - t0
     files = {Path(f).name: work / f for f in page.files}
+    files = {
+        n: p
+        for n, p in files.items()
+        if p.is_file() or str(p.relative_to(work)) not in page.optional
+    }
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         sys.exit(f"results: page {name}: the tool wrote no {', '.join(missing)}")
@@ -289,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pages", nargs="*", help=f"pages (default: all): {', '.join(PAGES)}")
     parser.add_argument("--work", default=str(ROOT / "out" / "results"))
     parser.add_argument("--index", action="store_true", help="only rewrite docs/results/README.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep each page's work directory: an interrupted sweep or search"
+                        " goes on where it stopped")  # fmt: skip
     args = parser.parse_args(argv)
     unknown = [p for p in args.pages if p not in PAGES]
     if unknown:
@@ -309,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             _run(["world", "build", "--out", str(world)], log)
         entries["_world"] = {"seconds": round(time.time() - t0)}
     for name in args.pages or list(PAGES):
-        entries[name] = regenerate(name, work, world)
+        entries[name] = regenerate(name, work, world, args.resume)
         write_index(entries)
         print(f"results: {name}: {entries[name]['seconds']} s", flush=True)
     write_index(entries)
