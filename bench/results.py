@@ -68,6 +68,19 @@ def _search(name: str) -> Page:
     )
 
 
+def _calibration(name: str, whose: str) -> Page:
+    """A sweep of calibration grids (examples/results/NAME.yaml) and its report."""
+    return Page(
+        (
+            ("sweep", "{spec}", "--workers", "2"),
+            ("report", "--store", "{work}/store.sqlite", "--out", "{work}/report"),
+        ),
+        ("report/report.md", "report/forget_vs_retain.png"),
+        spec=f"examples/results/{name}.yaml",
+        what=f"the grids {whose}' defaults were chosen from",
+    )
+
+
 PAGES = {
     "demo": Page(
         (("demo", "--world", "{world}", "--out", "{work}"),),
@@ -84,68 +97,13 @@ PAGES = {
         DEMO_FILES,
         what="the tamper-resistant methods at their defaults and two step modifiers, `quick`",
     ),
-    "tamper-standard": Page(
-        (
-            (
-                "run",
-                "--method",
-                "tar",
-                "--world",
-                "{world}",
-                "--out",
-                "{work}/tar",
-                "--run_id",
-                "tar-default",
-                "--store",
-                "{work}/store.sqlite",
-                "--progress",
-                "false",
-            ),
-            (
-                "robustness",
-                "--model",
-                "{work}/tar/model",
-                "--world",
-                "{world}",
-                "--suite",
-                "standard",
-                "--out",
-                "{work}/robustness-tar",
-                "--parent",
-                "tar-default",
-                "--store",
-                "{work}/store.sqlite",
-                "--progress",
-                "false",
-            ),
-            ("report", "--store", "{work}/store.sqlite", "--out", "{work}/report"),
-        ),
-        ("report/report.md", "report/forget_vs_retain.png", "report/robustness_curves.png"),
-        what="tar at its default under the `standard` suite (latent and quantisation attacks)",
-    ),
     "robustness-standard": Page(
         (("demo", "--suite", "standard", "--world", "{world}", "--out", "{work}"),),
         DEMO_FILES,
         what="the three seed methods at their defaults, `standard` robustness suite",
     ),
-    "calibration": Page(
-        (
-            ("sweep", "{spec}", "--workers", "2"),
-            ("report", "--store", "{work}/store.sqlite", "--out", "{work}/report"),
-        ),
-        ("report/report.md", "report/forget_vs_retain.png"),
-        spec="examples/results/calibration.yaml",
-        what="the grids the seed methods' defaults were chosen from",
-    ),
-    "calibration-tamper": Page(
-        (
-            ("sweep", "{spec}", "--workers", "2"),
-            ("report", "--store", "{work}/store.sqlite", "--out", "{work}/report"),
-        ),
-        ("report/report.md", "report/forget_vs_retain.png"),
-        spec="examples/results/calibration-tamper.yaml",
-        what="the grids the tamper-resistant methods' defaults were chosen from",
-    ),
+    "calibration": _calibration("calibration", "the seed methods"),
+    "calibration-tamper": _calibration("calibration-tamper", "the tamper-resistant methods"),
     "training-memory": Page(
         (("python", "bench/memory.py", "--out", "{work}/report.md"),),
         ("report.md",),
@@ -363,14 +321,18 @@ def main(argv: list[str] | None = None) -> int:
         write_index(entries)
         return 0
     world = work / "world"
+    mine: dict[str, dict] = {}  # the entries this process measured
     if not (world / "world.json").exists():
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         with open(work / "world-build.log", "w") as log:
             _run(["world", "build", "--out", str(world)], log)
-        entries["_world"] = {"seconds": round(time.time() - t0)}
+        mine["_world"] = {"seconds": round(time.time() - t0)}
+        entries.update(mine)
     for name in args.pages or list(PAGES):
-        entries[name] = regenerate(name, work, world, args.resume)
+        mine[name] = regenerate(name, work, world, args.resume)
+        # Re-read: another `make results` may have published a page since this one started.
+        entries = {**(json.loads(index.read_text()) if index.exists() else {}), **mine}
         write_index(entries)
         print(f"results: {name}: {entries[name]['seconds']} s", flush=True)
     write_index(entries)
