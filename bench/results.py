@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from unlearn.methods.registry import method_names
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 MARKER = ".made-by-bench-results"
@@ -54,6 +56,8 @@ class Page:
 
 
 DEMO_FILES = ("report.md", "forget_vs_retain.png", "robustness_curves.png")
+STEP_COST_METHODS = ",".join([*method_names(), "rmu+lat_eps=4", "npo+sam_rho=0.01"])
+"""Every method, and the two step modifiers at the tamper campaign's settings."""
 SEARCH_FILES = ("out/search.md", "out/best.yaml", "out/pareto.png")
 
 
@@ -102,6 +106,23 @@ PAGES = {
         DEMO_FILES,
         what="the three seed methods at their defaults, `standard` robustness suite",
     ),
+    "tamper-standard": Page(
+        (
+            (
+                "demo",
+                "--campaign",
+                "tamper",
+                "--suite",
+                "standard",
+                "--world",
+                "{world}",
+                "--out",
+                "{work}",
+            ),
+        ),
+        DEMO_FILES,
+        what="the tamper-resistant methods and two step modifiers, `standard` robustness suite",
+    ),
     "calibration": _calibration("calibration", "the seed methods"),
     "calibration-tamper": _calibration("calibration-tamper", "the tamper-resistant methods"),
     "training-memory": Page(
@@ -126,6 +147,24 @@ PAGES = {
         ),
         ("report.md",),
         what="every method's step beside plain fine-tuning on a ~100M Llama at 512 tokens",
+    ),
+    "step-cost": Page(
+        (
+            (
+                "python",
+                "bench/step_cost.py",
+                "--world",
+                "{world}",
+                "--modes",
+                "full",
+                "--methods",
+                STEP_COST_METHODS,
+                "--out",
+                "{work}/report.md",
+            ),
+        ),
+        ("report.md",),
+        what="one optimizer step of each method (and step modifier) beside plain fine-tuning",
     ),
     "eval-speed": Page(
         (

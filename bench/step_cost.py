@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timing")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (odd: a median)")
     parser.add_argument("--pdbs", type=int, default=8)
+    parser.add_argument("--out", help="also write the markdown page here")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.pdbs < 1:
@@ -157,22 +158,38 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             rows.append((method, mode, json.loads(proc.stdout.strip().splitlines()[-1])))
             print(f"measured {method} {mode}", file=sys.stderr)
+    text = table(rows, args)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+def table(rows: list[tuple[str, str, dict]], args: argparse.Namespace) -> str:
+    """The markdown page: what was measured, then one row per method and mode."""
     device = rows[0][2]["device"]
-    print(
-        f"\nstep cost on {device}, micro-batch {args.pdbs} forget + {args.pdbs} retain examples,"
-        f" {args.rounds} interleaved rounds of {args.steps} steps per kind; ratio = median over"
-        " rounds of (step / plain step of the same round) [min-max]\n"
-    )
-    print("| method | mode | plain FT step (s) | method / plain | cached / plain |"
-          " step memory method / cached / plain (MiB) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    lines = [
+        "# Step cost of each method against plain fine-tuning",
+        "",
+        f"Step cost on {device}, micro-batch {args.pdbs} forget + {args.pdbs} retain examples of"
+        f" the world {args.world}, {args.rounds} interleaved rounds of {args.steps} steps per"
+        " kind; ratio = median over rounds of (step / plain step of the same round) [min-max].",
+        "An entry `METHOD+FIELD=VALUE` is the method's step with that run setting (a step"
+        " modifier). cached: the frozen cache warm (every epoch after the first). Step memory:"
+        " what the steps add to what was held before them.",
+        "",
+        "| method | mode | plain FT step (s) | method / plain | cached / plain |"
+        " step memory method / cached / plain (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, mode, res in rows:
         t, peak = res["times"], res["peak_mb"]
         cells = [ratio_cell(t, kind, "plain") for kind in ("method", "cached")]
         mem = " / ".join(f"{peak[k]:.0f}" for k in KINDS)
-        print(f"| {method} | {mode} | {statistics.median(t['plain']):.4f} | {cells[0]} |"
-              f" {cells[1]} | {mem} |")  # fmt: skip
-    return 0
+        lines.append(f"| {method} | {mode} | {statistics.median(t['plain']):.4f} | {cells[0]} |"
+                     f" {cells[1]} | {mem} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -125,3 +125,17 @@ def test_step_cost_entries_name_a_method_and_its_run_settings(bench, tiny_world)
     res = step_cost.measure(str(tiny_world.root), "npo+sam_rho=0.01", "full", 1, 1, 2)
     assert set(res["times"]) == {"method", "cached", "plain"}
     assert all(t > 0 for ts in res["times"].values() for t in ts)
+
+
+def test_step_cost_page_has_one_row_per_method_and_mode(bench):
+    step_cost = bench("step_cost")
+    args = step_cost.argparse.Namespace(pdbs=8, world="W", rounds=3, steps=2)
+    res = {"device": "cpu", "times": {"method": [2.0, 3.0, 2.0], "cached": [1.0, 1.0, 1.0],
+                                      "plain": [1.0, 1.0, 1.0]},
+           "peak_mb": {"method": 12.0, "cached": 8.0, "plain": 4.0}}  # fmt: skip
+    page = step_cost.table([("rmu+lat_eps=4", "full", res)], args)
+    assert page.startswith("# Step cost")
+    assert (
+        "| rmu+lat_eps=4 | full | 1.0000 | 2.00 [2.00-3.00] | 1.00 [1.00-1.00] | 12 / 8 / 4 |"
+        in page
+    )

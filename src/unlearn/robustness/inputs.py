@@ -35,6 +35,7 @@ from unlearn.eval.questions import read_question_file
 from unlearn.eval.suite import Suite, SuiteArgs, resolve_suite
 from unlearn.models.refs import ModelRef
 from unlearn.robustness.quantize import library_version
+from unlearn.robustness.readout import LINEAR_TOL
 from unlearn.robustness.suite import FinetuneAttack, RobustnessSuite
 from unlearn.world import World
 
@@ -112,6 +113,9 @@ class SuiteInputs:
             "task_dirs": list(self.resolved.task_dirs),
             "attacks": attacks,
             "probe_dtype": PROBE_DTYPE,
+            # The linear probe's fitting tolerance changes its accuracies a little: a cached
+            # reference fitted at another one is not this suite's.
+            "linear_tol": LINEAR_TOL,
             "world": world,
             "corpora": [_digest(p) for p in (self.forget_corpus, self.benign_corpus)],
             "probe_questions": _digest(self.probe_questions),

@@ -197,6 +197,11 @@ def tie_credit(scores: Sequence[float], answer: int) -> float:
 
 LINEAR_C = 1.0
 """Inverse L2 strength of the linear probe (sklearn's default) on standardised features."""
+LINEAR_TOL = 1e-3
+"""lbfgs's stopping tolerance for the linear probe's fits (sklearn's default is 1e-4). Measured
+on the default world's quick suite: 1e-3 takes 2.5-4x fewer iterations, and the probe's
+per-layer accuracies move by at most 4 of 240 questions (one standard error is about 8), with
+the same layer chosen; at 1e-4 the 36 fits of one model took 17-25 s, a third of `quick`."""
 LINEAR_FOLDS = 5
 """Cross-validation folds (grouped by fact) that choose the linear probe's layer."""
 SMALL_FIT = 1 << 24
@@ -274,7 +279,9 @@ def _fit(x: np.ndarray, labels: Sequence, seed: int, balanced: bool) -> Any:
     weight = "balanced" if balanced else None
     clf = make_pipeline(
         StandardScaler(),
-        LogisticRegression(C=LINEAR_C, class_weight=weight, max_iter=2000, random_state=seed),
+        LogisticRegression(
+            C=LINEAR_C, class_weight=weight, tol=LINEAR_TOL, max_iter=2000, random_state=seed
+        ),
     )
     classes = len(set(labels))
     small = x.shape[0] * x.shape[1] * (classes if classes > 2 else 1) < SMALL_FIT
