@@ -83,3 +83,37 @@ def test_attack_without_a_world_draws_its_curve_on_a_question_file(tiny_hf_model
     acc = [r for r in read_jsonl(out / "evals.jsonl") if r["metric"] == "acc"]
     assert [(r["step"], r["task"]) for r in acc] == [(0, "bio"), (1, "bio"), (2, "bio")]
     assert all(r["status"] == "done" and r["value"] in (0, 0.25, 0.5, 0.75, 1) for r in acc)
+
+
+def test_attacks_on_one_model_share_its_step_0_evaluation(tiny_world, tmp_path, monkeypatch):
+    from unlearn.eval.suite import PreparedSuite
+    from unlearn.recipes.attack import StartScores, build_attack_config, run_attack
+
+    scored = []
+    score = PreparedSuite.score
+
+    def counted(self, model, tokenizer, key, *args, **kwargs):
+        scored.append(key)
+        return score(self, model, tokenizer, key, *args, **kwargs)
+
+    monkeypatch.setattr(PreparedSuite, "score", counted)
+
+    def attack(name: str, start: StartScores | None, **overrides) -> dict:
+        cfg = build_attack_config({"model": str(tiny_world.filtered), "world": str(tiny_world.root),
+                                   "out": str(tmp_path / name), "max_steps": 2, "eval_every": 2,
+                                   "pdbs": 4, "progress": False, **overrides})  # fmt: skip
+        scored.clear()
+        assert run_attack(cfg, start).status == "done"
+        rows = read_jsonl(tmp_path / name / "evals.jsonl")
+        return {"scored": len(scored), "step0": [r for r in rows if r["step"] == 0]}
+
+    alone = attack("lora-alone", None, lora=True)  # LoRA starts at zero: the model as loaded
+    tasks = alone["scored"] // 2  # steps 0 and 2
+    start = StartScores()
+    first = attack("full", start)
+    second = attack("lora", start, lora=True, lr=1e-2)
+    other_dtype = attack("bf16", start, dtype="bfloat16")
+    assert first["scored"] == 2 * tasks > 0
+    assert second["scored"] == tasks  # step 2 only: step 0 came from the first attack
+    assert alone["step0"] == first["step0"] == second["step0"]
+    assert other_dtype["scored"] == 2 * tasks  # other weights at step 0: scored again

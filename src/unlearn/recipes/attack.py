@@ -13,13 +13,14 @@ suite's tasks (default: wmdp_bio_robust and mmlu; `--eval_limit` keeps in-loop p
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from unlearn.config.settings import LoraSettings, ModelArgs, TrainConfig, build_sections
 from unlearn.data import ExampleStream, load_documents, tokenize_examples
 from unlearn.data.corpus import DEFAULT_TEXT_FIELDS
 from unlearn.errors import UsageError
-from unlearn.eval.suite import SuiteArgs, resolve_suite
+from unlearn.eval.suite import Scorer, SuiteArgs, resolve_suite
 from unlearn.methods.base import Phase
 from unlearn.models.gradient_checkpointing import enable_gradient_checkpointing
 from unlearn.models.load import load_model, load_tokenizer
@@ -123,17 +124,54 @@ def build_attack_config(overrides: dict, where: str = "") -> AttackConfig:
     return AttackConfig(built[AttackArgs], built[TrainConfig], built[LoraSettings])
 
 
-def run_attack(cfg: AttackConfig) -> RunMeta:
+class StartScores:
+    """Step-0 evaluations shared by the attacks of one model (a robustness suite's grid).
+
+    At step 0 no attack has changed a weight (a LoRA adapter starts at zero), so every attack
+    on the same model, loaded and run in the same dtype and scored on the same suite, records
+    the same numbers: the first one scores them, the others reuse its (metrics, collapsed) per
+    task. A task whose scoring raised is not kept (the next attack scores it again)."""
+
+    def __init__(self) -> None:
+        self._scores: dict[str, dict[str, tuple[dict, bool]]] = {}
+
+    @staticmethod
+    def key(cfg: AttackConfig) -> str:
+        """What the step-0 numbers depend on: the weights as loaded, their dtype and compute
+        precision, and the suite and its batching. Training settings are not part of it."""
+        model = cfg.args.model_args
+        return json.dumps(
+            [model.model, model.revision, model.trust_remote_code, cfg.args.world,
+             cfg.train.dtype, cfg.train.mixed_precision, cfg.args.eval_batch_size,
+             suite_fields(cfg.args.suite)],
+            sort_keys=True, default=str,
+        )  # fmt: skip
+
+    def scorer(self, cfg: AttackConfig, score: Scorer) -> Scorer:
+        """`score`, answered from an earlier attack's step 0 where there is one."""
+        seen = self._scores.setdefault(self.key(cfg), {})
+
+        def shared(task: str) -> tuple[dict, bool]:
+            if task not in seen:
+                seen[task] = score(task)  # raises: nothing kept
+            return seen[task]
+
+        return shared
+
+
+def run_attack(cfg: AttackConfig, start: StartScores | None = None) -> RunMeta:
     """Fine-tune and evaluate along the way. Returns the final RunMeta (`unlearn.runs.lifecycle`
-    decides its status: failed if any evaluation on the curve failed)."""
-    return run_regime(Attack(cfg))
+    decides its status: failed if any evaluation on the curve failed). `start` shares the
+    step-0 evaluation with the other attacks of the same model."""
+    return run_regime(Attack(cfg, start))
 
 
 class Attack:
     """The tamper-attack regime of the recipe skeleton (`unlearn.recipes.skeleton`)."""
 
-    def __init__(self, cfg: AttackConfig) -> None:
+    def __init__(self, cfg: AttackConfig, start: StartScores | None = None) -> None:
         self.cfg = cfg
+        self.start = start
 
     def launch(self) -> Launch:
         cfg, args = self.cfg, self.cfg.args
@@ -190,10 +228,13 @@ class Attack:
         suite = session.suite
         score = suite.scorer(model, tokenizer, args.eval_batch_size)
 
+        start = self.start.scorer(cfg, score) if self.start is not None else score
+
         def on_step(step: int) -> None:
             if step % args.eval_every == 0 or step == steps:
                 # In eval mode, restored after (unlearn.models.modes.eval_mode).
-                session.run.evaluate(step, suite.suite.task_keys(), score, suite.suite.metric)
+                scorer = start if step == 0 else score
+                session.run.evaluate(step, suite.suite.task_keys(), scorer, suite.suite.metric)
 
         objective = get_objective("language_modeling")()
         return Trainee(model, objective, tokenizer, stream, plan, on_step=on_step)

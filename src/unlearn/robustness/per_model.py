@@ -37,7 +37,7 @@ from unlearn.fsutil import atomic_write_json
 from unlearn.models.load import default_device, load_model, load_tokenizer
 from unlearn.models.refs import ModelRef, model_num_layers
 from unlearn.readouts.fitting import general_texts
-from unlearn.recipes.attack import build_attack_config, run_attack
+from unlearn.recipes.attack import StartScores, build_attack_config, run_attack
 from unlearn.robustness.attack_search import searched_rows
 from unlearn.robustness.children import finished_run as _finished
 from unlearn.robustness.children import run_error as _error
@@ -175,9 +175,9 @@ def evaluate_model(
     children = for_group(tracking, run_id) if tracking is not None else None
     with run_lifecycle(fresh, out, store=store, tracking=tracking) as run:
         _remove_stale(out, suite, keep_none=recorded is not None and recorded != key)
-        attacks = []
+        attacks, start = [], StartScores()
         for attack in suite.attacks:
-            row = _attack(inputs, attack, ref, out, run_id, store, original, children)
+            row = _attack(inputs, attack, ref, out, run_id, store, original, children, start)
             if original is None and role == "target" and row["curve"] and row["status"] != "failed":
                 # The target is the original: its own step 0 is what the others recover to.
                 original = row["curve"][0]["heldout"]
@@ -186,7 +186,7 @@ def evaluate_model(
         if suite.attack_budget:
 
             def trial(attack: FinetuneAttack) -> dict[str, Any]:
-                return _attack(inputs, attack, ref, out, run_id, store, original, children)
+                return _attack(inputs, attack, ref, out, run_id, store, original, children, start)
 
             attacks += searched_rows(suite.attacks, attacks, suite.attack_budget, inputs.seed,
                                      trial, suite.attack_space, _log)  # fmt: skip
@@ -233,6 +233,7 @@ def _attack(
     store: str | Path | None,
     original: float | None,
     tracking: TrackingArgs | None = None,
+    start: StartScores | None = None,
 ) -> dict[str, Any]:
     run_dir = out / "attacks" / attack.name
     child_id = f"{run_id}-{attack.name}"
@@ -245,7 +246,7 @@ def _attack(
     if meta is None:
         if tracking is not None:  # operational: not in the config compared just above
             cfg.args.tracking = tracking
-        meta = run_attack(cfg)
+        meta = run_attack(cfg, start)
     margin = inputs.suite.utility_margin
     return attack_row(attack.name, attack.family, meta.status, _curve(run_dir, inputs), margin,
                       original, _error(run_dir, meta), child_id)  # fmt: skip
