@@ -28,10 +28,20 @@ def tiny_world(tmp_path_factory):
     prebuilt = os.environ.get("UNLEARN_TEST_WORLD")
     if prebuilt:
         return load_world(prebuilt)
-    out = tmp_path_factory.mktemp("worlds") / "tiny"
-    argv = ["world", "build", "--preset", "tiny", "--seed", "0", "--out", str(out), "--quiet"]
-    assert main(argv) == 0
-    return load_world(out)
+    argv = ["world", "build", "--preset", "tiny", "--seed", "0", "--quiet", "--out"]
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: its own temporary directory
+        out = tmp_path_factory.mktemp("worlds") / "tiny"
+        assert main([*argv, str(out)]) == 0
+        return load_world(out)
+    # pytest-xdist workers (`make test` runs two): the first to take the lock builds the world
+    # in the run's shared temporary directory, the others wait for it and load it.
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "tiny-world"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "world.json").exists():
+            assert main([*argv, str(shared)]) == 0
+    return load_world(shared)
 
 
 TINY_TEXTS = [

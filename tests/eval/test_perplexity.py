@@ -160,6 +160,13 @@ def test_a_ppl_file_task_on_a_tiny_llama(llama, tmp_path):
         assert (result["n"], result["tokens"], result["backend"]) == (3, tokens, "native")
     metrics, collapsed = prepared.scorer(model, tok)("held_out")
     assert set(metrics) == {"ppl", "nll", "tokens"} and not collapsed
+    # Past a uniform guess by a nat per token: a collapsed evaluation (`ActiveRun.evaluate` marks
+    # an unlearning run collapsed).
+    sure = copy.deepcopy(model)
+    with torch.no_grad():
+        sure.get_output_embeddings().weight.mul_(500.0)
+    metrics, collapsed = prepared.scorer(sure, tok)("held_out")
+    assert collapsed and metrics["ppl"] > math.e * model.config.vocab_size
     rows = eval_rows(0, "held_out", metrics)  # what run directories and the store record
     assert {r.metric for r in rows} == {"ppl", "nll", "tokens"}
     with pytest.raises(UsageError, match="not a retain task"):
@@ -201,3 +208,19 @@ def test_unlearn_eval_prints_a_ppl_task_as_a_number(tiny_hf_models, tmp_path, ca
     assert "%" not in cell and float(cell) > 1 and cell == f"{float(cell):.2f}"
     result = json.loads(out.read_text())["results"]["held_out"]
     assert set(result) >= {"ppl", "nll", "tokens", "n"} and result["n"] == len(TEXTS)
+
+
+def test_perplexity_past_a_uniform_guess_is_collapse(llama):
+    model, tok = llama
+    vocab = model.config.vocab_size
+    random_init = evaluate_perplexity(model, tok, TEXTS)
+    # A random model guesses near uniformly: near the vocabulary size, not collapsed.
+    assert random_init["ppl"] < math.e * vocab
+    assert random_init["collapse"] == {"collapsed": False, "uniform_ppl": vocab}
+    # Confident and wrong (the head's logits scaled up): far past a uniform guess.
+    sure = copy.deepcopy(model)
+    with torch.no_grad():
+        sure.get_output_embeddings().weight.mul_(500.0)
+    broken = evaluate_perplexity(sure, tok, TEXTS)
+    assert broken["ppl"] > math.e * vocab
+    assert broken["collapse"]["collapsed"] is True

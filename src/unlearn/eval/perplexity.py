@@ -1,6 +1,6 @@
 """Per-token perplexity on held-out documents: a fluency metric that accuracy does not see.
 
-    result = evaluate_perplexity(model, tokenizer, texts)   # {"ppl", "nll", "tokens", "n"}
+    result = evaluate_perplexity(model, tokenizer, texts)  # ppl, nll, tokens, n, collapse
 
 An unlearning method can keep every fact accuracy while damaging the model's text (repetition,
 odd tokens after the forget-domain words): perplexity on documents no model was trained on shows
@@ -54,6 +54,9 @@ PPL_METRICS = ("ppl", "nll", "tokens")
 """The numbers of a perplexity result that eval rows carry (ppl is the one tables show)."""
 JSONL_SUFFIXES = (".jsonl", ".json")
 MAX_NLL = 700.0
+COLLAPSE_NATS = 1.0
+"""A perplexity result is collapsed when its NLL per token exceeds the uniform distribution's
+(log of the vocabulary size) by more than this: perplexity above e times the vocabulary size."""
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
@@ -86,8 +89,9 @@ def _windows(ids: Sequence[int], width: int) -> list[list[int]]:
 
 def _row_nll(
     model: torch.nn.Module, rows: Sequence[list[int]], pad_id: int, device: torch.device
-) -> list[float]:
-    """One right-padded forward of `rows`: the summed NLL (nats) of each row's targets."""
+) -> tuple[list[float], int]:
+    """One right-padded forward of `rows`: the summed NLL (nats) of each row's targets, and the
+    size of the distribution the model predicts (its logits' last dimension)."""
     width = max(len(row) for row in rows) - 1
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -100,7 +104,7 @@ def _row_nll(
         targets = torch.tensor(row[1:], device=logits.device)
         lp = torch.log_softmax(logits[b, : len(targets)].float(), dim=-1)
         sums.append(-lp.gather(1, targets[:, None]).double().sum().item())
-    return sums
+    return sums, logits.shape[-1]
 
 
 @torch.no_grad()
@@ -130,9 +134,12 @@ def evaluate_perplexity(
     share = -(-len(batches) // world_size())  # the forwards this rank runs
     bar = tqdm(total=share, desc=desc, disable=not (progress and is_main()), leave=False)
 
+    vocab = 0
+
     def run(batch: list[int]) -> list[tuple[int, float]]:
+        nonlocal vocab
         bar.update(1)
-        sums = _row_nll(model, [rows[i] for i in batch], pad_id, device)
+        sums, vocab = _row_nll(model, [rows[i] for i in batch], pad_id, device)
         return list(zip(batch, sums, strict=True))
 
     nll: dict[int, float] = {}
@@ -143,4 +150,9 @@ def evaluate_perplexity(
     mean = sum(nll[i] for i in range(len(rows))) / tokens
     # exp overflows past ~709 nats per token: infinite, which eval rows record as failed.
     ppl = math.exp(mean) if mean < MAX_NLL else math.inf
-    return {"ppl": ppl, "nll": mean, "tokens": tokens, "n": len(texts)}
+    # Uniform guessing over the vocabulary has perplexity `vocab` (a randomly initialised model
+    # sits near it). A model a nat per token worse than that has lost language modelling
+    # whatever its accuracies say (multiple-choice scores compare choices, so they can hide it).
+    collapsed = vocab > 0 and mean > math.log(vocab) + COLLAPSE_NATS
+    return {"ppl": ppl, "nll": mean, "tokens": tokens, "n": len(texts),
+            "collapse": {"collapsed": collapsed, "uniform_ppl": vocab}}  # fmt: skip
