@@ -11,6 +11,13 @@ of pages not regenerated this time are kept from their last run (docs/results/in
 
 A page's work directory is removed before its commands run, so a timing never measures a
 resume; only directories this script created (they hold its marker file) are removed.
+
+    python bench/results.py --render demo tamper # the reports again, from the pages' stores
+
+`--render` writes a report page again from the results store its last run left in WORK (`unlearn
+report`), without running anything else: for a change in how reports are written. The page
+keeps the wall time and date of the run that measured it; the index adds the date of the
+rendering.
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ class Page:
     exits 1, and its front is the result)."""
     optional: tuple[str, ...] = ()
     """Files of `files` that may be missing (a search without a best trial has no best.yaml)."""
+    report: str | None = None
+    """Where (relative to {work}) the page's commands write a report of the results store
+    {work}/store.sqlite: the page `--render` can write again."""
 
 
 DEMO_FILES = ("report.md", "forget_vs_retain.png", "robustness_curves.png")
@@ -82,6 +92,7 @@ def _calibration(name: str, whose: str) -> Page:
         ("report/report.md", "report/forget_vs_retain.png"),
         spec=f"examples/results/{name}.yaml",
         what=f"the grids {whose}' defaults were chosen from",
+        report="report",
     )
 
 
@@ -90,21 +101,25 @@ PAGES = {
         (("demo", "--world", "{world}", "--out", "{work}"),),
         DEMO_FILES,
         what="the three seed methods at their defaults, `quick` robustness suite",
+        report=".",
     ),
     "baselines": Page(
         (("demo", "--campaign", "baselines", "--world", "{world}", "--out", "{work}"),),
         DEMO_FILES,
         what="the field's baselines at their defaults, `quick` robustness suite",
+        report=".",
     ),
     "tamper": Page(
         (("demo", "--campaign", "tamper", "--world", "{world}", "--out", "{work}"),),
         DEMO_FILES,
         what="the tamper-resistant methods at their defaults and two step modifiers, `quick`",
+        report=".",
     ),
     "robustness-standard": Page(
         (("demo", "--suite", "standard", "--world", "{world}", "--out", "{work}"),),
         DEMO_FILES,
         what="the three seed methods at their defaults, `standard` robustness suite",
+        report=".",
     ),
     "tamper-standard": Page(
         (
@@ -122,6 +137,7 @@ PAGES = {
         ),
         DEMO_FILES,
         what="the tamper-resistant methods and two step modifiers, `standard` robustness suite",
+        report=".",
     ),
     "calibration": _calibration("calibration", "the seed methods"),
     "calibration-tamper": _calibration("calibration-tamper", "the tamper-resistant methods"),
@@ -271,16 +287,7 @@ def regenerate(name: str, work_root: Path, world: Path, resume: bool = False) ->
         for argv in commands:
             _run(argv, log, page.accept)
     seconds = time.time() - t0
-    files = {Path(f).name: work / f for f in page.files}
-    files = {
-        n: p
-        for n, p in files.items()
-        if p.is_file() or str(p.relative_to(work)) not in page.optional
-    }
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        sys.exit(f"results: page {name}: the tool wrote no {', '.join(missing)}")
-    _publish(name, files)
+    _publish(name, _page_files(name, work))
     shown = [" ".join(argv).replace(str(work_root), "WORK") for argv in commands]
     return {
         "commands": [c if c.startswith("python") else f"unlearn {c}" for c in shown],
@@ -290,6 +297,37 @@ def regenerate(name: str, work_root: Path, world: Path, resume: bool = False) ->
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {load:.1f} at start",
     }
+
+
+def _page_files(name: str, work: Path) -> dict[str, Path]:
+    """The files of page `name` in its work directory, by published name (exits when the tool
+    did not write one the page needs)."""
+    page = PAGES[name]
+    files = {Path(f).name: work / f for f in page.files}
+    files = {
+        n: p
+        for n, p in files.items()
+        if p.is_file() or str(p.relative_to(work)) not in page.optional
+    }
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        sys.exit(f"results: page {name}: the tool wrote no {', '.join(missing)}")
+    return files
+
+
+def render(name: str, work_root: Path) -> str:
+    """Write page `name`'s report again from the store its last run left in its work
+    directory, publish it, and return the date of the rendering."""
+    page, work = PAGES[name], work_root / name
+    if page.report is None:
+        sys.exit(f"results: page {name} is not a report of a results store: run it instead")
+    store = work / "store.sqlite"
+    if not (work / MARKER).exists() or not store.is_file():
+        sys.exit(f"results: page {name} has no results store in {work} to render: run it first")
+    with open(work / "commands.log", "a") as log:
+        _run(["report", "--store", str(store), "--out", str(work / page.report)], log)
+    _publish(name, _page_files(name, work))
+    return datetime.date.today().isoformat()
 
 
 def write_index(entries: dict[str, dict]) -> None:
@@ -322,9 +360,9 @@ def write_index(entries: dict[str, dict]) -> None:
         if e.get("spec"):
             commands += f"<br>(spec: {e['spec']})"
         minutes = "-" if e["seconds"] is None else f"{e['seconds'] / 60:.0f} min"
+        date = e["date"] + (f" (report rendered again {e['rendered']})" if "rendered" in e else "")
         lines.append(
-            f"| [{name}]({path}) | {e['what']} | {commands} | {minutes} | {e['date']} "
-            f"| {e['machine']} |"
+            f"| [{name}]({path}) | {e['what']} | {commands} | {minutes} | {date} | {e['machine']} |"
         )
     timed = [e["seconds"] for n, e in entries.items() if n in PAGES and e["seconds"] is not None]
     total = f"{sum(timed) / 3600:.1f} h" if timed else "-"
@@ -344,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pages", nargs="*", help=f"pages (default: all): {', '.join(PAGES)}")
     parser.add_argument("--work", default=str(ROOT / "out" / "results"))
     parser.add_argument("--index", action="store_true", help="only rewrite docs/results/README.md")
+    parser.add_argument("--render", action="store_true",
+                        help="write the pages' reports again from the results stores their last"
+                        " runs left in WORK, keeping those runs' timings")  # fmt: skip
     parser.add_argument("--resume", action="store_true",
                         help="keep each page's work directory: an interrupted sweep or search"
                         " goes on where it stopped")  # fmt: skip
@@ -358,6 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     entries = json.loads(index.read_text()) if index.exists() else {}
     if args.index:
         write_index(entries)
+        return 0
+    if args.render:
+        names = args.pages or [n for n, p in PAGES.items() if p.report is not None]
+        for name in names:
+            if name not in entries:
+                print(f"results: page {name} was never run by this script: run it first",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            entries[name] = {**entries[name], "rendered": render(name, work)}
+            write_index(entries)
+            print(f"results: {name}: report rendered again", flush=True)
         return 0
     world = work / "world"
     mine: dict[str, dict] = {}  # the entries this process measured

@@ -169,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
 def table(rows: list[tuple[str, str, dict]], args: argparse.Namespace) -> str:
     """The markdown page: what was measured, then one row per method and mode."""
     device = rows[0][2]["device"]
+    # The world by its name (preset and seed): its path is this machine's.
+    meta = json.loads((Path(args.world) / "world.json").read_text())
     lines = [
         "# Step cost of each method against plain fine-tuning",
         "",
         f"Step cost on {device}, micro-batch {args.pdbs} forget + {args.pdbs} retain examples of"
-        f" the world {args.world}, {args.rounds} interleaved rounds of {args.steps} steps per"
+        f" the {meta['preset']} mini world (seed {meta['seed']}), {args.rounds} interleaved rounds of {args.steps} steps per"
         " kind; ratio = median over rounds of (step / plain step of the same round) [min-max].",
         "An entry `METHOD+FIELD=VALUE` is the method's step with that run setting (a step"
         " modifier). cached: the frozen cache warm (every epoch after the first). Step memory:"

@@ -4,6 +4,7 @@ and the pieces they share (interleaved timing, the MFU table)."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -127,15 +128,70 @@ def test_step_cost_entries_name_a_method_and_its_run_settings(bench, tiny_world)
     assert all(t > 0 for ts in res["times"].values() for t in ts)
 
 
-def test_step_cost_page_has_one_row_per_method_and_mode(bench):
+def test_step_cost_page_has_one_row_per_method_and_mode(bench, tmp_path):
     step_cost = bench("step_cost")
-    args = step_cost.argparse.Namespace(pdbs=8, world="W", rounds=3, steps=2)
+    (tmp_path / "world.json").write_text(json.dumps({"preset": "default", "seed": 3}))
+    args = step_cost.argparse.Namespace(pdbs=8, world=str(tmp_path), rounds=3, steps=2)
     res = {"device": "cpu", "times": {"method": [2.0, 3.0, 2.0], "cached": [1.0, 1.0, 1.0],
                                       "plain": [1.0, 1.0, 1.0]},
            "peak_mb": {"method": 12.0, "cached": 8.0, "plain": 4.0}}  # fmt: skip
     page = step_cost.table([("rmu+lat_eps=4", "full", res)], args)
     assert page.startswith("# Step cost")
+    assert "the default mini world (seed 3)" in page and str(tmp_path) not in page
     assert (
         "| rmu+lat_eps=4 | full | 1.0000 | 2.00 [2.00-3.00] | 1.00 [1.00-1.00] | 12 / 8 / 4 |"
         in page
     )
+
+
+def _results_in(tmp_path, monkeypatch, bench):
+    """bench/results.py with its docs/results in tmp_path/docs (the repo's pages untouched)."""
+    results = bench("results")
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "docs")
+    (tmp_path / "docs").mkdir()
+    return results
+
+
+def test_results_render_rewrites_a_report_page_from_its_store_and_keeps_its_timing(
+    bench, tmp_path, monkeypatch
+):
+    from unlearn.runs.rows import RunMeta
+    from unlearn.runs.store import Store
+
+    results = _results_in(tmp_path, monkeypatch, bench)
+    work = tmp_path / "work"
+    results._fresh_dir(work / "calibration")
+    with Store(work / "calibration" / "store.sqlite") as store:
+        store.upsert_run(RunMeta(id="r1", kind="unlearn", method="npo", status="running",
+                                 started="2026-01-05T10:00:00+00:00",
+                                 finished="2026-01-05T10:02:30+00:00"))  # fmt: skip
+        store.record_eval("r1", 0, "forget", {"acc": 0.3})
+        store.set_status("r1", "done")
+    measured = {"commands": ["unlearn sweep"], "spec": None, "what": "w", "seconds": 400,
+                "date": "2026-01-05", "machine": "x86_64"}  # fmt: skip
+    (tmp_path / "docs" / "index.json").write_text(json.dumps({"calibration": measured}))
+
+    assert results.main(["--work", str(work), "--render", "calibration"]) == 0
+    page = (tmp_path / "docs" / "calibration" / "report.md").read_text()
+    assert "| r1 |" in page and "2.5 min" in page  # rendered now, from the store
+    entry = json.loads((tmp_path / "docs" / "index.json").read_text())["calibration"]
+    assert entry["seconds"] == 400 and entry["date"] == "2026-01-05"  # the measuring run's
+    assert "rendered" in entry
+    index = (tmp_path / "docs" / "README.md").read_text()
+    assert f"2026-01-05 (report rendered again {entry['rendered']})" in index
+
+
+def test_results_refuses_what_it_cannot_render_or_did_not_make(bench, tmp_path, monkeypatch):
+    results = _results_in(tmp_path, monkeypatch, bench)
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match="not a report of a results store"):
+        results.render("throughput", work)
+    results._fresh_dir(work / "tamper")
+    with pytest.raises(SystemExit, match="no results store"):
+        results.render("tamper", work)
+    (work / "mine").mkdir()
+    (work / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(SystemExit, match="not made by this script"):
+        results._fresh_dir(work / "mine")
+    assert (work / "mine" / "notes.txt").read_text() == "the user's"
+    assert results.main(["--work", str(work), "--render", "demo"]) == 2  # never run here

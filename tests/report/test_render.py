@@ -80,6 +80,8 @@ def build_store(path):
         config=lens(5.0),
         final=loss,
         job_id="2088655",
+        started="2026-01-05T10:00:00+00:00",
+        finished="2026-01-05T10:06:24+00:00",
     )
     add(
         store,
@@ -89,6 +91,8 @@ def build_store(path):
         method="lens",
         config=lens(1.0),
         final=loss,
+        started="2026-01-05T10:00:00+00:00",
+        finished="2026-01-05T10:01:35+00:00",
     )
     add(
         store,
@@ -207,6 +211,16 @@ def test_status_words_replace_numbers(report):
     )
     assert (good["retain loss"], good["forget loss"], good["job"]) == ("1.19", "1.04", "2088655")
     assert rows["l-low"]["forget heldout acc (↓)"] == "-"  # never measured: not a number either
+
+
+def test_time_column_is_each_runs_wall_time(report):
+    _, md, tables = report
+    rows = rows_by_run(tables["Method `lens`"])
+    assert rows["l-good"]["time"] == "6.4 min"  # 384 s from run.json's started to finished
+    assert rows["l-low"]["time"] == "95 s"
+    assert rows["l-run"]["time"] == "-"  # not finished: no end yet
+    assert rows["Target (to unlearn)"]["time"] == "-"  # a reference model is not trained here
+    assert "time is an unlearning run's wall time" in md
 
 
 def test_baselines_first_and_only_varying_columns(report):
@@ -360,8 +374,11 @@ def test_a_campaign_without_a_world(tmp_path):
     md = path.read_text()
     tables = parse_tables(md)
     headers, rows = tables["Method `grad_diff`"]
-    assert headers[-3:] == ["Heldout (↓)", "Science (↑)", "status"]
-    assert [r[-3:] for r in rows] == [["25.00%", "90.00%", "done"], ["50.00%", "80.00%", "done"]]
+    assert headers[-4:] == ["Heldout (↓)", "Science (↑)", "time", "status"]
+    assert [r[-4:] for r in rows] == [
+        ["25.00%", "90.00%", "-", "done"],
+        ["50.00%", "80.00%", "-", "done"],
+    ]
     assert "retain min" not in md and "Not plotted" not in md
     headers, rows = tables["Tamper attacks"]
     assert rows == [["run1 (grad_diff)", "atk1", "25.00%", "50.00%", "+25.00 pts", "-",

@@ -74,7 +74,7 @@ def test_each_retain_task_its_minimum_and_ppl_as_a_number(out):
     results = headers[headers.index("forget acc (↓)") :]
     assert results == [
         "forget acc (↓)", "retain acc (↑)", "retain late acc (↑)", "near domain acc (↑)",
-        "retain min (↑)", "general ppl (↓)", "status", "notes",
+        "retain min (↑)", "general ppl (↓)", "time", "status", "notes",
     ]  # fmt: skip
     rows = rows_by_run(tables["Method `lens`"])
     assert rows["target"]["general ppl (↓)"] == "3.42" and rows["target"]["retain min (↑)"] == (

@@ -15,6 +15,7 @@ from unlearn.report import analysis, render, tables
 from unlearn.report.tables import (
     EVAL_FAILED,
     MISSING,
+    format_seconds,
     markdown_table,
     pct,
     result_cell,
@@ -46,6 +47,13 @@ def test_a_failed_result_is_a_word():
     assert result_cell(FAILED_ROW) == EVAL_FAILED == "eval failed"
     assert result_cell({"status": "failed", "error": "timeout", "acc": 0.25}) == EVAL_FAILED
     assert result_cell({"status": "failed"}, failed="failed") == "failed"
+
+
+def test_wall_times_read_in_seconds_then_minutes():
+    assert format_seconds(None) == MISSING
+    assert [format_seconds(s) for s in (0.4, 95, 119.4, 120, 384, 3600)] == [
+        "0 s", "95 s", "119 s", "2.0 min", "6.4 min", "60.0 min",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("missing", [None, {}, {"n": 48}, {"acc": None}])

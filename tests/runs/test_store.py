@@ -73,6 +73,13 @@ def test_rundir_rejects_bad_values(tmp_path):
     assert rd.read().meta.status == "done"  # the failed update left run.json as it was
 
 
+def test_wall_seconds_needs_both_ends():
+    meta = RunMeta(id="r", kind="unlearn", method="npo", started="2026-01-05T10:00:00+00:00")
+    assert meta.wall_seconds() is None  # still running
+    meta.finished = "2026-01-05T11:02:03+00:00"
+    assert meta.wall_seconds() == 3723.0
+
+
 def test_failed_and_non_finite_evals_are_never_numbers():
     rows = eval_rows(3, "forget", {"acc": float("nan"), "acc_norm": 0.5})
     assert rows[0].status == "failed" and rows[0].value is None and "non-finite" in rows[0].error

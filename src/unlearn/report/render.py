@@ -45,9 +45,11 @@ from unlearn.report.tables import (
     MISSING,
     RETAIN_MIN_HEADER,
     TASK_HEADERS,
+    TIME_HEADER,
     column_headers,
     flatten,
     format_loss,
+    format_seconds,
     format_value,
     markdown_table,
     pct,
@@ -138,20 +140,21 @@ def method_section(method: str, runs: list[StoredRun], data: ReportData) -> str:
     show_notes = any(notes.values())
 
     headers = ["run", *(["job"] if show_job else []), *column_headers(varying)]
-    headers += [_loss_header(t) for t in terms] + [h for h, _ in columns] + ["status"]
-    headers += ["notes"] if show_notes else []
+    headers += [_loss_header(t) for t in terms] + [h for h, _ in columns]
+    headers += [TIME_HEADER, "status"] + (["notes"] if show_notes else [])
     rows = []
-    for b in data.baselines:
+    for b in data.baselines:  # reference models: evaluated, never trained here
         row = [baseline_name(b), *([MISSING] if show_job else []), *(MISSING for _ in varying)]
         row += [MISSING for _ in terms] + [cell(b) for _, cell in columns]
-        rows.append(row + [b.status] + ([notes[b.id]] if show_notes else []))
+        rows.append(row + [MISSING, b.status] + ([notes[b.id]] if show_notes else []))
     for r in runs:
         flat = flatten(r.config)
         row = [r.id, *([r.job_id or MISSING] if show_job else [])]
         row += [format_value(flat[k]) if k in flat else MISSING for k in varying]
         row += [_loss_cell(r, t) for t in terms]
         row += [cell(r) for _, cell in columns]
-        rows.append(row + [r.status] + ([notes[r.id]] if show_notes else []))
+        row += [format_seconds(r.wall_seconds()), r.status]
+        rows.append(row + ([notes[r.id]] if show_notes else []))
 
     parts = [f"## Method `{method}`", ""]
     # An unset option (null: "use the default / the world's") says nothing a reader needs.
@@ -328,6 +331,12 @@ def _reading_guide(data: ReportData) -> str:
             f" {RETAIN_MIN_HEADER} is the lowest accuracy over the retain tasks "
             f"({', '.join(data.retain_tasks)}): a method must keep every one."
         )
+    if data.unlearn:
+        text += (
+            f" {TIME_HEADER} is an unlearning run's wall time from its start to its end: "
+            "training, saving and its final evaluation (runs of a campaign that ran side by "
+            "side shared the machine's cores)."
+        )
     return text
 
 
@@ -340,10 +349,11 @@ def summary(store: Store, out_dir: str | Path, best: Sequence[str] = ()) -> str:
     by_id = {r.id: r for r in data.unlearn}
     runs = [*data.baselines, *(by_id[i] for i in best if i in by_id)]
     columns = data.columns(runs)
-    headers = ["model", *(header for header, _ in columns), "status"]
+    headers = ["model", *(header for header, _ in columns), TIME_HEADER, "status"]
     rows = [
         [baseline_name(r) if r.kind == "baseline" else f"{r.id} ({r.method})",
-         *(cell(r) for _, cell in columns), r.status]
+         *(cell(r) for _, cell in columns),
+         MISSING if r.kind == "baseline" else format_seconds(r.wall_seconds()), r.status]
         for r in runs
     ]  # fmt: skip
     parts = ["## Baselines and the best run of each method\n\n" + markdown_table(headers, rows)]

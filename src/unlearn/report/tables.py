@@ -42,6 +42,8 @@ TASK_HEADERS = {
 PPL = "ppl"
 """The metric of a perplexity task (lower is better; a number, not a percentage)."""
 RETAIN_MIN_HEADER = "retain min (↑)"
+TIME_HEADER = "time"
+"""An unlearning run's wall time (`RunMeta.wall_seconds`)."""
 """The column of the retain aggregate (`analysis.retain_aggregate`) beside several retain
 tasks."""
 TASK_TITLES = {
@@ -200,6 +202,13 @@ def format_value(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A run's wall time for a table cell: "95 s", "6.4 min"; "-" when it has none."""
+    if seconds is None:
+        return MISSING
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def format_loss(value: float | None) -> str:

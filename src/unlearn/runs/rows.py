@@ -116,6 +116,14 @@ class RunMeta:
         except TypeError as e:  # a required field is missing
             raise UsageError(f"bad run.json content: {e}") from None
 
+    def wall_seconds(self) -> float | None:
+        """Seconds from the run's start to its end, None until it has both: its training,
+        saving and final evaluation (a resumed run counts from its first start)."""
+        if not self.started or not self.finished:
+            return None
+        elapsed = datetime.fromisoformat(self.finished) - datetime.fromisoformat(self.started)
+        return elapsed.total_seconds()
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {"format": d.pop("format"), **d}

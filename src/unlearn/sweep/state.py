@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime
 from pathlib import Path
 
 from unlearn.errors import UsageError
@@ -103,11 +102,7 @@ def final_accs(run_dir: Path, tasks: list[str]) -> dict[str, float | str | None]
 
 
 def _duration(record: RunRecord | None) -> float | None:
-    meta = record.meta if record else None
-    if meta is None or not meta.started or not meta.finished:
-        return None
-    elapsed = datetime.fromisoformat(meta.finished) - datetime.fromisoformat(meta.started)
-    return elapsed.total_seconds()
+    return record.meta.wall_seconds() if record and record.meta else None
 
 
 def _json_normal(d: dict) -> dict:
