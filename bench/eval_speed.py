@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = " ".join(
             ["python bench/eval_speed.py", *(argv if argv is not None else sys.argv[1:])]
         )
+        # Paths inside this checkout, relative to it: the page must not name this machine's.
+        shown = shown.replace(f"{Path(__file__).resolve().parents[1]}/", "")
         buffer = io.StringIO()
         with contextlib.redirect_stdout(_Tee(sys.stdout, buffer)):
             ok = _run(args)
@@ -188,7 +190,8 @@ def _run(args: argparse.Namespace) -> bool:
         ref = resolve_model(args.model or world.target, world_dir=world.root)
         model, tokenizer = load_model(ref), load_tokenizer(ref)
         tasks = {"other_tasks": list(world.questions)}
-        ok &= compare(f"world tasks, {ref}", model, tokenizer, tasks, world, args.repeats,
+        what = args.model or f"the target of the {world.preset} mini world (seed {world.seed})"
+        ok &= compare(f"world tasks, {what}", model, tokenizer, tasks, world, args.repeats,
                       args.batch_size)  # fmt: skip
     if args.mmlu:
         with tempfile.TemporaryDirectory(prefix="eval-speed-") as tmp:

@@ -340,6 +340,8 @@ def write_index(entries: dict[str, dict]) -> None:
         "bench/results.py, which writes this index. WORK is its work directory (out/results); the",
         "mini world is built once in WORK/world with `unlearn world build --out WORK/world`",
         f"(default preset, seed 0): {entries.get('_world', {}).get('seconds', 'not yet timed')} s.",
+        "`make results RENDER=1` writes the report pages again from the results stores their",
+        "last run left in WORK (`unlearn report`), keeping that run's wall time and date.",
         "",
         "| page | what | commands | wall time | date | machine |",
         "|---|---|---|---|---|---|",

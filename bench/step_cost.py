@@ -175,8 +175,9 @@ def table(rows: list[tuple[str, str, dict]], args: argparse.Namespace) -> str:
         "# Step cost of each method against plain fine-tuning",
         "",
         f"Step cost on {device}, micro-batch {args.pdbs} forget + {args.pdbs} retain examples of"
-        f" the {meta['preset']} mini world (seed {meta['seed']}), {args.rounds} interleaved rounds of {args.steps} steps per"
-        " kind; ratio = median over rounds of (step / plain step of the same round) [min-max].",
+        f" the {meta['preset']} mini world (seed {meta['seed']}), {args.rounds} interleaved"
+        f" rounds of {args.steps} steps per kind; ratio = median over rounds of (step / plain"
+        " step of the same round) [min-max].",
         "An entry `METHOD+FIELD=VALUE` is the method's step with that run setting (a step"
         " modifier). cached: the frozen cache warm (every epoch after the first). Step memory:"
         " what the steps add to what was held before them.",

@@ -195,3 +195,20 @@ def test_results_refuses_what_it_cannot_render_or_did_not_make(bench, tmp_path, 
         results._fresh_dir(work / "mine")
     assert (work / "mine" / "notes.txt").read_text() == "the user's"
     assert results.main(["--work", str(work), "--render", "demo"]) == 2  # never run here
+
+
+def test_eval_speed_page_agrees_with_lm_eval_on_the_world_and_names_no_local_path(
+    tiny_world, tmp_path
+):
+    out = tmp_path / "eval-speed.md"
+    argv = [sys.executable, str(BENCH / "eval_speed.py"), "--world", str(tiny_world.root),
+            "--mmlu", "0", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = out.read_text()
+    rows = [line.split("|") for line in page.splitlines() if line.startswith("| forget")]
+    assert rows and all(row[5].strip() == "yes" for row in rows)  # native == lm-eval, per task
+    assert "the target of the tiny mini world (seed 0)" in page
+    assert "speed ratio native/lm-eval" in page
+    assert str(tiny_world.root) not in page.split("\n", 3)[3]  # only the command names it
