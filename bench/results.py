@@ -252,13 +252,19 @@ def _run(argv: list[str], log, accept: tuple[int, ...] = (0,)) -> None:
         sys.exit(f"results: `{shown}` exited {done.returncode} (log: {log.name})")
 
 
-def _publish(page_name: str, files: dict[str, Path]) -> None:
-    """Replace docs/results/PAGE with `files`, atomically (temp dir, then rename)."""
+def _publish(page_name: str, files: dict[str, Path], work_root: Path) -> None:
+    """Replace docs/results/PAGE with `files`, atomically (temp dir, then rename). In markdown
+    pages the work directory reads WORK (as in the index) and paths in this checkout are
+    relative to it: a page names no path of the machine that made it."""
     target = RESULTS / page_name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     for name, source in files.items():
-        shutil.copy2(source, tmp / name)
+        if name.endswith(".md"):
+            text = source.read_text().replace(str(work_root), "WORK")
+            (tmp / name).write_text(text.replace(f"{ROOT}/", ""))
+        else:
+            shutil.copy2(source, tmp / name)
     old = target.with_name(f".{target.name}.old")
     if target.exists():
         target.rename(old)
@@ -287,7 +293,7 @@ def regenerate(name: str, work_root: Path, world: Path, resume: bool = False) ->
         for argv in commands:
             _run(argv, log, page.accept)
     seconds = time.time() - t0
-    _publish(name, _page_files(name, work))
+    _publish(name, _page_files(name, work), work_root)
     shown = [" ".join(argv).replace(str(work_root), "WORK") for argv in commands]
     return {
         "commands": [c if c.startswith("python") else f"unlearn {c}" for c in shown],
@@ -326,7 +332,7 @@ def render(name: str, work_root: Path) -> str:
         sys.exit(f"results: page {name} has no results store in {work} to render: run it first")
     with open(work / "commands.log", "a") as log:
         _run(["report", "--store", str(store), "--out", str(work / page.report)], log)
-    _publish(name, _page_files(name, work))
+    _publish(name, _page_files(name, work), work_root)
     return datetime.date.today().isoformat()
 
 

@@ -163,6 +163,7 @@ def test_results_render_rewrites_a_report_page_from_its_store_and_keeps_its_timi
     results._fresh_dir(work / "calibration")
     with Store(work / "calibration" / "store.sqlite") as store:
         store.upsert_run(RunMeta(id="r1", kind="unlearn", method="npo", status="running",
+                                 config={"world": str(work / "world"), "lr": 1e-4},
                                  started="2026-01-05T10:00:00+00:00",
                                  finished="2026-01-05T10:02:30+00:00"))  # fmt: skip
         store.record_eval("r1", 0, "forget", {"acc": 0.3})
@@ -174,6 +175,7 @@ def test_results_render_rewrites_a_report_page_from_its_store_and_keeps_its_timi
     assert results.main(["--work", str(work), "--render", "calibration"]) == 0
     page = (tmp_path / "docs" / "calibration" / "report.md").read_text()
     assert "| r1 |" in page and "2.5 min" in page  # rendered now, from the store
+    assert "`world=WORK/world`" in page and str(tmp_path) not in page  # no path of this machine
     entry = json.loads((tmp_path / "docs" / "index.json").read_text())["calibration"]
     assert entry["seconds"] == 400 and entry["date"] == "2026-01-05"  # the measuring run's
     assert "rendered" in entry
