@@ -11,6 +11,7 @@ checks the plumbing (every number reaches its cell and its point), not what unle
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,12 @@ def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _seconds(run: dict) -> str:
+    """The report's time cell of a run.json: seconds from its start to its end."""
+    elapsed = datetime.fromisoformat(run["finished"]) - datetime.fromisoformat(run["started"])
+    return f"{elapsed.total_seconds():.0f} s"
+
+
 def _acc(run_dir: Path) -> dict[int, dict[str, float]]:
     """{step: {task: acc}} of a run's finished evaluations."""
     out: dict[int, dict[str, float]] = {}
@@ -144,9 +151,9 @@ def test_campaign_on_a_real_model_without_a_world(
     terms = [t for t in run["final"] if t not in ("lr", "grad_norm")]
     assert sections["Method `grad_diff`"] == [
         ["run", *(t if t.endswith("loss") else f"{t} loss" for t in terms), "Heldout (↓)",
-         "Science (↑)", "status"],
+         "Science (↑)", "time", "status"],
         ["run1", *(f"{run['final'][t]:.4g}" for t in terms), _pct(run_acc["heldout"]),
-         _pct(run_acc["science"]), "done"],
+         _pct(run_acc["science"]), _seconds(run), "done"],
     ]  # fmt: skip
     # ... and its point on the forget-vs-retain plot, with the retain task as the y axis.
     series, baselines, _path, forget_label, retain_label = plotted["plot_forget_vs_retain"][:5]

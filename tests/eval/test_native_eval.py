@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from unlearn.eval.collapse import collapse_report
+from unlearn.eval.collapse import collapse_reason, collapse_report
 from unlearn.eval.encoding import encode_requests, rows_of
 from unlearn.eval.native import QuestionScore, score_questions, summarize
 from unlearn.models.load import load_model, load_tokenizer
@@ -92,6 +92,17 @@ def test_collapse_flag():
     # A balanced profile is not; nor is a handful of questions.
     assert not collapse_report([0, 1, 2, 3] * 5, [str(i) for i in range(20)], 4)["collapsed"]
     assert not collapse_report([0] * 7, ["a"] * 7, n_choices=4)["collapsed"]
+
+
+def test_collapse_reason_says_what_collapsed():
+    position = collapse_report([0] * 9 + [1], [f"s{i}" for i in range(10)], n_choices=4)
+    assert collapse_reason({"collapse": position}) == "90% of answers at position 0"
+    text = collapse_report([0, 1, 2, 3] * 5, ["yes"] * 19 + ["no"], n_choices=4)
+    assert collapse_reason({"collapse": text}) == "95% of answers 'yes'"
+    ppl = {"ppl": 312000.0, "collapse": {"collapsed": True, "uniform_ppl": 1024}}
+    assert collapse_reason(ppl) == "perplexity 3.12e+05 > e x vocabulary (2.78e+03)"
+    assert collapse_reason({"collapse": {"collapsed": False, "uniform_ppl": 1024}}) is None
+    assert collapse_reason({"acc": 0.3}) is None
 
 
 def test_a_model_that_always_picks_one_position_is_flagged():

@@ -167,6 +167,7 @@ def test_a_ppl_file_task_on_a_tiny_llama(llama, tmp_path):
         sure.get_output_embeddings().weight.mul_(500.0)
     metrics, collapsed = prepared.scorer(sure, tok)("held_out")
     assert collapsed and metrics["ppl"] > math.e * model.config.vocab_size
+    assert collapsed.startswith(f"perplexity {metrics['ppl']:.3g} > e x vocabulary")
     rows = eval_rows(0, "held_out", metrics)  # what run directories and the store record
     assert {r.metric for r in rows} == {"ppl", "nll", "tokens"}
     with pytest.raises(UsageError, match="not a retain task"):

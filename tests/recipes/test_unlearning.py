@@ -68,6 +68,9 @@ def test_a_collapsed_result_marks_the_run_collapsed(tiny_world, tmp_path, monkey
     _patched(monkeypatch, change)
     meta, record, stored, evals = _run(tiny_world, tmp_path)
     assert meta.status == record.meta.status == stored.status == "collapsed"
+    # Its error says which task collapsed and how, for the report's notes.
+    assert meta.error == stored.error and meta.error.startswith("collapsed: retain: ")
+    assert "of answers" in meta.error
     # A collapsed result is still recorded: its numbers are what the report flags.
     acc = {e.task: e.value for e in record.evals if e.metric == "acc"}
     assert set(acc) == set(tiny_world.questions) and all(v is not None for v in acc.values())

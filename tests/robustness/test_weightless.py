@@ -28,7 +28,7 @@ from unlearn.robustness.quantize import (
     library_version,
     quantize_blocks,
 )
-from unlearn.robustness.score import model_score, weightless_row
+from unlearn.robustness.score import latent_names, model_score, weightless_row
 from unlearn.robustness.suite import SUITES, LatentAttack, load_suite
 
 FAMILIES = ("gpt_neox", "llama")
@@ -228,15 +228,35 @@ def test_weightless_row_by_hand():
     assert score["families"] == {"quant-int4": 0.60, "latent": 0.30}
     partial = model_score([ok, failed], [])
     assert partial["worst_case"] is None and partial["missing_families"] == ["quant-int8"]
+    # The latent attack at several radii is one family: its strongest counting radius.
+    wide = weightless_row(
+        "latent-r0.5",
+        "latent",
+        "done",
+        {"acc": 0.95, "retains": {"a": 0.90, "b": 0.65}, "base": base},
+        0.10,
+    )
+    narrow = weightless_row(
+        "latent-r0.2",
+        "latent",
+        "done",
+        {"acc": 0.45, "retains": {"a": 0.88, "b": 0.78}, "base": base},
+        0.10,
+    )
+    assert wide["family"] == narrow["family"] == "latent"
+    assert model_score([wide, narrow], [])["families"] == {"latent": 0.45}  # fmt: skip
 
 
 def test_builtin_suites_and_keys():
     assert SUITES["quick"].quantize == ("int8", "int4") and SUITES["quick"].latent is None
     for name in ("standard", "campaign"):
         assert SUITES[name].quantize == ("int8", "int4")
-    assert SUITES["standard"].latent == LatentAttack()
-    assert SUITES["campaign"].latent == LatentAttack(pdbs=4)  # a 7B model's activations
-    assert SUITES["standard"].weightless_names() == ["quant-int8", "quant-int4", "latent"]
+    assert SUITES["standard"].latent == LatentAttack(radius=(0.5, 0.2, 0.1))
+    # 4 documents a step: a 7B model's activations
+    assert SUITES["campaign"].latent == LatentAttack(radius=(0.5, 0.2, 0.1), pdbs=4)
+    assert SUITES["standard"].weightless_names() == [
+        "quant-int8", "quant-int4", "latent-r0.5", "latent-r0.2", "latent-r0.1",
+    ]  # fmt: skip
     from unlearn.robustness.suite import suite_from_dict
 
     def suite(latent):
@@ -244,6 +264,15 @@ def test_builtin_suites_and_keys():
 
     assert suite({"radius": 0.3, "layers": [1]}).latent == LatentAttack(layers=(1,), radius=0.3)
     assert suite(True).latent == LatentAttack() and suite(None).latent is None
+    # Several radii: one attack (row) each; one radius in a list is that radius.
+    radii = suite({"radius": [0.5, 0.2, 0.1]})
+    assert radii.weightless_names() == ["quant-int4", "latent-r0.5", "latent-r0.2", "latent-r0.1"]
+    assert radii.latent_rows()["latent-r0.2"] == LatentAttack(radius=0.2)
+    assert suite({"radius": [0.3]}).key() == suite({"radius": 0.3}).key()
+    assert latent_names(0.3) == latent_names([0.3]) == latent_names(None) == ["latent"]
+    for bad in ([], [0.2, 0.2], [0.1, 0], [0.1, "a"]):
+        with pytest.raises(UsageError, match="latent radius must be a number > 0 or a list"):
+            suite({"radius": bad})
     # A suite's key (and so the reference cache and each child run) follows the settings.
     assert suite({"radius": 0.3}).key() != suite({"radius": 0.4}).key()
     assert suite({"radius": 0.3}).key() == suite({"radius": 0.3}).key()
@@ -305,3 +334,24 @@ def test_robustness_run_with_quantisation_and_latent_rows(tiny_world, tmp_path, 
     assert quant["status"] == "failed" and quant["worst_case"] is None and "acc" not in quant
     assert "the attack failed: RuntimeError: out of memory (simulated)" in quant["error"]
     assert row["worst_case"] is None and row["missing_families"] == ["quant-int4"]
+
+
+def test_latent_attack_at_several_radii_is_one_row_each_and_one_column(tiny_world, tmp_path):
+    suite, store, out = tmp_path / "s.yaml", tmp_path / "store.sqlite", tmp_path / "rb"
+    suite.write_text("latent: {radius: [0.5, 0.1], steps: 4, pdbs: 8}\neval_limit: 24\n")
+    argv = ["robustness", "--model", str(tiny_world.target), "--world", str(tiny_world.root),
+            "--out", str(out), "--suite", str(suite), "--references", "false",
+            "--progress", "false", "--store", str(store)]  # fmt: skip
+    assert cli(argv) == 0
+    row = json.loads((out / "robustness.json").read_text())["models"]["rb"]
+    rows = {r["name"]: r for r in row["attacks"]}
+    assert list(rows) == ["latent-r0.5", "latent-r0.1"]
+    assert all(r["family"] == "latent" and r["status"] == "done" for r in rows.values())
+    bounds = {n: max(r["bounds"].values()) for n, r in rows.items()}
+    assert bounds["latent-r0.1"] == pytest.approx(bounds["latent-r0.5"] / 5)
+    assert row["families"] == {"latent": max(r["worst_case"] for r in rows.values())}
+    assert sorted(p.name for p in (out / "probes").iterdir()) == ["latent-r0.1", "latent-r0.5"]
+    assert cli(["report", "--store", str(store), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    header = next(x for x in text.split("## Robustness", 1)[1].splitlines() if x.startswith("| "))
+    assert header.count("latent perturbation") == 1

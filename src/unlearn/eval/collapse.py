@@ -8,8 +8,10 @@ answer position or one answer string is chosen for nearly all questions.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 COLLAPSE_THRESHOLD = 0.9
 """Fraction of questions answered with the same position or string that counts as collapse."""
@@ -43,3 +45,18 @@ def collapse_report(
         "top_string": text,
         "top_string_share": text_share,
     }
+
+
+def collapse_reason(result: Mapping[str, Any]) -> str | None:
+    """Why a task result (with its `collapse` report) is collapsed, in a few words for a table's
+    notes; None when it is not."""
+    report = result.get("collapse") or {}
+    if not report.get("collapsed"):
+        return None
+    if "uniform_ppl" in report:  # a perplexity task (`unlearn.eval.perplexity`)
+        limit = math.e * report["uniform_ppl"]
+        return f"perplexity {result.get('ppl', math.inf):.3g} > e x vocabulary ({limit:.3g})"
+    position, text = report.get("top_position_share", 0.0), report.get("top_string_share", 0.0)
+    if position >= text:
+        return f"{position:.0%} of answers at position {report.get('top_position')}"
+    return f"{text:.0%} of answers {report.get('top_string')!r}"

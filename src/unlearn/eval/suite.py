@@ -53,6 +53,7 @@ import torch
 from unlearn.distributed import env_world_size
 from unlearn.errors import UsageError
 from unlearn.eval import harness
+from unlearn.eval.collapse import collapse_reason
 from unlearn.eval.letter import as_cloze
 from unlearn.eval.lm_tasks import native_problem, score_lm_task
 from unlearn.eval.native import evaluate_questions, numeric_metrics
@@ -308,8 +309,9 @@ def _resolve(
 # -- scoring ----------------------------------------------------------------------------------
 
 
-Scorer = Callable[[str], tuple[dict, bool]]
-"""score(task key) -> (numeric metrics, collapsed), for `ActiveRun.evaluate`."""
+Scorer = Callable[[str], tuple[dict, str | None]]
+"""score(task key) -> (numeric metrics, why the result is collapsed or None), for
+`ActiveRun.evaluate`."""
 
 
 @dataclass
@@ -379,12 +381,12 @@ class PreparedSuite:
     def scorer(
         self, model: torch.nn.Module, tokenizer, batch_size: int = 64, progress: bool = False
     ) -> Scorer:
-        """`score(key) -> (metrics, collapsed)` on the live model, for `ActiveRun.evaluate`."""
+        """`score(key) -> (metrics, collapsed)` on the live model, for `ActiveRun.evaluate`:
+        `collapsed` is why the result is collapsed (`collapse_reason`, truthy), else None."""
 
-        def score(key: str) -> tuple[dict, bool]:
+        def score(key: str) -> tuple[dict, str | None]:
             result = self.score(model, tokenizer, key, batch_size, progress)
-            collapsed = bool((result.get("collapse") or {}).get("collapsed"))
-            return numeric_metrics(result), collapsed
+            return numeric_metrics(result), collapse_reason(result)
 
         return score
 

@@ -32,6 +32,7 @@ from unlearn.robustness.score import (
     constrained_curve,
     curve_point,
     gap,
+    latent_names,
     quant_name,
     trial_name,
 )
@@ -59,10 +60,12 @@ def _families(run: StoredRun) -> dict[str, str]:
     suite = run.config.get("suite_def") or {}
     names = {a["name"]: f"finetune-{a['data']}" for a in suite.get("attacks") or []}
     names.update({p: f"probe-{p}" for p in suite.get("probes") or []})
-    # A quantisation scheme and the latent attack are each a family of one row, named alike.
+    # A quantisation scheme is a family of one row, named alike; the latent attack has a row
+    # per radius, one family.
     names.update({quant_name(s): quant_name(s) for s in suite.get("quantize") or []})
     if suite.get("latent") is not None:
-        names[LATENT_NAME] = LATENT_NAME
+        radius = (suite["latent"] or {}).get("radius")
+        names.update(dict.fromkeys(latent_names(radius), LATENT_NAME))
     # The attack search's rows: the grid's best carried over, then its trials.
     budget = suite.get("attack_budget") or 0
     if budget:

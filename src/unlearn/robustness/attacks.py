@@ -6,6 +6,7 @@ or type in a suite file is one line (UsageError) naming the field, before anythi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -13,8 +14,14 @@ from typing import Any
 
 from unlearn.config.settings import OPTIMIZERS
 from unlearn.errors import UsageError
+from unlearn.robustness.score import LATENT_NAME
 
 ATTACK_DATA = ("forget", "benign")
+
+
+def _positive(value: Any) -> bool:
+    """A number > 0 (not a bool, not nan)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def is_int(value: Any, minimum: int) -> bool:
@@ -175,9 +182,11 @@ class LatentAttack:
 
     layers: tuple[int, ...] | None = None
     """Blocks whose outputs are perturbed (None: those at 1/4, 1/2 and 3/4 of the depth)."""
-    radius: float = 0.5
+    radius: float | tuple[float, ...] = 0.5
     """The L2 bound of each vector (every token gets the same one), as a fraction of the median
-    per-token norm of its block's output on the attack documents."""
+    per-token norm of its block's output on the attack documents. Several radii: one attack
+    each (rows latent-r0.5, latent-r0.2, ...), so the family's worst case is the strongest
+    perturbation that keeps the retain tasks within the utility margin."""
     steps: int = 100
     """PGD steps (one batch of documents each)."""
     lr: float = 0.1
@@ -192,9 +201,17 @@ class LatentAttack:
     def __post_init__(self) -> None:
         if self.layers is not None:
             object.__setattr__(self, "layers", layer_tuple(self.layers, "latent layers"))
+        if isinstance(self.radius, (list, tuple)):
+            radii = tuple(self.radius)
+            if not radii or not all(_positive(r) for r in radii) or len(set(radii)) < len(radii):
+                raise UsageError(
+                    f"latent radius must be a number > 0 or a list of distinct ones, got {radii!r}"
+                )
+            # One radius in a list is that radius: the same attack, the same row and cache.
+            object.__setattr__(self, "radius", radii[0] if len(radii) == 1 else radii)
         for what in ("radius", "lr"):
             value = getattr(self, what)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            if not isinstance(value, tuple) and not _positive(value):
                 raise UsageError(f"latent {what} must be a number > 0, got {value!r}")
         for what in ("steps", "pdbs", "max_length"):
             if not is_int(getattr(self, what), 1):
@@ -205,3 +222,10 @@ class LatentAttack:
             raise UsageError(
                 f"latent num_examples must be an integer >= 1, got {self.num_examples!r}"
             )
+
+    def by_row(self) -> dict[str, LatentAttack]:
+        """{row name: the attack at one radius}: `latent` for a single radius, else
+        latent-r0.5, latent-r0.2, ... in the order given."""
+        if not isinstance(self.radius, tuple):
+            return {LATENT_NAME: self}
+        return {f"{LATENT_NAME}-r{r:g}": dataclasses.replace(self, radius=r) for r in self.radius}

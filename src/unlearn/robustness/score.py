@@ -37,6 +37,16 @@ START_NAME = "search-start"
 """The row that carries the grid's most damaging attack into the search's family."""
 
 
+def latent_names(radius: float | Sequence[float]) -> list[str]:
+    """Row names of the latent attack at `radius`: `latent` for one radius, latent-r0.5,
+    latent-r0.2, ... (in the order given) for several."""
+    if not isinstance(radius, (list, tuple)):
+        return [LATENT_NAME]
+    if len(radius) == 1:
+        return [LATENT_NAME]
+    return [f"{LATENT_NAME}-r{r:g}" for r in radius]
+
+
 def quant_name(scheme: str) -> str:
     """A quantisation scheme's row name and scorecard family: quant-int8, quant-int4."""
     return f"quant-{scheme}"
@@ -206,13 +216,16 @@ def weightless_row(
     error: str | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """A quantisation or latent attack's row (family = its name). `result` holds the attacked
-    model's held-out accuracy `acc` and retain accuracies `retains`, and `base`: the same of the
-    model as it is ({"heldout", "retains"}). Its curve is step 0 (the model) and step 1 (the
-    attacked model) under the utility constraint; the worst case is the highest counting one
-    (step 0 always counts, as for a fine-tuning attack), `counts` says whether the attacked model
-    did, and `retain_cost` is each retain task's accuracy change (attacked minus base)."""
-    row: dict[str, Any] = {"name": name, "family": name, "kind": kind, "run_id": run_id,
+    """A quantisation or latent attack's row (family: the scheme's name, or `latent`). `result`
+    holds the attacked model's held-out accuracy `acc` and retain accuracies `retains`, and
+    `base`: the same of the model as it is ({"heldout", "retains"}). Its curve is step 0 (the
+    model) and step 1 (the attacked model) under the utility constraint; the worst case is the
+    highest counting one (step 0 always counts, as for a fine-tuning attack), `counts` says
+    whether the attacked model did, and `retain_cost` is each retain task's accuracy change
+    (attacked minus base)."""
+    # A quantisation scheme is a family of its own; the latent attack's radii are one family.
+    family = LATENT_NAME if kind == "latent" else name
+    row: dict[str, Any] = {"name": name, "family": family, "kind": kind, "run_id": run_id,
                            "status": status, "error": error}  # fmt: skip
     base = (result or {}).get("base")
     if status != "done" or not result or not base:

@@ -33,11 +33,12 @@ from unlearn.eval.suite import PreparedSuite, prepare_suite
 from unlearn.fsutil import atomic_write_json
 from unlearn.models.load import default_device, load_model, load_tokenizer
 from unlearn.models.refs import ModelRef
+from unlearn.robustness.attacks import LatentAttack
 from unlearn.robustness.children import finished_run, run_error
 from unlearn.robustness.inputs import PROBE_DTYPE, SuiteInputs
 from unlearn.robustness.latent import add_to_block_outputs, latent_attack
 from unlearn.robustness.quantize import SCHEMES, library_version, quantize_blocks
-from unlearn.robustness.score import LATENT_NAME, weightless_row
+from unlearn.robustness.score import weightless_row
 from unlearn.runs.lifecycle import run_lifecycle
 from unlearn.runs.rows import RunMeta, utc_now
 from unlearn.runs.rundir import check_run_out
@@ -122,14 +123,16 @@ Attack = Callable[[_Session], contextlib.AbstractContextManager]
 """attack(session) -> a context manager yielding (attacked model, JSON-able details)."""
 
 
-@contextlib.contextmanager
-def _latent(session: _Session) -> Iterator[tuple[torch.nn.Module, dict]]:
-    model = session.model()
-    settings = session.inputs.suite.latent
-    result = latent_attack(model, session.tokenizer(), session.forget_texts(), settings,
-                           session.inputs.seed)  # fmt: skip
-    with add_to_block_outputs(model, result.deltas):
-        yield model, result.summary()
+def _latent(settings: LatentAttack) -> Attack:
+    @contextlib.contextmanager
+    def attack(session: _Session) -> Iterator[tuple[torch.nn.Module, dict]]:
+        model = session.model()
+        result = latent_attack(model, session.tokenizer(), session.forget_texts(), settings,
+                               session.inputs.seed)  # fmt: skip
+        with add_to_block_outputs(model, result.deltas):
+            yield model, result.summary()
+
+    return attack
 
 
 def _quantized(scheme: str) -> Attack:
@@ -150,8 +153,9 @@ def _config(inputs: SuiteInputs, ref: ModelRef, name: str) -> dict[str, Any]:
     """A child run's configuration: a finished run is reused only when it is the same."""
     common = {"model": ref.name, "heldout_task": inputs.heldout,
               "retain_tasks": list(inputs.resolved.retain), "dtype": PROBE_DTYPE}  # fmt: skip
-    if name == LATENT_NAME:
-        settings = dataclasses.asdict(inputs.suite.latent)
+    latents = inputs.suite.latent_rows()
+    if name in latents:
+        settings = dataclasses.asdict(latents[name])
         return {"attack": "latent", "settings": settings, "seed": inputs.seed, **common}
     scheme = name.removeprefix(QUANT_PREFIX)
     definition = dataclasses.asdict(SCHEMES[scheme])
@@ -173,16 +177,21 @@ def weightless_rows(
     names = suite.weightless_names()
     if not names:
         return []
+    latents = suite.latent_rows()
     session = _Session(inputs, ref)
     metas: dict[str, RunMeta] = {}
     try:
-        # The latent attack first: it uses the loaded model, released before a quantised copy.
-        for name in sorted(names, key=lambda n: n != LATENT_NAME):
+        # The latent attacks first: they use the loaded model, released before a quantised copy.
+        for name in sorted(names, key=lambda n: n not in latents):
             run_dir = out / "probes" / name
             config = _config(inputs, ref, name)
             meta = finished_run(run_dir, config)
             if meta is None:
-                attack = _latent if name == LATENT_NAME else _quantized(name[len(QUANT_PREFIX) :])
+                attack = (
+                    _latent(latents[name])
+                    if name in latents
+                    else _quantized(name[len(QUANT_PREFIX) :])
+                )
                 meta = _run(session, attack, run_dir, f"{run_id}-{name}", run_id, config, store,
                             tracking)  # fmt: skip
             metas[name] = meta
@@ -194,7 +203,7 @@ def weightless_rows(
         result = None
         if (run_dir / "probe.json").is_file():
             result = json.loads((run_dir / "probe.json").read_text())
-        kind = "latent" if name == LATENT_NAME else "quantize"
+        kind = "latent" if name in latents else "quantize"
         rows.append(weightless_row(name, kind, meta.status, result, suite.utility_margin,
                                    run_error(run_dir, meta), f"{run_id}-{name}"))  # fmt: skip
     return rows

@@ -57,6 +57,9 @@ class ActiveRun:
         """Experiment trackers (`unlearn.tracking`): a copy of what the run records."""
         self.results: dict[str, Any] = {}
         """{TASK/METRIC: value} of the latest final evaluation of each task (for trackers)."""
+        self.collapse_notes: list[str] = []
+        """Why the final evaluation's collapsed tasks are collapsed ("task: reason"): the
+        error text of a run that ends collapsed, so its table row says why."""
         # Rows a resumed run kept (up to its checkpoint's step) are already reported.
         self.first_step = 1 + max((r.step for r in (*record.metrics, *record.evals)), default=-1)
 
@@ -108,8 +111,9 @@ class ActiveRun:
         the status is decided by the model the run ends with).
 
         `score(task)` returns `(metrics, collapsed)`; any metrics will do (a perplexity task has
-        ppl, nll and tokens, no acc). A task whose scoring raises is a failed row with the error
-        (never a number), under the metric `metric(task)` names (`Suite.metric`: ppl for a
+        ppl, nll and tokens, no acc), and `collapsed` is falsy or why the result is collapsed
+        (`eval.collapse.collapse_reason`). A task whose scoring raises is a failed row with the
+        error (never a number), under the metric `metric(task)` names (`Suite.metric`: ppl for a
         perplexity task; default acc), and the others still run. Returns this evaluation's
         outcome (done, collapsed or failed).
         """
@@ -130,6 +134,9 @@ class ActiveRun:
                 self.results.update({f"{task}/{k}": v for k, v in metrics.items()})
             if collapsed and self.meta.kind in COLLAPSE_MARKS:
                 outcome = worse(outcome, "collapsed")
+                if final:
+                    reason = collapsed if isinstance(collapsed, str) else "collapsed"
+                    self.collapse_notes.append(f"{task}: {reason}")
         if final:
             self.eval_status = worse(self.eval_status, outcome)
         return outcome
@@ -250,7 +257,10 @@ def _lifecycle(
         if outcome.reraise:
             raise
         return
-    active.meta = run.update(status=active.eval_status, finished=utc_now())
+    ending: dict[str, Any] = {"status": active.eval_status, "finished": utc_now()}
+    if active.eval_status == "collapsed":
+        ending["error"] = "collapsed: " + "; ".join(active.collapse_notes)
+    active.meta = run.update(**ending)
     active.report_end()
     if par.is_main:  # the evaluation ran after the save: the saved card gets its results now
         refresh_cards(out)
