@@ -197,23 +197,16 @@ def test_hooks_are_removed_when_the_forward_raises(tiny_hf_models):
 
 def test_weightless_row_by_hand():
     base = {"heldout": 0.30, "retains": {"a": 0.90, "b": 0.80}}
-    ok = weightless_row(
-        "quant-int4",
-        "quantize",
-        "done",
-        {"acc": 0.60, "retains": {"a": 0.85, "b": 0.75}, "base": base},
-        0.10,
-    )
+
+    def attacked(name: str, kind: str, acc: float, retains: dict) -> dict:
+        return weightless_row(name, kind, "done",
+                              {"acc": acc, "retains": retains, "base": base}, 0.10)  # fmt: skip
+
+    ok = attacked("quant-int4", "quantize", 0.60, {"a": 0.85, "b": 0.75})
     assert ok["worst_case"] == 0.60 and ok["counts"] and ok["family"] == "quant-int4"
     assert ok["retain_cost"] == pytest.approx({"a": -0.05, "b": -0.05})
     # b falls 0.15 below its own start: the attacked model does not count, the model itself does.
-    broke = weightless_row(
-        "latent",
-        "latent",
-        "done",
-        {"acc": 0.95, "retains": {"a": 0.90, "b": 0.65}, "base": base},
-        0.10,
-    )
+    broke = attacked("latent", "latent", 0.95, {"a": 0.90, "b": 0.65})
     assert broke["worst_case"] == 0.30 and broke["counts"] is False and broke["acc"] == 0.95
     failed = weightless_row("quant-int8", "quantize", "failed", None, 0.10, "boom")
     assert failed["worst_case"] is None and failed["error"] == "boom"
@@ -229,22 +222,10 @@ def test_weightless_row_by_hand():
     partial = model_score([ok, failed], [])
     assert partial["worst_case"] is None and partial["missing_families"] == ["quant-int8"]
     # The latent attack at several radii is one family: its strongest counting radius.
-    wide = weightless_row(
-        "latent-r0.5",
-        "latent",
-        "done",
-        {"acc": 0.95, "retains": {"a": 0.90, "b": 0.65}, "base": base},
-        0.10,
-    )
-    narrow = weightless_row(
-        "latent-r0.2",
-        "latent",
-        "done",
-        {"acc": 0.45, "retains": {"a": 0.88, "b": 0.78}, "base": base},
-        0.10,
-    )
+    wide = attacked("latent-r0.5", "latent", 0.95, {"a": 0.90, "b": 0.65})
+    narrow = attacked("latent-r0.2", "latent", 0.45, {"a": 0.88, "b": 0.78})
     assert wide["family"] == narrow["family"] == "latent"
-    assert model_score([wide, narrow], [])["families"] == {"latent": 0.45}  # fmt: skip
+    assert model_score([wide, narrow], [])["families"] == {"latent": 0.45}
 
 
 def test_builtin_suites_and_keys():
