@@ -14,7 +14,7 @@ from typing import Any
 
 from unlearn.config.settings import OPTIMIZERS
 from unlearn.errors import UsageError
-from unlearn.robustness.score import LATENT_NAME
+from unlearn.robustness.score import LATENT_NAME, latent_names
 
 ATTACK_DATA = ("forget", "benign")
 
@@ -228,4 +228,7 @@ class LatentAttack:
         latent-r0.5, latent-r0.2, ... in the order given."""
         if not isinstance(self.radius, tuple):
             return {LATENT_NAME: self}
-        return {f"{LATENT_NAME}-r{r:g}": dataclasses.replace(self, radius=r) for r in self.radius}
+        names = latent_names(self.radius)
+        return {
+            n: dataclasses.replace(self, radius=r) for n, r in zip(names, self.radius, strict=True)
+        }
