@@ -40,9 +40,7 @@ START_NAME = "search-start"
 def latent_names(radius: float | Sequence[float]) -> list[str]:
     """Row names of the latent attack at `radius`: `latent` for one radius, latent-r0.5,
     latent-r0.2, ... (in the order given) for several."""
-    if not isinstance(radius, (list, tuple)):
-        return [LATENT_NAME]
-    if len(radius) == 1:
+    if not isinstance(radius, (list, tuple)) or len(radius) == 1:
         return [LATENT_NAME]
     return [f"{LATENT_NAME}-r{r:g}" for r in radius]
 

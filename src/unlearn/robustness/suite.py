@@ -185,7 +185,7 @@ def _grid(data: str, lrs: tuple[float, ...], **kw: Any) -> list[FinetuneAttack]:
 LATENT_RADII = (0.5, 0.2, 0.1)
 """The latent attack's radii in `standard` and `campaign`: the strongest that keeps the retain
 tasks within the margin counts. On the default world's sequential model only 0.1 did (held-out
-0.33 -> 0.38); lens lost 36-63 points on a retain task at every radius; the filtered twin stayed
+0.33 -> 0.38); lens lost 23-63 points on a retain task at every radius; the filtered twin stayed
 at chance (docs/robustness.md)."""
 
 
