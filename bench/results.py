@@ -63,6 +63,9 @@ class Page:
     report: str | None = None
     """Where (relative to {work}) the page's commands write a report of the results store
     {work}/store.sqlite: the page `--render` can write again."""
+    preset: str = "default"
+    """The mini world preset of {world}: default (WORK/world, the research world) or small
+    (WORK/world-small, the demo's)."""
 
 
 DEMO_FILES = ("report.md", "forget_vs_retain.png", "robustness_curves.png")
@@ -82,7 +85,7 @@ def _search(name: str) -> Page:
     )
 
 
-def _calibration(name: str, whose: str) -> Page:
+def _calibration(name: str, whose: str, preset: str = "default") -> Page:
     """A sweep of calibration grids (examples/results/NAME.yaml) and its report."""
     return Page(
         (
@@ -93,11 +96,19 @@ def _calibration(name: str, whose: str) -> Page:
         spec=f"examples/results/{name}.yaml",
         what=f"the grids {whose}' defaults were chosen from",
         report="report",
+        preset=preset,
     )
 
 
 PAGES = {
     "demo": Page(
+        (("demo", "--world", "{world}", "--out", "{work}"),),
+        DEMO_FILES,
+        what="`make demo` on its small world: the three seed methods, `quick` robustness suite",
+        report=".",
+        preset="small",
+    ),
+    "demo-default": Page(
         (("demo", "--world", "{world}", "--out", "{work}"),),
         DEMO_FILES,
         what="the three seed methods at their defaults, `quick` robustness suite",
@@ -141,6 +152,9 @@ PAGES = {
     ),
     "calibration": _calibration("calibration", "the seed methods"),
     "calibration-tamper": _calibration("calibration-tamper", "the tamper-resistant methods"),
+    "calibration-small": _calibration(
+        "calibration-small", "the demo's settings on the small world", "small"
+    ),
     "training-memory": Page(
         (("python", "bench/memory.py", "--out", "{work}/report.md"),),
         ("report.md",),
@@ -226,6 +240,11 @@ def _fresh_dir(path: Path) -> None:
     (path / MARKER).write_text("made by bench/results.py\n")
 
 
+def world_dir(work_root: Path, preset: str) -> Path:
+    """Where the shared world of `preset` lives in the work directory."""
+    return work_root / ("world" if preset == "default" else f"world-{preset}")
+
+
 def _point_spec(page: Page, work: Path, world: Path) -> Path:
     """The page's spec with `world` and `out` (and a sweep's `store`) in `work`."""
     spec = yaml.safe_load((ROOT / page.spec).read_text())
@@ -272,12 +291,12 @@ def _publish(page_name: str, files: dict[str, Path], work_root: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def regenerate(name: str, work_root: Path, world: Path, resume: bool = False) -> dict:
+def regenerate(name: str, work_root: Path, resume: bool = False) -> dict:
     """Run the page's commands in a fresh work directory and publish its files. With `resume`
     a work directory this script made is kept: a sweep or search picks up where an interrupted
     run stopped, and the wall time counts from that run's start."""
     page = PAGES[name]
-    work = work_root / name
+    work, world = work_root / name, world_dir(work_root, page.preset)
     started = None
     if resume and (work / MARKER).exists():
         started = (work / MARKER).stat().st_mtime
@@ -344,8 +363,11 @@ def write_index(entries: dict[str, dict]) -> None:
         "Every page here was produced by the tool; `make results` regenerates them all",
         '(`make results PAGES="demo search/pareto-robust"` some of them) with',
         "bench/results.py, which writes this index. WORK is its work directory (out/results); the",
-        "mini world is built once in WORK/world with `unlearn world build --out WORK/world`",
-        f"(default preset, seed 0): {entries.get('_world', {}).get('seconds', 'not yet timed')} s.",
+        "mini worlds are built once: WORK/world with `unlearn world build --out WORK/world`",
+        f"(default preset, seed 0): {entries.get('_world', {}).get('seconds', 'not yet timed')} s,",
+        "and, for the pages of the demo's world, WORK/world-small with `unlearn world build",
+        "--preset small --out WORK/world-small`:"
+        f" {entries.get('_world-small', {}).get('seconds', 'not yet timed')} s.",
         "`make results RENDER=1` writes the report pages again from the results stores their",
         "last run left in WORK (`unlearn report`), keeping that run's wall time and date.",
         "",
@@ -357,9 +379,10 @@ def write_index(entries: dict[str, dict]) -> None:
         path = f"{name}/search.md" if name.startswith("search/") else f"{name}/report.md"
         if e is None:  # a page from before this script: its commands, no timing yet
             spec = f"WORK/{name}/{Path(page.spec).name}" if page.spec else None
+            world = world_dir(Path("WORK"), page.preset)
             shown = [
                 ("" if argv[0] == "python" else "unlearn ")
-                + " ".join(argv).format(work=f"WORK/{name}", world="WORK/world", spec=spec)
+                + " ".join(argv).format(work=f"WORK/{name}", world=world, spec=spec)
                 for argv in page.commands
             ]
             e = {"commands": shown, "spec": page.spec, "what": page.what, "seconds": None,
@@ -419,17 +442,19 @@ def main(argv: list[str] | None = None) -> int:
             write_index(entries)
             print(f"results: {name}: report rendered again", flush=True)
         return 0
-    world = work / "world"
     mine: dict[str, dict] = {}  # the entries this process measured
-    if not (world / "world.json").exists():
-        work.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(work / "world-build.log", "w") as log:
-            _run(["world", "build", "--out", str(world)], log)
-        mine["_world"] = {"seconds": round(time.time() - t0)}
-        entries.update(mine)
-    for name in args.pages or list(PAGES):
-        mine[name] = regenerate(name, work, world, args.resume)
+    names = args.pages or list(PAGES)
+    for preset in dict.fromkeys(PAGES[name].preset for name in names):
+        world = world_dir(work, preset)
+        if not (world / "world.json").exists():
+            work.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            with open(work / f"{world.name}-build.log", "w") as log:
+                _run(["world", "build", "--preset", preset, "--out", str(world)], log)
+            mine[f"_{world.name}"] = {"seconds": round(time.time() - t0)}
+            entries.update(mine)
+    for name in names:
+        mine[name] = regenerate(name, work, args.resume)
         # Re-read: another `make results` may have published a page since this one started.
         entries = {**(json.loads(index.read_text()) if index.exists() else {}), **mine}
         write_index(entries)

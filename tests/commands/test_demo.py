@@ -37,3 +37,27 @@ def test_demo_smoke_on_tiny_world(tiny_world, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "finished earlier" in err and "done earlier" in err
+
+
+def test_every_campaign_has_valid_sweeps_on_every_preset(tiny_world, tmp_path):
+    """Each campaign's sweep entries for each preset validate on a world (the small preset's
+    calibrated settings included); a preset without entries of its own gets the default
+    preset's (documented defaults)."""
+    from unlearn.commands.demo import CAMPAIGNS, DemoConfig, campaign_sweeps
+    from unlearn.recipes.campaign import write_spec
+    from unlearn.sweep.spec import load_sweep
+    from unlearn.world.presets import PRESETS
+
+    assert DemoConfig().preset == "small"
+    small = {
+        (p["method"], tuple(sorted(p.get("base", {})))) for p in campaign_sweeps("seed", "small")
+    }
+    assert ("sequential", ("lr", "num_train_examples", "remove_coef")) in small
+    assert campaign_sweeps("baselines", "small") == CAMPAIGNS["baselines"]["default"]
+    for campaign in CAMPAIGNS:
+        for preset in PRESETS:
+            entries = campaign_sweeps(campaign, preset)
+            spec = write_spec(tmp_path / campaign / preset / "sweep.yaml", tiny_world.root,
+                              entries, f"demo-{campaign}")  # fmt: skip
+            methods = {p.method for p in load_sweep(spec).points}
+            assert methods == {e["method"] for e in entries}
