@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BUDGET_S = 600
-"""The wall-time budget of `make demo` cold (README)."""
+BUDGET_S = 400
+"""The wall-time budget of `make demo` cold on the 2-core machine it is measured on: the demo
+shares a 10-minute budget, and machines of the same kind differ by 1.5x in speed."""
 
 
 def _timed(argv: list[str], cwd: Path, log: Path) -> float:
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     venv_s = _timed(["make", "venv"], clone, logs / "venv.log")
     demo_s = _timed(["make", "demo"], clone, logs / "demo.log")
-    stats = json.loads((clone / "out" / "demo" / "world" / "world.json").read_text())["stats"]
+    world = json.loads((clone / "out" / "demo" / "world" / "world.json").read_text())
+    stats = world["stats"]
     world_s = stats["seconds"]["total"]
 
     lines = [
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|",
         f"| `make venv` (pip's download cache reused) | {venv_s:.0f} s |",
         f"| `make demo` | **{demo_s:.0f} s** (budget {BUDGET_S} s) |",
-        f"| of which the world build | {world_s:.0f} s (phase 1 {stats['seconds']['phase1']:.0f} s,"
+        f"| of which the world build ({world['preset']} preset) | {world_s:.0f} s"
+        f" (phase 1 {stats['seconds']['phase1']:.0f} s,"
         f" phase 2 side by side {stats['seconds']['phase2_wall']:.0f} s) |",
         f"| of which the campaign and report | {demo_s - world_s:.0f} s |",
         "",
