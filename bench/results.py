@@ -362,12 +362,12 @@ def write_index(entries: dict[str, dict]) -> None:
         "",
         "Every page here was produced by the tool; `make results` regenerates them all",
         '(`make results PAGES="demo search/pareto-robust"` some of them) with',
-        "bench/results.py, which writes this index. WORK is its work directory (out/results); the",
-        "mini worlds are built once: WORK/world with `unlearn world build --out WORK/world`",
-        f"(default preset, seed 0): {entries.get('_world', {}).get('seconds', 'not yet timed')} s,",
-        "and, for the pages of the demo's world, WORK/world-small with `unlearn world build",
-        "--preset small --out WORK/world-small`:"
-        f" {entries.get('_world-small', {}).get('seconds', 'not yet timed')} s.",
+        "bench/results.py, which writes this index. WORK is its work directory (out/results).",
+        "The mini worlds are built once each (seed 0): the default preset's, the research world",
+        "of most pages, with `unlearn world build --out WORK/world`"
+        f" ({entries.get('_world', {}).get('seconds', 'not yet timed')} s), and the small",
+        "preset's, `make demo`'s, with `unlearn world build --preset small --out WORK/world-small`"
+        f" ({entries.get('_world-small', {}).get('seconds', 'not yet timed')} s).",
         "`make results RENDER=1` writes the report pages again from the results stores their",
         "last run left in WORK (`unlearn report`), keeping that run's wall time and date.",
         "",
