@@ -51,7 +51,7 @@ from unlearn.world.presets import get_preset
 # 130, 110 and 100 s at one thread), so with the world build (about 280 s) a second point per
 # method would take the cold demo past its 10-minute budget. The small preset (the demo's) runs
 # each method once at the settings calibrated on it (docs/results/calibration-small): half the
-# steps, which reach the default world's forget accuracies there (lens 33%, checkpoint transfer
+# steps, which reach the default world's forget accuracies there (lens 33-35%, checkpoint transfer
 # 48%, sequential 33% against 33%, 49% and 33%) with every retain task within the margin; the
 # defaults themselves either break the margin (checkpoint transfer: near_domain -8 points) or
 # forget less (sequential 49%). Grids are `unlearn sweep` specs (examples/); the tiny preset keeps
