@@ -277,3 +277,22 @@ def test_eval_output_that_is_a_directory_fails_before_weights_load(
     assert main(_eval_argv(tiny_world.root, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a directory" in err[0], err
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_a_right_padded_batch_reads_each_rows_own_logits(family):
+    """The evaluators run right-padded rows with no attention mask (as lm-eval does): at every
+    real position a row's logits are those of the row run alone, whatever pads follow it."""
+    from tiny_models import tiny_gpt_neox, tiny_llama
+    from unlearn.eval.native import right_padded_forward
+
+    model = (tiny_gpt_neox if family == "gpt_neox" else tiny_llama)()
+    rows = [[5, 9, 2, 7, 11, 3], [4, 8], [6, 1, 12, 30]]
+    ids = torch.zeros((len(rows), 6), dtype=torch.long)  # pad id 0 after each row
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+    with torch.no_grad():
+        batch = right_padded_forward(model, ids).logits
+        for b, row in enumerate(rows):
+            alone = model(input_ids=torch.tensor([row])).logits[0]
+            torch.testing.assert_close(batch[b, : len(row)], alone, rtol=1e-5, atol=1e-5)

@@ -84,6 +84,15 @@ def _keeps_logits(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
+def right_padded_forward(model: torch.nn.Module, ids: torch.Tensor, **kwargs):
+    """The model's forward on right-padded rows, as lm-eval runs it: no attention mask and no
+    key/value cache. In a causal model a real token never attends to the pads after it, so every
+    position that is read gets exactly an unpadded row's logits, and without a mask the attention
+    takes its causal fast path; nothing is generated, so a cache is only work (the mask and the
+    cache were about a tenth of an evaluation of the default world's target)."""
+    return model(input_ids=ids, use_cache=False, **kwargs)
+
+
 @torch.no_grad()
 def score_requests(
     model: torch.nn.Module,
@@ -129,10 +138,8 @@ def _score_batch(
     """One right-padded forward of `rows`: {request idx: (log-likelihood, greedy)}."""
     width = max(len(row.ids) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, row in enumerate(rows):
         ids[b, : len(row.ids)] = torch.tensor(row.ids)
-        mask[b, : len(row.ids)] = 1
     keys, rows_at, positions, targets = [], [], [], []
     for b, row in enumerate(rows):
         for request, first, tokens in row.reads:
@@ -141,7 +148,7 @@ def _score_batch(
                 rows_at.append(b)
                 positions.append(first + k)
                 targets.append(token)
-    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    inputs: dict[str, torch.Tensor] = {}
     # Unembed only the positions that are read (token t is predicted at position t-1): the
     # model's own head runs on them (its scaling or soft-capping included), not on every token.
     kept = sorted(set(positions))
@@ -150,7 +157,7 @@ def _score_batch(
         inputs["logits_to_keep"] = torch.tensor(kept, device=device)
     else:
         column = {p: p for p in kept}
-    logits = model(**inputs).logits
+    logits = right_padded_forward(model, ids.to(device), **inputs).logits
     picked = logits[torch.tensor(rows_at), torch.tensor([column[p] for p in positions])].float()
     logprobs = torch.log_softmax(picked, dim=-1)
     wanted = torch.tensor(targets, device=logprobs.device)[:, None]

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from unlearn.distributed import is_main, map_sharded, world_size
 from unlearn.errors import UsageError
 from unlearn.eval.encoding import prefix_token
-from unlearn.eval.native import context_window
+from unlearn.eval.native import context_window, right_padded_forward
 from unlearn.fsutil import json_kind, jsonl_rows, read_text
 from unlearn.models.modes import eval_mode
 
@@ -94,11 +94,9 @@ def _row_nll(
     size of the distribution the model predicts (its logits' last dimension)."""
     width = max(len(row) for row in rows) - 1
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, row in enumerate(rows):
         ids[b, : len(row) - 1] = torch.tensor(row[:-1])
-        mask[b, : len(row) - 1] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    logits = right_padded_forward(model, ids.to(device)).logits
     sums = []
     for b, row in enumerate(rows):
         targets = torch.tensor(row[1:], device=logits.device)
