@@ -6,10 +6,11 @@
 
 Builds (or reuses) the world, evaluates the baselines, runs each seed method (its documented
 default on the default preset, the settings calibrated for the small one, a 2-point sweep on the
-tiny one) as one sweep, runs the `quick` (or
-`--suite`) robustness suite (docs/robustness.md) on the best run of each method plus the filtered
-twin and the original target, and writes OUT/report.md with its robustness scorecard and PNG plots.
-Re-running resumes: finished stages are skipped.
+tiny one) as one sweep, runs the `quick` (or `--suite`) robustness suite (docs/robustness.md) on
+the best run of each method plus the filtered twin and the original target, and writes
+OUT/report.md with its robustness scorecard and PNG plots. Re-running resumes: finished stages
+are skipped. On the small preset the whole of it, world included, takes about 6 minutes on two
+CPU cores (docs/results/demo-cold).
 
 A method's best run is its lowest forget accuracy among the runs that keep EVERY retain task
 (retain, retain_late, near_domain on a format-2 world) at or above the target's accuracy on that
