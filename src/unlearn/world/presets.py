@@ -160,7 +160,7 @@ PRESETS: dict[str, Preset] = {
         forget_weight=2,
     ),
 }
-# The default world's facts, documents and schedule on a model half as wide (hidden 64: 0.45M
+# The default world's facts, documents and schedule on a model half as wide (hidden 64: 0.43M
 # parameters, a training step 2.3x cheaper at one thread), at a higher peak lr (1e-2; at 5e-3 it
 # learnt only 71% of the forget facts in the same steps). Its world builds in about 140 s on two
 # cores instead of 280 s, which is what lets `unlearn demo` (the whole campaign, world included)
